@@ -1,0 +1,7 @@
+"""``python -m calid``: the same as the ``calid`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,242 @@
+"""The ``calid`` command line: upsample, models, devices, train, evaluate.
+
+Errors the user can fix end in one line on stderr and exit code 2; a cancel (Ctrl-C or SIGTERM, which is
+what the Slicer module sends first) exits with 130 and leaves no output behind. Set ``CALID_DEBUG=1`` to see
+tracebacks of unexpected failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import CalidError
+
+EXIT_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+class Cancelled(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Cancelled()
+
+
+def _add_upsample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("upsample", help="upsample a SAX stack (file, DICOM folder, folder or list of inputs)")
+    p.add_argument("input", help="volume file, DICOM series folder, or a folder / list file of inputs (cohort)")
+    p.add_argument("output", help="output file (format from its suffix), DICOM folder, or output folder (cohort)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--factor", type=int, help="integer upsampling factor K >= 2 (default 2)")
+    size.add_argument("--spacing", type=float, help="target slice spacing in mm (K is chosen so spacing <= this)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output (default 0)")
+    p.add_argument("--model", help="bundled/user model name or model directory (default: the bundled model)")
+    p.add_argument("--samples", type=int, default=1, help="average this many samples (default 1)")
+    p.add_argument("--uncertainty", help="write the per-voxel standard deviation of the samples here")
+    p.add_argument("--plus", action="store_true", help="CaLID+: start from the slerp of the neighbours' inverted latents")
+    p.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="slice axis (default: largest spacing)")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+                   help="progress output (default: bar on a terminal, none otherwise)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    p.add_argument("--batch-size", type=int, help="slices per batch (default: from free memory)")
+    p.add_argument("--csv", help="cohort mode: where to write the CSV report (default OUTPUT/calid_cohort.csv)")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model, or fine-tune one with --init")
+    p.add_argument("data", nargs="+", help="folders of SAX volumes (labels are ignored)")
+    p.add_argument("--output", required=True, help="run folder: checkpoint, metrics, curves and model/")
+    p.add_argument("--init", help="start from this model (fine-tuning: the VAE is kept, the denoiser tuned)")
+    p.add_argument("--preset", default="default", help="architecture preset for new models: default or tiny")
+    p.add_argument("--name", default="calid-model", help="model name written in the model card")
+    p.add_argument("--description", default="")
+    p.add_argument("--data-terms", default="as stated by the data owner", help="terms of the training data")
+    p.add_argument("--citation", default="", help="citation required by the training data")
+    for flag, kind, default, text in (
+        ("--vae-steps", int, 1500, "VAE training steps"), ("--denoiser-steps", int, 2500, "denoiser steps"),
+        ("--vae-batch", int, 16, "VAE batch size"), ("--denoiser-batch", int, 32, "denoiser batch size"),
+        ("--lr", float, 2e-4, "peak learning rate"), ("--warmup", int, 100, "warm-up steps"),
+        ("--ema-decay", float, 0.998, "EMA decay"), ("--val-fraction", float, 0.15, "share of validation patients"),
+        ("--val-every", int, 500, "validate every N steps"), ("--val-volumes", int, 4, "validation stacks used"),
+        ("--log-every", int, 25, "log metrics every N steps"), ("--checkpoint-every", int, 250, "checkpoint every N steps"),
+        ("--seed", int, 0, "random seed"),
+    ):
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
+    p.add_argument("--split", help="JSON file with 'train' and 'validation' patient lists")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default=None)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="removed-slice evaluation against linear and B-spline interpolation")
+    p.add_argument("data", nargs="+", help="folders of SAX volumes (labels beside them define the heart region)")
+    p.add_argument("--output", required=True, help="folder for results.json and results.md")
+    p.add_argument("--model", help="model name or directory (default: bundled)")
+    p.add_argument("--factor", type=int, action="append", help="K to evaluate (repeatable; default 2)")
+    p.add_argument("--patients", help="JSON split file (its 'validation' list) or comma-separated patient ids")
+    p.add_argument("--max-spacing", type=float, help="only stacks with slice spacing <= this (mm)")
+    p.add_argument("--min-spacing", type=float, help="only stacks with slice spacing >= this (mm)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--plus", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--montage", action="store_true", help="PNG of the best and worst cases")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calid", description="CaLID: cardiac latent interpolation diffusion")
+    parser.add_argument("--version", action="version", version=f"calid {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_upsample(sub)
+    models = sub.add_parser("models", help="list bundled and user models")
+    models.add_argument("--json", action="store_true")
+    sub.add_parser("devices", help="print the torch build and usable devices as JSON")
+    _add_train(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def _progress_mode(requested: str | None) -> str:
+    return requested or ("bar" if sys.stderr.isatty() else "none")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise CalidError(f"--threads must be positive, not {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_upsample(args: argparse.Namespace) -> int:
+    from .cohort import is_cohort_input, run_cohort
+    from .engine import UpsampleOptions, upsample_file
+    from .progress import Progress
+
+    _set_threads(args.threads)
+    options = UpsampleOptions(factor=args.factor, spacing=args.spacing, steps=args.steps, seed=args.seed,
+                              samples=args.samples, plus=args.plus, slice_axis=args.slice_axis,
+                              device=args.device, model=args.model, batch_size=args.batch_size)
+    options.check()
+    mode = _progress_mode(args.progress)
+    source = Path(args.input)
+    if is_cohort_input(source):
+        if args.uncertainty:
+            raise CalidError("--uncertainty applies to a single input, not to a cohort")
+        failures = run_cohort(source, Path(args.output), options, mode, Path(args.csv) if args.csv else None)
+        return 1 if failures else 0
+    progress = Progress(mode, description="upsampling")
+    try:
+        result = upsample_file(source, args.output, options, args.uncertainty, progress=progress)
+    finally:
+        progress.close()
+    summary = {"output": str(args.output), "uncertainty": args.uncertainty, "factor": result.factor,
+               "slice_axis": result.slice_axis, "size": list(result.image.GetSize()),
+               "spacing": list(result.image.GetSpacing()), "device": result.device,
+               "seconds": round(result.seconds, 2)}
+    if mode == "json":
+        print(json.dumps({"event": "done", **summary}), flush=True)
+    else:
+        print(f"wrote {args.output}: {summary['size']} voxels, slice spacing "
+              f"{result.image.GetSpacing()[result.slice_axis]:g} mm (x{result.factor}) in {summary['seconds']} s on {result.device}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .modelstore import list_models, user_models_dir
+
+    models = list_models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    for m in models:
+        print(f"{m['name']:<24} {m['source']:<8} {m['path']}")
+    print(f"(user models folder: {user_models_dir()})")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:  # noqa: ARG001
+    from .devices import describe_devices
+
+    print(json.dumps(describe_devices()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.trainer import TrainConfig, train
+
+    _set_threads(args.threads)
+    cfg = TrainConfig(
+        data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
+        denoiser_steps=args.denoiser_steps, vae_batch=args.vae_batch, denoiser_batch=args.denoiser_batch,
+        lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, val_fraction=args.val_fraction, split=args.split,
+        val_every=args.val_every, val_volumes=args.val_volumes, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, resume=args.resume,
+        name=args.name, description=args.description, data_terms=args.data_terms, citation=args.citation,
+    )
+    model_dir = train(cfg, _progress_mode(args.progress))
+    if args.progress == "json":
+        print(json.dumps({"event": "done", "model": str(model_dir)}), flush=True)
+    else:
+        print(f"model written to {model_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import EvaluateConfig, evaluate
+
+    _set_threads(args.threads)
+    cfg = EvaluateConfig(data=args.data, output=args.output, model=args.model, factors=args.factor or [2],
+                         patients=args.patients, max_spacing=args.max_spacing, min_spacing=args.min_spacing,
+                         steps=args.steps, samples=args.samples, plus=args.plus, seed=args.seed, device=args.device,
+                         montage=args.montage)
+    table = evaluate(cfg, _progress_mode(args.progress))
+    print(table)
+    return 0
+
+
+COMMANDS = {"upsample": cmd_upsample, "models": cmd_models, "devices": cmd_devices, "train": cmd_train,
+            "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return COMMANDS[args.command](args)
+    except CalidError as exc:
+        print(f"calid: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (KeyboardInterrupt, Cancelled):
+        print("calid: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as exc:  # an unexpected failure: one line, the traceback only on request
+        if os.environ.get("CALID_DEBUG"):
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"calid: internal error: {type(exc).__name__}: {message} (set CALID_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

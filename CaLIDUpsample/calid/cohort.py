@@ -1,0 +1,115 @@
+"""Cohort mode: many inputs to an output folder, resumable, with a CSV of what was done.
+
+Inputs come from a folder (its image files, and its sub-folders as DICOM series) or a list file (one
+path per line). An output that already exists is skipped, so an interrupted cohort is resumed by running
+the same command again. Under ``torchrun --nproc_per_node N`` the list is sharded across processes
+(rank r takes items r, r+N, ...; each uses GPU ``LOCAL_RANK`` when there are GPUs); rank 0 merges the
+per-rank CSV files once every rank is done.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .devices import resolve_device
+from .engine import UpsampleOptions, upsample_file
+from .errors import CalidError
+from .imageio import has_image_suffix
+from .modelstore import load_model
+from .progress import Progress
+
+CSV_FIELDS = ["input", "output", "status", "seconds", "factor", "device", "rank", "message"]
+LIST_SUFFIXES = (".txt", ".csv", ".lst")
+
+
+def is_cohort_input(path: Path) -> bool:
+    """A list file, or a folder that holds image files or sub-folders (a DICOM series folder holds neither)."""
+    if path.is_file():
+        return path.suffix.lower() in LIST_SUFFIXES
+    if path.is_dir():
+        return any(has_image_suffix(p) or p.is_dir() for p in path.iterdir())
+    return False
+
+
+def list_inputs(source: Path) -> list[Path]:
+    if source.is_file():
+        lines = [line.strip() for line in source.read_text().splitlines()]
+        items = [Path(line) if Path(line).is_absolute() else source.parent / line
+                 for line in lines if line and not line.startswith("#")]
+    else:
+        items = sorted(p for p in source.iterdir() if has_image_suffix(p) or p.is_dir())
+    if not items:
+        raise CalidError(f"no inputs found in {source}")
+    return items
+
+
+def output_name(item: Path) -> str:
+    return item.name
+
+
+def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progress_mode: str,
+               csv_path: Path | None = None) -> int:
+    """Process every input; returns the number of failures (the exit code is non-zero if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    items = list_inputs(source)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1 and options.device == "auto" and torch.cuda.is_available():
+        options = replace(options, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
+    device = resolve_device(options.device)
+    model, _ = load_model(options.model, device)
+    mine = items[rank::world]
+    rows = []
+    overall = Progress(progress_mode if progress_mode == "json" else "none", len(mine))
+    for item in mine:
+        target = output_dir / output_name(item)
+        row = {"input": str(item), "output": str(target), "rank": rank, "device": str(device)}
+        started = time.perf_counter()
+        if target.exists():
+            row.update(status="skipped", message="output exists")
+        else:
+            try:
+                item_progress = Progress(progress_mode if progress_mode == "bar" else "none", description=item.name)
+                result = upsample_file(item, target, replace(options, device=str(device)), model=model,
+                                       progress=item_progress)
+                item_progress.close()
+                row.update(status="done", factor=result.factor)
+            except CalidError as exc:
+                row.update(status="failed", message=str(exc))
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        rows.append(row)
+        overall.advance(1, item=str(item), status=row["status"])
+    final_csv = csv_path or output_dir / "calid_cohort.csv"
+    part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
+    _write_csv(part, rows)
+    if world > 1:
+        dist.barrier()
+        if rank == 0:
+            merged = []
+            for r in range(world):
+                shard = final_csv.with_name(f"{final_csv.stem}.rank{r}.csv")
+                with open(shard, newline="") as f:
+                    merged.extend(csv.DictReader(f))
+                shard.unlink()
+            _write_csv(final_csv, sorted(merged, key=lambda row: row["input"]))
+        dist.barrier()
+        dist.destroy_process_group()
+    return sum(row["status"] == "failed" for row in rows)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

@@ -1,0 +1,54 @@
+"""Choosing the torch device, and describing what this machine offers (for ``calid devices`` and Slicer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import CalidError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks the first CUDA GPU, else the CPU (MPS is only used when asked for: experimental)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CalidError(f"CUDA was requested but is not available (PyTorch {torch.__version__}: "
+                             f"{'no CUDA support in this build' if torch.version.cuda is None else 'no usable GPU/driver'})")
+        try:
+            device = torch.device(name if ":" in name else "cuda:0")
+        except RuntimeError:
+            raise CalidError(f"invalid device: {name}") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CalidError(f"{name} does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+        return device
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CalidError("MPS was requested but is not available on this machine")
+        return torch.device("mps")
+    raise CalidError(f"unknown device: {name} (use auto, cpu, cuda, cuda:N or mps)")
+
+
+def describe_devices() -> dict[str, Any]:
+    """Torch build and every usable device, with GPU names and memory."""
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"device": f"cuda:{i}", "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)})
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda": gpus, "mps": mps,
+            "cpu_threads": torch.get_num_threads()}
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op context elsewhere."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)

@@ -1,0 +1,261 @@
+"""Upsampling a short-axis stack: every missing slice of every gap generated in one batched pass.
+
+``generate_missing`` works on a normalised stack (slices, rows, cols); ``upsample_image`` wraps it with
+validation, geometry and intensity mapping for a ``SimpleITK.Image``; ``upsample_file`` reads and writes.
+Acquired slices are copied from the input array unchanged; only the missing ones are generated.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import geometry
+from .devices import autocast, resolve_device
+from .errors import CalidError
+from .imageio import read_image, validate_volume, write_image
+from .intensity import IntensityMap
+from .modelstore import load_model
+from .networks import CaLID
+from .progress import Progress
+from .sampling import denoise, invert, make_scheduler, slerp
+
+MAX_STEPS = 1000
+MAX_SAMPLES = 64
+CPU_BATCH = 16
+GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
+
+
+@dataclass
+class UpsampleOptions:
+    """Options shared by the CLI, the Python API and the Slicer module (same names as the CLI flags)."""
+
+    factor: int | None = None
+    spacing: float | None = None
+    steps: int = 8
+    seed: int = 0
+    samples: int = 1
+    plus: bool = False
+    slice_axis: int | None = None
+    device: str = "auto"
+    model: str | None = None
+    batch_size: int | None = None
+
+    def check(self) -> None:
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise CalidError(f"--steps must be between 1 and {MAX_STEPS}, not {self.steps}")
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise CalidError(f"--samples must be between 1 and {MAX_SAMPLES}, not {self.samples}")
+        if self.plus and self.samples > 1:
+            raise CalidError("--plus starts from deterministic inverted latents: use --samples 1 with it")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise CalidError(f"--batch-size must be positive, not {self.batch_size}")
+
+
+@dataclass
+class UpsampleResult:
+    image: sitk.Image
+    uncertainty: sitk.Image | None
+    factor: int
+    slice_axis: int
+    seconds: float
+    device: str
+    timings: dict = field(default_factory=dict)
+
+
+def choose_batch_size(device: torch.device, latent_pixels: int) -> int:
+    if device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(256, free * 0.7 // (GPU_BYTES_PER_LATENT_PIXEL * latent_pixels / 1024))))
+
+
+def run_batched(fn: Callable[[slice], None], count: int, batch: int) -> int:
+    """Call ``fn`` on consecutive slices of ``range(count)``; on CUDA out-of-memory halve the batch and retry."""
+    start = 0
+    while start < count:
+        stop = min(start + batch, count)
+        try:
+            fn(slice(start, stop))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if batch == 1:
+                raise CalidError("CUDA out of memory even with batch size 1: use --device cpu") from None
+            batch = max(1, batch // 2)
+            continue
+        start = stop
+    return batch
+
+
+@torch.no_grad()
+def generate_missing(
+    model: CaLID,
+    stack: np.ndarray,
+    factor: int,
+    steps: int = 8,
+    seed: int = 0,
+    samples: int = 1,
+    plus: bool = False,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Missing slices of a normalised stack (n, h, w) -> array (samples, (n-1)*(K-1), h, w), same range.
+
+    Slice m of the result lies between acquired slices ``m // (K-1)`` and ``m // (K-1) + 1`` at fraction
+    ``(m % (K-1) + 1) / K`` (``geometry.dense_positions``).
+    """
+    device = torch.device(device)
+    n, h, w = stack.shape
+    multiple = model.spatial_multiple
+    ph, pw = -h % multiple, -w % multiple
+    padded = np.pad(stack, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), constant_values=float(stack.min()))
+    below, above, alpha = geometry.dense_positions(n, factor)
+    missing = len(alpha)
+    items = missing * samples
+    latent_hw = (padded.shape[1] // 4, padded.shape[2] // 4)
+    batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
+    progress = progress or Progress("none")
+    progress.total = n + (n * steps if plus else 0) + items * steps + items
+    scheduler = make_scheduler(model.config["diffusion"])
+
+    progress.set_stage("encoding acquired slices")
+    images = torch.from_numpy(padded)[:, None]
+    latents = torch.empty((n, model.config["vae"]["latent_channels"], *latent_hw), device=device)
+
+    def encode(part: slice) -> None:
+        with autocast(device):
+            latents[part] = model.encode(images[part].to(device)).float()
+        progress.advance(part.stop - part.start)
+
+    batch = run_batched(encode, n, batch)
+    alpha_t = torch.as_tensor(alpha, dtype=torch.float32).repeat(samples)
+    below_t = torch.as_tensor(below).repeat(samples)
+    above_t = torch.as_tensor(above).repeat(samples)
+
+    if plus:
+        progress.set_stage("inverting acquired slices (CaLID+)")
+        inverted = torch.empty_like(latents)
+        # Slice i is the alpha=0 end of the gap (i, i+1); the last slice is the alpha=1 end of its gap.
+        lo = torch.clamp(torch.arange(n), max=n - 2)
+        ends = (torch.arange(n) == n - 1).float()
+
+        def invert_part(part: slice) -> None:
+            cond = (latents[lo[part]], latents[lo[part] + 1], ends[part].to(device))
+            with autocast(device):
+                inverted[part] = invert(lambda z, t: model.interpolator(z, t, *cond), scheduler, latents[part], steps,
+                                        on_step=lambda _: progress.advance(part.stop - part.start)).float()
+
+        batch = run_batched(invert_part, n, batch)
+        z_init = slerp(inverted[below_t], inverted[above_t], alpha_t.to(device))
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        z_init = torch.randn((items, *latents.shape[1:]), generator=generator).to(device)
+
+    progress.set_stage("generating missing slices")
+    z_final = torch.empty_like(z_init)
+
+    def denoise_part(part: slice) -> None:
+        cond = (latents[below_t[part]], latents[above_t[part]], alpha_t[part].to(device))
+        with autocast(device):
+            z_final[part] = denoise(lambda z, t: model.interpolator(z, t, *cond), scheduler, z_init[part], steps,
+                                    on_step=lambda _: progress.advance(part.stop - part.start)).float()
+
+    batch = run_batched(denoise_part, items, batch)
+
+    progress.set_stage("decoding")
+    out = np.empty((items, h, w), dtype=np.float32)
+
+    def decode(part: slice) -> None:
+        with autocast(device):
+            decoded = model.decode(z_final[part]).float()[:, 0].cpu().numpy()
+        out[part] = decoded[:, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
+        progress.advance(part.stop - part.start)
+
+    run_batched(decode, items, batch)
+    return out.reshape(samples, missing, h, w)
+
+
+def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype)
+
+
+def upsample_image(
+    image: sitk.Image,
+    options: UpsampleOptions | None = None,
+    model: CaLID | None = None,
+    progress: Progress | None = None,
+    want_uncertainty: bool = False,
+) -> UpsampleResult:
+    """Upsample a 3D ``SimpleITK.Image`` along its slice axis; returns the dense image (and uncertainty).
+
+    The dense image has the input's pixel type, origin and direction; slice spacing / K; its slice i*K is
+    input slice i unchanged. ``want_uncertainty`` needs ``options.samples >= 2``.
+    """
+    options = options or UpsampleOptions()
+    options.check()
+    if want_uncertainty and options.samples < 2:
+        raise CalidError("an uncertainty map needs at least 2 samples (--samples 2 or more)")
+    started = time.perf_counter()
+    image = validate_volume(image)
+    axis = geometry.find_slice_axis(image, options.slice_axis)
+    factor = geometry.resolve_factor(image, axis, options.factor, options.spacing)
+    device = resolve_device(options.device)
+    if model is None:
+        model, _ = load_model(options.model, device)
+    model = model.to(device).eval()
+    loaded = time.perf_counter()
+
+    array = sitk.GetArrayFromImage(image)
+    stack = geometry.to_stack(array, axis)
+    intensity = IntensityMap.fit(stack)
+    generated = generate_missing(model, intensity.to_network(stack), factor, options.steps, options.seed,
+                                 options.samples, options.plus, device, options.batch_size, progress)
+    generated = intensity.from_network(generated)
+
+    n = stack.shape[0]
+    below, _, alpha = geometry.dense_positions(n, factor)
+    index = geometry.dense_index(below, alpha, factor)
+    dense = np.empty(((n - 1) * factor + 1, *stack.shape[1:]), dtype=array.dtype)
+    dense[::factor] = stack
+    dense[index] = _cast_like(generated.mean(axis=0), array.dtype)
+    result_image = geometry.dense_image(geometry.from_stack(dense, axis), image, axis, factor)
+
+    uncertainty = None
+    if want_uncertainty:
+        spread = np.zeros(dense.shape, dtype=np.float32)
+        spread[index] = generated.std(axis=0)
+        uncertainty = geometry.dense_image(geometry.from_stack(spread, axis), image, axis, factor)
+    done = time.perf_counter()
+    return UpsampleResult(result_image, uncertainty, factor, axis, done - started, str(device),
+                          {"load_s": loaded - started, "generate_s": done - loaded})
+
+
+def upsample_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    options: UpsampleOptions | None = None,
+    uncertainty_path: str | os.PathLike | None = None,
+    model: CaLID | None = None,
+    progress: Progress | None = None,
+) -> UpsampleResult:
+    """Read ``input_path`` (file or DICOM folder), upsample, write ``output_path`` (and the uncertainty)."""
+    for target in filter(None, (output_path, uncertainty_path)):
+        if Path(target).resolve() == Path(input_path).resolve():
+            raise CalidError(f"output {target} would overwrite the input")
+    image = read_image(input_path)
+    result = upsample_image(image, options, model, progress, want_uncertainty=uncertainty_path is not None)
+    write_image(result.image, output_path)
+    if uncertainty_path is not None:
+        write_image(result.uncertainty, uncertainty_path)
+    return result

@@ -1,0 +1,83 @@
+"""Slice-stack geometry: which axis holds the slices, and the dense grid that keeps every acquired slice.
+
+Axes are ITK index axes (0 = i, 1 = j, 2 = k). The dense image has the input's origin and direction, the
+slice spacing divided by the factor K, and ``(n - 1) * K + 1`` slices, so dense slice ``i * K`` lies exactly
+where acquired slice ``i`` lay and the grid covers first-to-last acquired slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CalidError
+
+MAX_FACTOR = 16
+MAX_DENSE_SLICES = 2048
+
+
+def find_slice_axis(image: sitk.Image, override: int | None = None) -> int:
+    """The axis with the largest spacing (the last one on ties, which is k for isotropic stacks)."""
+    if override is not None:
+        if override not in (0, 1, 2):
+            raise CalidError(f"--slice-axis must be 0, 1 or 2, not {override}")
+        return override
+    spacing = image.GetSpacing()
+    return max(range(3), key=lambda a: (round(spacing[a], 6), a))
+
+
+def resolve_factor(image: sitk.Image, axis: int, factor: int | None, spacing_mm: float | None) -> int:
+    """The integer factor K from ``--factor`` or from a target spacing (the largest spacing <= target)."""
+    if factor is not None and spacing_mm is not None:
+        raise CalidError("give either --factor or --spacing, not both")
+    slice_spacing = image.GetSpacing()[axis]
+    if spacing_mm is not None:
+        if not spacing_mm > 0:
+            raise CalidError(f"--spacing must be positive, not {spacing_mm}")
+        factor = math.ceil(slice_spacing / spacing_mm - 1e-6)
+        if factor < 2:
+            raise CalidError(f"target spacing {spacing_mm} mm is not finer than the slice spacing {slice_spacing:g} mm")
+    factor = 2 if factor is None else factor
+    if factor < 2:
+        raise CalidError(f"factor must be at least 2, not {factor}")
+    if factor > MAX_FACTOR:
+        raise CalidError(f"factor {factor} is too large (at most {MAX_FACTOR})")
+    n = image.GetSize()[axis]
+    if n < 2:
+        raise CalidError(f"input has {n} slice along axis {axis}: at least 2 acquired slices are needed")
+    if (n - 1) * factor + 1 > MAX_DENSE_SLICES:
+        raise CalidError(f"factor {factor} on {n} slices would give more than {MAX_DENSE_SLICES} slices")
+    return factor
+
+
+def to_stack(array_zyx: np.ndarray, axis: int) -> np.ndarray:
+    """A view of the voxel array (numpy order k, j, i) with the slice axis first: (slices, rows, cols)."""
+    return np.moveaxis(array_zyx, 2 - axis, 0)
+
+
+def from_stack(stack: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(stack, 0, 2 - axis)
+
+
+def dense_image(array_zyx: np.ndarray, reference: sitk.Image, axis: int, factor: int) -> sitk.Image:
+    """Wrap a dense voxel array in the reference image's geometry with the slice spacing divided by K."""
+    image = sitk.GetImageFromArray(array_zyx)
+    spacing = list(reference.GetSpacing())
+    spacing[axis] /= factor
+    image.SetSpacing(spacing)
+    image.SetOrigin(reference.GetOrigin())
+    image.SetDirection(reference.GetDirection())
+    return image
+
+
+def dense_positions(n: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every missing dense slice: index of the acquired slice below, index above, and alpha in (0, 1)."""
+    gaps = np.repeat(np.arange(n - 1), factor - 1)
+    steps = np.tile(np.arange(1, factor), n - 1)
+    return gaps, gaps + 1, steps / factor
+
+
+def dense_index(below: np.ndarray, alpha: np.ndarray, factor: int) -> np.ndarray:
+    return (below * factor + np.rint(alpha * factor)).astype(int)

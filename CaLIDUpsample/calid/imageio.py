@@ -1,0 +1,182 @@
+"""Reading and writing volumes with SimpleITK: NIfTI, NRRD, MetaImage and DICOM series folders.
+
+Every problem with an input becomes a ``CalidError`` with a one-line message; outputs are written to a
+temporary folder beside the destination and moved into place only when complete, so an interrupted or
+failed run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CalidError
+
+FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+"""Single-file (or header + data) formats, matched on the end of the file name."""
+
+DICOM_UNIFORMITY_TOLERANCE_MM = 0.05
+
+# ITK prints multi-line warnings to stderr (e.g. "unexpected scales in sform" for every ACDC file);
+# they would drown the one-line messages and the JSON progress protocol. Real problems raise instead.
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
+
+
+def has_image_suffix(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(FILE_SUFFIXES)
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a file or a DICOM series folder. Checks only that it can be read, see ``validate_volume``."""
+    path = Path(path)
+    if not path.exists():
+        raise CalidError(f"input not found: {path}")
+    if path.is_dir():
+        return _read_dicom_series(path)
+    if not has_image_suffix(path):
+        raise CalidError(f"unsupported input format: {path.name} (use {', '.join(FILE_SUFFIXES)} or a DICOM folder)")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise CalidError(f"cannot read {path}: {_first_line(exc)}") from None
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise CalidError(f"no DICOM series found in folder {folder}")
+    if len(series) > 1:
+        raise CalidError(f"folder {folder} holds {len(series)} DICOM series; put one series per folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _check_uniform_dicom_spacing(files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise CalidError(f"cannot read DICOM series in {folder}: {_first_line(exc)}") from None
+
+
+def _check_uniform_dicom_spacing(files: tuple[str, ...]) -> None:
+    """Non-uniform slice positions would be silently resampled onto a wrong grid: refuse them."""
+    if len(files) < 3:
+        return
+    positions, normal = [], None
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        try:
+            positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+            if normal is None:
+                o = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(o[:3], o[3:])
+        except RuntimeError:
+            return  # no patient position: nothing to check, SimpleITK orders by instance number
+    distances = np.asarray(positions) @ normal
+    gaps = np.diff(distances)
+    if np.ptp(gaps) > DICOM_UNIFORMITY_TOLERANCE_MM:
+        where = ", ".join(f"{d:.2f}" for d in distances)
+        raise CalidError(f"DICOM slices are not uniformly spaced (positions along the normal, mm: {where})")
+
+
+def validate_volume(image: sitk.Image, source: str = "input") -> sitk.Image:
+    """Return a scalar 3D image or raise a one-line error naming what is wrong with it."""
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise CalidError(f"{source} is a vector/RGB image ({image.GetNumberOfComponentsPerPixel()} components): "
+                         "give a single-channel MRI volume")
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetDimension() == 4:
+        raise CalidError(f"{source} is 4D ({image.GetSize()[3]} time points): cine input is not supported yet, "
+                         "pass one cardiac phase as a 3D volume")
+    if image.GetDimension() != 3:
+        raise CalidError(f"{source} is {image.GetDimension()}D: a stack of at least 2 short-axis slices is needed")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise CalidError(f"{source} has complex pixels: give a magnitude image")
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(values).all():
+        bad = int(values.size - np.isfinite(values).sum())
+        raise CalidError(f"{source} contains {bad} NaN/Inf voxels")
+    return image
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
+    """Write atomically: a file format by its suffix, otherwise a DICOM series into the folder ``path``."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CalidError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise CalidError(f"output folder is not writable: {parent}")
+    if path.exists() and path.is_dir() and has_image_suffix(path):
+        raise CalidError(f"output path is a folder: {path}")
+    staging = Path(tempfile.mkdtemp(prefix=".calid-", dir=parent))
+    try:
+        if has_image_suffix(path):
+            try:
+                sitk.WriteImage(image, str(staging / path.name), useCompression=str(path).endswith((".gz", ".nrrd", ".mha")))
+            except RuntimeError as exc:
+                raise CalidError(f"cannot write {path}: {_first_line(exc)}") from None
+            _move_into_place(staging, parent, header_name=path.name)
+        else:
+            _write_dicom_series(image, staging / "series")
+            if path.exists():
+                raise CalidError(f"output folder already exists: {path}")
+            os.replace(staging / "series", path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _move_into_place(staging: Path, destination: Path, header_name: str) -> None:
+    """Move data files first and the header last, so a reader never sees a header without its data."""
+    names = sorted(p.name for p in staging.iterdir())
+    for name in [n for n in names if n != header_name] + [header_name]:
+        os.replace(staging / name, destination / name)
+
+
+def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    """One MR image per slice along the third axis, each with its own position (a derived series)."""
+    folder.mkdir()
+    image = sitk.Cast(image, sitk.sitkInt16) if image.GetPixelID() not in (sitk.sitkInt16, sitk.sitkUInt16) else image
+    direction = image.GetDirection()
+    uid_root = "1.2.826.0.1.3680043.2.1125." + time.strftime("%Y%m%d%H%M%S")
+    series_tags = {
+        "0008|0060": "MR",
+        "0008|0008": "DERIVED\\SECONDARY",
+        "0008|103e": "CaLID upsampled",
+        "0020|000d": uid_root + ".1",
+        "0020|000e": uid_root + ".2",
+        "0020|0037": "\\".join(f"{v:.10g}" for v in (direction[0], direction[3], direction[6],
+                                                          direction[1], direction[4], direction[7])),
+        "0018|0050": f"{image.GetSpacing()[2]:.6g}",
+        "0018|0088": f"{image.GetSpacing()[2]:.6g}",
+    }
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_image = image[:, :, k]
+        for tag, value in series_tags.items():
+            slice_image.SetMetaData(tag, value)
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        slice_image.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
+        slice_image.SetMetaData("0020|0013", str(k + 1))
+        slice_image.SetMetaData("0008|0018", f"{uid_root}.3.{k + 1}")
+        writer.SetFileName(str(folder / f"slice{k + 1:04d}.dcm"))
+        writer.Execute(slice_image)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # ITK messages start with a file/line banner; the description is the most useful line.
+    for line in lines:
+        if line.lower().startswith("description:"):
+            return line.split(":", 1)[1].strip()
+    return lines[-1] if lines else type(exc).__name__

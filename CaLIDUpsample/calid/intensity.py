@@ -1,0 +1,35 @@
+"""Per-volume intensity normalisation between the scanner's scale and the network's range.
+
+MRI intensities have no absolute unit, so each volume is mapped by its own robust percentiles to about
+[-1, 1] for the network, and generated slices are mapped back with the inverse of the same transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LOW_PERCENTILE = 0.5
+HIGH_PERCENTILE = 99.5
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """Affine map ``network = (value - low) / (high - low) * 2 - 1`` and its inverse."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def fit(cls, volume: np.ndarray) -> "IntensityMap":
+        low, high = np.percentile(volume, [LOW_PERCENTILE, HIGH_PERCENTILE])
+        if high <= low:  # a constant (or nearly) volume: keep the map invertible
+            high = low + 1.0
+        return cls(float(low), float(high))
+
+    def to_network(self, values: np.ndarray) -> np.ndarray:
+        return ((values.astype(np.float32) - self.low) / (self.high - self.low) * 2.0 - 1.0).astype(np.float32)
+
+    def from_network(self, values: np.ndarray) -> np.ndarray:
+        return (values.astype(np.float64) + 1.0) / 2.0 * (self.high - self.low) + self.low

@@ -1,0 +1,130 @@
+"""Model directories: ``model.safetensors`` (weights) + ``model.json`` (the model card).
+
+Weights are read only through safetensors (never pickle). The card carries the architecture config,
+the normalisation, the training data and its terms, validation metrics and the SHA256 of the weights,
+which is checked before loading. Models are looked up by path, then among the bundled models shipped in
+``calid/models/``, then in the user models folder (``$CALID_MODELS_DIR`` or ``~/.calid/models``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CalidError
+from .networks import CONFIG_KEYS, CaLID
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+CARD_FORMAT = "calid-model/1"
+DEFAULT_MODEL = "calid-acdc"
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+
+
+def user_models_dir() -> Path:
+    return Path(os.environ.get("CALID_MODELS_DIR", Path.home() / ".calid" / "models"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every valid-looking model directory, bundled first: name, source, path and card summary."""
+    found = []
+    for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
+            try:
+                card = json.loads((folder / CARD_FILE).read_text())
+            except (OSError, json.JSONDecodeError):
+                card = {}
+            found.append({"name": folder.name, "source": source, "path": str(folder),
+                          "description": card.get("description", ""), "metrics": card.get("metrics", {})})
+    return found
+
+
+def resolve_model_dir(name_or_dir: str | os.PathLike | None) -> Path:
+    name = str(name_or_dir or DEFAULT_MODEL)
+    candidate = Path(name).expanduser()
+    if candidate.is_dir():
+        return candidate
+    for root in (BUNDLED_DIR, user_models_dir()):
+        if (root / name).is_dir():
+            return root / name
+    known = ", ".join(m["name"] for m in list_models()) or "none"
+    raise CalidError(f"model not found: {name} (available: {known})")
+
+
+def read_card(model_dir: Path) -> dict[str, Any]:
+    try:
+        card = json.loads((model_dir / CARD_FILE).read_text())
+    except FileNotFoundError:
+        raise CalidError(f"model {model_dir} has no {CARD_FILE}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CalidError(f"model card {model_dir / CARD_FILE} is not valid JSON: {exc}") from None
+    if card.get("format") != CARD_FORMAT:
+        raise CalidError(f"model card {model_dir / CARD_FILE} is not a {CARD_FORMAT} card")
+    missing = [k for k in CONFIG_KEYS if k not in card.get("config", {})]
+    if missing:
+        raise CalidError(f"model card {model_dir / CARD_FILE} lacks config entries: {', '.join(missing)}")
+    return card
+
+
+def load_model(name_or_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[CaLID, dict]:
+    """Load, verify (checksum, architecture) and return ``(model in eval mode on device, card)``."""
+    model_dir = resolve_model_dir(name_or_dir)
+    card = read_card(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CalidError(f"model {model_dir} has no {WEIGHTS_FILE}")
+    if sha256_of(weights) != card.get("sha256"):
+        raise CalidError(f"checksum mismatch for {weights}: the weights do not match the model card")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise CalidError(f"corrupt weights file {weights}: {exc}") from None
+    try:
+        model = CaLID(card["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CalidError(f"model card {model_dir / CARD_FILE} has an invalid config: {exc}") from None
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        summary = str(exc).splitlines()[0]
+        raise CalidError(f"weights in {model_dir} do not fit the config in its card ({summary})") from None
+    return model.to(device).eval(), card
+
+
+def save_model(model: CaLID, model_dir: str | os.PathLike, card: dict[str, Any], half: bool = True) -> Path:
+    """Write weights (fp16 by default) and the card with their SHA256, atomically as a whole directory."""
+    model_dir = Path(model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".calid-model-", dir=model_dir.parent))
+    try:
+        dtype = torch.float16 if half else torch.float32
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_FILE))
+        card = {**card, "format": CARD_FORMAT, "config": model.config,
+                "weights_dtype": str(dtype).replace("torch.", ""), "sha256": sha256_of(staging / WEIGHTS_FILE)}
+        (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(staging, model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model_dir

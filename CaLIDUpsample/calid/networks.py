@@ -1,0 +1,179 @@
+"""CaLID networks, built on MONAI's generative components.
+
+* ``AutoencoderKL`` (MONAI): the 2D KL-VAE, 1 channel -> ``latent_channels`` at 1/4 resolution.
+* ``ContextEncoder`` (tau_theta1, hand-written: MONAI has no equivalent): a light convolutional encoder of
+  the two acquired neighbour latents, modulated (FiLM) by the fractional position alpha of the target
+  slice between them.
+* ``ControlNet`` (MONAI, tau_theta2): takes the context map and the noisy latent and returns residuals
+  that are added to the denoiser U-Net at every scale of its encoder and at its middle block.
+* ``DiffusionModelUNet`` (MONAI, epsilon_theta): the latent denoiser. Its input is the noisy latent
+  concatenated with the neighbour latents and an alpha plane, so the context also reaches it directly.
+
+tau_theta1, tau_theta2 and epsilon_theta are trained jointly (single stage), as in the paper.
+Everything is described by a plain-dict config stored in the model card, so a model directory is
+self-describing and loads without code changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
+from torch import nn
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "vae": {
+        "channels": [16, 32, 64],
+        "num_res_blocks": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+    },
+    "denoiser": {
+        "channels": [32, 64, 128],
+        "num_res_blocks": 1,
+        "attention_levels": [False, False, True],
+        "num_head_channels": 32,
+        "norm_num_groups": 16,
+        "context_channels": 32,
+    },
+    "diffusion": {
+        "num_train_timesteps": 1000,
+        "schedule": "scaled_linear_beta",
+        "beta_start": 0.0015,
+        "beta_end": 0.0195,
+        "prediction_type": "v_prediction",
+    },
+    # Latents are divided by this so that they have roughly unit variance (set after VAE training).
+    "latent_scale": 1.0,
+}
+
+TINY_CONFIG: dict[str, Any] = {
+    "vae": {"channels": [8, 16, 16], "num_res_blocks": 1, "latent_channels": 4, "norm_num_groups": 8},
+    "denoiser": {
+        "channels": [16, 32, 32],
+        "num_res_blocks": 1,
+        "attention_levels": [False, False, True],
+        "num_head_channels": 16,
+        "norm_num_groups": 8,
+        "context_channels": 16,
+    },
+    "diffusion": copy.deepcopy(DEFAULT_CONFIG["diffusion"]),
+    "latent_scale": 1.0,
+}
+"""A very small configuration for tests and smoke runs (randomly initialised, fast on CPU)."""
+
+CONFIG_KEYS = ("vae", "denoiser", "diffusion", "latent_scale")
+
+
+def build_vae(cfg: dict[str, Any]) -> AutoencoderKL:
+    """The 2D KL autoencoder: len(channels) levels give 2**(levels-1) downsampling (x4 by default)."""
+    v = cfg["vae"]
+    levels = len(v["channels"])
+    return AutoencoderKL(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=tuple(v["channels"]),
+        num_res_blocks=(v["num_res_blocks"],) * levels,
+        attention_levels=(False,) * levels,
+        latent_channels=v["latent_channels"],
+        norm_num_groups=v["norm_num_groups"],
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
+
+
+class ContextEncoder(nn.Module):
+    """tau_theta1: encode the neighbour latents (below, above) and alpha into a context feature map.
+
+    alpha enters through FiLM (a per-channel scale and shift from a small MLP), so the same encoder
+    serves any position between the neighbours: x2, x3, x4 or an arbitrary target spacing.
+    """
+
+    def __init__(self, latent_channels: int, context_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(2 * latent_channels, context_channels, 3, padding=1)
+        self.film = nn.Sequential(nn.Linear(1, context_channels), nn.SiLU(), nn.Linear(context_channels, 2 * context_channels))
+        self.body = nn.Sequential(
+            nn.SiLU(),
+            nn.Conv2d(context_channels, context_channels, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(context_channels, context_channels, 3, padding=1),
+        )
+
+    def forward(self, z_below: torch.Tensor, z_above: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(torch.cat([z_below, z_above], dim=1))
+        scale, shift = self.film(alpha.reshape(-1, 1).to(h.dtype)).chunk(2, dim=1)
+        h = h * (1 + scale[..., None, None]) + shift[..., None, None]
+        return h + self.body(h)
+
+
+class LatentInterpolator(nn.Module):
+    """epsilon_theta with its two conditioning networks; predicts the diffusion target for a latent slice."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        d = cfg["denoiser"]
+        lc = cfg["vae"]["latent_channels"]
+        levels = len(d["channels"])
+        common = dict(
+            spatial_dims=2,
+            channels=tuple(d["channels"]),
+            num_res_blocks=(d["num_res_blocks"],) * levels,
+            attention_levels=tuple(d["attention_levels"]),
+            num_head_channels=d["num_head_channels"],
+            norm_num_groups=d["norm_num_groups"],
+        )
+        self.context_encoder = ContextEncoder(lc, d["context_channels"])
+        self.context_injector = ControlNet(
+            in_channels=lc,
+            conditioning_embedding_in_channels=d["context_channels"],
+            conditioning_embedding_num_channels=(d["context_channels"],),
+            **common,
+        )
+        # Denoiser input: noisy latent, both neighbour latents, alpha plane.
+        self.unet = DiffusionModelUNet(in_channels=3 * lc + 1, out_channels=lc, **common)
+        self.downsampling = 2 ** (levels - 1)
+
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        z_below: torch.Tensor,
+        z_above: torch.Tensor,
+        alpha: torch.Tensor,
+    ) -> torch.Tensor:
+        context = self.context_encoder(z_below, z_above, alpha)
+        down_res, mid_res = self.context_injector(x=z_t, timesteps=timesteps, controlnet_cond=context)
+        alpha_plane = alpha.reshape(-1, 1, 1, 1).to(z_t.dtype).expand(-1, 1, *z_t.shape[2:])
+        x = torch.cat([z_t, z_below, z_above, alpha_plane], dim=1)
+        return self.unet(
+            x, timesteps, down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res
+        )
+
+
+class CaLID(nn.Module):
+    """The whole model: VAE + conditional latent denoiser. ``config`` is the dict stored in the model card."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        self.vae = build_vae(config)
+        self.interpolator = LatentInterpolator(config)
+        self.register_buffer("latent_scale", torch.tensor(float(config.get("latent_scale", 1.0))))
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Slice height/width must be a multiple of this (VAE x4, then the U-Net's own downsampling)."""
+        vae_down = 2 ** (len(self.config["vae"]["channels"]) - 1)
+        return vae_down * self.interpolator.downsampling
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image slices (N,1,H,W) in network intensity range -> scaled latent means (N,C,H/4,W/4)."""
+        z_mu, _ = self.vae.encode(x)
+        return z_mu / self.latent_scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z * self.latent_scale)

@@ -1,0 +1,85 @@
+"""Progress reporting: a tqdm bar for people, JSON lines for programs (the Slicer worker), or nothing.
+
+JSON mode prints, per update, one JSON object and the Slicer-CLI-style ``<filter-progress>f</filter-progress>``
+line (plus ``<filter-comment>`` when the stage changes), each flushed at once so that a reader process sees
+them as they happen.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+MODES = ("bar", "json", "none")
+
+
+class Progress:
+    """Tracks a fraction in [0, 1] over ``total`` units of work and reports it in the chosen mode."""
+
+    def __init__(self, mode: str = "bar", total: int = 1, description: str = "", stream: TextIO | None = None):
+        if mode not in MODES:
+            raise ValueError(f"progress mode must be one of {MODES}")
+        self.mode = mode
+        self.done = 0
+        self.stream = stream or sys.stdout
+        self.stage = ""
+        self.started = time.monotonic()
+        self._bar = tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True) if mode == "bar" else None
+        self.total = total
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self._total = max(int(value), 1)
+        if self._bar is not None:
+            self._bar.total = self._total
+            self._bar.refresh()
+
+    def set_stage(self, stage: str) -> None:
+        if stage == self.stage:
+            return
+        self.stage = stage
+        if self._bar is not None:
+            self._bar.set_description(stage)
+        elif self.mode == "json":
+            self._print(f"<filter-comment>{stage}</filter-comment>")
+
+    def advance(self, units: int = 1, **fields: Any) -> None:
+        self.done = min(self.done + units, self.total)
+        if self._bar is not None:
+            self._bar.update(units)
+            if fields:
+                self._bar.set_postfix({k: v for k, v in fields.items() if not isinstance(v, (dict, list))})
+        elif self.mode == "json":
+            fraction = self.done / self.total
+            elapsed = time.monotonic() - self.started
+            remaining = elapsed / fraction - elapsed if fraction > 0 else None
+            self.event("progress", fraction=round(fraction, 4), stage=self.stage, done=self.done, total=self.total,
+                       elapsed_s=round(elapsed, 2), remaining_s=None if remaining is None else round(remaining, 1),
+                       **fields)
+            self._print(f"<filter-progress>{fraction:.4f}</filter-progress>")
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A machine-readable event line (JSON mode only)."""
+        if self.mode == "json":
+            self._print(json.dumps({"event": name, **fields}))
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        elif self.mode == "json":
+            self.event("log", message=text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)

@@ -1,0 +1,220 @@
+"""Training data: short-axis stacks found in folders, a patient-level split, and random batches.
+
+The samplers draw from their own ``torch.Generator``, whose state is saved in checkpoints, so a resumed
+run sees exactly the batches the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import CalidError
+from ..geometry import find_slice_axis, to_stack
+from ..imageio import FILE_SUFFIXES, has_image_suffix, read_image
+from ..intensity import IntensityMap
+
+LABEL_NAME = re.compile(r"(_gt|_seg|_label|_labels|_mask|_contours)(\.|$)", re.IGNORECASE)
+THIN_SLICE_MM = 6.0
+
+
+@dataclass
+class Volume:
+    """One 3D stack, normalised for the network, with the slice axis first: (slices, rows, cols)."""
+
+    patient: str
+    path: str
+    stack: np.ndarray
+    slice_spacing: float
+
+
+def find_volumes(folders: list[str | Path]) -> list[tuple[str, Path]]:
+    """``(patient, file)`` for every image under the folders; label files are skipped by name.
+
+    The patient is the first sub-folder below the given folder (ACDC's ``patientNNN/``), or the file's
+    own name for files directly in it (Sunnybrook's ``SCDxxxxxxx_sa_cine.nii.gz``).
+    """
+    found = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise CalidError(f"training data folder not found: {folder}")
+        files = sorted(Path(root) / name for root, _, names in os.walk(folder, followlinks=True) for name in names)
+        for path in files:
+            if not has_image_suffix(path) or LABEL_NAME.search(path.name):
+                continue
+            rel = path.relative_to(folder)
+            patient = rel.parts[0] if len(rel.parts) > 1 else _strip_suffix(path.name)
+            found.append((patient, path))
+    if not found:
+        raise CalidError(f"no volumes ({', '.join(FILE_SUFFIXES)}) found in {', '.join(map(str, folders))}")
+    return found
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in FILE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def patient_group(path: Path) -> str:
+    """The pathology group from an ACDC-style ``Info.cfg`` beside the volume, else ``unknown``."""
+    info = path.parent / "Info.cfg"
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.lower().startswith("group:"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def split_patients(volumes: list[tuple[str, Path]], val_fraction: float, seed: int,
+                   thin_spacings: dict[str, bool]) -> dict[str, list[str]]:
+    """Stratified by group; at least 3 (or all but one) thin-slice patients go to validation."""
+    patients = sorted({p for p, _ in volumes})
+    if len(patients) < 2 or val_fraction <= 0:
+        return {"train": patients, "validation": []}
+    group_of = {p: patient_group(path) for p, path in volumes}
+    rng = np.random.default_rng(seed)
+    by_group: dict[str, list[str]] = defaultdict(list)
+    for p in rng.permutation(patients).tolist():
+        by_group[group_of[p]].append(p)
+    thin = [p for p in patients if thin_spacings.get(p)]
+    thin_quota = min(max(3, round(val_fraction * len(thin))), max(len(thin) - 1, 0))
+    validation: list[str] = []
+    groups = sorted(by_group)
+    while sum(p in validation for p in thin) < thin_quota:  # round-robin over groups for thin patients
+        for g in groups:
+            pick = next((p for p in by_group[g] if thin_spacings.get(p) and p not in validation), None)
+            if pick and sum(p in validation for p in thin) < thin_quota:
+                validation.append(pick)
+    for g in groups:
+        quota = max(1, round(val_fraction * len(by_group[g])))
+        for p in by_group[g]:
+            if sum(q in validation for q in by_group[g]) >= quota:
+                break
+            if p not in validation:
+                validation.append(p)
+    train = [p for p in patients if p not in validation]
+    if not train:
+        raise CalidError("validation split leaves no training patients: lower --val-fraction")
+    return {"train": train, "validation": sorted(validation)}
+
+
+def load_split(path: Path) -> dict[str, list[str]]:
+    split = json.loads(Path(path).read_text())
+    return {"train": list(split["train"]), "validation": list(split["validation"])}
+
+
+def load_volumes(entries: list[tuple[str, Path]]) -> list[Volume]:
+    """Read each file; a 4D cine gives one stack per phase. Stacks with fewer than 3 slices are dropped."""
+    volumes = []
+    for patient, path in entries:
+        image = read_image(path)
+        frames = [image[:, :, :, t] for t in range(image.GetSize()[3])] if image.GetDimension() == 4 else [image]
+        for frame in frames:
+            axis = find_slice_axis(frame)
+            array = sitk.GetArrayFromImage(frame).astype(np.float32)
+            stack = to_stack(array, axis)
+            if stack.shape[0] < 3:
+                continue
+            normalised = np.ascontiguousarray(IntensityMap.fit(stack).to_network(stack))
+            volumes.append(Volume(patient, str(path), normalised, frame.GetSpacing()[axis]))
+    return volumes
+
+
+def _crop_origin(size: int, crop: int, generator: torch.Generator, jitter: float = 0.25) -> int:
+    """Crops are centred on the middle of the slice (where SAX acquisitions put the heart), with jitter."""
+    if size <= crop:
+        return 0
+    centre = (size - crop) / 2
+    spread = min(jitter * size, centre)
+    offset = (torch.rand((), generator=generator).item() * 2 - 1) * spread
+    return int(round(centre + offset))
+
+
+def _pad_to(x: torch.Tensor, size: int, value: float) -> torch.Tensor:
+    ph, pw = max(size - x.shape[-2], 0), max(size - x.shape[-1], 0)
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
+    return x
+
+
+def _dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    k = int(torch.randint(4, (), generator=generator))
+    x = torch.rot90(x, k, dims=(-2, -1))
+    return x.flip(-1) if torch.rand((), generator=generator) < 0.5 else x
+
+
+class SliceSampler:
+    """Random single slices for the VAE: crops, flips/rotations, small gamma and contrast changes."""
+
+    def __init__(self, volumes: list[Volume], crop: int, generator: torch.Generator):
+        self.slices = [torch.from_numpy(s) for v in volumes for s in v.stack]
+        self.crop = crop
+        self.generator = generator
+
+    def batch(self, size: int) -> torch.Tensor:
+        g = self.generator
+        out = []
+        for i in torch.randint(len(self.slices), (size,), generator=g).tolist():
+            s = _pad_to(self.slices[i], self.crop, -1.0)
+            y0, x0 = _crop_origin(s.shape[0], self.crop, g, 0.35), _crop_origin(s.shape[1], self.crop, g, 0.35)
+            x = _dihedral(s[y0:y0 + self.crop, x0:x0 + self.crop], g)
+            unit = ((x + 1) / 2).clamp_min(0)
+            gamma = float(torch.empty(()).uniform_(0.8, 1.25, generator=g))
+            contrast = float(torch.empty(()).uniform_(0.9, 1.1, generator=g))
+            out.append(unit.pow(gamma) * contrast * 2 - 1)
+        return torch.stack(out)[:, None]
+
+
+class TripletSampler:
+    """Random (below, target, above, alpha) latent crops from encoded stacks.
+
+    Gaps of 1-3 slices on each side (small gaps more often: K=2 is the clinical case); one sample in ten
+    has alpha of exactly 0 or 1 (the target is a neighbour), which teaches the network the endpoints that
+    CaLID+ uses to invert the acquired slices.
+    """
+
+    GAP_WEIGHTS = torch.tensor([0.6, 0.25, 0.15])
+
+    def __init__(self, latents: list[torch.Tensor], crop: int, generator: torch.Generator, endpoint_rate: float = 0.1):
+        self.latents = [z for z in latents if z.shape[0] >= 3]
+        self.crop = crop
+        self.generator = generator
+        self.endpoint_rate = endpoint_rate
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.generator
+        below, target, above, alphas = [], [], [], []
+        for v in torch.randint(len(self.latents), (size,), generator=g).tolist():
+            z = self.latents[v]
+            n = z.shape[0]
+            gap_a, gap_b = (torch.multinomial(self.GAP_WEIGHTS, 2, replacement=True, generator=g) + 1).tolist()
+            while gap_a + gap_b > n - 1:
+                gap_a, gap_b = max(1, gap_a - 1), max(1, gap_b - 1)
+            if torch.rand((), generator=g) < self.endpoint_rate:
+                lo = int(torch.randint(n - gap_a, (), generator=g))
+                hi = lo + gap_a
+                at_top = bool(torch.rand((), generator=g) < 0.5)
+                mid, alpha = (hi, 1.0) if at_top else (lo, 0.0)
+            else:
+                lo = int(torch.randint(n - gap_a - gap_b, (), generator=g))
+                mid, hi = lo + gap_a, lo + gap_a + gap_b
+                alpha = gap_a / (gap_a + gap_b)
+            triple = _pad_to(z[[lo, mid, hi]], self.crop, float(z.min()))
+            y0 = _crop_origin(triple.shape[-2], self.crop, g)
+            x0 = _crop_origin(triple.shape[-1], self.crop, g)
+            triple = triple[..., y0:y0 + self.crop, x0:x0 + self.crop]
+            below.append(triple[0])
+            target.append(triple[1])
+            above.append(triple[2])
+            alphas.append(alpha)
+        return torch.stack(below), torch.stack(target), torch.stack(above), torch.tensor(alphas)

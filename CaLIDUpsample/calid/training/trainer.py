@@ -1,0 +1,336 @@
+"""``calid train``: the VAE, then the conditional latent denoiser (tau_theta1, tau_theta2, epsilon_theta jointly).
+
+One run goes through both stages with a single global step counter (``vae_steps`` then
+``denoiser_steps``), writes an atomic checkpoint every ``checkpoint_every`` steps and at the end of each
+stage, and can be resumed exactly (weights, EMA, optimizer, LR position, sampler RNG). Under ``torchrun``
+the trained network is wrapped in DistributedDataParallel; each rank draws its own batches.
+Fine-tuning (``init``) starts from an existing model and, by default, trains only the denoiser.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ..devices import autocast, resolve_device
+from ..engine import generate_missing
+from ..errors import CalidError
+from ..metrics import linear_missing, slice_scores
+from ..modelstore import load_model, save_model
+from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID
+from ..progress import Progress
+from ..sampling import make_scheduler, training_target
+from . import data
+from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from .plots import plot_curves
+
+PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
+CHECKPOINT = "checkpoint.safetensors"
+KL_WEIGHT = 1e-6
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    output: str
+    preset: str = "default"
+    init: str | None = None
+    vae_steps: int = 1500
+    denoiser_steps: int = 2500
+    vae_batch: int = 16
+    denoiser_batch: int = 32
+    vae_crop: int = 96
+    latent_crop: int = 32
+    lr: float = 2e-4
+    warmup: int = 100
+    ema_decay: float = 0.998
+    val_fraction: float = 0.15
+    split: str | None = None
+    val_every: int = 500
+    val_volumes: int = 4
+    log_every: int = 25
+    checkpoint_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    name: str = "calid-model"
+    description: str = ""
+    data_terms: str = "as stated by the data owner"
+    citation: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress_mode: str = "bar"):
+        self.cfg = cfg
+        self.rank, self.world = _distributed()
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        self.out = Path(cfg.output)
+        self.progress_mode = progress_mode if self.rank == 0 else "none"
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1000 * self.rank)
+        torch.manual_seed(cfg.seed + self.rank)
+        self.base_card: dict[str, Any] = {}
+        if cfg.init:
+            self.model, self.base_card = load_model(cfg.init, "cpu")
+            self.model.train()
+        else:
+            if cfg.preset not in PRESETS:
+                raise CalidError(f"unknown preset {cfg.preset} (use {', '.join(PRESETS)})")
+            self.model = CaLID(PRESETS[cfg.preset])
+        self.model.to(self.device)
+        self.vae_steps = 0 if cfg.init else cfg.vae_steps
+        self.total_steps = self.vae_steps + cfg.denoiser_steps
+        self.metrics_path = self.out / "metrics.csv"
+        self.history: list[dict[str, Any]] = []
+        self.last_validation: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- data
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        entries = data.find_volumes(cfg.data)
+        split_file = self.out / "split.json"
+        if cfg.resume and split_file.is_file():
+            split = data.load_split(split_file)
+        elif cfg.split:
+            split = data.load_split(Path(cfg.split))
+        else:
+            volumes_all = data.load_volumes(entries)
+            thin = {v.patient: v.slice_spacing <= data.THIN_SLICE_MM for v in volumes_all}
+            split = data.split_patients(entries, cfg.val_fraction, cfg.seed, thin)
+        if self.rank == 0:
+            split_file.write_text(json.dumps(split, indent=2) + "\n")
+        self.split = split
+        train_set, val_set = set(split["train"]), set(split["validation"])
+        self.train_volumes = data.load_volumes([e for e in entries if e[0] in train_set])
+        val = data.load_volumes([e for e in entries if e[0] in val_set])
+        val.sort(key=lambda v: (v.slice_spacing > data.THIN_SLICE_MM, v.patient, v.path))
+        self.val_volumes = val[: cfg.val_volumes]
+        if not self.train_volumes:
+            raise CalidError("no training volumes with at least 3 slices")
+        self.sources = sorted({str(Path(p).resolve()) for p in cfg.data})
+
+    @torch.no_grad()
+    def _encode_training_latents(self) -> list[torch.Tensor]:
+        """Latent stacks of every training volume, as is and transposed (rows <-> columns)."""
+        self.model.eval()
+        multiple = 4
+        latents = []
+        for v in self.train_volumes:
+            for variant in (v.stack, v.stack.transpose(0, 2, 1)):
+                h, w = variant.shape[1:]
+                x = torch.from_numpy(np.ascontiguousarray(variant))[:, None]
+                x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple), value=float(variant.min()))
+                with autocast(self.device):
+                    z = torch.cat([self.model.encode(x[i:i + 16].to(self.device)).float() for i in range(0, len(x), 16)])
+                latents.append(z.cpu())
+        return latents
+
+    # ---------------------------------------------------------------- stages
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._prepare_data()
+        checkpoint = self.out / CHECKPOINT
+        step = 0
+        if self.cfg.resume and checkpoint.is_file():
+            step = read_checkpoint_info(checkpoint)["step"]
+        elif self.cfg.resume:
+            raise CalidError(f"--resume given but no checkpoint in {self.out}")
+        elif checkpoint.is_file():
+            raise CalidError(f"{self.out} already holds a training run: use --resume or another output folder")
+        progress = Progress(self.progress_mode, self.total_steps, "training")
+        if step:
+            progress.advance(step)
+        if step < self.vae_steps:
+            step = self._stage("vae", step, progress)
+        if step < self.total_steps or not (self.out / "model").is_dir():
+            self._stage("denoiser", step, progress)
+        progress.close()
+        if dist.is_initialized():
+            dist.barrier()
+        return self.out / "model"
+
+    def _stage(self, stage: str, step: int, progress: Progress) -> int:
+        cfg = self.cfg
+        start, end = (0, self.vae_steps) if stage == "vae" else (self.vae_steps, self.total_steps)
+        trained = self.model.vae if stage == "vae" else self.model.interpolator
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup, end - start))
+        ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        checkpoint = self.out / CHECKPOINT
+        if step > start and checkpoint.is_file():  # resuming inside this stage: restore everything
+            info = load_checkpoint(checkpoint, {"model": self.model, "ema": ema}, optimizer, self.generator)
+            schedule.last_epoch = info["step"] - start - 1
+            schedule.step()
+        elif step == start and step > 0 and checkpoint.is_file():  # resuming at a stage boundary
+            info = load_checkpoint(checkpoint, {"model": self.model}, None, self.generator)
+            ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        else:
+            info = {}
+        self.history = info.get("history", self.history)
+        self.last_validation = info.get("last_validation", self.last_validation)
+        self.model.config["latent_scale"] = float(self.model.latent_scale)
+        net = DistributedDataParallel(trained) if self.world > 1 else trained
+        if stage == "vae":
+            sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
+        else:
+            if self.vae_steps > 0 and step == start:
+                self._set_latent_scale()
+            sampler = data.TripletSampler(self._encode_training_latents(), cfg.latent_crop, self.generator)
+            scheduler = make_scheduler(self.model.config["diffusion"])
+        progress.set_stage(f"training {stage}")
+        trained.train()
+        running, count, tick = 0.0, 0, time.monotonic()
+        while step < end:
+            with autocast(self.device):
+                if stage == "vae":
+                    x = sampler.batch(cfg.vae_batch).to(self.device)
+                    recon, mu, sigma = net(x)
+                    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum((1, 2, 3)).mean()
+                    loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
+                else:
+                    below, target, above, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
+                    noise = torch.randn(target.shape, generator=self.generator).to(self.device)
+                    t = torch.randint(0, scheduler.num_train_timesteps, (target.shape[0],), generator=self.generator).to(self.device)
+                    z_t = scheduler.add_noise(target, noise, t)
+                    loss = torch.nn.functional.mse_loss(net(z_t, t, below, above, alpha).float(),
+                                                        training_target(scheduler, target, noise, t))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            ema.update_parameters(self.model)
+            step += 1
+            loss_value = loss.item()
+            running, count = running + loss_value, count + 1
+            progress.advance(1, loss=round(loss_value, 5))
+            if self.rank != 0:
+                continue
+            if step % cfg.log_every == 0 or step == end:
+                self._log({"step": step, "stage": stage, "loss": running / count, "lr": schedule.get_last_lr()[0],
+                           "seconds_per_step": (time.monotonic() - tick) / count}, progress)
+                running, count, tick = 0.0, 0, time.monotonic()
+            if stage == "denoiser" and (step % cfg.val_every == 0 or step == end) and self.val_volumes:
+                self._validate(ema.module, step, progress)
+                trained.train()
+            if step % cfg.checkpoint_every == 0 and step < end:
+                self._save(checkpoint, ema, optimizer, step, stage)
+        # The stage's result is its EMA weights: they are what the next stage and the export use.
+        self.model.load_state_dict(ema.module.state_dict())
+        if self.rank == 0:
+            self._save(checkpoint, ema, optimizer, step, stage)
+            if stage == "denoiser":
+                self._export()
+        return step
+
+    def _save(self, path: Path, ema: AveragedModel, optimizer: torch.optim.Optimizer, step: int, stage: str) -> None:
+        info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation}
+        save_checkpoint(path, {"model": self.model, "ema": ema}, optimizer, self.generator, info)
+
+    @torch.no_grad()
+    def _set_latent_scale(self) -> None:
+        """Latents are scaled to unit standard deviation over a sample of training slices."""
+        self.model.eval()
+        x = data.SliceSampler(self.train_volumes, 128, torch.Generator().manual_seed(0)).batch(64).to(self.device)
+        z_mu, _ = self.model.vae.encode(x)
+        self.model.latent_scale.fill_(float(z_mu.std()))
+        self.model.config["latent_scale"] = float(z_mu.std())
+
+    # ---------------------------------------------------------------- reporting
+    def _log(self, row: dict[str, Any], progress: Progress) -> None:
+        self.history.append(row)
+        new = not self.metrics_path.is_file()
+        fields = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
+                  "val_ssim_model", "val_ssim_linear"]
+        with open(self.metrics_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in fields})
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        progress.event("metrics", **row)
+        plot_curves(self.history, self.out / "curves.png")
+
+    @torch.no_grad()
+    def _validate(self, model: CaLID, step: int, progress: Progress) -> None:
+        """Removed-slice protocol at K=2 on a few validation stacks: model vs linear, whole slice."""
+        model.eval()
+        scores = {"model": [], "linear": []}
+        for v in self.val_volumes:
+            n = (v.stack.shape[0] - 1) // 2 * 2 + 1
+            real = v.stack[:n]
+            kept = real[::2]
+            generated = generate_missing(model, kept, 2, device=self.device)[0]
+            scores["model"].append(slice_scores(real[1::2], generated, real))
+            scores["linear"].append(slice_scores(real[1::2], linear_missing(kept, 2), real))
+        row = {"step": step, "stage": "validation"}
+        for name, values in scores.items():
+            row[f"val_psnr_{name}"] = float(np.mean([s[0] for s in values]))
+            row[f"val_ssim_{name}"] = float(np.mean([s[1] for s in values]))
+        self.last_validation = {k: v for k, v in row.items() if k.startswith("val_")}
+        self._log(row, progress)
+
+    def _export(self) -> None:
+        cfg = self.cfg
+        card = {
+            "name": cfg.name,
+            "description": cfg.description or "CaLID latent interpolation diffusion model",
+            "normalisation": "per volume: 0.5th/99.5th intensity percentiles mapped to -1/+1",
+            "training": {
+                "data": self.sources,
+                "terms": cfg.data_terms,
+                "citation": cfg.citation,
+                "split": self.split,
+                "train_volumes": len(self.train_volumes),
+                "vae_steps": self.vae_steps,
+                "denoiser_steps": cfg.denoiser_steps,
+                "base_model": self.base_card.get("name") if cfg.init else None,
+                "base_model_sha256": self.base_card.get("sha256") if cfg.init else None,
+                "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "extra")},
+                "device": str(self.device),
+                "world_size": self.world,
+            },
+            "metrics": {"training_validation": self.last_validation, **cfg.extra},
+        }
+        save_model(self.model, self.out / "model", card)
+
+
+def train(cfg: TrainConfig, progress_mode: str = "bar") -> Path:
+    return Trainer(cfg, progress_mode).run()
+

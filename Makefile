@@ -1,0 +1,34 @@
+# Two commands do all setup on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of this torch release is what the project is tested with; override for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+SAMPLE := CaLIDUpsample/Resources/SampleData/CaLIDSample_SCD0000101_phase07.nrrd
+OUT ?= output
+
+.PHONY: install demo test benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	mkdir -p $(OUT)
+	$(VENV)/bin/calid upsample $(SAMPLE) $(OUT)/sample_x4.nrrd --factor 4 --device auto
+	$(PY) -m calid.preview $(SAMPLE) $(OUT)/sample_x4.nrrd $(OUT)/sample_x4.png
+	@echo "demo: wrote $(OUT)/sample_x4.nrrd and $(OUT)/sample_x4.png"
+
+test: install
+	$(PY) -m pytest -q
+
+benchmark: install
+	$(PY) Testing/Benchmarks/benchmark_upsample.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

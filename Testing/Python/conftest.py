@@ -1,0 +1,48 @@
+"""Shared fixtures: the real bundled sample (Sunnybrook crop, oblique geometry) and a tiny random model.
+
+The tiny model is a real CaLID model directory (safetensors + card) with random weights: tests check the
+pipeline's behaviour (geometry, determinism, errors), not image quality, which ``calid evaluate`` measures.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "CaLIDUpsample"))
+
+from calid.modelstore import save_model  # noqa: E402
+from calid.networks import TINY_CONFIG, CaLID  # noqa: E402
+
+SAMPLE = REPO / "CaLIDUpsample" / "Resources" / "SampleData" / "CaLIDSample_SCD0000101_phase07.nrrd"
+SAMPLE_LABELS = SAMPLE.with_name("CaLIDSample_SCD0000101_phase07_contours.nrrd")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = CaLID(TINY_CONFIG)
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny", {"name": "tiny", "description": "random test model"})
+
+
+@pytest.fixture(scope="session")
+def sample_image() -> sitk.Image:
+    return sitk.ReadImage(str(SAMPLE))
+
+
+@pytest.fixture
+def small_image(sample_image) -> sitk.Image:
+    """The real sample cut to 64x64 in-plane and 6 slices (fast), keeping its oblique geometry."""
+    return sample_image[32:96, 24:88, 3:9]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALID_MODELS_DIR", str(tmp_path / "user-models"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "CaLIDUpsample") + os.pathsep + os.environ.get("PYTHONPATH", ""))
