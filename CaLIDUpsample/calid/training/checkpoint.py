@@ -45,6 +45,7 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
     optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors.update(optim_tensors)
     tensors["rng.sampler"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()  # MONAI's VAE draws its reparameterisation noise here
     metadata = {"info": json.dumps(info), "optimizer": json.dumps(optim_meta)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -69,4 +70,5 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
         optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer.load_state_dict(_unflatten_optimizer(optim, json.loads(metadata["optimizer"])))
     generator.set_state(tensors["rng.sampler"])
+    torch.set_rng_state(tensors["rng.torch"])
     return json.loads(metadata["info"])

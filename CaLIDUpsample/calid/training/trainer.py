@@ -189,13 +189,10 @@ class Trainer:
         for p in trained.parameters():
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup, end - start))
         ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         checkpoint = self.out / CHECKPOINT
         if step > start and checkpoint.is_file():  # resuming inside this stage: restore everything
             info = load_checkpoint(checkpoint, {"model": self.model, "ema": ema}, optimizer, self.generator)
-            schedule.last_epoch = info["step"] - start - 1
-            schedule.step()
         elif step == start and step > 0 and checkpoint.is_file():  # resuming at a stage boundary
             info = load_checkpoint(checkpoint, {"model": self.model}, None, self.generator)
             ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -204,6 +201,10 @@ class Trainer:
         self.history = info.get("history", self.history)
         self.last_validation = info.get("last_validation", self.last_validation)
         self.model.config["latent_scale"] = float(self.model.latent_scale)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", cfg.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup, end - start),
+                                                     last_epoch=step - start - 1)
         net = DistributedDataParallel(trained) if self.world > 1 else trained
         if stage == "vae":
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)

@@ -1,0 +1,104 @@
+"""The ``calid`` command end to end in real processes: progress protocol, cohorts, resume, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from calid.imageio import write_image
+
+pytestmark = pytest.mark.slow
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def calid(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "calid", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_json_progress_protocol(tmp_path, small_image, tiny_model_dir):
+    source = tmp_path / "in.nii.gz"
+    write_image(small_image, source)
+    proc = calid("upsample", source, tmp_path / "out.nrrd", "--model", tiny_model_dir, "--steps", "3",
+                 "--progress", "json", "--factor", "3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    fractions = [float(l[len("<filter-progress>"):-len("</filter-progress>")]) for l in lines if l.startswith("<filter-progress>")]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 3
+    events = [json.loads(l) for l in lines if l.startswith("{")]
+    assert {e["event"] for e in events} >= {"progress", "done"}
+    assert any(l.startswith("<filter-comment>") for l in lines)
+    done = events[-1]
+    assert done["event"] == "done" and done["factor"] == 3 and done["size"][2] == 16
+    assert sitk.ReadImage(str(tmp_path / "out.nrrd")).GetSize()[2] == 16
+
+
+def test_version_and_models_listing(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "calid", "--version"], capture_output=True, text=True)
+    assert proc.stdout.startswith("calid ")
+    user = Path(os.environ["CALID_MODELS_DIR"])
+    shutil.copytree(tiny_model_dir, user / "my-site-model")
+    listed = json.loads(calid("models", "--json").stdout)
+    assert any(m["name"] == "my-site-model" and m["source"] == "user" for m in listed)
+
+
+def make_cohort(folder: Path, image: sitk.Image, count: int) -> list[Path]:
+    folder.mkdir()
+    paths = []
+    for i in range(count):
+        path = folder / f"case{i}.nrrd"
+        write_image(image[:, :, i % 2:], path)
+        paths.append(path)
+    return paths
+
+
+def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, tiny_model_dir):
+    inputs = make_cohort(tmp_path / "in", small_image, 3)
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(b"not an image")
+    proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
+    assert proc.returncode == 1  # one input failed, the others were done
+    rows = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv"))}
+    assert [rows[p.name]["status"] for p in inputs] == ["done"] * 3
+    assert rows["broken.nii.gz"]["status"] == "failed" and "cannot read" in rows["broken.nii.gz"]["message"]
+    (tmp_path / "in" / "broken.nii.gz").unlink()
+    first_mtime = (tmp_path / "out" / "case0.nrrd").stat().st_mtime_ns
+    (tmp_path / "out" / "case2.nrrd").unlink()  # as if interrupted before the last one
+    proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = {Path(r["input"]).name: r["status"] for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv"))}
+    assert rows == {"case0.nrrd": "skipped", "case1.nrrd": "skipped", "case2.nrrd": "done"}
+    assert (tmp_path / "out" / "case0.nrrd").stat().st_mtime_ns == first_mtime
+
+
+def test_cohort_list_file(tmp_path, small_image, tiny_model_dir):
+    inputs = make_cohort(tmp_path / "in", small_image, 2)
+    listing = tmp_path / "cases.txt"
+    listing.write_text("# cohort\n" + "\n".join(str(p) for p in inputs) + "\n")
+    proc = calid("upsample", listing, tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nrrd")) == ["case0.nrrd", "case1.nrrd"]
+
+
+def test_torchrun_two_processes_shard_the_cohort(tmp_path, small_image, tiny_model_dir):
+    make_cohort(tmp_path / "in", small_image, 4)
+    proc = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517", "-m", "calid", "upsample",
+                           str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model_dir), "--steps", "1",
+                           "--device", "cpu", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv")))
+    assert sorted(r["status"] for r in rows) == ["done"] * 4
+    assert sorted(r["rank"] for r in rows) == ["0", "0", "1", "1"]
+    assert not list((tmp_path / "out").glob("*.rank*.csv"))
+    single = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case1.nrrd")))
+    assert single.shape[0] == (small_image.GetSize()[2] - 1 - 1) * 2 + 1
+    assert np.isfinite(single).all()

@@ -1,0 +1,216 @@
+"""Bad input: a one-line error naming the problem, exit code 2, no partial output, input untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from calid.cli import main
+from calid.imageio import write_image
+from calid.modelstore import CARD_FILE, WEIGHTS_FILE
+
+
+def digest(path: Path) -> str:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_clean_failure(code, err, out_dir: Path, expected: str):
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("calid: error:") and expected in err, err
+    assert "Traceback" not in err
+    leftovers = [p.name for p in out_dir.iterdir() if p.name.startswith(("out", ".calid"))]
+    assert leftovers == [], leftovers
+
+
+def image_from(array, spacing=(1.4, 1.4, 10.0)):
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing[: img.GetDimension()] if img.GetDimension() <= 3 else (*spacing, 1.0))
+    return img
+
+
+def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]]:
+    """Each case: (input path, a phrase the message must contain)."""
+    cases = {}
+    cases["missing"] = (tmp / "nope.nii.gz", "input not found")
+    corrupt = tmp / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b garbage, not a gzip'd NIfTI")
+    cases["corrupt"] = (corrupt, "cannot read")
+    truncated = tmp / "truncated.nrrd"
+    write_image(small_image, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:400])
+    cases["truncated"] = (truncated, "cannot read")
+    empty_dir = tmp / "emptydir"
+    empty_dir.mkdir()
+    cases["folder without DICOM"] = (empty_dir, "no DICOM series")
+    unknown = tmp / "notes.txt.bin"
+    unknown.write_text("hello")
+    cases["unknown format"] = (unknown, "unsupported input format")
+    two_d = tmp / "slice.nrrd"
+    sitk.WriteImage(small_image[:, :, 0], str(two_d))
+    cases["2D"] = (two_d, "2D")
+    one = tmp / "one.nrrd"
+    sitk.WriteImage(small_image[:, :, 0:1], str(one))
+    cases["one slice"] = (one, "at least 2")
+    four_d = tmp / "cine.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([small_image, small_image, small_image]), str(four_d))
+    cases["4D"] = (four_d, "cine input is not supported yet")
+    rgb = tmp / "rgb.nrrd"
+    sitk.WriteImage(sitk.Compose([small_image] * 3), str(rgb))
+    cases["RGB"] = (rgb, "vector/RGB")
+    nan = tmp / "nan.nrrd"
+    values = sitk.GetArrayFromImage(small_image).astype(np.float32)
+    values[2, 10, 10] = np.nan
+    values[3, 5, 5] = np.inf
+    nan_img = sitk.GetImageFromArray(values)
+    nan_img.CopyInformation(small_image)
+    sitk.WriteImage(nan_img, str(nan))
+    cases["NaN/Inf"] = (nan, "2 NaN/Inf voxels")
+    dicom = tmp / "uneven_dicom"
+    write_image(small_image, dicom)
+    third = sorted(dicom.iterdir())[3]
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(third))
+    sl = reader.Execute()
+    pos = [float(v) for v in sl.GetMetaData("0020|0032").split("\\")]
+    normal = np.cross(np.array(small_image.GetDirection()).reshape(3, 3)[:, 0], np.array(small_image.GetDirection()).reshape(3, 3)[:, 1])
+    sl.SetMetaData("0020|0032", "\\".join(f"{p + 3.0 * n:.6f}" for p, n in zip(pos, normal)))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(third))
+    writer.Execute(sl)
+    cases["non-uniform DICOM"] = (dicom, "not uniformly spaced (positions")
+    return cases
+
+
+@pytest.fixture
+def cases(tmp_path, small_image):
+    (tmp_path / "inputs").mkdir()
+    return bad_inputs(tmp_path / "inputs", small_image)
+
+
+CASE_NAMES = ["missing", "corrupt", "truncated", "folder without DICOM", "unknown format", "2D", "one slice", "4D",
+              "RGB", "NaN/Inf", "non-uniform DICOM"]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input(name, cases, tmp_path, tiny_model_dir, capsys):
+    source, expected = cases[name]
+    before = digest(source) if source.exists() else None
+    code, err = run_cli(["upsample", source, tmp_path / "out.nrrd", "--model", tiny_model_dir, "--steps", "1"], capsys)
+    assert_clean_failure(code, err, tmp_path, expected)
+    if before is not None:
+        assert digest(source) == before
+
+
+@pytest.fixture
+def good_input(tmp_path, small_image):
+    path = tmp_path / "good.nrrd"
+    write_image(small_image, path)
+    return path
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--factor", "1"], "at least 2"),
+    (["--factor", "0"], "at least 2"),
+    (["--factor", "500"], "too large"),
+    (["--spacing", "20"], "not finer than the slice spacing"),
+    (["--spacing", "-1"], "must be positive"),
+    (["--steps", "0"], "--steps"),
+    (["--samples", "0"], "--samples"),
+    (["--uncertainty", "UNC"], "at least 2 samples"),
+    (["--device", "tpu"], "unknown device"),
+    (["--threads", "0"], "--threads"),
+])
+def test_bad_options(args, expected, good_input, tmp_path, tiny_model_dir, capsys):
+    args = [str(tmp_path / "out_unc.nrrd") if a == "UNC" else a for a in args]
+    code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--model", tiny_model_dir, *args], capsys)
+    assert_clean_failure(code, err, tmp_path, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_but_unavailable(good_input, tmp_path, tiny_model_dir, capsys):
+    code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--model", tiny_model_dir, "--device", "cuda"], capsys)
+    assert_clean_failure(code, err, tmp_path, "CUDA was requested but is not available")
+
+
+def test_output_not_writable(good_input, tmp_path, tiny_model_dir, capsys):
+    code, err = run_cli(["upsample", good_input, "/proc/self/out.nrrd", "--model", tiny_model_dir, "--steps", "1"], capsys)
+    assert code == 2 and "not writable" in err and len(err.splitlines()) == 1
+
+
+def test_output_folder_missing(good_input, tmp_path, tiny_model_dir, capsys):
+    code, err = run_cli(["upsample", good_input, tmp_path / "no" / "such" / "out.nrrd", "--model", tiny_model_dir], capsys)
+    assert code == 2 and "output folder does not exist" in err
+
+
+def test_output_equal_to_input_is_refused(good_input, tmp_path, tiny_model_dir, capsys):
+    before = digest(good_input)
+    code, err = run_cli(["upsample", good_input, good_input, "--model", tiny_model_dir], capsys)
+    assert code == 2 and "overwrite the input" in err
+    assert digest(good_input) == before
+
+
+def broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
+    target = tmp_path / f"model-{how.replace(' ', '-')}"
+    shutil.copytree(tiny_model_dir, target)
+    card = json.loads((target / CARD_FILE).read_text())
+    weights = target / WEIGHTS_FILE
+    if how == "checksum mismatch":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif how == "corrupt":
+        weights.write_bytes(b"not a safetensors file")
+        card["sha256"] = hashlib.sha256(b"not a safetensors file").hexdigest()
+    elif how == "incompatible config":
+        card["config"]["denoiser"]["channels"] = [24, 48, 48]
+    elif how == "bad card":
+        (target / CARD_FILE).write_text("{ not json")
+        return target
+    elif how == "no weights":
+        weights.unlink()
+    (target / CARD_FILE).write_text(json.dumps(card))
+    return target
+
+
+@pytest.mark.parametrize("how,expected", [
+    ("checksum mismatch", "checksum mismatch"),
+    ("corrupt", "corrupt weights file"),
+    ("incompatible config", "do not fit the config"),
+    ("bad card", "not valid JSON"),
+    ("no weights", "has no model.safetensors"),
+])
+def test_bad_models(how, expected, good_input, tmp_path, tiny_model_dir, capsys):
+    model = broken_model(tiny_model_dir, tmp_path, how)
+    code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--model", model], capsys)
+    assert_clean_failure(code, err, tmp_path, expected)
+
+
+def test_missing_model_lists_what_exists(good_input, tmp_path, capsys):
+    code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--model", "no-such-model"], capsys)
+    assert_clean_failure(code, err, tmp_path, "model not found: no-such-model (available:")
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    """The same through a real ``python -m calid`` process, as users and the Slicer worker run it."""
+    proc = subprocess.run([sys.executable, "-m", "calid", "upsample", str(tmp_path / "missing.nii"), str(tmp_path / "o.nrrd")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"calid: error: input not found: {tmp_path / 'missing.nii'}"
