@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "CaLIDUpsample"))
+sys.path.insert(0, str(REPO / "CaLIDUpsample"))  # the calid engine and CaLIDLib
 
 from calid.modelstore import save_model  # noqa: E402
 from calid.networks import TINY_CONFIG, CaLID  # noqa: E402

@@ -1,0 +1,51 @@
+"""Parsing the ``calid --progress json`` output: Slicer-CLI progress tags and JSON event lines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PROGRESS_TAG = ("<filter-progress>", "</filter-progress>")
+COMMENT_TAG = ("<filter-comment>", "</filter-comment>")
+
+
+@dataclass
+class WorkerEvent:
+    """kind: ``progress`` (fraction, remaining_s), ``stage`` (text), ``done`` (data), ``log`` (text)."""
+
+    kind: str
+    fraction: float | None = None
+    text: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _between(line: str, tags: tuple[str, str]) -> str | None:
+    if line.startswith(tags[0]) and line.endswith(tags[1]):
+        return line[len(tags[0]): -len(tags[1])]
+    return None
+
+
+def parse_line(line: str) -> WorkerEvent | None:
+    """One worker output line -> an event; JSON progress lines are skipped (the tag line carries it)."""
+    line = line.strip()
+    if not line:
+        return None
+    value = _between(line, PROGRESS_TAG)
+    if value is not None:
+        return WorkerEvent("progress", fraction=float(value))
+    value = _between(line, COMMENT_TAG)
+    if value is not None:
+        return WorkerEvent("stage", text=value)
+    if line.startswith("{"):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            return WorkerEvent("log", text=line)
+        kind = data.get("event")
+        if kind == "progress":
+            return WorkerEvent("eta", fraction=data.get("fraction"), data=data)
+        if kind == "done":
+            return WorkerEvent("done", data=data)
+        return WorkerEvent("log", text=data.get("message", line), data=data)
+    return WorkerEvent("log", text=line)

@@ -1,0 +1,149 @@
+"""CaLIDUpsampleLogic against slicer-core's real MRML scene, with the real ``calid`` worker process."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+import vtk  # noqa: E402
+import vtk.util.numpy_support  # noqa: E402
+
+from CaLIDLib import CaLIDUpsampleLogic, WorkerError  # noqa: E402
+
+pytestmark = [pytest.mark.slicer, pytest.mark.slow]
+
+
+def rotation(ax, ay, az):
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def volume_node(scene, array_kji: np.ndarray, spacing=(1.3, 1.4, 8.0), origin=(-40.0, 25.0, 12.5), name="SAX"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    data = vtk.vtkImageData()
+    data.SetDimensions(array_kji.shape[2], array_kji.shape[1], array_kji.shape[0])
+    data.GetPointData().SetScalars(vtk.util.numpy_support.numpy_to_vtk(array_kji.ravel(), deep=True))
+    node.SetAndObserveImageData(data)
+    m = np.eye(4)
+    m[:3, :3] = rotation(0.4, -0.7, 1.1) * np.array(spacing)  # oblique, anisotropic
+    m[:3, 3] = origin
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, m[r, c])
+    node.SetIJKToRASMatrix(matrix)
+    return node
+
+
+def node_array(node) -> np.ndarray:
+    dims = node.GetImageData().GetDimensions()
+    return vtk.util.numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[::-1])
+
+
+def ras(node, ijk) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array(matrix.MultiplyPoint([*ijk, 1.0])[:3])
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def sample_array(small_image) -> np.ndarray:
+    return sitk.GetArrayFromImage(small_image)
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def volumes(scene):
+    return scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems()
+
+
+def test_output_node_lies_exactly_where_the_input_lay(scene, sample_array, tiny_model_dir, private_tmp):
+    node = volume_node(scene, sample_array)
+    fractions = []
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    out = logic.process(node, factor=3, device="cpu", steps=2, model=str(tiny_model_dir),
+                        progressCallback=lambda f, stage, eta: fractions.append(f))
+    assert out is not None and out is not node and out.GetName() == "SAX_CaLID_x3"
+    a, b = node_array(node), node_array(out)
+    assert b.shape == ((a.shape[0] - 1) * 3 + 1, *a.shape[1:])
+    assert np.array_equal(b[::3], a)
+    for k in range(a.shape[0]):
+        for ij in ((0, 0), (63, 0), (0, 63), (40, 17)):
+            np.testing.assert_allclose(ras(out, (*ij, 3 * k)), ras(node, (*ij, k)), atol=1e-3)
+    np.testing.assert_allclose(ras(out, (0, 0, 1)) - ras(out, (0, 0, 0)), (ras(node, (0, 0, 1)) - ras(node, (0, 0, 0))) / 3, atol=1e-4)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0) and len(fractions) > 3
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_existing_output_node_is_filled(scene, sample_array, tiny_model_dir, private_tmp):
+    node = volume_node(scene, sample_array)
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
+    out = CaLIDUpsampleLogic(scene, python=sys.executable).process(node, target, factor=2, device="cpu", steps=1,
+                                                                    model=str(tiny_model_dir))
+    assert out is target and node_array(target).shape[0] == 2 * sample_array.shape[0] - 1
+
+
+def test_cancel_in_the_middle_leaves_no_node_and_no_files(scene, sample_array, tiny_model_dir, private_tmp):
+    node = volume_node(scene, sample_array)
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    before = volumes(scene)
+    seen = []
+
+    def cancel_midway(fraction, stage, eta):
+        seen.append(fraction)
+        if fraction > 0.2:
+            logic.cancel()
+
+    result = logic.process(node, factor=4, device="cpu", steps=200, model=str(tiny_model_dir), progressCallback=cancel_midway)
+    assert result is None and 0.2 < max(seen) < 1.0
+    assert volumes(scene) == before
+    assert list(private_tmp.iterdir()) == []
+    assert not logic.isRunning
+
+
+def test_failing_worker_raises_its_message_and_leaves_the_scene_unchanged(scene, sample_array, tiny_model_dir, private_tmp):
+    broken = sample_array.astype(np.float32)
+    broken[1, 3, 3] = np.nan
+    node = volume_node(scene, broken)
+    before = volumes(scene)
+    with pytest.raises(WorkerError, match="NaN/Inf"):
+        CaLIDUpsampleLogic(scene, python=sys.executable).process(node, device="cpu", model=str(tiny_model_dir))
+    assert volumes(scene) == before
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_non_blocking_run_is_driven_by_poll(scene, sample_array, tiny_model_dir, private_tmp):
+    node = volume_node(scene, sample_array)
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    finished = []
+    assert logic.process(node, factor=2, device="cpu", steps=1, model=str(tiny_model_dir), waitForCompletion=False,
+                         onFinished=lambda out, err: finished.append((out, err))) is None
+    while logic.poll():
+        pass
+    (out, err), = finished
+    assert err is None and node_array(out).shape[0] == 2 * sample_array.shape[0] - 1
+
+
+def test_input_and_output_must_differ(scene, sample_array):
+    node = volume_node(scene, sample_array)
+    with pytest.raises(ValueError, match="must not be the input"):
+        CaLIDUpsampleLogic(scene, python=sys.executable).process(node, node)
