@@ -160,7 +160,7 @@ def cmd_upsample(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .modelstore import list_models, user_models_dir
+    from .modelindex import list_models, user_models_dir
 
     models = list_models()
     if args.json:

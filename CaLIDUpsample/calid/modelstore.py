@@ -1,6 +1,6 @@
 """Model directories: ``model.safetensors`` (weights) + ``model.json`` (the model card).
 
-Weights are read only through safetensors (never pickle). The card carries the architecture config,
+Weights are read only through safetensors (never pickle); where models live is ``modelindex``. The card carries the architecture config,
 the normalisation, the training data and its terms, validation metrics and the SHA256 of the weights,
 which is checked before loading. Models are looked up by path, then among the bundled models shipped in
 ``calid/models/``, then in the user models folder (``$CALID_MODELS_DIR`` or ``~/.calid/models``).
@@ -21,41 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CalidError
+from .modelindex import BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models, user_models_dir
 from .networks import CONFIG_KEYS, CaLID
 
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model.json"
 CARD_FORMAT = "calid-model/1"
-DEFAULT_MODEL = "calid-acdc"
-BUNDLED_DIR = Path(__file__).resolve().parent / "models"
-
-
-def user_models_dir() -> Path:
-    return Path(os.environ.get("CALID_MODELS_DIR", Path.home() / ".calid" / "models"))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def list_models() -> list[dict[str, Any]]:
-    """Every valid-looking model directory, bundled first: name, source, path and card summary."""
-    found = []
-    for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
-        if not root.is_dir():
-            continue
-        for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
-            try:
-                card = json.loads((folder / CARD_FILE).read_text())
-            except (OSError, json.JSONDecodeError):
-                card = {}
-            found.append({"name": folder.name, "source": source, "path": str(folder),
-                          "description": card.get("description", ""), "metrics": card.get("metrics", {})})
-    return found
 
 
 def resolve_model_dir(name_or_dir: str | os.PathLike | None) -> Path:

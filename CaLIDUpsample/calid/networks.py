@@ -27,7 +27,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "vae": {
         "channels": [16, 32, 64],
         "num_res_blocks": 1,
-        "latent_channels": 4,
+        # 8 channels at 1/4 resolution: with 4, a VAE trained for minutes on CPU reconstructed ACDC slices
+        # at ~22 dB PSNR, worse than a 1.2-pixel Gaussian blur (~25 dB), capping every generated slice.
+        "latent_channels": 8,
         "norm_num_groups": 8,
     },
     "denoiser": {

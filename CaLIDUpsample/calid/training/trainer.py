@@ -189,18 +189,20 @@ class Trainer:
         for p in trained.parameters():
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         checkpoint = self.out / CHECKPOINT
+        info: dict[str, Any] = {}
+        if step == start and step > 0 and checkpoint.is_file():  # resuming at a stage boundary: weights only
+            info = load_checkpoint(checkpoint, {"model": self.model}, None, self.generator)
+        if stage == "denoiser" and self.vae_steps > 0 and step == start:
+            self._set_latent_scale()  # before the EMA copy is made: the EMA must never see another scale
+        ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         if step > start and checkpoint.is_file():  # resuming inside this stage: restore everything
             info = load_checkpoint(checkpoint, {"model": self.model, "ema": ema}, optimizer, self.generator)
-        elif step == start and step > 0 and checkpoint.is_file():  # resuming at a stage boundary
-            info = load_checkpoint(checkpoint, {"model": self.model}, None, self.generator)
-            ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-        else:
-            info = {}
         self.history = info.get("history", self.history)
         self.last_validation = info.get("last_validation", self.last_validation)
         self.model.config["latent_scale"] = float(self.model.latent_scale)
+        ema.module.latent_scale.copy_(self.model.latent_scale)  # a constant of the VAE, not an averaged weight
+        ema.module.config["latent_scale"] = self.model.config["latent_scale"]
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", cfg.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup, end - start),
@@ -209,8 +211,6 @@ class Trainer:
         if stage == "vae":
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
         else:
-            if self.vae_steps > 0 and step == start:
-                self._set_latent_scale()
             sampler = data.TripletSampler(self._encode_training_latents(), cfg.latent_crop, self.generator)
             scheduler = make_scheduler(self.model.config["diffusion"])
         progress.set_stage(f"training {stage}")

@@ -1,0 +1,330 @@
+"""CaLIDUpsample: dense cardiac volumes from sparse short-axis MRI stacks (Slicer scripted module).
+
+This file holds only the Qt panel, the module description and the self-test; the logic is the Qt-free
+``CaLIDLib`` package (tested outside Slicer against slicer-core), and the model runs in a background
+``calid`` process started with Slicer's Python, so the application never freezes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from CaLIDLib import CaLIDUpsampleLogic as _QtFreeLogic
+from CaLIDLib import WorkerError, WorkerProcess
+from CaLIDLib.dependencies import ensureDependencies
+from calid.modelindex import import_model, list_models, user_models_dir
+
+SAMPLE_FILE = "CaLIDSample_SCD0000101_phase07.nrrd"
+
+
+class CaLIDUpsample(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("CaLID Upsample")
+        self.parent.categories = [_("Cardiac")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerCaLID contributors"]
+        self.parent.helpText = _(
+            "Fills the gaps between short-axis cardiac MRI slices with CaLID, a latent diffusion model conditioned "
+            "on the neighbouring acquired slices. Acquired slices are kept unchanged; the output lies exactly where "
+            "the input lies. Research use only, not for diagnosis."
+        )
+        self.parent.acknowledgementText = _(
+            "Method: Bubeck et al., Latent Interpolation Learning Using Diffusion Models for Cardiac Volume "
+            "Reconstruction, arXiv 2508.13826. Bundled model trained on ACDC (Bernard et al., IEEE TMI 2018; "
+            "non-commercial). Sample data: Sunnybrook Cardiac Data (Radau et al., MIDAS Journal 2009; CC0)."
+        )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The bundled CC0 Sunnybrook crop in the Sample Data module, category Cardiac."""
+    import SampleData
+
+    folder = Path(__file__).parent / "Resources"
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Cardiac",
+        sampleName="CaLIDSample",
+        uris=(folder / "SampleData" / SAMPLE_FILE).as_uri(),
+        fileNames=SAMPLE_FILE,
+        nodeNames="CaLIDSample",
+        thumbnailFileName=str(folder / "Icons" / "CaLIDUpsample.png"),
+    )
+
+
+@parameterNodeWrapper
+class CaLIDUpsampleParameterNode:
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    outputVolume: slicer.vtkMRMLScalarVolumeNode
+    uncertaintyVolume: slicer.vtkMRMLScalarVolumeNode
+    factor: Annotated[int, WithinRange(2, 16)] = 2
+    useTargetSpacing: bool = False
+    targetSpacing: Annotated[float, WithinRange(0.1, 20.0)] = 2.0
+    steps: Annotated[int, WithinRange(1, 100)] = 8
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    samples: Annotated[int, WithinRange(1, 64)] = 1
+    device: str = "auto"
+    model: str = "calid-acdc"
+
+
+class CaLIDUpsampleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._poll)
+        self._probe = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CaLIDUpsample.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CaLIDUpsampleLogic()
+        self.logic.logCallback = self._log
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
+        self.ui.refreshDevicesButton.connect("clicked(bool)", self.probeDevices)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._storeDeviceAndModel)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._storeDeviceAndModel)
+        self.ui.outputSegmentationSelector.enabled = False
+        self.ui.outputSegmentationSelector.toolTip = _("Segmentation output needs the CaLID segmentation model (coming).")
+        self.ui.progressBar.setVisible(False)
+        self.populateModels()
+        self.initializeParameterNode()
+        self.probeDevices()
+
+    def cleanup(self):
+        self.removeObservers()
+        if self.logic is not None and self.logic.isRunning:
+            self.logic.cancel()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._selectCombo(self.ui.deviceComboBox, self._parameterNode.device)
+            self._selectCombo(self.ui.modelComboBox, self._parameterNode.model)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None):
+        if self.logic.isRunning:
+            return
+        p = self._parameterNode
+        ready = bool(p and p.inputVolume and p.outputVolume is not p.inputVolume)
+        self.ui.applyButton.text = _("Upsample")
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Upsample the input volume") if ready else _("Select an input volume")
+        self.ui.targetSpacingSpinBox.enabled = bool(p and p.useTargetSpacing)
+        self.ui.factorSpinBox.enabled = not (p and p.useTargetSpacing)
+
+    # -------------------------------------------------------------- devices and models
+    def probeDevices(self):
+        """Ask a short ``calid devices`` worker what torch sees (torch is never imported into Slicer)."""
+        self.ui.deviceComboBox.clear()
+        self.ui.deviceComboBox.addItem(_("Auto"), "auto")
+        self.ui.deviceComboBox.addItem(_("CPU"), "cpu")
+        self._probe = WorkerProcess([self.logic.python, "-m", "calid", "devices"], self.logic.workerEnvironment())
+        try:
+            self._probe.start()
+        except OSError as exc:
+            self._log(f"cannot start the CaLID worker: {exc}")
+            self._probe = None
+            return
+        self._probeLines = []
+        qt.QTimer.singleShot(200, self._pollProbe)
+
+    def _pollProbe(self):
+        if self._probe is None:
+            return
+        if self._probe.poll(self._probeLines.append):
+            qt.QTimer.singleShot(200, self._pollProbe)
+            return
+        self._probe = None
+        info = next((json.loads(l) for l in self._probeLines if l.startswith("{")), None)
+        if info is None:
+            self.ui.torchInfoLabel.text = _("PyTorch not available yet: it is installed on first Upsample.")
+            return
+        for gpu in info["cuda"]:
+            self.ui.deviceComboBox.addItem(f"{gpu['name']} ({gpu['memory_gb']} GB)", gpu["device"])
+        if info["mps"]:
+            self.ui.deviceComboBox.addItem(_("Apple MPS (experimental)"), "mps")
+        gpus = ", ".join(g["name"] for g in info["cuda"]) or _("no CUDA GPU")
+        self.ui.torchInfoLabel.text = f"PyTorch {info['torch']} (CUDA {info['cuda_build'] or 'none'}): {gpus}"
+        if self._parameterNode:
+            self._selectCombo(self.ui.deviceComboBox, self._parameterNode.device)
+
+    def populateModels(self):
+        self.ui.modelComboBox.clear()
+        for model in list_models():
+            self.ui.modelComboBox.addItem(f"{model['name']} ({model['source']})", model["name"])
+
+    def onImportModel(self):
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Select a CaLID model folder (model.json + model.safetensors)"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
+            target = import_model(folder)
+            self.populateModels()
+            self._selectCombo(self.ui.modelComboBox, target.name)
+
+    def onOpenModelsFolder(self):
+        folder = user_models_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    def _storeDeviceAndModel(self, *_args):
+        if self._parameterNode:
+            self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
+            self._parameterNode.model = self.ui.modelComboBox.currentData or "calid-acdc"
+
+    @staticmethod
+    def _selectCombo(combo, value):
+        index = combo.findData(value)
+        if index >= 0:
+            combo.currentIndex = index
+
+    # -------------------------------------------------------------- running
+    def onApplyButton(self):
+        if self.logic.isRunning:
+            self.ui.applyButton.text = _("Cancelling...")
+            self.ui.applyButton.enabled = False
+            self.logic.cancel()
+            return
+        if not ensureDependencies(askConfirmation=True):
+            return
+        p = self._parameterNode
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = 0
+        with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
+            self.logic.process(
+                p.inputVolume, p.outputVolume, factor=p.factor, spacing=p.targetSpacing if p.useTargetSpacing else None,
+                device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model,
+                uncertaintyVolume=p.uncertaintyVolume if p.samples > 1 else None, waitForCompletion=False,
+                progressCallback=self._onProgress, onFinished=self._onFinished,
+            )
+            self.ui.applyButton.text = _("Cancel")
+            self._timer.start()
+
+    def _poll(self):
+        if not self.logic.poll():
+            self._timer.stop()
+
+    def _onProgress(self, fraction, stage, remaining):
+        self.ui.progressBar.value = int(round(100 * fraction))
+        eta = f" - {remaining:.0f} s left" if remaining is not None else ""
+        self.ui.statusLabel.text = f"{stage}{eta}"
+
+    def _onFinished(self, outputVolume, error):
+        self.ui.progressBar.setVisible(False)
+        self.ui.statusLabel.text = ""
+        if error is not None:
+            slicer.util.errorDisplay(_("CaLID failed: ") + str(error))
+        elif outputVolume is None:
+            self._log(_("Cancelled."))
+        else:
+            self._parameterNode.outputVolume = outputVolume
+            slicer.util.setSliceViewerLayers(background=outputVolume, fit=True)
+            self._log(_("Done: ") + outputVolume.GetName())
+        self._checkCanApply()
+
+    def _log(self, text):
+        self.ui.logTextEdit.appendPlainText(text)
+
+
+class CaLIDUpsampleLogic(ScriptedLoadableModuleLogic, _QtFreeLogic):
+    """The module logic: parameter node handling from Slicer, everything else from ``CaLIDLib``.
+
+    Console example::
+
+        logic = slicer.util.getModuleLogic("CaLIDUpsample")
+        dense = logic.process(getNode("CaLIDSample"), factor=4, device="cpu")
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        _QtFreeLogic.__init__(self, slicer.mrmlScene)
+
+    def getParameterNode(self):
+        return CaLIDUpsampleParameterNode(super().getParameterNode())
+
+
+class CaLIDUpsampleTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer: a small CPU upsampling of the bundled sample (needs PyTorch installed)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_upsample_sample_on_cpu()
+
+    def test_upsample_sample_on_cpu(self):
+        import numpy as np
+
+        self.delayDisplay("Loading the bundled sample")
+        path = Path(__file__).parent / "Resources" / "SampleData" / SAMPLE_FILE
+        inputVolume = slicer.util.loadVolume(str(path))
+        fractions = []
+        output = CaLIDUpsampleLogic().process(inputVolume, factor=2, device="cpu", steps=2,
+                                              progressCallback=lambda f, s, r: fractions.append(f))
+        a, b = slicer.util.arrayFromVolume(inputVolume), slicer.util.arrayFromVolume(output)
+        self.assertEqual(b.shape[0], 2 * a.shape[0] - 1)
+        self.assertTrue(np.array_equal(b[::2], a))
+        self.assertAlmostEqual(fractions[-1], 1.0)
+        self.delayDisplay("Test passed")
+
+
+__all__ = ["CaLIDUpsample", "CaLIDUpsampleLogic", "CaLIDUpsampleTest", "CaLIDUpsampleWidget", "WorkerError"]

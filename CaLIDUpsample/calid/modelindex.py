@@ -1,0 +1,52 @@
+"""Where models live and which exist, without importing torch (the Slicer panel lists models with it).
+
+A model is a folder holding ``model.json`` (the card) and ``model.safetensors``. Bundled models ship in
+``calid/models/``; user models (fine-tuned, imported) live in ``$CALID_MODELS_DIR`` or ``~/.calid/models``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+DEFAULT_MODEL = "calid-acdc"
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+
+
+def user_models_dir() -> Path:
+    return Path(os.environ.get("CALID_MODELS_DIR", Path.home() / ".calid" / "models"))
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every model folder, bundled first: name, source, path, description and metrics from its card."""
+    found = []
+    for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
+            try:
+                card = json.loads((folder / CARD_FILE).read_text())
+            except (OSError, json.JSONDecodeError):
+                card = {}
+            found.append({"name": folder.name, "source": source, "path": str(folder),
+                          "description": card.get("description", ""), "metrics": card.get("metrics", {})})
+    return found
+
+
+def import_model(source: str | os.PathLike, name: str | None = None) -> Path:
+    """Copy a model folder (or the folder of a given ``model.json``) into the user models folder."""
+    source = Path(source)
+    folder = source.parent if source.is_file() else source
+    if not (folder / CARD_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a CaLID model folder (needs {CARD_FILE} and {WEIGHTS_FILE})")
+    target = user_models_dir() / (name or folder.name)
+    if target.exists():
+        raise FileExistsError(f"a user model named {target.name} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(folder, target)
+    return target
