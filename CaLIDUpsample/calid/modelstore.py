@@ -27,6 +27,14 @@ from .networks import CONFIG_KEYS, CaLID
 CARD_FORMAT = "calid-model/1"
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def resolve_model_dir(name_or_dir: str | os.PathLike | None) -> Path:
     name = str(name_or_dir or DEFAULT_MODEL)
     candidate = Path(name).expanduser()
