@@ -13,10 +13,12 @@ import os
 import signal
 import sys
 import traceback
+from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
 from .errors import CalidError
+from .training.config import TrainConfig
 
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
@@ -62,16 +64,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--description", default="")
     p.add_argument("--data-terms", default="as stated by the data owner", help="terms of the training data")
     p.add_argument("--citation", default="", help="citation required by the training data")
-    for flag, kind, default, text in (
-        ("--vae-steps", int, 1500, "VAE training steps"), ("--denoiser-steps", int, 2500, "denoiser steps"),
-        ("--vae-batch", int, 16, "VAE batch size"), ("--denoiser-batch", int, 32, "denoiser batch size"),
-        ("--lr", float, 2e-4, "peak learning rate"), ("--warmup", int, 100, "warm-up steps"),
-        ("--ema-decay", float, 0.998, "EMA decay"), ("--val-fraction", float, 0.15, "share of validation patients"),
-        ("--val-every", int, 500, "validate every N steps"), ("--val-volumes", int, 4, "validation stacks used"),
-        ("--log-every", int, 25, "log metrics every N steps"), ("--checkpoint-every", int, 250, "checkpoint every N steps"),
-        ("--seed", int, 0, "random seed"),
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for name, text in (
+        ("vae_steps", "VAE training steps"), ("denoiser_steps", "denoiser steps"), ("vae_batch", "VAE batch size"),
+        ("denoiser_batch", "denoiser batch size"), ("lr", "peak learning rate"), ("warmup", "warm-up steps"),
+        ("ema_decay", "EMA decay"), ("val_fraction", "share of validation patients"),
+        ("val_every", "validate every N steps"), ("val_volumes", "validation stacks used"),
+        ("log_every", "log metrics every N steps"), ("checkpoint_every", "checkpoint every N steps"), ("seed", "random seed"),
     ):
-        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
+        default = defaults[name]
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})")
     p.add_argument("--split", help="JSON file with 'train' and 'validation' patient lists")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
@@ -180,7 +182,7 @@ def cmd_devices(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.trainer import TrainConfig, train
+    from .training.trainer import train
 
     _set_threads(args.threads)
     cfg = TrainConfig(

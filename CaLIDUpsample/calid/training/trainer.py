@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,42 +34,12 @@ from ..progress import Progress
 from ..sampling import make_scheduler, training_target
 from . import data
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from .config import TrainConfig
 from .plots import plot_curves
 
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 CHECKPOINT = "checkpoint.safetensors"
 KL_WEIGHT = 1e-6
-
-
-@dataclass
-class TrainConfig:
-    data: list[str]
-    output: str
-    preset: str = "default"
-    init: str | None = None
-    vae_steps: int = 1500
-    denoiser_steps: int = 2500
-    vae_batch: int = 16
-    denoiser_batch: int = 32
-    vae_crop: int = 96
-    latent_crop: int = 32
-    lr: float = 2e-4
-    warmup: int = 100
-    ema_decay: float = 0.998
-    val_fraction: float = 0.15
-    split: str | None = None
-    val_every: int = 500
-    val_volumes: int = 4
-    log_every: int = 25
-    checkpoint_every: int = 250
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    name: str = "calid-model"
-    description: str = ""
-    data_terms: str = "as stated by the data owner"
-    citation: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _distributed() -> tuple[int, int]:

@@ -1,0 +1,37 @@
+"""Settings of a training run (no torch import: the command line reads its defaults from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    output: str
+    preset: str = "default"
+    init: str | None = None
+    vae_steps: int = 2000
+    denoiser_steps: int = 2200
+    vae_batch: int = 16
+    denoiser_batch: int = 32
+    vae_crop: int = 96
+    latent_crop: int = 32
+    lr: float = 2e-4
+    warmup: int = 100
+    ema_decay: float = 0.998
+    val_fraction: float = 0.15
+    split: str | None = None
+    val_every: int = 550
+    val_volumes: int = 4
+    log_every: int = 25
+    checkpoint_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    name: str = "calid-model"
+    description: str = ""
+    data_terms: str = "as stated by the data owner"
+    citation: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
