@@ -17,6 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))  # the calid engine and CaLIDLib
 
+from calid.imageio import write_image  # noqa: E402
 from calid.modelstore import save_model  # noqa: E402
 from calid.networks import TINY_CONFIG, CaLID  # noqa: E402
 
@@ -46,3 +47,17 @@ def small_image(sample_image) -> sitk.Image:
 def _isolated_user_models(tmp_path, monkeypatch):
     monkeypatch.setenv("CALID_MODELS_DIR", str(tmp_path / "user-models"))
     monkeypatch.setenv("PYTHONPATH", str(REPO / "CaLIDUpsample") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@pytest.fixture
+def dataset(tmp_path, sample_image) -> Path:
+    """Four 'patients' made from the real sample (flips, slice subsets), ACDC-like folders with labels."""
+    root = tmp_path / "data"
+    variants = [sample_image, sitk.Flip(sample_image, [True, False, False]),
+                sitk.Flip(sample_image, [False, True, False]), sample_image[:, :, 1:]]
+    for i, image in enumerate(variants):
+        folder = root / f"patient{i:03d}"
+        folder.mkdir(parents=True)
+        write_image(image[16:112, 16:112, :], folder / f"patient{i:03d}_frame01.nii.gz")
+        write_image(sitk.Cast(image[16:112, 16:112, :] > 300, sitk.sitkUInt8), folder / f"patient{i:03d}_frame01_gt.nii.gz")
+    return root

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from safetensors.torch import load_file
 
-from calid.imageio import write_image
 from calid.modelstore import load_model
 from calid.training.checkpoint import read_checkpoint_info
 
@@ -23,20 +21,6 @@ pytestmark = pytest.mark.slow
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 TINY = ["--preset", "tiny", "--vae-batch", "4", "--denoiser-batch", "4", "--val-volumes", "1", "--log-every", "2",
         "--seed", "1"]
-
-
-@pytest.fixture
-def dataset(tmp_path, sample_image) -> Path:
-    """Four 'patients' made from the real sample (flips, slice subsets), ACDC-like folders with labels."""
-    root = tmp_path / "data"
-    variants = [sample_image, sitk.Flip(sample_image, [True, False, False]),
-                sitk.Flip(sample_image, [False, True, False]), sample_image[:, :, 1:]]
-    for i, image in enumerate(variants):
-        folder = root / f"patient{i:03d}"
-        folder.mkdir(parents=True)
-        write_image(image[16:112, 16:112, :], folder / f"patient{i:03d}_frame01.nii.gz")
-        write_image(sitk.Cast(image[16:112, 16:112, :] > 300, sitk.sitkUInt8), folder / f"patient{i:03d}_frame01_gt.nii.gz")
-    return root
 
 
 def train(*args, timeout=600, env=None):
