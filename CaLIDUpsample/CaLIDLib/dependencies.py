@@ -17,7 +17,7 @@ IMPORT_NAMES = {"scikit-image": "skimage"}
 
 
 def requirement_lines() -> list[str]:
-    return [line.strip() for line in REQUIREMENTS.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [line.strip() for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
 
 
 def missing_requirements() -> list[str]:

@@ -218,7 +218,15 @@ COMMANDS = {"upsample": cmd_upsample, "models": cmd_models, "devices": cmd_devic
             "evaluate": cmd_evaluate}
 
 
+def _tolerate_narrow_consoles() -> None:
+    """A C/POSIX locale console cannot print the tables' ± or mm³: escape such characters, never crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tolerate_narrow_consoles()
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:

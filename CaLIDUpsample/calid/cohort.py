@@ -40,7 +40,7 @@ def is_cohort_input(path: Path) -> bool:
 
 def list_inputs(source: Path) -> list[Path]:
     if source.is_file():
-        lines = [line.strip() for line in source.read_text().splitlines()]
+        lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
         items = [Path(line) if Path(line).is_absolute() else source.parent / line
                  for line in lines if line and not line.startswith("#")]
     else:
@@ -97,7 +97,7 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
             merged = []
             for r in range(world):
                 shard = final_csv.with_name(f"{final_csv.stem}.rank{r}.csv")
-                with open(shard, newline="") as f:
+                with open(shard, newline="", encoding="utf-8") as f:
                     merged.extend(csv.DictReader(f))
                 shard.unlink()
             _write_csv(final_csv, sorted(merged, key=lambda row: row["input"]))
@@ -108,7 +108,7 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)

@@ -150,9 +150,9 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     report = {"model": card.get("name"), "model_sha256": card.get("sha256"), "device": str(device),
               "steps": cfg.steps, "samples": cfg.samples, "plus": cfg.plus, "summary": summary, "volumes": rows,
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(summary)
-    (out / "results.md").write_text(table + "\n")
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
     if cfg.montage:
         save_montage(montages, out / "montage.png")
     return table

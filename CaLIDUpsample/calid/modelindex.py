@@ -30,7 +30,7 @@ def list_models() -> list[dict[str, Any]]:
             continue
         for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
             try:
-                card = json.loads((folder / CARD_FILE).read_text())
+                card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 card = {}
             found.append({"name": folder.name, "source": source, "path": str(folder),

@@ -49,7 +49,7 @@ def resolve_model_dir(name_or_dir: str | os.PathLike | None) -> Path:
 
 def read_card(model_dir: Path) -> dict[str, Any]:
     try:
-        card = json.loads((model_dir / CARD_FILE).read_text())
+        card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CalidError(f"model {model_dir} has no {CARD_FILE}") from None
     except (OSError, json.JSONDecodeError) as exc:
@@ -98,7 +98,7 @@ def save_model(model: CaLID, model_dir: str | os.PathLike, card: dict[str, Any],
         save_file(state, str(staging / WEIGHTS_FILE))
         card = {**card, "format": CARD_FORMAT, "config": model.config,
                 "weights_dtype": str(dtype).replace("torch.", ""), "sha256": sha256_of(staging / WEIGHTS_FILE)}
-        (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(staging, model_dir)

@@ -66,7 +66,7 @@ def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, 
     (tmp_path / "in" / "broken.nii.gz").write_bytes(b"not an image")
     proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
     assert proc.returncode == 1  # one input failed, the others were done
-    rows = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv"))}
+    rows = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8"))}
     assert [rows[p.name]["status"] for p in inputs] == ["done"] * 3
     assert rows["broken.nii.gz"]["status"] == "failed" and "cannot read" in rows["broken.nii.gz"]["message"]
     (tmp_path / "in" / "broken.nii.gz").unlink()
@@ -74,7 +74,7 @@ def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, 
     (tmp_path / "out" / "case2.nrrd").unlink()  # as if interrupted before the last one
     proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
     assert proc.returncode == 0, proc.stderr
-    rows = {Path(r["input"]).name: r["status"] for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv"))}
+    rows = {Path(r["input"]).name: r["status"] for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8"))}
     assert rows == {"case0.nrrd": "skipped", "case1.nrrd": "skipped", "case2.nrrd": "done"}
     assert (tmp_path / "out" / "case0.nrrd").stat().st_mtime_ns == first_mtime
 
@@ -82,7 +82,7 @@ def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, 
 def test_cohort_list_file(tmp_path, small_image, tiny_model_dir):
     inputs = make_cohort(tmp_path / "in", small_image, 2)
     listing = tmp_path / "cases.txt"
-    listing.write_text("# cohort\n" + "\n".join(str(p) for p in inputs) + "\n")
+    listing.write_text("# cohort\n" + "\n".join(str(p) for p in inputs) + "\n", encoding="utf-8")
     proc = calid("upsample", listing, tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nrrd")) == ["case0.nrrd", "case1.nrrd"]
@@ -95,7 +95,7 @@ def test_torchrun_two_processes_shard_the_cohort(tmp_path, small_image, tiny_mod
                            "--device", "cpu", "--threads", "1"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = list(csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8")))
     assert sorted(r["status"] for r in rows) == ["done"] * 4
     assert sorted(r["rank"] for r in rows) == ["0", "0", "1", "1"]
     assert not list((tmp_path / "out").glob("*.rank*.csv"))

@@ -60,7 +60,7 @@ def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]
     empty_dir.mkdir()
     cases["folder without DICOM"] = (empty_dir, "no DICOM series")
     unknown = tmp / "notes.txt.bin"
-    unknown.write_text("hello")
+    unknown.write_text("hello", encoding="utf-8")
     cases["unknown format"] = (unknown, "unsupported input format")
     two_d = tmp / "slice.nrrd"
     sitk.WriteImage(small_image[:, :, 0], str(two_d))
@@ -170,7 +170,7 @@ def test_output_equal_to_input_is_refused(good_input, tmp_path, tiny_model_dir, 
 def broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
     target = tmp_path / f"model-{how.replace(' ', '-')}"
     shutil.copytree(tiny_model_dir, target)
-    card = json.loads((target / CARD_FILE).read_text())
+    card = json.loads((target / CARD_FILE).read_text(encoding="utf-8"))
     weights = target / WEIGHTS_FILE
     if how == "checksum mismatch":
         data = bytearray(weights.read_bytes())
@@ -182,11 +182,11 @@ def broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
     elif how == "incompatible config":
         card["config"]["denoiser"]["channels"] = [24, 48, 48]
     elif how == "bad card":
-        (target / CARD_FILE).write_text("{ not json")
+        (target / CARD_FILE).write_text("{ not json", encoding="utf-8")
         return target
     elif how == "no weights":
         weights.unlink()
-    (target / CARD_FILE).write_text(json.dumps(card))
+    (target / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
     return target
 
 

@@ -22,14 +22,14 @@ def test_evaluate_scores_calid_linear_and_bspline_with_heart_region(dataset, tmp
                  "--factor", "2", "--factor", "3", "--steps", "2", "--patients", "patient000,patient003", "--montage",
                  "--progress", "none"])
     assert code == 0
-    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    report = json.loads((tmp_path / "eval" / "results.json").read_text(encoding="utf-8"))
     assert {r["patient"] for r in report["volumes"]} == {"patient000", "patient003"}
     row = report["volumes"][0]
     for method in ("calid", "linear", "bspline"):
         assert 0 < row[f"{method}_psnr"] < 100 and -1 <= row[f"{method}_ssim"] <= 1
         assert f"{method}_heart_psnr" in row  # labels beside the image define the heart box
     assert {(s["factor"]) for s in report["summary"]} == {2, 3}
-    table = (tmp_path / "eval" / "results.md").read_text()
+    table = (tmp_path / "eval" / "results.md").read_text(encoding="utf-8")
     assert "| K=2, 10 mm stacks (20 mm gaps) |" in table and "bspline" in table
     assert (tmp_path / "eval" / "montage.png").read_bytes()[:4] == b"\x89PNG"
     assert "linear" in capsys.readouterr().out

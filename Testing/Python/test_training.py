@@ -33,14 +33,14 @@ def test_tiny_training_writes_a_usable_model(dataset, tmp_path, small_image):
     proc = train(dataset, "--output", run, "--vae-steps", "6", "--denoiser-steps", "6", "--val-every", "6",
                  "--checkpoint-every", "3", "--val-fraction", "0.25", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    split = json.loads((run / "split.json").read_text())
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
     assert len(split["validation"]) == 1 and len(split["train"]) == 3
     assert not set(split["train"]) & set(split["validation"])
-    card = json.loads((run / "model" / "model.json").read_text())
+    card = json.loads((run / "model" / "model.json").read_text(encoding="utf-8"))
     assert card["training"]["split"] == split and card["weights_dtype"] == "float16"
     assert {"val_psnr_model", "val_psnr_linear"} <= set(card["metrics"]["training_validation"])
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    lines = (run / "metrics.csv").read_text().splitlines()
+    lines = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
     assert lines[0].startswith("step,stage,loss") and any(",validation," in l for l in lines)
     model, _ = load_model(run / "model")
     out = subprocess.run([sys.executable, "-m", "calid", "upsample", str(dataset / "patient000" / "patient000_frame01.nii.gz"),
@@ -89,7 +89,7 @@ def test_ddp_two_processes_with_gloo(dataset, tmp_path):
                            "--threads", "1", *TINY],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    card = json.loads((run / "model" / "model.json").read_text())
+    card = json.loads((run / "model" / "model.json").read_text(encoding="utf-8"))
     assert card["training"]["world_size"] == 2
 
 

@@ -69,7 +69,7 @@ def patient_group(path: Path) -> str:
     """The pathology group from an ACDC-style ``Info.cfg`` beside the volume, else ``unknown``."""
     info = path.parent / "Info.cfg"
     if info.is_file():
-        for line in info.read_text().splitlines():
+        for line in info.read_text(encoding="utf-8").splitlines():
             if line.lower().startswith("group:"):
                 return line.split(":", 1)[1].strip()
     return "unknown"
@@ -109,7 +109,7 @@ def split_patients(volumes: list[tuple[str, Path]], val_fraction: float, seed: i
 
 
 def load_split(path: Path) -> dict[str, list[str]]:
-    split = json.loads(Path(path).read_text())
+    split = json.loads(Path(path).read_text(encoding="utf-8"))
     return {"train": list(split["train"]), "validation": list(split["validation"])}
 
 

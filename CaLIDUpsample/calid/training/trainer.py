@@ -99,7 +99,7 @@ class Trainer:
             thin = {v.patient: v.slice_spacing <= data.THIN_SLICE_MM for v in volumes_all}
             split = data.split_patients(entries, cfg.val_fraction, cfg.seed, thin)
         if self.rank == 0:
-            split_file.write_text(json.dumps(split, indent=2) + "\n")
+            split_file.write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
         self.split = split
         train_set, val_set = set(split["train"]), set(split["validation"])
         self.train_volumes = data.load_volumes([e for e in entries if e[0] in train_set])
@@ -248,12 +248,12 @@ class Trainer:
         new = not self.metrics_path.is_file()
         fields = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
                   "val_ssim_model", "val_ssim_linear"]
-        with open(self.metrics_path, "a", newline="") as f:
+        with open(self.metrics_path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             if new:
                 writer.writeheader()
             writer.writerow({k: row.get(k, "") for k in fields})
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         progress.event("metrics", **row)
         plot_curves(self.history, self.out / "curves.png")
