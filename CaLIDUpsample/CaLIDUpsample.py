@@ -1,8 +1,9 @@
 """CaLIDUpsample: dense cardiac volumes from sparse short-axis MRI stacks (Slicer scripted module).
 
-This file holds only the Qt panel, the module description and the self-test; the logic is the Qt-free
-``CaLIDLib`` package (tested outside Slicer against slicer-core), and the model runs in a background
-``calid`` process started with Slicer's Python, so the application never freezes.
+This file holds only the Qt panel (its base ``CaLIDPanel`` serves the CaLIDTraining panel too), the module
+description and the self-test; the logic is the Qt-free ``CaLIDLib`` package (tested outside Slicer against
+slicer-core), and the model runs in a background ``calid`` process started with Slicer's Python, so the
+application never freezes.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from slicer.util import VTKObservationMixin
 from CaLIDLib import CaLIDUpsampleLogic as _QtFreeLogic
 from CaLIDLib import WorkerError, WorkerProcess
 from CaLIDLib.dependencies import ensureDependencies
-from calid.modelindex import import_model, list_models, user_models_dir
+from calid.modelindex import DEFAULT_MODEL, import_model, list_models, user_models_dir
 
 SAMPLE_FILE = "CaLIDSample_SCD0000101_phase07.nrrd"
+SAMPLE_PATH = Path(__file__).parent / "Resources" / "SampleData" / SAMPLE_FILE
 
 
 class CaLIDUpsample(ScriptedLoadableModule):
@@ -60,11 +62,79 @@ def registerSampleData():
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="Cardiac",
         sampleName="CaLIDSample",
-        uris=(folder / "SampleData" / SAMPLE_FILE).as_uri(),
+        uris=SAMPLE_PATH.as_uri(),
         fileNames=SAMPLE_FILE,
         nodeNames="CaLIDSample",
         thumbnailFileName=str(folder / "Icons" / "CaLIDUpsample.png"),
     )
+
+
+def selectComboData(combo, value):
+    index = combo.findData(value)
+    if index >= 0:
+        combo.currentIndex = index
+
+
+def fillModelCombo(combo, selected: str):
+    """Bundled and user models (a model fine-tuned or imported meanwhile appears); quiet, so nothing is stored."""
+    combo.blockSignals(True)
+    combo.clear()
+    for model in list_models():
+        combo.addItem(f"{model['name']} ({model['source']})", model["name"])
+    selectComboData(combo, selected)
+    combo.blockSignals(False)
+
+
+class DeviceSelector:
+    """A device combo box filled by a short ``calid devices`` worker (torch is never imported into Slicer).
+
+    Shared with the CaLIDTraining panel. The combo box is filled quietly (the stored device is not overwritten);
+    ``onListed`` is called after each filling, to select the device stored in the parameter node.
+    """
+
+    def __init__(self, comboBox, infoLabel, logic, log, onListed):
+        self.comboBox, self.infoLabel, self.logic, self.log, self.onListed = comboBox, infoLabel, logic, log, onListed
+        self._probe = None
+        self._lines = []
+
+    def probe(self):
+        self._fill([(_("Auto"), "auto"), (_("CPU"), "cpu")], clear=True)
+        self._probe = WorkerProcess([self.logic.python, "-m", "calid", "devices"], self.logic.workerEnvironment())
+        try:
+            self._probe.start()
+        except OSError as exc:
+            self.log(f"cannot start the CaLID worker: {exc}")
+            self._probe = None
+            return
+        self._lines = []
+        qt.QTimer.singleShot(200, self._poll)
+
+    def _poll(self):
+        if self._probe is None:
+            return
+        if self._probe.poll(self._lines.append):
+            qt.QTimer.singleShot(200, self._poll)
+            return
+        self._probe = None
+        info = next((json.loads(l) for l in self._lines if l.startswith("{")), None)
+        if info is None:
+            self.infoLabel.text = _("PyTorch not available yet: it is installed on first use.")
+            return
+        items = [(f"{gpu['name']} ({gpu['memory_gb']} GB)", gpu["device"]) for gpu in info["cuda"]]
+        if info["mps"]:
+            items.append((_("Apple MPS (experimental)"), "mps"))
+        self._fill(items)
+        gpus = ", ".join(g["name"] for g in info["cuda"]) or _("no CUDA GPU")
+        self.infoLabel.text = f"PyTorch {info['torch']} (CUDA {info['cuda_build'] or 'none'}): {gpus}"
+
+    def _fill(self, items, clear=False):
+        self.comboBox.blockSignals(True)
+        if clear:
+            self.comboBox.clear()
+        for label, device in items:
+            self.comboBox.addItem(label, device)
+        self.comboBox.blockSignals(False)
+        self.onListed()
 
 
 @parameterNodeWrapper
@@ -82,41 +152,45 @@ class CaLIDUpsampleParameterNode:
     model: str = "calid-acdc"
 
 
-class CaLIDUpsampleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """What the CaLID panels share (this one and CaLIDTraining's): the parameter node life cycle, the device and
+    model combo boxes, and one background run driven by a timer, with progress bar, status line and log.
+
+    A panel's .ui has ``deviceComboBox``, ``refreshDevicesButton``, ``torchInfoLabel``, ``modelComboBox``,
+    ``progressBar``, ``statusLabel`` and ``logTextEdit``; the panel names its run button in ``runButton`` and the
+    parameter its model combo box stores in ``modelParameter``, and defines ``updateButtons`` and ``_onFinished``.
+    """
+
+    modelParameter = "model"
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.devices = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
-        self._probe = None
 
-    def setup(self):
+    def setupPanel(self, logic):
+        """Load ``UI/<module>.ui`` and connect the shared parts; the panel connects its own buttons afterwards."""
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CaLIDUpsample.ui"))
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{self.moduleName}.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = CaLIDUpsampleLogic()
+        self.logic = logic
         self.logic.logCallback = self._log
-
+        self.devices = DeviceSelector(self.ui.deviceComboBox, self.ui.torchInfoLabel, self.logic, self._log,
+                                      self._selectStoredDevice)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
-        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
-        self.ui.refreshDevicesButton.connect("clicked(bool)", self.probeDevices)
+        self.ui.refreshDevicesButton.connect("clicked(bool)", self.devices.probe)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._storeDeviceAndModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self._storeDeviceAndModel)
-        self.ui.outputSegmentationSelector.enabled = False
-        self.ui.outputSegmentationSelector.toolTip = _("Segmentation output needs the CaLID segmentation model (coming).")
         self.ui.progressBar.setVisible(False)
-        self.populateModels()
-        self.initializeParameterNode()
-        self.probeDevices()
 
     def cleanup(self):
         self.removeObservers()
@@ -130,7 +204,7 @@ class CaLIDUpsampleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
@@ -141,122 +215,39 @@ class CaLIDUpsampleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
-                self._parameterNode.inputVolume = first
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._selectCombo(self.ui.deviceComboBox, self._parameterNode.device)
-            self._selectCombo(self.ui.modelComboBox, self._parameterNode.model)
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self._selectStoredDevice()
+            fillModelCombo(self.ui.modelComboBox, getattr(self._parameterNode, self.modelParameter))
+            self.updateButtons()
 
-    def _checkCanApply(self, caller=None, event=None):
-        if self.logic.isRunning:
-            return
-        p = self._parameterNode
-        ready = bool(p and p.inputVolume and p.outputVolume is not p.inputVolume)
-        self.ui.applyButton.text = _("Upsample")
-        self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Upsample the input volume") if ready else _("Select an input volume")
-        self.ui.targetSpacingSpinBox.enabled = bool(p and p.useTargetSpacing)
-        self.ui.factorSpinBox.enabled = not (p and p.useTargetSpacing)
-
-    # -------------------------------------------------------------- devices and models
-    def probeDevices(self):
-        """Ask a short ``calid devices`` worker what torch sees (torch is never imported into Slicer)."""
-        self.ui.deviceComboBox.clear()
-        self.ui.deviceComboBox.addItem(_("Auto"), "auto")
-        self.ui.deviceComboBox.addItem(_("CPU"), "cpu")
-        self._probe = WorkerProcess([self.logic.python, "-m", "calid", "devices"], self.logic.workerEnvironment())
-        try:
-            self._probe.start()
-        except OSError as exc:
-            self._log(f"cannot start the CaLID worker: {exc}")
-            self._probe = None
-            return
-        self._probeLines = []
-        qt.QTimer.singleShot(200, self._pollProbe)
-
-    def _pollProbe(self):
-        if self._probe is None:
-            return
-        if self._probe.poll(self._probeLines.append):
-            qt.QTimer.singleShot(200, self._pollProbe)
-            return
-        self._probe = None
-        info = next((json.loads(l) for l in self._probeLines if l.startswith("{")), None)
-        if info is None:
-            self.ui.torchInfoLabel.text = _("PyTorch not available yet: it is installed on first Upsample.")
-            return
-        for gpu in info["cuda"]:
-            self.ui.deviceComboBox.addItem(f"{gpu['name']} ({gpu['memory_gb']} GB)", gpu["device"])
-        if info["mps"]:
-            self.ui.deviceComboBox.addItem(_("Apple MPS (experimental)"), "mps")
-        gpus = ", ".join(g["name"] for g in info["cuda"]) or _("no CUDA GPU")
-        self.ui.torchInfoLabel.text = f"PyTorch {info['torch']} (CUDA {info['cuda_build'] or 'none'}): {gpus}"
+    def _selectStoredDevice(self):
         if self._parameterNode:
-            self._selectCombo(self.ui.deviceComboBox, self._parameterNode.device)
-
-    def populateModels(self):
-        self.ui.modelComboBox.clear()
-        for model in list_models():
-            self.ui.modelComboBox.addItem(f"{model['name']} ({model['source']})", model["name"])
-
-    def onImportModel(self):
-        folder = qt.QFileDialog.getExistingDirectory(None, _("Select a CaLID model folder (model.json + model.safetensors)"))
-        if not folder:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
-            target = import_model(folder)
-            self.populateModels()
-            self._selectCombo(self.ui.modelComboBox, target.name)
-
-    def onOpenModelsFolder(self):
-        folder = user_models_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+            selectComboData(self.ui.deviceComboBox, self._parameterNode.device)
 
     def _storeDeviceAndModel(self, *_args):
         if self._parameterNode:
             self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
-            self._parameterNode.model = self.ui.modelComboBox.currentData or "calid-acdc"
+            setattr(self._parameterNode, self.modelParameter, self.ui.modelComboBox.currentData or DEFAULT_MODEL)
 
-    @staticmethod
-    def _selectCombo(combo, value):
-        index = combo.findData(value)
-        if index >= 0:
-            combo.currentIndex = index
-
-    # -------------------------------------------------------------- running
-    def onApplyButton(self):
-        if self.logic.isRunning:
-            self.ui.applyButton.text = _("Cancelling...")
-            self.ui.applyButton.enabled = False
-            self.logic.cancel()
-            return
-        if not ensureDependencies(askConfirmation=True):
-            return
-        p = self._parameterNode
-        self.ui.logTextEdit.clear()
-        self.ui.progressBar.setVisible(True)
+    # -------------------------------------------------------------- the background run
+    def _runStarted(self, cancelText):
         self.ui.progressBar.value = 0
-        with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
-            self.logic.process(
-                p.inputVolume, p.outputVolume, factor=p.factor, spacing=p.targetSpacing if p.useTargetSpacing else None,
-                device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model,
-                uncertaintyVolume=p.uncertaintyVolume if p.samples > 1 else None, waitForCompletion=False,
-                progressCallback=self._onProgress, onFinished=self._onFinished,
-            )
-            self.ui.applyButton.text = _("Cancel")
-            self._timer.start()
+        self.ui.progressBar.setVisible(True)
+        self.runButton.text = cancelText
+        self._timer.start()
+
+    def _cancelRun(self, cancellingText):
+        self.runButton.text = cancellingText
+        self.runButton.enabled = False
+        self.logic.cancel()
 
     def _poll(self):
         if not self.logic.poll():
@@ -267,9 +258,79 @@ class CaLIDUpsampleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         eta = f" - {remaining:.0f} s left" if remaining is not None else ""
         self.ui.statusLabel.text = f"{stage}{eta}"
 
-    def _onFinished(self, outputVolume, error):
+    def _runEnded(self):
         self.ui.progressBar.setVisible(False)
         self.ui.statusLabel.text = ""
+
+    def _log(self, text):
+        self.ui.logTextEdit.appendPlainText(text)
+
+
+class CaLIDUpsampleWidget(CaLIDPanel):
+    def setup(self):
+        self.setupPanel(CaLIDUpsampleLogic())
+        self.runButton = self.ui.applyButton
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
+        self.ui.outputSegmentationSelector.enabled = False
+        self.ui.outputSegmentationSelector.toolTip = _("Segmentation output needs the CaLID segmentation model (coming).")
+        self.initializeParameterNode()
+        self.devices.probe()
+
+    def initializeParameterNode(self):
+        super().initializeParameterNode()
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def updateButtons(self, caller=None, event=None):
+        if self.logic.isRunning:
+            return
+        p = self._parameterNode
+        ready = bool(p and p.inputVolume and p.outputVolume is not p.inputVolume)
+        self.ui.applyButton.text = _("Upsample")
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Upsample the input volume") if ready else _("Select an input volume")
+        self.ui.targetSpacingSpinBox.enabled = bool(p and p.useTargetSpacing)
+        self.ui.factorSpinBox.enabled = not (p and p.useTargetSpacing)
+
+    # -------------------------------------------------------------- models
+    def onImportModel(self):
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Select a CaLID model folder (model.json + model.safetensors)"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
+            target = import_model(folder)
+            fillModelCombo(self.ui.modelComboBox, target.name)
+            self._storeDeviceAndModel()
+
+    def onOpenModelsFolder(self):
+        folder = user_models_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    # -------------------------------------------------------------- running
+    def onApplyButton(self):
+        if self.logic.isRunning:
+            self._cancelRun(_("Cancelling..."))
+            return
+        if not ensureDependencies(askConfirmation=True):
+            return
+        p = self._parameterNode
+        self.ui.logTextEdit.clear()
+        with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
+            self.logic.process(
+                p.inputVolume, p.outputVolume, factor=p.factor, spacing=p.targetSpacing if p.useTargetSpacing else None,
+                device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model,
+                uncertaintyVolume=p.uncertaintyVolume if p.samples > 1 else None, waitForCompletion=False,
+                progressCallback=self._onProgress, onFinished=self._onFinished,
+            )
+            self._runStarted(_("Cancel"))
+
+    def _onFinished(self, outputVolume, error):
+        self._runEnded()
         if error is not None:
             slicer.util.errorDisplay(_("CaLID failed: ") + str(error))
         elif outputVolume is None:
@@ -278,10 +339,7 @@ class CaLIDUpsampleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.outputVolume = outputVolume
             slicer.util.setSliceViewerLayers(background=outputVolume, fit=True)
             self._log(_("Done: ") + outputVolume.GetName())
-        self._checkCanApply()
-
-    def _log(self, text):
-        self.ui.logTextEdit.appendPlainText(text)
+        self.updateButtons()
 
 
 class CaLIDUpsampleLogic(ScriptedLoadableModuleLogic, _QtFreeLogic):
@@ -315,8 +373,7 @@ class CaLIDUpsampleTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         self.delayDisplay("Loading the bundled sample")
-        path = Path(__file__).parent / "Resources" / "SampleData" / SAMPLE_FILE
-        inputVolume = slicer.util.loadVolume(str(path))
+        inputVolume = slicer.util.loadVolume(str(SAMPLE_PATH))
         fractions = []
         output = CaLIDUpsampleLogic().process(inputVolume, factor=2, device="cpu", steps=2,
                                               progressCallback=lambda f, s, r: fractions.append(f))
@@ -327,4 +384,5 @@ class CaLIDUpsampleTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
 
-__all__ = ["CaLIDUpsample", "CaLIDUpsampleLogic", "CaLIDUpsampleTest", "CaLIDUpsampleWidget", "WorkerError"]
+__all__ = ["CaLIDPanel", "CaLIDUpsample", "CaLIDUpsampleLogic", "CaLIDUpsampleTest", "CaLIDUpsampleWidget",
+           "DeviceSelector", "WorkerError"]

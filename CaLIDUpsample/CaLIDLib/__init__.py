@@ -1,10 +1,14 @@
-"""Qt-free logic of the CaLIDUpsample module: importable with only ``slicer-core`` (no Slicer application).
+"""Qt-free logic of the CaLID modules: importable with only ``slicer-core`` (no Slicer application).
 
-The module file ``CaLIDUpsample.py`` keeps the Qt panel and re-exports ``CaLIDUpsampleLogic`` from here.
+``CaLIDUpsample.py`` and ``CaLIDTraining.py`` keep the Qt panels and re-export their logic from here; both
+logics run ``calid`` in a background process through ``WorkerLogic``.
 """
 
-from .logic import CaLIDUpsampleLogic, WorkerError
+from .background import WorkerError, WorkerLogic
+from .logic import CaLIDUpsampleLogic
 from .protocol import WorkerEvent, parse_line
+from .training_logic import CaLIDTrainingLogic
 from .worker import WorkerProcess
 
-__all__ = ["CaLIDUpsampleLogic", "WorkerError", "WorkerEvent", "WorkerProcess", "parse_line"]
+__all__ = ["CaLIDTrainingLogic", "CaLIDUpsampleLogic", "WorkerError", "WorkerEvent", "WorkerLogic", "WorkerProcess",
+           "parse_line"]

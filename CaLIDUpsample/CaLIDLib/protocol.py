@@ -12,7 +12,8 @@ COMMENT_TAG = ("<filter-comment>", "</filter-comment>")
 
 @dataclass
 class WorkerEvent:
-    """kind: ``progress`` (fraction, remaining_s), ``stage`` (text), ``done`` (data), ``log`` (text)."""
+    """kind: ``progress`` (fraction), ``eta`` (fraction, data: remaining_s), ``stage`` (text), ``done`` (data),
+    ``metrics`` (data: a training log or validation row), ``log`` (text)."""
 
     kind: str
     fraction: float | None = None
@@ -45,7 +46,7 @@ def parse_line(line: str) -> WorkerEvent | None:
         kind = data.get("event")
         if kind == "progress":
             return WorkerEvent("eta", fraction=data.get("fraction"), data=data)
-        if kind == "done":
-            return WorkerEvent("done", data=data)
+        if kind in ("done", "metrics"):
+            return WorkerEvent(kind, data=data)
         return WorkerEvent("log", text=data.get("message", line), data=data)
     return WorkerEvent("log", text=line)

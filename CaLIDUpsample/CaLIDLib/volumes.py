@@ -6,6 +6,7 @@ scene of ``slicer-core`` as well as in the application, and the geometry is exac
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,23 @@ def image_from_node(node) -> sitk.Image:
 
 def write_node(node, path: Path) -> None:
     sitk.WriteImage(image_from_node(node), str(path))
+
+
+def write_nodes(nodes, folder: Path) -> list[Path]:
+    """Each node as ``folder/<node name>.nrrd``, names made file-safe and unique (the trainer's patient ids)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for node in nodes:
+        if node is None or node.GetImageData() is None:
+            raise ValueError(f"volume {node.GetName() if node else None} is empty")
+        stem = re.sub(r"[^\w.-]+", "_", node.GetName() or "").strip("._") or "volume"
+        name, copy = stem, 1
+        while any(p.stem.lower() == name.lower() for p in paths):  # names differing only in case clash on some disks
+            copy += 1
+            name = f"{stem}_{copy}"
+        paths.append(folder / f"{name}.nrrd")
+        write_node(node, paths[-1])
+    return paths
 
 
 def update_node_from_file(node, path: Path) -> None:

@@ -2,8 +2,8 @@
 
 The caller decides when to poll: a ``qt.QTimer`` in the Slicer panel (the UI never blocks), or a loop in
 blocking mode (``waitForCompletion=True``), so this class needs no Qt. Cancel first asks politely
-(SIGTERM: ``calid`` stops between diffusion steps and writes nothing), then kills the whole process tree
-(``PythonSlicer`` is a launcher whose child is the real Python).
+(SIGTERM: ``calid`` exits with code 130; ``upsample`` writes nothing, ``train`` keeps its last checkpoint),
+then kills the whole process tree (``PythonSlicer`` is a launcher whose child is the real Python).
 """
 
 from __future__ import annotations

@@ -1,0 +1,155 @@
+"""The life cycle of one background ``calid`` run, shared by the CaLID logics (upsampling, fine-tuning).
+
+A run gets a temporary folder for what the worker reads (volumes exported from the scene); its ``calid``
+command runs with Slicer's Python in a ``WorkerProcess``; its output lines become progress and log callbacks.
+When the worker ends, the results of a successful run are loaded by the concrete logic, a cancelled or
+failed run loads nothing, and the temporary folder is removed in every case. ``waitForCompletion=True``
+(scripting, default) blocks; ``False`` returns at once and the caller calls ``poll()`` from a timer, as
+the panels do.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .protocol import WorkerEvent, parse_line
+from .worker import WorkerProcess
+
+MODULE_DIR = Path(__file__).resolve().parents[1]  # holds the ``calid`` engine package
+
+ProgressCallback = Callable[[float, str, "float | None"], None]
+"""``callback(fraction in [0, 1], stage text, estimated seconds remaining or None)``."""
+
+FinishedCallback = Callable[[object, "Exception | None"], None]
+"""``onFinished(result or None, error or None)``: called once when a run ends, however it ends."""
+
+Prepare = Callable[[Path], "tuple[list[str], Callable[[], object]]"]
+"""``prepare(temporary folder) -> (worker command, load results)``: writes the worker's inputs there."""
+
+
+class WorkerError(RuntimeError):
+    """The worker failed; the message is the worker's own one-line explanation."""
+
+
+@dataclass
+class _Job:
+    worker: WorkerProcess
+    folder: Path
+    load_results: Callable[[], object]
+    progress: ProgressCallback | None
+    on_finished: FinishedCallback | None
+    stage: str = ""
+    error: str = ""
+
+
+class WorkerLogic:
+    """Base of the Qt-free logics: one background run at a time on ``scene``, with ``python`` as the worker."""
+
+    def __init__(self, scene=None, python: str | None = None):
+        if scene is None:
+            import slicer
+
+            scene = slicer.mrmlScene
+        self.scene = scene
+        self.python = python or shutil.which("PythonSlicer") or sys.executable
+        self.job: _Job | None = None
+        self.logCallback: Callable[[str], None] | None = None
+
+    @staticmethod
+    def workerEnvironment() -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MODULE_DIR), env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def poll(self) -> bool:
+        """For the panel's timer: forward new output; on completion load results. True while running."""
+        job = self.job
+        if job is None:
+            return False
+        if job.worker.poll(self._onLine):
+            return True
+        self._finish(job, raise_errors=False)
+        return False
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.worker.cancel()
+
+    @property
+    def isRunning(self) -> bool:
+        return self.job is not None
+
+    # ------------------------------------------------------------------ for the concrete logics
+    def _runWorker(self, prepare: Prepare, progressCallback: ProgressCallback | None,
+                   onFinished: FinishedCallback | None, waitForCompletion: bool):
+        """Start the run; blocking: wait and return its results (None when cancelled), else return None."""
+        self._checkIdle()
+        folder = Path(tempfile.mkdtemp(prefix="CaLID-"))
+        try:
+            command, load_results = prepare(folder)
+            self.job = _Job(WorkerProcess(command, self.workerEnvironment()), folder, load_results, progressCallback,
+                            onFinished)
+            self.job.worker.start()
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.job = None
+            raise
+        if not waitForCompletion:
+            return None
+        job = self.job
+        job.worker.wait(self._onLine)
+        return self._finish(job, raise_errors=True)
+
+    def _checkIdle(self) -> None:
+        if self.job is not None:
+            raise RuntimeError("a CaLID run is already in progress")
+
+    def _onEvent(self, event: WorkerEvent) -> None:
+        """Events beyond progress and log lines (``done``, training ``metrics``); ignored unless overridden."""
+
+    # ------------------------------------------------------------------ internals
+    def _onLine(self, line: str) -> None:
+        job = self.job
+        event = parse_line(line)
+        if event is None or job is None:
+            return
+        if event.kind == "stage":
+            job.stage = event.text
+        elif event.kind in ("progress", "eta"):  # the JSON ``eta`` event also carries the time left
+            if job.progress is not None:
+                job.progress(event.fraction, job.stage, event.data.get("remaining_s"))
+        elif event.kind == "log":
+            if event.text.startswith("calid: "):
+                job.error = event.text.split(": ", 2)[-1] if event.text.startswith("calid: error:") else event.text
+            if self.logCallback is not None:
+                self.logCallback(event.text)
+        else:
+            self._onEvent(event)
+
+    def _finish(self, job: _Job, raise_errors: bool):
+        result, error = None, None
+        try:
+            code = job.worker.returncode
+            if job.worker.cancelled:
+                return None
+            if code != 0:
+                raise WorkerError(job.error or f"the CaLID worker failed (exit code {code})")
+            result = job.load_results()
+            return result
+        except Exception as exc:
+            error = exc
+            if raise_errors:
+                raise
+            return None
+        finally:
+            shutil.rmtree(job.folder, ignore_errors=True)
+            self.job = None
+            if job.on_finished is not None:
+                job.on_finished(result, error)
