@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SAMPLE := CaLIDUpsample/Resources/SampleData/CaLIDSample_SCD0000101_phase07.nrrd
 OUT ?= output
 
-.PHONY: install demo test benchmark clean
+.PHONY: install demo test benchmark evaluate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,13 @@ test: install
 
 benchmark: install
 	$(PY) Testing/Benchmarks/benchmark_upsample.py
+
+# The bundled model's validation table (README): its own validation patients, read from its model card.
+ACDC ?= ../shared/data/acdc/training
+MODEL_CARD := CaLIDUpsample/calid/models/calid-acdc/model.json
+evaluate: install
+	$(VENV)/bin/calid evaluate $(ACDC) --output $(OUT)/evaluation --patients $(MODEL_CARD) --factor 2 --factor 4 \
+		--device auto --threads 2 --montage --progress none
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -145,7 +145,7 @@ class CaLIDUpsampleParameterNode:
     factor: Annotated[int, WithinRange(2, 16)] = 2
     useTargetSpacing: bool = False
     targetSpacing: Annotated[float, WithinRange(0.1, 20.0)] = 2.0
-    steps: Annotated[int, WithinRange(1, 100)] = 8
+    steps: Annotated[int, WithinRange(0, 100)] = 0  # 0: the model's own default (its card)
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     samples: Annotated[int, WithinRange(1, 64)] = 1
     device: str = "auto"

@@ -17,10 +17,12 @@ __all__ = ["CaLIDUpsampleLogic", "WorkerError"]
 
 class CaLIDUpsampleLogic(WorkerLogic):
     # ------------------------------------------------------------------ command
-    def workerCommand(self, inputPath: Path, outputPath: Path, factor=2, spacing=None, device="auto", steps=8, seed=0,
+    def workerCommand(self, inputPath: Path, outputPath: Path, factor=2, spacing=None, device="auto", steps=None, seed=0,
                       model=None, samples=1, uncertaintyPath=None) -> list[str]:
+        """``steps`` None (or 0, the panel's "model default") leaves the choice to the model's card."""
         cmd = [self.python, "-m", "calid", "upsample", str(inputPath), str(outputPath), "--progress", "json",
-               "--device", device, "--steps", str(steps), "--seed", str(seed), "--samples", str(samples)]
+               "--device", device, "--seed", str(seed), "--samples", str(samples)]
+        cmd += ["--steps", str(steps)] if steps else []
         cmd += ["--spacing", str(spacing)] if spacing else ["--factor", str(factor)]
         if model:
             cmd += ["--model", str(model)]
@@ -29,7 +31,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
         return cmd
 
     # ------------------------------------------------------------------ public API
-    def process(self, inputVolume, outputVolume=None, factor=2, spacing=None, device="auto", steps=8, seed=0,
+    def process(self, inputVolume, outputVolume=None, factor=2, spacing=None, device="auto", steps=None, seed=0,
                 outputSegmentation=None, waitForCompletion=True, progressCallback: ProgressCallback | None = None,
                 model=None, samples=1, uncertaintyVolume=None, onFinished=None):
         """Upsample ``inputVolume``; returns the output volume node (blocking) or None (non-blocking).

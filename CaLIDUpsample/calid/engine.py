@@ -28,6 +28,8 @@ from .progress import Progress
 from .sampling import denoise, invert, make_scheduler, slerp
 
 MAX_STEPS = 1000
+DEFAULT_STEPS = 8
+"""DDIM steps when neither the user nor the model's config (``default_steps``) says otherwise (the paper's)."""
 MAX_SAMPLES = 64
 CPU_BATCH = 16
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
@@ -39,7 +41,7 @@ class UpsampleOptions:
 
     factor: int | None = None
     spacing: float | None = None
-    steps: int = 8
+    steps: int | None = None  # None: the model's ``default_steps`` (measured best on its validation patients)
     seed: int = 0
     samples: int = 1
     plus: bool = False
@@ -49,7 +51,7 @@ class UpsampleOptions:
     batch_size: int | None = None
 
     def check(self) -> None:
-        if not 1 <= self.steps <= MAX_STEPS:
+        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
             raise CalidError(f"--steps must be between 1 and {MAX_STEPS}, not {self.steps}")
         if not 1 <= self.samples <= MAX_SAMPLES:
             raise CalidError(f"--samples must be between 1 and {MAX_SAMPLES}, not {self.samples}")
@@ -99,7 +101,7 @@ def generate_missing(
     model: CaLID,
     stack: np.ndarray,
     factor: int,
-    steps: int = 8,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     samples: int = 1,
     plus: bool = False,
@@ -123,7 +125,7 @@ def generate_missing(
     latent_hw = (padded.shape[1] // 4, padded.shape[2] // 4)
     batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
     progress = progress or Progress("none")
-    progress.total = n + (n * steps if plus else 0) + items * steps + items
+    progress.total = n + (n * steps if plus else 0) + items * steps + items + n
     scheduler = make_scheduler(model.config["diffusion"])
 
     progress.set_stage("encoding acquired slices")
@@ -150,7 +152,8 @@ def generate_missing(
         def invert_part(part: slice) -> None:
             cond = (latents[lo[part]], latents[lo[part] + 1], ends[part].to(device))
             with autocast(device):
-                inverted[part] = invert(lambda z, t: model.interpolator(z, t, *cond), scheduler, latents[part], steps,
+                inverted[part] = invert(lambda z, t: model.interpolator(z, t, *cond), scheduler,
+                                        model.to_diffusion(latents[part], *cond), steps,
                                         on_step=lambda _: progress.advance(part.stop - part.start)).float()
 
         batch = run_batched(invert_part, n, batch)
@@ -165,22 +168,36 @@ def generate_missing(
     def denoise_part(part: slice) -> None:
         cond = (latents[below_t[part]], latents[above_t[part]], alpha_t[part].to(device))
         with autocast(device):
-            z_final[part] = denoise(lambda z, t: model.interpolator(z, t, *cond), scheduler, z_init[part], steps,
-                                    on_step=lambda _: progress.advance(part.stop - part.start)).float()
+            denoised = denoise(lambda z, t: model.interpolator(z, t, *cond), scheduler, z_init[part], steps,
+                               on_step=lambda _: progress.advance(part.stop - part.start)).float()
+        z_final[part] = model.from_diffusion(denoised, *cond)
 
     batch = run_batched(denoise_part, items, batch)
 
     progress.set_stage("decoding")
     out = np.empty((items, h, w), dtype=np.float32)
+    reconstructed = np.empty((n, h, w), dtype=np.float32)
 
-    def decode(part: slice) -> None:
-        with autocast(device):
-            decoded = model.decode(z_final[part]).float()[:, 0].cpu().numpy()
-        out[part] = decoded[:, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
-        progress.advance(part.stop - part.start)
+    def decoder(latent_source: torch.Tensor, target: np.ndarray):
+        def decode(part: slice) -> None:
+            with autocast(device):
+                decoded = model.decode(latent_source[part]).float()[:, 0].cpu().numpy()
+            target[part] = decoded[:, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
+            progress.advance(part.stop - part.start)
+        return decode
 
-    run_batched(decode, items, batch)
+    batch = run_batched(decoder(z_final, out), items, batch)
+    run_batched(decoder(latents, reconstructed), n, batch)
+    # Detail transfer: what the VAE loses on the acquired neighbours (fine texture, a slight intensity bias) is
+    # added back, interpolated by alpha, so generated slices match the acquired ones they sit between.
+    lost = stack - reconstructed
+    a = alpha_t.numpy()[:, None, None]
+    out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
     return out.reshape(samples, missing, h, w)
+
+
+def default_steps(model: CaLID) -> int:
+    return int(model.config.get("default_steps", DEFAULT_STEPS))
 
 
 def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -214,12 +231,18 @@ def upsample_image(
     if model is None:
         model, _ = load_model(options.model, device)
     model = model.to(device).eval()
+    if options.plus and model.diffusion_target != "latent":
+        # The acquired slices are the alpha=0/1 ends of their gaps, where the residual is zero by definition:
+        # their inversions carry no information (measured: 13.2 dB instead of 17.5 dB on two ACDC 5 mm stacks).
+        raise CalidError("--plus (CaLID+) needs a model that diffuses latents; this model diffuses residuals "
+                         "to linear interpolation: leave --plus out")
     loaded = time.perf_counter()
 
     array = sitk.GetArrayFromImage(image)
     stack = geometry.to_stack(array, axis)
     intensity = IntensityMap.fit(stack)
-    generated = generate_missing(model, intensity.to_network(stack), factor, options.steps, options.seed,
+    steps = options.steps or default_steps(model)
+    generated = generate_missing(model, intensity.to_network(stack), factor, steps, options.seed,
                                  options.samples, options.plus, device, options.batch_size, progress)
     generated = intensity.from_network(generated)
 

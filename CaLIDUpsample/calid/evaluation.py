@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from . import geometry
 from .devices import resolve_device
-from .engine import UpsampleOptions, upsample_image
+from .engine import UpsampleOptions, default_steps, upsample_image
 from .errors import CalidError
 from .imageio import FILE_SUFFIXES, read_image, validate_volume
 from .metrics import heart_box, linear_missing, slice_scores, unit_scale
@@ -40,7 +40,7 @@ class EvaluateConfig:
     patients: str | None = None
     max_spacing: float | None = None
     min_spacing: float | None = None
-    steps: int = 8
+    steps: int | None = None
     samples: int = 1
     plus: bool = False
     seed: int = 0
@@ -148,7 +148,7 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
     report = {"model": card.get("name"), "model_sha256": card.get("sha256"), "device": str(device),
-              "steps": cfg.steps, "samples": cfg.samples, "plus": cfg.plus, "summary": summary, "volumes": rows,
+              "steps": cfg.steps or default_steps(model), "samples": cfg.samples, "plus": cfg.plus, "summary": summary, "volumes": rows,
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(summary)

@@ -49,6 +49,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     },
     # Latents are divided by this so that they have roughly unit variance (set after VAE training).
     "latent_scale": 1.0,
+    # "residual": diffuse the target latent's departure from the linear interpolation of its neighbours'
+    # latents, so an untrained denoiser already gives latent-linear interpolation and training only has to
+    # learn the correction. The first ACDC model diffused the latent itself ("latent"): after 2200 CPU steps
+    # its best (1-step) estimate only matched linear interpolation (18.25 vs 18.31 dB on two 5 mm stacks).
+    "diffusion_target": "residual",
 }
 
 TINY_CONFIG: dict[str, Any] = {
@@ -63,10 +68,12 @@ TINY_CONFIG: dict[str, Any] = {
     },
     "diffusion": copy.deepcopy(DEFAULT_CONFIG["diffusion"]),
     "latent_scale": 1.0,
+    "diffusion_target": "residual",
 }
 """A very small configuration for tests and smoke runs (randomly initialised, fast on CPU)."""
 
 CONFIG_KEYS = ("vae", "denoiser", "diffusion", "latent_scale")
+DIFFUSION_TARGETS = ("latent", "residual")
 
 
 def build_vae(cfg: dict[str, Any]) -> AutoencoderKL:
@@ -165,6 +172,11 @@ class CaLID(nn.Module):
         self.vae = build_vae(config)
         self.interpolator = LatentInterpolator(config)
         self.register_buffer("latent_scale", torch.tensor(float(config.get("latent_scale", 1.0))))
+        self.diffusion_target = config.get("diffusion_target", "latent")
+        if self.diffusion_target not in DIFFUSION_TARGETS:
+            raise ValueError(f"diffusion_target must be one of {DIFFUSION_TARGETS}, not {self.diffusion_target!r}")
+        # Residuals are divided by this so that they have roughly unit variance (set by the trainer).
+        self.register_buffer("residual_scale", torch.tensor(1.0))
 
     @property
     def spatial_multiple(self) -> int:
@@ -179,3 +191,21 @@ class CaLID(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z * self.latent_scale)
+
+    def linear_latent(self, z_below: torch.Tensor, z_above: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        a = alpha.reshape(-1, 1, 1, 1).to(z_below.dtype)
+        return (1 - a) * z_below + a * z_above
+
+    def to_diffusion(self, z: torch.Tensor, z_below: torch.Tensor, z_above: torch.Tensor,
+                     alpha: torch.Tensor) -> torch.Tensor:
+        """A target latent -> the clean sample the diffusion process works on (see ``diffusion_target``)."""
+        if self.diffusion_target == "latent":
+            return z
+        return (z - self.linear_latent(z_below, z_above, alpha)) / self.residual_scale
+
+    def from_diffusion(self, x: torch.Tensor, z_below: torch.Tensor, z_above: torch.Tensor,
+                       alpha: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``to_diffusion``: a denoised sample -> the target latent."""
+        if self.diffusion_target == "latent":
+            return x
+        return self.linear_latent(z_below, z_above, alpha) + x * self.residual_scale

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from calid import CalidError, UpsampleOptions, upsample_image
 from calid.intensity import IntensityMap
+from calid.modelstore import save_model
+from calid.networks import TINY_CONFIG, CaLID
 
 
 def run(image, model, **kw):
@@ -49,10 +52,23 @@ def test_mean_of_samples_is_what_is_written(small_image, tiny_model_dir):
     assert not np.array_equal(one[1::2], three[1::2])
 
 
-def test_calid_plus_runs_and_is_deterministic(small_image, tiny_model_dir):
-    a = array(run(small_image, tiny_model_dir, plus=True).image)
-    b = array(run(small_image, tiny_model_dir, plus=True, seed=9).image)
+@pytest.fixture(scope="module")
+def latent_target_model_dir(tmp_path_factory):
+    """CaLID+ works on models that diffuse the latent itself (the paper's formulation)."""
+    torch.manual_seed(0)
+    model = CaLID({**TINY_CONFIG, "diffusion_target": "latent"})
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny-latent", {"name": "tiny-latent"})
+
+
+def test_calid_plus_runs_and_is_deterministic(small_image, latent_target_model_dir):
+    a = array(run(small_image, latent_target_model_dir, plus=True).image)
+    b = array(run(small_image, latent_target_model_dir, plus=True, seed=9).image)
     assert np.array_equal(a, b)  # starts from inverted latents: no noise involved
+
+
+def test_plus_is_refused_for_residual_models(small_image, tiny_model_dir):
+    with pytest.raises(CalidError, match="--plus"):
+        run(small_image, tiny_model_dir, plus=True)
 
 
 def test_plus_with_several_samples_is_refused(small_image, tiny_model_dir):
@@ -73,3 +89,17 @@ def test_intensity_map_inverts():
     m = IntensityMap.fit(values)
     np.testing.assert_allclose(m.from_network(m.to_network(values)), values, rtol=1e-5, atol=1e-3)
     assert -1.05 < np.percentile(m.to_network(values), 0.5) < -0.95
+
+
+def test_residual_target_is_relative_to_latent_linear_interpolation():
+    torch.manual_seed(0)
+    model = CaLID(TINY_CONFIG)
+    model.residual_scale.fill_(0.5)
+    below, above = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    alpha = torch.tensor([0.25, 0.5, 0.75])
+    linear = model.linear_latent(below, above, alpha)
+    assert torch.allclose(linear[1], (below[1] + above[1]) / 2)
+    assert torch.allclose(model.to_diffusion(linear, below, above, alpha), torch.zeros_like(linear))
+    target = torch.randn(3, 4, 8, 8)
+    assert torch.allclose(model.from_diffusion(model.to_diffusion(target, below, above, alpha), below, above, alpha), target,
+                          atol=1e-6)

@@ -12,7 +12,9 @@ from PIL import Image
 from calid.cli import main
 from calid.engine import UpsampleOptions, upsample_file
 from calid.evaluation import bspline_on_grid, find_labels
+from calid.errors import CalidError
 from calid.preview import save_preview
+from calid.training.data import load_split
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +56,13 @@ def test_preview_png_shows_three_panels(tmp_path, small_image, tiny_model_dir):
     save_preview(str(source), str(tmp_path / "dense.nrrd"), str(tmp_path / "preview.png"))
     with Image.open(tmp_path / "preview.png") as png:
         assert png.size[0] > 2 * png.size[1]
+
+
+def test_patients_can_come_from_a_split_file_or_a_model_card(tmp_path):
+    split = {"train": ["patient001"], "validation": ["patient002", "patient003"]}
+    (tmp_path / "split.json").write_text(json.dumps(split), encoding="utf-8")
+    (tmp_path / "model.json").write_text(json.dumps({"name": "m", "training": {"split": split}}), encoding="utf-8")
+    assert load_split(tmp_path / "split.json") == load_split(tmp_path / "model.json") == split
+    (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(CalidError, match="not a split file or model card"):
+        load_split(tmp_path / "bad.json")

@@ -109,8 +109,13 @@ def split_patients(volumes: list[tuple[str, Path]], val_fraction: float, seed: i
 
 
 def load_split(path: Path) -> dict[str, list[str]]:
-    split = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {"train": list(split["train"]), "validation": list(split["validation"])}
+    """A ``split.json`` written by training, or a model card (``model.json``), whose split is under ``training``."""
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+        split = content.get("training", {}).get("split", content)
+        return {"train": list(split["train"]), "validation": list(split["validation"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CalidError(f"{path} is not a split file or model card with train/validation lists ({exc})") from None
 
 
 def load_volumes(entries: list[tuple[str, Path]]) -> list[Volume]:

@@ -165,6 +165,8 @@ class Trainer:
             info = load_checkpoint(checkpoint, {"model": self.model}, None, self.generator)
         if stage == "denoiser" and self.vae_steps > 0 and step == start:
             self._set_latent_scale()  # before the EMA copy is made: the EMA must never see another scale
+        if stage == "denoiser" and step == start and not cfg.init:
+            self._set_residual_scale()  # needs the final latent scale; kept by fine-tuning runs
         ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         if step > start and checkpoint.is_file():  # resuming inside this stage: restore everything
             info = load_checkpoint(checkpoint, {"model": self.model, "ema": ema}, optimizer, self.generator)
@@ -195,11 +197,12 @@ class Trainer:
                     loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
                 else:
                     below, target, above, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
-                    noise = torch.randn(target.shape, generator=self.generator).to(self.device)
-                    t = torch.randint(0, scheduler.num_train_timesteps, (target.shape[0],), generator=self.generator).to(self.device)
-                    z_t = scheduler.add_noise(target, noise, t)
+                    clean = self.model.to_diffusion(target, below, above, alpha)
+                    noise = torch.randn(clean.shape, generator=self.generator).to(self.device)
+                    t = torch.randint(0, scheduler.num_train_timesteps, (clean.shape[0],), generator=self.generator).to(self.device)
+                    z_t = scheduler.add_noise(clean, noise, t)
                     loss = torch.nn.functional.mse_loss(net(z_t, t, below, above, alpha).float(),
-                                                        training_target(scheduler, target, noise, t))
+                                                        training_target(scheduler, clean, noise, t))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
@@ -241,6 +244,16 @@ class Trainer:
         z_mu, _ = self.model.vae.encode(x)
         self.model.latent_scale.fill_(float(z_mu.std()))
         self.model.config["latent_scale"] = float(z_mu.std())
+
+    @torch.no_grad()
+    def _set_residual_scale(self) -> None:
+        """Residuals to latent-linear interpolation are scaled to unit standard deviation over training triplets."""
+        if self.model.diffusion_target != "residual":
+            return
+        below, target, above, alpha = data.TripletSampler(
+            self._encode_training_latents(), self.cfg.latent_crop, torch.Generator().manual_seed(0)).batch(256)
+        residual = target - self.model.linear_latent(below, above, alpha)
+        self.model.residual_scale.fill_(float(residual.std().clamp_min(1e-3)))
 
     # ---------------------------------------------------------------- reporting
     def _log(self, row: dict[str, Any], progress: Progress) -> None:

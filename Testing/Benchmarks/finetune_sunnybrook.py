@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Does fine-tuning help on another vendor's scans? Leave-one-patient-out on the 5 Sunnybrook cine stacks.
+
+    python Testing/Benchmarks/finetune_sunnybrook.py [--base calid-acdc] [--steps 300] [--batch 16] [--threads 2]
+
+For each Sunnybrook patient in turn: fine-tune the base model (``calid train --init``, denoiser only) on the
+other four patients' cine stacks (every phase is a training stack), then score base, fine-tuned and linear
+interpolation on the held-out patient with the removed-slice protocol at K=2 (``calid evaluate``; 8-10 mm
+stacks, so 16-20 mm gaps), on every ``--phase-stride``-th cardiac phase. The Sunnybrook data (CC0) is read from
+``../shared/data/sunnybrook``; everything written goes to a temporary folder. Not a test: it prints a table
+and the JSON of every figure, with the wall time of each fine-tuning run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from calid.evaluation import EvaluateConfig, evaluate
+from calid.training.config import TrainConfig
+from calid.training.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+SUNNYBROOK = REPO.parent / "shared" / "data" / "sunnybrook"
+
+
+def split_phases(folder: Path, stride: int) -> list[str]:
+    """3D NIfTI per kept phase under ``folder/phases/<patient>/`` (with the contours as ``_gt`` where drawn),
+    and a link to the 4D cine under ``folder/cine/<patient>/`` for training. Returns the patients."""
+    patients = []
+    for cine in sorted(SUNNYBROOK.glob("SCD*_sa_cine.nii.gz")):
+        patient = cine.name.split("_")[0]
+        image = sitk.ReadImage(str(cine))
+        contours = sitk.ReadImage(str(cine).replace("_sa_cine", "_sa_cine_contours"))
+        target = folder / "phases" / patient
+        target.mkdir(parents=True)
+        for t in range(0, image.GetSize()[3], stride):
+            sitk.WriteImage(image[:, :, :, t], str(target / f"{patient}_t{t:02d}.nii.gz"))
+            labels = contours[:, :, :, t]
+            if sitk.GetArrayViewFromImage(labels).any():
+                sitk.WriteImage(labels, str(target / f"{patient}_t{t:02d}_gt.nii.gz"))
+        (folder / "cine" / patient).mkdir(parents=True)
+        (folder / "cine" / patient / cine.name).symlink_to(cine)
+        patients.append(patient)
+    return patients
+
+
+def per_patient(report_dir: Path) -> dict[str, dict[str, float]]:
+    """Mean scores per patient from ``calid evaluate``'s results.json."""
+    rows = json.loads((report_dir / "results.json").read_text(encoding="utf-8"))["volumes"]
+    out: dict[str, dict[str, float]] = {}
+    for patient in sorted({r["patient"] for r in rows}):
+        mine = [r for r in rows if r["patient"] == patient]
+        out[patient] = {k: float(np.mean([r[k] for r in mine])) for k in ("calid_psnr", "calid_ssim", "linear_psnr",
+                                                                           "linear_ssim")}
+        out[patient]["volumes"] = len(mine)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="calid-acdc", help="model to fine-tune (default: the bundled model)")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--phase-stride", type=int, default=2, help="evaluate every N-th phase (default 2)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        patients = split_phases(folder, args.phase_stride)
+        phases = str(folder / "phases")
+        evaluate(EvaluateConfig(data=[phases], output=str(folder / "eval-base"), model=args.base, factors=[2],
+                                device="cpu"), "none")
+        base = per_patient(folder / "eval-base")
+        results = []
+        for held_out in patients:
+            fold = folder / "folds" / held_out
+            fold.mkdir(parents=True)
+            for p in patients:
+                if p != held_out:
+                    (fold / p).symlink_to(folder / "cine" / p)
+            started = time.perf_counter()
+            model_dir = train(TrainConfig(data=[str(fold)], output=str(folder / "runs" / held_out), init=args.base,
+                                          denoiser_steps=args.steps, denoiser_batch=args.batch, lr=args.lr,
+                                          warmup=args.steps // 10, val_fraction=0.0, checkpoint_every=10**9,
+                                          log_every=50, device="cpu", name=f"finetuned-without-{held_out}"), "none")
+            minutes = (time.perf_counter() - started) / 60
+            evaluate(EvaluateConfig(data=[phases], output=str(folder / "eval" / held_out), model=str(model_dir),
+                                    factors=[2], patients=held_out, device="cpu"), "none")
+            tuned = per_patient(folder / "eval" / held_out)[held_out]
+            results.append({"patient": held_out, "phases": tuned["volumes"], "finetune_minutes": round(minutes, 1),
+                            "linear_psnr": base[held_out]["linear_psnr"], "base_psnr": base[held_out]["calid_psnr"],
+                            "tuned_psnr": tuned["calid_psnr"], "linear_ssim": base[held_out]["linear_ssim"],
+                            "base_ssim": base[held_out]["calid_ssim"], "tuned_ssim": tuned["calid_ssim"]})
+            print(json.dumps(results[-1]), flush=True)
+    print(f"\nbase {args.base}; {args.steps} steps, batch {args.batch}, lr {args.lr}, {args.threads} CPU threads; "
+          f"K=2 removed-slice protocol on phases 0, {args.phase_stride}, {2 * args.phase_stride}, ...\n")
+    print("| held-out patient | phases | linear PSNR / SSIM | base PSNR / SSIM | fine-tuned PSNR / SSIM | gain dB | "
+          "fine-tuning min |\n|---|---|---|---|---|---|---|")
+    for r in results + [{"patient": "mean", "phases": sum(r["phases"] for r in results),
+                         **{k: float(np.mean([r[k] for r in results])) for k in results[0] if k.endswith(("psnr", "ssim", "minutes"))}}]:
+        print(f"| {r['patient']} | {r['phases']} | {r['linear_psnr']:.2f} / {r['linear_ssim']:.3f} | "
+              f"{r['base_psnr']:.2f} / {r['base_ssim']:.3f} | {r['tuned_psnr']:.2f} / {r['tuned_ssim']:.3f} | "
+              f"{r['tuned_psnr'] - r['base_psnr']:+.2f} | {r['finetune_minutes']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The bundled model ``calid-acdc``: present, verified, small, honest about its data, usable by default.
+
+Its image quality is measured by ``calid evaluate`` on the validation patients (README), not here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from calid.engine import UpsampleOptions, upsample_image
+from calid.modelindex import BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models
+from calid.modelstore import load_model
+
+BUNDLED = BUNDLED_DIR / DEFAULT_MODEL
+
+
+def test_bundled_model_is_the_default_and_is_listed():
+    model, card = load_model(None)  # verifies the SHA256 of the weights against the card
+    assert card["name"] == DEFAULT_MODEL
+    assert any(m["name"] == DEFAULT_MODEL and m["source"] == "bundled" for m in list_models())
+    assert model.diffusion_target == "residual" and 0.05 < float(model.residual_scale) < 5
+
+
+def test_bundled_weights_are_small_fp16_safetensors():
+    total = sum(p.stat().st_size for p in BUNDLED.iterdir())
+    assert total < 50 * 2**20
+    card = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
+    assert card["weights_dtype"] == "float16"
+    header_length = int.from_bytes((BUNDLED / WEIGHTS_FILE).read_bytes()[:8], "little")
+    assert header_length < 10**6  # a safetensors header length, not a pickle or zip signature
+
+
+def test_model_card_states_acdc_provenance_terms_and_split():
+    card = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
+    training = card["training"]
+    assert "non-commercial" in training["terms"]
+    assert "Bernard" in training["citation"] and "2018" in training["citation"]
+    split = training["split"]
+    assert len(split["validation"]) >= 15 and not set(split["validation"]) & set(split["train"])
+    thin = {"patient035", "patient075", "patient081", "patient082", "patient084", "patient085", "patient088",
+            "patient092", "patient094", "patient095", "patient096", "patient099"}
+    assert len(thin & set(split["validation"])) >= 3
+    assert card["metrics"], "the card carries its validation figures"
+
+
+def test_bundled_model_upsamples_the_sample_keeping_acquired_slices(sample_image):
+    torch.set_num_threads(2)
+    image = sample_image[40:104, 40:104, :]
+    result = upsample_image(image, UpsampleOptions(factor=2, device="cpu"))
+    dense = sitk.GetArrayFromImage(result.image)
+    assert np.array_equal(dense[::2], sitk.GetArrayFromImage(image))
+    new = dense[1::2].astype(np.float64)
+    low, high = np.percentile(sitk.GetArrayFromImage(image), [1, 99])
+    assert low - 1 <= new.mean() <= high + 1 and new.std() > 0

@@ -1,0 +1,106 @@
+"""Static checks of the Slicer extension: packaging lists, .ui, catalog entry, images."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "CaLIDUpsample"  # holds the calid engine and CaLIDLib, shared by both modules
+MODULES = ["CaLIDUpsample", "CaLIDTraining"]
+PACKAGED_SUFFIXES = {".py", ".ui", ".png", ".json", ".safetensors", ".nrrd", ".txt"}
+
+
+def cmake_listed(cmake: Path) -> set[str]:
+    text = cmake.read_text(encoding="utf-8")
+    return set(re.findall(r"^\s+([\w./-]+\.\w+)\s*$", text, flags=re.MULTILINE))
+
+
+def module_files(folder: Path) -> set[str]:
+    """Every file Slicer must package: under the module folder, except its CMake/testing files."""
+    files = set()
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        build_artefact = "__pycache__" in rel.parts or rel.parts[0].endswith(".egg-info")
+        if (path.is_file() and path.suffix in PACKAGED_SUFFIXES and rel.parts[0] != "Testing"
+                and rel.name != "CMakeLists.txt" and not build_artefact):
+            files.add(rel.as_posix())
+    return files
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_module_file_is_listed_in_cmake(name):
+    folder = REPO / name
+    listed = cmake_listed(folder / "CMakeLists.txt")
+    missing = module_files(folder) - listed
+    assert not missing, f"not listed in {name}/CMakeLists.txt (would not be packaged): {sorted(missing)}"
+    stale = {f for f in listed if not (folder / f).is_file()}
+    assert not stale, f"listed but missing: {sorted(stale)}"
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_ui_parses_and_has_every_widget_the_code_uses(name):
+    tree = ET.parse(REPO / name / "Resources" / "UI" / f"{name}.ui")
+    names = {w.get("name") for w in tree.iter("widget")}
+    code = (REPO / name / f"{name}.py").read_text(encoding="utf-8")
+    panel_base = (MODULE / "CaLIDUpsample.py").read_text(encoding="utf-8").split("class CaLIDPanel(")[1]
+    used = set(re.findall(r"self\.ui\.(\w+)", code + panel_base.split("\nclass ")[0]))  # both extend CaLIDPanel
+    assert used <= names, f"widgets used in code but absent from the .ui: {sorted(used - names)}"
+    bound = {p.find("string").text for p in tree.iter("property") if p.get("name") == "SlicerParameterName"}
+    parameter_class = code.split(f"class {name}ParameterNode")[1].split("class ")[0]
+    fields = set(re.findall(r"^    (\w+): ", parameter_class, flags=re.M))
+    assert bound <= fields, f"SlicerParameterName without a parameter: {sorted(bound - fields)}"
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_file_defines_the_scripted_module_classes(name):
+    tree = ast.parse((REPO / name / f"{name}.py").read_text(encoding="utf-8"))
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {name, f"{name}Widget", f"{name}Logic", f"{name}Test"} <= classes
+
+
+def test_catalog_entry_agrees_with_cmake():
+    entry = json.loads((REPO / "CaLID.json").read_text(encoding="utf-8"))
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"^project\((\w+)\)", cmake, flags=re.M).group(1) == "CaLID" == (REPO / "CaLID.json").stem
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', cmake).group(1).split()
+    assert entry["build_dependencies"] == depends
+    assert entry["category"] == "Cardiac" == re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', cmake).group(1)
+    for key in ("$schema", "category", "scm_url"):
+        assert key in entry
+    assert entry["scm_url"].startswith("https://") and "/SlicerCaLID" in entry["scm_url"]
+    assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision", "scm_type",
+                          "scm_url", "tier", "enabled", "dicom_support_rule"}
+    for sub in re.findall(r"^add_subdirectory\((\w+)\)", cmake, flags=re.M):
+        assert (REPO / sub / "CMakeLists.txt").is_file()
+
+
+@pytest.mark.parametrize("url_var", ["EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"])
+def test_icon_and_screenshots_are_real_images_in_the_repository(url_var):
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    for url in re.search(rf'set\({url_var} "([^"]*)"\)', cmake).group(1).split():
+        local = REPO / url.split("/main/", 1)[1]
+        with Image.open(local) as image:
+            assert image.format in ("PNG", "JPEG")
+            if url_var == "EXTENSION_ICONURL":
+                assert image.size == (128, 128)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_icon_is_a_png(name):
+    with Image.open(REPO / name / "Resources" / "Icons" / f"{name}.png") as image:
+        assert image.format == "PNG" and image.size == (128, 128)
+
+
+def test_engine_and_logic_import_no_qt():
+    for folder in (MODULE / "calid", MODULE / "CaLIDLib"):
+        for path in folder.rglob("*.py"):
+            imports = {n.names[0].name.split(".")[0] if isinstance(n, ast.Import) else (n.module or "").split(".")[0]
+                       for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, (ast.Import, ast.ImportFrom))}
+            assert not imports & {"qt", "ctk", "PythonQt", "slicer" if folder.name == "calid" else "qt"}, path
