@@ -1,6 +1,6 @@
 """Seconds per volume and peak memory of ``calid upsample``, end to end, next to linear interpolation.
 
-    python Testing/Benchmarks/benchmark_upsample.py [--model NAME_OR_DIR] [--repeats 3] [--threads 2]
+    python Testing/Benchmarks/benchmark_upsample.py [--model NAME_OR_DIR] [--steps N] [--repeats 3] [--threads 2]
 
 The stack is ACDC-sized (10 slices, 256 x 216): ACDC patient001 end-diastole when ../shared/data is present,
 otherwise the bundled Sunnybrook sample resampled in-plane to that size. Each CaLID timing is a whole
@@ -45,12 +45,15 @@ def acdc_sized_stack(folder: Path) -> tuple[Path, str]:
     return path, "bundled Sunnybrook sample resampled to 216x256x10"
 
 
-def time_calid(source: Path, folder: Path, factor: int, device: str, model: str | None, threads: int) -> tuple[float, float]:
+def time_calid(source: Path, folder: Path, factor: int, device: str, model: str | None, threads: int,
+               steps: int | None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one ``calid upsample`` process."""
     cmd = [sys.executable, "-m", "calid", "upsample", str(source), str(folder / f"out_x{factor}.nrrd"), "--factor",
            str(factor), "--device", device, "--threads", str(threads), "--progress", "none"]
     if model:
         cmd += ["--model", model]
+    if steps:
+        cmd += ["--steps", str(steps)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -73,6 +76,7 @@ def time_linear(source: Path, factor: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's own)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -83,10 +87,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         source, description = acdc_sized_stack(folder)
-        print(f"stack: {description}; repeats: {args.repeats}; CPU threads: {args.threads}")
+        print(f"stack: {description}; repeats: {args.repeats}; CPU threads: {args.threads}; "
+              f"steps: {args.steps or 'model default'}")
         for device in devices:
             for factor in (2, 4):
-                runs = [time_calid(source, folder, factor, device, args.model, args.threads) for _ in range(args.repeats)]
+                runs = [time_calid(source, folder, factor, device, args.model, args.threads, args.steps) for _ in range(args.repeats)]
                 rows.append({"method": "CaLID (whole process)", "device": device, "factor": factor,
                              "seconds_median": round(statistics.median(r[0] for r in runs), 2),
                              "seconds_min": round(min(r[0] for r in runs), 2),

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..devices import autocast, resolve_device
-from ..engine import generate_missing
+from ..engine import default_steps, generate_missing
 from ..errors import CalidError
 from ..metrics import linear_missing, slice_scores
 from ..modelstore import load_model, save_model
@@ -273,14 +273,14 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self, model: CaLID, step: int, progress: Progress) -> None:
-        """Removed-slice protocol at K=2 on a few validation stacks: model vs linear, whole slice."""
+        """Removed-slice protocol, K=2, model default steps, a few validation stacks: model vs linear."""
         model.eval()
         scores = {"model": [], "linear": []}
         for v in self.val_volumes:
             n = (v.stack.shape[0] - 1) // 2 * 2 + 1
             real = v.stack[:n]
             kept = real[::2]
-            generated = generate_missing(model, kept, 2, device=self.device)[0]
+            generated = generate_missing(model, kept, 2, default_steps(model), device=self.device)[0]
             scores["model"].append(slice_scores(real[1::2], generated, real))
             scores["linear"].append(slice_scores(real[1::2], linear_missing(kept, 2), real))
         row = {"step": step, "stage": "validation"}
