@@ -148,8 +148,8 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
     report = {"model": card.get("name"), "model_sha256": card.get("sha256"), "device": str(device),
-              "steps": cfg.steps or default_steps(model), "samples": cfg.samples, "plus": cfg.plus, "summary": summary, "volumes": rows,
-              "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "steps": cfg.steps or default_steps(model), "samples": cfg.samples, "plus": cfg.plus,
+              "summary": summary, "volumes": rows, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(summary)
     (out / "results.md").write_text(table + "\n", encoding="utf-8")

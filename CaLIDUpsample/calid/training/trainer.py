@@ -165,8 +165,6 @@ class Trainer:
             info = load_checkpoint(checkpoint, {"model": self.model}, None, self.generator)
         if stage == "denoiser" and self.vae_steps > 0 and step == start:
             self._set_latent_scale()  # before the EMA copy is made: the EMA must never see another scale
-        if stage == "denoiser" and step == start and not cfg.init:
-            self._set_residual_scale()  # needs the final latent scale; kept by fine-tuning runs
         ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         if step > start and checkpoint.is_file():  # resuming inside this stage: restore everything
             info = load_checkpoint(checkpoint, {"model": self.model, "ema": ema}, optimizer, self.generator)
@@ -183,7 +181,11 @@ class Trainer:
         if stage == "vae":
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
         else:
-            sampler = data.TripletSampler(self._encode_training_latents(), cfg.latent_crop, self.generator)
+            latents = self._encode_training_latents()
+            if step == start and not cfg.init:  # a new denoiser; fine-tuning keeps its base model's scale
+                self._set_residual_scale(latents)
+                ema.module.residual_scale.copy_(self.model.residual_scale)
+            sampler = data.TripletSampler(latents, cfg.latent_crop, self.generator)
             scheduler = make_scheduler(self.model.config["diffusion"])
         progress.set_stage(f"training {stage}")
         trained.train()
@@ -246,12 +248,15 @@ class Trainer:
         self.model.config["latent_scale"] = float(z_mu.std())
 
     @torch.no_grad()
-    def _set_residual_scale(self) -> None:
-        """Residuals to latent-linear interpolation are scaled to unit standard deviation over training triplets."""
+    def _set_residual_scale(self, latents: list[torch.Tensor]) -> None:
+        """Residuals to latent-linear interpolation are scaled to unit standard deviation over training triplets.
+
+        The triplets come from their own generator, so the training batches are those of any other run.
+        """
         if self.model.diffusion_target != "residual":
             return
         below, target, above, alpha = data.TripletSampler(
-            self._encode_training_latents(), self.cfg.latent_crop, torch.Generator().manual_seed(0)).batch(256)
+            latents, self.cfg.latent_crop, torch.Generator().manual_seed(0)).batch(256)
         residual = target - self.model.linear_latent(below, above, alpha)
         self.model.residual_scale.fill_(float(residual.std().clamp_min(1e-3)))
 
