@@ -142,6 +142,8 @@ class CaLIDUpsampleParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     outputVolume: slicer.vtkMRMLScalarVolumeNode
     uncertaintyVolume: slicer.vtkMRMLScalarVolumeNode
+    outputSegmentation: slicer.vtkMRMLSegmentationNode
+    inputSegmentation: slicer.vtkMRMLSegmentationNode
     factor: Annotated[int, WithinRange(2, 16)] = 2
     useTargetSpacing: bool = False
     targetSpacing: Annotated[float, WithinRange(0.1, 20.0)] = 2.0
@@ -273,8 +275,6 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
-        self.ui.outputSegmentationSelector.enabled = False
-        self.ui.outputSegmentationSelector.toolTip = _("Segmentation output needs the CaLID segmentation model (coming).")
         self.initializeParameterNode()
         self.devices.probe()
 
@@ -324,7 +324,8 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             self.logic.process(
                 p.inputVolume, p.outputVolume, factor=p.factor, spacing=p.targetSpacing if p.useTargetSpacing else None,
                 device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model,
-                uncertaintyVolume=p.uncertaintyVolume if p.samples > 1 else None, waitForCompletion=False,
+                uncertaintyVolume=p.uncertaintyVolume if p.samples > 1 else None, outputSegmentation=p.outputSegmentation,
+                inputSegmentation=p.inputSegmentation if p.outputSegmentation else None, waitForCompletion=False,
                 progressCallback=self._onProgress, onFinished=self._onFinished,
             )
             self._runStarted(_("Cancel"))
@@ -339,6 +340,9 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             self._parameterNode.outputVolume = outputVolume
             slicer.util.setSliceViewerLayers(background=outputVolume, fit=True)
             self._log(_("Done: ") + outputVolume.GetName())
+            if self._parameterNode.outputSegmentation is not None and self.logic.lastVolumesTable is not None:
+                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(self.logic.lastVolumesTable.GetID())
+                slicer.app.applicationLogic().PropagateTableSelection()
         self.updateButtons()
 
 

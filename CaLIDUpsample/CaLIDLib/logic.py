@@ -10,15 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from .background import ProgressCallback, WorkerError, WorkerLogic
+from .segmentations import load_labels_into_segmentation, volumes_table, write_segmentation_labels
 from .volumes import update_node_from_file, write_node
 
 __all__ = ["CaLIDUpsampleLogic", "WorkerError"]
 
 
 class CaLIDUpsampleLogic(WorkerLogic):
+    lastVolumesTable = None
+    """The table node of structure volumes written by the last run with a segmentation output."""
+
     # ------------------------------------------------------------------ command
     def workerCommand(self, inputPath: Path, outputPath: Path, factor=2, spacing=None, device="auto", steps=None, seed=0,
-                      model=None, samples=1, uncertaintyPath=None) -> list[str]:
+                      model=None, samples=1, uncertaintyPath=None, segmentationPath=None,
+                      inputSegmentationPath=None) -> list[str]:
         """``steps`` None (or 0, the panel's "model default") leaves the choice to the model's card."""
         cmd = [self.python, "-m", "calid", "upsample", str(inputPath), str(outputPath), "--progress", "json",
                "--device", device, "--seed", str(seed), "--samples", str(samples)]
@@ -28,40 +33,61 @@ class CaLIDUpsampleLogic(WorkerLogic):
             cmd += ["--model", str(model)]
         if uncertaintyPath:
             cmd += ["--uncertainty", str(uncertaintyPath)]
+        if segmentationPath:
+            cmd += ["--segmentation", str(segmentationPath)]
+        if inputSegmentationPath:
+            cmd += ["--input-segmentation", str(inputSegmentationPath)]
         return cmd
 
     # ------------------------------------------------------------------ public API
     def process(self, inputVolume, outputVolume=None, factor=2, spacing=None, device="auto", steps=None, seed=0,
                 outputSegmentation=None, waitForCompletion=True, progressCallback: ProgressCallback | None = None,
-                model=None, samples=1, uncertaintyVolume=None, onFinished=None):
+                model=None, samples=1, uncertaintyVolume=None, onFinished=None, inputSegmentation=None,
+                outputTable=None):
         """Upsample ``inputVolume``; returns the output volume node (blocking) or None (non-blocking).
 
-        Non-blocking: call ``poll()`` until it returns False; ``onFinished(outputVolume, error)`` is called.
+        ``outputSegmentation``: also segment the dense volume into it (RV cavity, LV myocardium, LV cavity),
+        from ``inputSegmentation`` (the user's segments on the acquired slices, kept exactly) when given;
+        the structure volumes go to ``outputTable`` (created when None). Non-blocking: call ``poll()`` until it
+        returns False; ``onFinished(outputVolume, error)`` is called.
         """
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("input volume is empty")
         if outputVolume is not None and outputVolume is inputVolume:
             raise ValueError("the output volume must not be the input volume")
-        if outputSegmentation is not None:
-            raise NotImplementedError("segmentation output needs the CaLID segmentation model, not bundled yet")
+        if inputSegmentation is not None and outputSegmentation is None:
+            raise ValueError("an input segmentation needs an output segmentation to fill")
 
         def prepare(folder: Path):
             write_node(inputVolume, folder / "input.nrrd")
             uncertaintyPath = folder / "uncertainty.nrrd" if uncertaintyVolume is not None else None
+            labelsPath = folder / "labels.nrrd" if outputSegmentation is not None else None
+            sparsePath = None
+            if inputSegmentation is not None:
+                sparsePath = folder / "input_labels.nrrd"
+                write_segmentation_labels(self.scene, inputSegmentation, inputVolume, sparsePath)
             command = self.workerCommand(folder / "input.nrrd", folder / "output.nrrd", factor, spacing, device, steps,
-                                         seed, model, samples, uncertaintyPath)
+                                         seed, model, samples, uncertaintyPath, labelsPath, sparsePath)
             name = f"{inputVolume.GetName()}_CaLID" + ("" if spacing else f"_x{factor}")
-            return command, lambda: self._loadOutputs(folder, inputVolume, outputVolume, uncertaintyVolume, name)
+            return command, lambda: self._loadOutputs(folder, inputVolume, outputVolume, uncertaintyVolume, name,
+                                                      outputSegmentation, outputTable)
 
         return self._runWorker(prepare, progressCallback, onFinished, waitForCompletion)
 
     # ------------------------------------------------------------------ internals
-    def _loadOutputs(self, folder: Path, inputVolume, outputVolume, uncertaintyVolume, name: str):
+    def _loadOutputs(self, folder: Path, inputVolume, outputVolume, uncertaintyVolume, name: str,
+                     outputSegmentation=None, outputTable=None):
         output = outputVolume or self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         update_node_from_file(output, folder / "output.nrrd")
         if uncertaintyVolume is not None:
             update_node_from_file(uncertaintyVolume, folder / "uncertainty.nrrd")
         self._showLikeInput(inputVolume, output)
+        if outputSegmentation is not None:
+            load_labels_into_segmentation(self.scene, folder / "labels.nrrd", outputSegmentation, output)
+            self.lastVolumesTable = volumes_table(self.scene, folder / "labels.nrrd",
+                                                  f"{outputSegmentation.GetName()} volumes", outputTable)
+            self._placeBeside(inputVolume, outputSegmentation)
+            self._placeBeside(inputVolume, self.lastVolumesTable)
         return output
 
     def _showLikeInput(self, inputVolume, outputVolume) -> None:
@@ -74,12 +100,22 @@ class CaLIDUpsampleLogic(WorkerLogic):
             if target is not None:
                 target.SetAutoWindowLevel(False)
                 target.SetWindowLevel(source.GetWindow(), source.GetLevel())
+        self._placeBeside(inputVolume, outputVolume)
+
+    def _placeBeside(self, inputVolume, node) -> None:
+        """Put ``node`` in the same study (subject hierarchy folder) as the input volume."""
         try:
             import slicer
 
             hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
         except (ImportError, AttributeError):
             return
-        if hierarchy is not None:
-            parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(inputVolume))
-            hierarchy.SetItemParent(hierarchy.GetItemByDataNode(outputVolume), parent)
+        source = hierarchy.GetItemByDataNode(inputVolume) if hierarchy is not None else 0
+        if not source:  # the input is in no study (a bare scene): nothing to follow
+            return
+        parent = hierarchy.GetItemParent(source)
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            hierarchy.SetItemParent(item, parent)
+        else:  # the application creates items for new nodes; a bare MRML scene does not
+            hierarchy.CreateItem(parent, node)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CalidError
+from .segmentation.config import SegTrainConfig
 from .training.config import TrainConfig
 
 EXIT_ERROR = 2
@@ -52,6 +53,33 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     p.add_argument("--batch-size", type=int, help="slices per batch (default: from free memory)")
     p.add_argument("--csv", help="cohort mode: where to write the CSV report (default OUTPUT/calid_cohort.csv)")
+    p.add_argument("--segmentation", help="also write labels on the dense grid here (1 RV, 2 LV myocardium, 3 LV cavity)")
+    p.add_argument("--input-segmentation", help="your labels of the acquired slices: kept exactly, new slices filled")
+    p.add_argument("--segmentation-model", help="segmentation model name or directory (default: the bundled one)")
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment a SAX volume: 1 RV cavity, 2 LV myocardium, 3 LV cavity")
+    p.add_argument("input", help="volume file or DICOM series folder")
+    p.add_argument("output", help="label volume file (same grid and geometry as the input)")
+    p.add_argument("--model", help="segmentation model name or directory (default: the bundled one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--slice-axis", type=int, choices=(0, 1, 2))
+    p.add_argument("--threads", type=int)
+    e = sub.add_parser("evaluate-segmentation", help="Dice/HD95 on acquired slices and on removed slices (K)")
+    e.add_argument("data", nargs="+", help="folders of SAX volumes with label files beside them")
+    e.add_argument("--output", required=True, help="folder for segmentation_results.json and .md")
+    e.add_argument("--model", help="interpolation model (default: bundled)")
+    e.add_argument("--segmentation-model", help="segmentation model (default: bundled)")
+    e.add_argument("--factor", type=int, action="append", help="K (repeatable; default 2)")
+    e.add_argument("--patients", help="split.json or model card (its validation patients), or comma-separated ids")
+    e.add_argument("--shape-mm", type=float, action="append", help="shape weights of --input-segmentation to compare")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--threads", type=int)
+    e.add_argument("--progress", choices=("bar", "json", "none"), default=None)
+    v = sub.add_parser("volumes", help="structure volumes (mL) of a label volume; ejection fractions from ED and ES")
+    v.add_argument("labels", help="label volume (end-diastole when a second one is given)")
+    v.add_argument("end_systole", nargs="?", help="end-systole label volume: adds stroke volumes and ejection fractions")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +128,26 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", choices=("bar", "json", "none"), default=None)
 
 
+def _add_train_segmentation(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-segmentation", help="train the segmentation network on labelled SAX volumes")
+    p.add_argument("data", nargs="+", help="folders of SAX volumes with label files beside them (_gt, _seg, _label)")
+    p.add_argument("--output", required=True, help="run folder: checkpoint, metrics and model/")
+    p.add_argument("--split", help="split.json or model card whose patient split to use (same as the interpolation model)")
+    p.add_argument("--preset", default="default", help="default or tiny")
+    p.add_argument("--init", help="start from this segmentation model (continue training or fine-tune)")
+    p.add_argument("--name", default="calid-segmentation", help="model name written in the model card")
+    p.add_argument("--data-terms", default="as stated by the data owner", help="terms of the training data")
+    p.add_argument("--citation", default="", help="citation required by the training data")
+    defaults = {f.name: f.default for f in fields(SegTrainConfig)}
+    for name in ("steps", "batch", "crop", "lr", "warmup", "val_every", "log_every", "checkpoint_every", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name],
+                       help=f"(default {defaults[name]})")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calid", description="CaLID: cardiac latent interpolation diffusion")
     parser.add_argument("--version", action="version", version=f"calid {__version__}")
@@ -110,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("devices", help="print the torch build and usable devices as JSON")
     _add_train(sub)
     _add_evaluate(sub)
+    _add_train_segmentation(sub)
+    _add_segment(sub)
     return parser
 
 
@@ -139,25 +189,81 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     mode = _progress_mode(args.progress)
     source = Path(args.input)
     if is_cohort_input(source):
-        if args.uncertainty:
-            raise CalidError("--uncertainty applies to a single input, not to a cohort")
+        if args.uncertainty or args.segmentation or args.input_segmentation:
+            raise CalidError("--uncertainty and segmentations apply to a single input, not to a cohort")
         failures = run_cohort(source, Path(args.output), options, mode, Path(args.csv) if args.csv else None)
         return 1 if failures else 0
     progress = Progress(mode, description="upsampling")
     try:
-        result = upsample_file(source, args.output, options, args.uncertainty, progress=progress)
+        result = upsample_file(source, args.output, options, args.uncertainty, progress=progress,
+                               segmentation_path=args.segmentation, input_segmentation_path=args.input_segmentation,
+                               segmentation_model=args.segmentation_model)
     finally:
         progress.close()
     summary = {"output": str(args.output), "uncertainty": args.uncertainty, "factor": result.factor,
                "slice_axis": result.slice_axis, "size": list(result.image.GetSize()),
                "spacing": list(result.image.GetSpacing()), "device": result.device,
                "seconds": round(result.seconds, 2)}
+    if result.labels is not None:
+        summary.update(segmentation=str(args.segmentation), volumes=result.volumes)
     if mode == "json":
         print(json.dumps({"event": "done", **summary}), flush=True)
     else:
         print(f"wrote {args.output}: {summary['size']} voxels, slice spacing "
               f"{result.image.GetSpacing()[result.slice_axis]:g} mm (x{result.factor}) in {summary['seconds']} s on {result.device}",
               file=sys.stderr)
+        if result.volumes is not None:
+            print(json.dumps({"segmentation": str(args.segmentation), "volumes": result.volumes}))
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .devices import resolve_device
+    from .imageio import read_image, validate_volume, write_image
+    from .segmentation.inference import segment_image
+    from .segmentation.measures import structure_volumes
+    from .segmentation.store import load_segmenter
+
+    _set_threads(args.threads)
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise CalidError(f"output {args.output} would overwrite the input")
+    image = validate_volume(read_image(args.input))
+    device = resolve_device(args.device)
+    network, card = load_segmenter(args.model, device)
+    labels = segment_image(image, network, card["config"], device, args.slice_axis)
+    write_image(labels, args.output)
+    print(json.dumps({"output": str(args.output), "volumes": structure_volumes(labels)}))
+    return 0
+
+
+def cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
+    from .segmentation.evaluation import SegEvaluateConfig, evaluate_segmentation
+    from .segmentation.pipeline import DEFAULT_SHAPE_MM
+
+    _set_threads(args.threads)
+    cfg = SegEvaluateConfig(data=args.data, output=args.output, model=args.model,
+                            segmentation_model=args.segmentation_model, factors=args.factor or [2],
+                            patients=args.patients, shape_mm=args.shape_mm or [DEFAULT_SHAPE_MM], device=args.device)
+    print(evaluate_segmentation(cfg, _progress_mode(args.progress)))
+    return 0
+
+
+def cmd_volumes(args: argparse.Namespace) -> int:
+    from .imageio import read_image
+    from .segmentation.measures import ejection_fractions, structure_volumes
+    from .segmentation.sparse import check_labels
+
+    phases = {"end_diastole" if args.end_systole else "volumes": args.labels}
+    if args.end_systole:
+        phases["end_systole"] = args.end_systole
+    report = {}
+    for phase, path in phases.items():
+        labels = read_image(path)
+        check_labels(labels, labels, source=str(path))
+        report[phase] = structure_volumes(labels)
+    if args.end_systole:
+        report.update(ejection_fractions(report["end_diastole"], report["end_systole"]))
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -214,8 +320,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_segmentation(args: argparse.Namespace) -> int:
+    from .segmentation.training import train_segmentation
+
+    _set_threads(args.threads)
+    names = {f.name for f in fields(SegTrainConfig)} - {"extra"}
+    cfg = SegTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    model_dir = train_segmentation(cfg, _progress_mode(args.progress))
+    print(f"segmentation model written to {model_dir}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"upsample": cmd_upsample, "models": cmd_models, "devices": cmd_devices, "train": cmd_train,
-            "evaluate": cmd_evaluate}
+            "evaluate": cmd_evaluate,
+            "train-segmentation": cmd_train_segmentation, "segment": cmd_segment, "volumes": cmd_volumes,
+            "evaluate-segmentation": cmd_evaluate_segmentation}
 
 
 def _tolerate_narrow_consoles() -> None:

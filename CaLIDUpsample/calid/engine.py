@@ -70,6 +70,8 @@ class UpsampleResult:
     seconds: float
     device: str
     timings: dict = field(default_factory=dict)
+    labels: sitk.Image | None = None
+    volumes: dict | None = None
 
 
 def choose_batch_size(device: torch.device, latent_pixels: int) -> int:
@@ -271,14 +273,45 @@ def upsample_file(
     uncertainty_path: str | os.PathLike | None = None,
     model: CaLID | None = None,
     progress: Progress | None = None,
+    segmentation_path: str | os.PathLike | None = None,
+    input_segmentation_path: str | os.PathLike | None = None,
+    segmentation_model: str | None = None,
 ) -> UpsampleResult:
-    """Read ``input_path`` (file or DICOM folder), upsample, write ``output_path`` (and the uncertainty)."""
-    for target in filter(None, (output_path, uncertainty_path)):
-        if Path(target).resolve() == Path(input_path).resolve():
+    """Read ``input_path`` (file or DICOM folder), upsample, write ``output_path`` (and the uncertainty).
+
+    ``segmentation_path``: also write labels on the dense grid (from ``input_segmentation_path``, the user's
+    labels of the acquired slices, when given). Inputs are all checked, and everything computed, before the
+    first output is written.
+    """
+    if input_segmentation_path is not None and segmentation_path is None:
+        raise CalidError("--input-segmentation needs --segmentation (where to write the dense labels)")
+    for target in filter(None, (output_path, uncertainty_path, segmentation_path)):
+        if Path(target).resolve() in {Path(p).resolve() for p in filter(None, (input_path, input_segmentation_path))}:
             raise CalidError(f"output {target} would overwrite the input")
     image = read_image(input_path)
+    sparse = None
+    if input_segmentation_path is not None:
+        from .segmentation.sparse import check_labels
+
+        sparse = check_labels(read_image(input_segmentation_path), validate_volume(image))
+    segmenter = None
+    if segmentation_path is not None:
+        from .segmentation.store import load_segmenter
+
+        segmenter = load_segmenter(segmentation_model, resolve_device(options.device if options else "auto"))
     result = upsample_image(image, options, model, progress, want_uncertainty=uncertainty_path is not None)
+    if segmenter is not None:
+        from .segmentation.measures import structure_volumes
+        from .segmentation.pipeline import segment_dense
+
+        if progress is not None:
+            progress.set_stage("segmenting")
+        result.labels = segment_dense(result.image, result.slice_axis, result.factor, *segmenter, sparse_labels=sparse,
+                                      device=resolve_device(options.device if options else "auto"))
+        result.volumes = structure_volumes(result.labels)
     write_image(result.image, output_path)
     if uncertainty_path is not None:
         write_image(result.uncertainty, uncertainty_path)
+    if segmentation_path is not None:
+        write_image(result.labels, segmentation_path)
     return result

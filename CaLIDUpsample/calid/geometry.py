@@ -81,3 +81,10 @@ def dense_positions(n: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def dense_index(below: np.ndarray, alpha: np.ndarray, factor: int) -> np.ndarray:
     return (below * factor + np.rint(alpha * factor)).astype(int)
+
+
+def inplane_spacing(image: sitk.Image, axis: int) -> tuple[float, float]:
+    """Pixel size (rows, cols) in mm of the slices of ``to_stack(array, axis)``."""
+    spacing = image.GetSpacing()
+    rows, cols = (i for i in (2, 1, 0) if i != axis)
+    return spacing[rows], spacing[cols]

@@ -15,6 +15,9 @@ from typing import Any
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 DEFAULT_MODEL = "calid-acdc"
+DEFAULT_SEGMENTATION_MODEL = "calid-seg-acdc"
+INTERPOLATION_FORMAT = "calid-model/1"
+SEGMENTATION_FORMAT = "calid-segmentation/1"
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 
 
@@ -22,8 +25,9 @@ def user_models_dir() -> Path:
     return Path(os.environ.get("CALID_MODELS_DIR", Path.home() / ".calid" / "models"))
 
 
-def list_models() -> list[dict[str, Any]]:
-    """Every model folder, bundled first: name, source, path, description and metrics from its card."""
+def list_models(card_format: str = INTERPOLATION_FORMAT) -> list[dict[str, Any]]:
+    """Every model folder of one kind (interpolation or segmentation), bundled first: name, source, path,
+    description and metrics from its card."""
     found = []
     for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
         if not root.is_dir():
@@ -33,6 +37,8 @@ def list_models() -> list[dict[str, Any]]:
                 card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 card = {}
+            if card.get("format", card_format) != card_format:
+                continue
             found.append({"name": folder.name, "source": source, "path": str(folder),
                           "description": card.get("description", ""), "metrics": card.get("metrics", {})})
     return found

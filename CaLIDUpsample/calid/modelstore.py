@@ -21,10 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CalidError
-from .modelindex import BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models, user_models_dir
+from .modelindex import (BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, INTERPOLATION_FORMAT, WEIGHTS_FILE, list_models,
+                         user_models_dir)
 from .networks import CONFIG_KEYS, CaLID
 
-CARD_FORMAT = "calid-model/1"
+CARD_FORMAT = INTERPOLATION_FORMAT
 
 
 def sha256_of(path: Path) -> str:
@@ -35,27 +36,55 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_model_dir(name_or_dir: str | os.PathLike | None) -> Path:
-    name = str(name_or_dir or DEFAULT_MODEL)
+def resolve_model_dir(name_or_dir: str | os.PathLike | None, default: str = DEFAULT_MODEL,
+                      card_format: str = CARD_FORMAT) -> Path:
+    name = str(name_or_dir or default)
     candidate = Path(name).expanduser()
     if candidate.is_dir():
         return candidate
     for root in (BUNDLED_DIR, user_models_dir()):
         if (root / name).is_dir():
             return root / name
-    known = ", ".join(m["name"] for m in list_models()) or "none"
+    known = ", ".join(m["name"] for m in list_models(card_format)) or "none"
     raise CalidError(f"model not found: {name} (available: {known})")
 
 
-def read_card(model_dir: Path) -> dict[str, Any]:
+def read_card_of(model_dir: Path, card_format: str) -> dict[str, Any]:
+    """The JSON card of a model folder, checked to be of the expected kind."""
     try:
         card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CalidError(f"model {model_dir} has no {CARD_FILE}") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise CalidError(f"model card {model_dir / CARD_FILE} is not valid JSON: {exc}") from None
-    if card.get("format") != CARD_FORMAT:
-        raise CalidError(f"model card {model_dir / CARD_FILE} is not a {CARD_FORMAT} card")
+    if card.get("format") != card_format:
+        raise CalidError(f"model card {model_dir / CARD_FILE} is not a {card_format} card")
+    return card
+
+
+def read_weights(model_dir: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a model folder as float32 tensors, after checking their SHA256 against the card."""
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CalidError(f"model {model_dir} has no {WEIGHTS_FILE}")
+    if sha256_of(weights) != card.get("sha256"):
+        raise CalidError(f"checksum mismatch for {weights}: the weights do not match the model card")
+    try:
+        return {k: v.float() for k, v in load_file(str(weights)).items()}
+    except (SafetensorError, OSError) as exc:
+        raise CalidError(f"corrupt weights file {weights}: {exc}") from None
+
+
+def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], model_dir: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        summary = str(exc).splitlines()[0]
+        raise CalidError(f"weights in {model_dir} do not fit the config in its card ({summary})") from None
+
+
+def read_card(model_dir: Path) -> dict[str, Any]:
+    card = read_card_of(model_dir, CARD_FORMAT)
     missing = [k for k in CONFIG_KEYS if k not in card.get("config", {})]
     if missing:
         raise CalidError(f"model card {model_dir / CARD_FILE} lacks config entries: {', '.join(missing)}")
@@ -66,38 +95,31 @@ def load_model(name_or_dir: str | os.PathLike | None = None, device: str | torch
     """Load, verify (checksum, architecture) and return ``(model in eval mode on device, card)``."""
     model_dir = resolve_model_dir(name_or_dir)
     card = read_card(model_dir)
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CalidError(f"model {model_dir} has no {WEIGHTS_FILE}")
-    if sha256_of(weights) != card.get("sha256"):
-        raise CalidError(f"checksum mismatch for {weights}: the weights do not match the model card")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise CalidError(f"corrupt weights file {weights}: {exc}") from None
+    state = read_weights(model_dir, card)
     try:
         model = CaLID(card["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CalidError(f"model card {model_dir / CARD_FILE} has an invalid config: {exc}") from None
-    try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as exc:
-        summary = str(exc).splitlines()[0]
-        raise CalidError(f"weights in {model_dir} do not fit the config in its card ({summary})") from None
+    load_state_checked(model, state, model_dir)
     return model.to(device).eval(), card
 
 
 def save_model(model: CaLID, model_dir: str | os.PathLike, card: dict[str, Any], half: bool = True) -> Path:
     """Write weights (fp16 by default) and the card with their SHA256, atomically as a whole directory."""
+    return write_model_dir(model, model_dir, {**card, "format": CARD_FORMAT, "config": model.config}, half)
+
+
+def write_model_dir(module: torch.nn.Module, model_dir: str | os.PathLike, card: dict[str, Any],
+                    half: bool = True) -> Path:
+    """Write any model folder: weights (fp16 by default), then the card with their dtype and SHA256."""
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".calid-model-", dir=model_dir.parent))
     try:
         dtype = torch.float16 if half else torch.float32
-        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE))
-        card = {**card, "format": CARD_FORMAT, "config": model.config,
-                "weights_dtype": str(dtype).replace("torch.", ""), "sha256": sha256_of(staging / WEIGHTS_FILE)}
+        card = {**card, "weights_dtype": str(dtype).replace("torch.", ""), "sha256": sha256_of(staging / WEIGHTS_FILE)}
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         if model_dir.exists():
             shutil.rmtree(model_dir)

@@ -56,3 +56,15 @@ def test_bundled_model_upsamples_the_sample_keeping_acquired_slices(sample_image
     new = dense[1::2].astype(np.float64)
     low, high = np.percentile(sitk.GetArrayFromImage(image), [1, 99])
     assert low - 1 <= new.mean() <= high + 1 and new.std() > 0
+
+
+def test_bundled_segmentation_model_shares_the_split_and_states_its_terms():
+    from calid.modelindex import DEFAULT_SEGMENTATION_MODEL
+
+    segmentation = json.loads((BUNDLED_DIR / DEFAULT_SEGMENTATION_MODEL / CARD_FILE).read_text(encoding="utf-8"))
+    interpolation = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
+    assert segmentation["training"]["split"] == interpolation["training"]["split"]  # no validation patient trained on
+    assert "non-commercial" in segmentation["training"]["terms"] and "Bernard" in segmentation["training"]["citation"]
+    assert segmentation["weights_dtype"] == "float16" and segmentation["metrics"]
+    everything = sum(p.stat().st_size for p in BUNDLED_DIR.rglob("*") if p.is_file())
+    assert everything < 50 * 2**20

@@ -145,17 +145,25 @@ def _crop_origin(size: int, crop: int, generator: torch.Generator, jitter: float
     return int(round(centre + offset))
 
 
-def _pad_to(x: torch.Tensor, size: int, value: float) -> torch.Tensor:
+def pad_to(x: torch.Tensor, size: int, value: float) -> torch.Tensor:
     ph, pw = max(size - x.shape[-2], 0), max(size - x.shape[-1], 0)
     if ph or pw:
         x = torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
     return x
 
 
-def _dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     k = int(torch.randint(4, (), generator=generator))
     x = torch.rot90(x, k, dims=(-2, -1))
     return x.flip(-1) if torch.rand((), generator=generator) < 0.5 else x
+
+
+def intensity_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Small gamma and contrast changes of a slice in the network range [-1, 1] (scanner-to-scanner variation)."""
+    unit = ((x + 1) / 2).clamp_min(0)
+    gamma = float(torch.empty(()).uniform_(0.8, 1.25, generator=generator))
+    contrast = float(torch.empty(()).uniform_(0.9, 1.1, generator=generator))
+    return unit.pow(gamma) * contrast * 2 - 1
 
 
 class SliceSampler:
@@ -170,13 +178,9 @@ class SliceSampler:
         g = self.generator
         out = []
         for i in torch.randint(len(self.slices), (size,), generator=g).tolist():
-            s = _pad_to(self.slices[i], self.crop, -1.0)
+            s = pad_to(self.slices[i], self.crop, -1.0)
             y0, x0 = _crop_origin(s.shape[0], self.crop, g, 0.35), _crop_origin(s.shape[1], self.crop, g, 0.35)
-            x = _dihedral(s[y0:y0 + self.crop, x0:x0 + self.crop], g)
-            unit = ((x + 1) / 2).clamp_min(0)
-            gamma = float(torch.empty(()).uniform_(0.8, 1.25, generator=g))
-            contrast = float(torch.empty(()).uniform_(0.9, 1.1, generator=g))
-            out.append(unit.pow(gamma) * contrast * 2 - 1)
+            out.append(intensity_jitter(dihedral(s[y0:y0 + self.crop, x0:x0 + self.crop], g), g))
         return torch.stack(out)[:, None]
 
 
@@ -214,7 +218,7 @@ class TripletSampler:
                 lo = int(torch.randint(n - gap_a - gap_b, (), generator=g))
                 mid, hi = lo + gap_a, lo + gap_a + gap_b
                 alpha = gap_a / (gap_a + gap_b)
-            triple = _pad_to(z[[lo, mid, hi]], self.crop, float(z.min()))
+            triple = pad_to(z[[lo, mid, hi]], self.crop, float(z.min()))
             y0 = _crop_origin(triple.shape[-2], self.crop, g)
             x0 = _crop_origin(triple.shape[-1], self.crop, g)
             triple = triple[..., y0:y0 + self.crop, x0:x0 + self.crop]

@@ -50,7 +50,7 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _lr_lambda(warmup: int, total: int):
+def warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -175,7 +175,7 @@ class Trainer:
         ema.module.config["latent_scale"] = self.model.config["latent_scale"]
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", cfg.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup, end - start),
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, end - start),
                                                      last_epoch=step - start - 1)
         net = DistributedDataParallel(trained) if self.world > 1 else trained
         if stage == "vae":

@@ -1,0 +1,143 @@
+"""Segmentation nodes <-> label files for the worker, with standard terminology, colours and a volumes table.
+
+Qt-free: works with slicer-core's MRML scene once the Segmentations module logic is registered (as it is in
+the application). Label values follow ``calid.segmentation.labels`` (1 RV cavity, 2 LV myocardium,
+3 LV cavity); each segment carries its SNOMED CT terminology, so DICOM SEG export and the Segment Editor
+show the standard meaning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+import vtk.util.numpy_support
+
+from calid.segmentation.labels import LABELS
+from calid.segmentation.measures import structure_volumes
+
+from .volumes import image_from_node, update_node_from_file
+
+ANATOMY = "SCT^123037004^Anatomical Structure"
+LEFT_VENTRICLE, RIGHT_VENTRICLE, MYOCARDIUM = "SCT^87878005^Left ventricle", "SCT^53085002^Right ventricle", "SCT^74281007^Myocardium"
+STRUCTURES = {
+    # label: (segment name, type code, anatomic region code, colour)
+    1: ("Right ventricle cavity", RIGHT_VENTRICLE, "", (0.27, 0.51, 0.85)),
+    2: ("Left ventricle myocardium", MYOCARDIUM, LEFT_VENTRICLE, (0.35, 0.73, 0.35)),
+    3: ("Left ventricle cavity", LEFT_VENTRICLE, "", (0.86, 0.27, 0.27)),
+}
+"""Blood pools are coded as their ventricle and the myocardium as Myocardium in the Left ventricle region, the
+SNOMED CT concepts of DICOM's cardiac context groups (CID 7152, 3463); colours: RV blue, myocardium green,
+LV red, as cardiac MR tools draw them."""
+assert set(STRUCTURES) == set(LABELS)
+
+
+def terminology(label: int) -> str:
+    """Slicer's terminology entry string: context~category~type~modifier~region context~region~region modifier."""
+    _, type_code, region, _ = STRUCTURES[label]
+    return (f"Segmentation category and type - DICOM master list~{ANATOMY}~{type_code}~^^~"
+            f"Anatomic codes - DICOM master list~{region or '^^'}~^^")
+
+
+def _segmentation_logic():
+    import slicer
+
+    return slicer.vtkSlicerSegmentationsModuleLogic
+
+
+def load_labels_into_segmentation(scene, path: Path, segmentation, reference_volume) -> None:
+    """Replace the segments of ``segmentation`` with the labels in ``path`` (one named segment per structure)."""
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "CaLID labels (temporary)")
+    try:
+        update_node_from_file(labelmap, path)
+        segmentation.GetSegmentation().RemoveAllSegments()
+        if not _segmentation_logic().ImportLabelmapToSegmentationNode(labelmap, segmentation):
+            raise RuntimeError(f"could not import the labels of {path} into {segmentation.GetName()}")
+    finally:
+        scene.RemoveNode(labelmap)
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+    content = segmentation.GetSegmentation()
+    for index in range(content.GetNumberOfSegments()):
+        segment = content.GetNthSegment(index)
+        label = segment.GetLabelValue()
+        if label in STRUCTURES:
+            name, _, _, colour = STRUCTURES[label]
+            segment.SetName(name)
+            segment.SetColor(*colour)
+            segment.SetTerminology(terminology(label))
+
+
+def structure_of_segment(segment) -> int | None:
+    """Which label a user's segment stands for: by its terminology codes, else by its name."""
+    entry = segment.GetTerminology() if hasattr(segment, "GetTerminology") else ""
+    for label, (_, type_code, region, _) in STRUCTURES.items():
+        if type_code and type_code.split("^")[1] in entry and (not region or region.split("^")[1] in entry):
+            return label
+    name = segment.GetName().lower()
+    if "myo" in name:
+        return 2
+    if "right" in name or name.startswith("rv"):
+        return 1
+    if "left" in name or name.startswith("lv"):
+        return 3
+    return None
+
+
+def write_segmentation_labels(scene, segmentation, reference_volume, path: Path) -> None:
+    """The user's segments on the reference volume's grid as a label file (1 RV, 2 myocardium, 3 LV cavity).
+
+    Raises ValueError naming the segments that match no structure: guessing would corrupt the labels.
+    """
+    content = segmentation.GetSegmentation()
+    labels = None
+    unknown = []
+    for index in range(content.GetNumberOfSegments()):
+        segment_id = content.GetNthSegmentID(index)
+        label = structure_of_segment(content.GetSegment(segment_id))
+        if label is None:
+            unknown.append(content.GetSegment(segment_id).GetName())
+            continue
+        mask_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "CaLID mask (temporary)")
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segment_id)
+            _segmentation_logic().ExportSegmentsToLabelmapNode(segmentation, ids, mask_node, reference_volume)
+            mask = vtk.util.numpy_support.vtk_to_numpy(mask_node.GetImageData().GetPointData().GetScalars()) > 0
+        finally:
+            scene.RemoveNode(mask_node)
+        labels = np.zeros(mask.shape, dtype=np.uint8) if labels is None else labels
+        labels[mask] = label
+    if unknown:
+        raise ValueError(f"segments {', '.join(unknown)} match no structure (name them right ventricle, "
+                         "myocardium or left ventricle, or set their terminology)")
+    if labels is None:
+        raise ValueError(f"segmentation {segmentation.GetName()} has no segments")
+    reference = image_from_node(reference_volume)
+    image = sitk.GetImageFromArray(labels.reshape(sitk.GetArrayViewFromImage(reference).shape))
+    image.CopyInformation(reference)
+    sitk.WriteImage(image, str(path))
+
+
+def volumes_table(scene, labels_path: Path, name: str, table=None):
+    """A table node of structure volumes (mL) and myocardial mass (g) of a label file."""
+    volumes = structure_volumes(sitk.ReadImage(str(labels_path)))
+    table = table or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table.RemoveAllColumns()
+    measure = table.AddColumn(vtk.vtkStringArray())
+    measure.SetName("Measure")
+    value = table.AddColumn(vtk.vtkDoubleArray())
+    value.SetName("Value")
+    unit = table.AddColumn(vtk.vtkStringArray())
+    unit.SetName("Unit")
+    rows = [(STRUCTURES[label][0] + " volume", volumes[key], "mL")
+            for label, key in ((1, "rv_cavity_ml"), (2, "lv_myocardium_ml"), (3, "lv_cavity_ml"))]
+    rows.append(("Left ventricle myocardium mass", volumes["lv_myocardium_mass_g"], "g"))
+    for text, number, units in rows:
+        row = table.AddEmptyRow()
+        table.SetCellText(row, 0, text)
+        table.GetTable().SetValue(row, 1, vtk.vtkVariant(float(number)))
+        table.SetCellText(row, 2, units)
+    table.Modified()
+    return table

@@ -1,0 +1,173 @@
+"""Segmentation: the bundled network on the real sample, labels on the dense grid, the user's sparse labels,
+volumes and ejection fractions, bad inputs, and a short real training run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from calid.cli import main
+from calid.imageio import write_image
+from calid.modelindex import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION_FORMAT, list_models
+from calid.segmentation.evaluation import contour_interpolation
+from calid.segmentation.measures import ejection_fractions, structure_volumes
+from calid.segmentation.sparse import densify, shape_depth
+from calid.segmentation.store import load_segmenter
+from conftest import SAMPLE_LABELS
+from test_errors import assert_clean_failure, run_cli
+
+SUNNYBROOK_LV_CAVITY = 1  # the sample's contours: 1 LV blood pool (ours: 3)
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection()))
+
+
+def user_labels_of_sample(sample_image: sitk.Image) -> sitk.Image:
+    """The expert LV contours of the sample, in our label convention, on the sample's grid."""
+    contours = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABELS)))
+    labels = sitk.GetImageFromArray(np.where(contours == SUNNYBROOK_LV_CAVITY, 3, 0).astype(np.uint8))
+    labels.CopyInformation(sample_image)
+    return labels
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_bundled_segmenter_is_listed_apart_and_finds_the_lv(sample_image, tmp_path, capsys):
+    assert [m["name"] for m in list_models(SEGMENTATION_FORMAT)] == [DEFAULT_SEGMENTATION_MODEL]
+    assert DEFAULT_SEGMENTATION_MODEL not in {m["name"] for m in list_models()}  # not an interpolation model
+    _, card = load_segmenter()
+    assert card["labels"] == {"1": "right ventricle cavity", "2": "left ventricle myocardium", "3": "left ventricle cavity"}
+    write_image(sample_image, tmp_path / "sax.nrrd")
+    code = main(["segment", str(tmp_path / "sax.nrrd"), str(tmp_path / "labels.nii.gz"), "--device", "cpu"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    labels = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
+    assert same_geometry(labels, sample_image)  # oblique Sunnybrook geometry kept exactly
+    assert labels.GetPixelID() == sitk.sitkUInt8
+    array = sitk.GetArrayFromImage(labels)
+    assert set(np.unique(array)) <= {0, 1, 2, 3}
+    # A different vendor than the training data: the LV cavity still overlaps the expert's contours.
+    expert = sitk.GetArrayFromImage(user_labels_of_sample(sample_image)) == 3
+    assert dice(array == 3, expert) > 0.7
+    assert report["volumes"]["lv_cavity_ml"] == pytest.approx((array == 3).sum() * np.prod(sample_image.GetSpacing()) / 1000, rel=1e-3)
+
+
+def test_upsample_writes_labels_on_the_dense_grid(sample_image, tiny_model_dir, tmp_path, capsys):
+    write_image(sample_image, tmp_path / "sax.nrrd")
+    code = main(["upsample", str(tmp_path / "sax.nrrd"), str(tmp_path / "dense.nrrd"), "--factor", "3",
+                 "--model", str(tiny_model_dir), "--steps", "1", "--device", "cpu",
+                 "--segmentation", str(tmp_path / "dense_labels.nrrd")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    dense, labels = sitk.ReadImage(str(tmp_path / "dense.nrrd")), sitk.ReadImage(str(tmp_path / "dense_labels.nrrd"))
+    assert same_geometry(labels, dense) and labels.GetSize()[2] == (12 - 1) * 3 + 1
+    assert report["volumes"] == structure_volumes(labels)
+
+
+def test_input_segmentation_is_kept_on_acquired_slices_and_filled_between(sample_image, tmp_path):
+    user = user_labels_of_sample(sample_image)
+    write_image(sample_image, tmp_path / "sax.nrrd")
+    write_image(user, tmp_path / "user.nrrd")
+    code = main(["upsample", str(tmp_path / "sax.nrrd"), str(tmp_path / "dense.nrrd"), "--factor", "2",
+                 "--device", "cpu",  # the bundled model: the new slices must look like a heart for the network
+                 "--segmentation", str(tmp_path / "dense_labels.nrrd"), "--input-segmentation", str(tmp_path / "user.nrrd")])
+    assert code == 0
+    dense = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "dense_labels.nrrd")))
+    sparse = sitk.GetArrayFromImage(user)
+    np.testing.assert_array_equal(dense[::2], sparse)  # the user's labels, exactly
+    between = dense[1::2]
+    for k in range(1, 9):  # inside the contoured range, every new slice has an LV cavity near its neighbours'
+        assert dice(between[k] == 3, (sparse[k] == 3) | (sparse[k + 1] == 3)) > 0.6
+
+
+def test_shape_interpolation_of_two_discs_gives_the_mean_radius():
+    yy, xx = np.mgrid[:64, :64]
+    disc = lambda r: ((yy - 32) ** 2 + (xx - 32) ** 2 <= r * r).astype(np.uint8) * 3  # noqa: E731
+    sparse = np.stack([disc(10), disc(20)])
+    dense = densify(sparse, 2, (1.0, 1.0), None, None)
+    np.testing.assert_array_equal(dense[[0, 2]], sparse)
+    radius = np.sqrt((dense[1] == 3).sum() / np.pi)
+    assert radius == pytest.approx(15, abs=0.6)
+    depth = shape_depth(disc(10), (2.0, 2.0))  # in mm: 2 mm pixels double the distance
+    assert depth[2, 32, 32] == pytest.approx(20, abs=2.1) and depth[0].max() < -50  # RV absent: far outside
+
+
+def test_contour_interpolation_fills_between_kept_slices():
+    kept = np.zeros((3, 32, 32), np.uint8)
+    kept[:, 8:24, 8:24] = 3
+    dense = contour_interpolation(kept, 2)
+    assert dense.shape == (5, 32, 32)
+    assert ((dense[1] == 3) & (kept[0] == 3)).sum() > 0.9 * (kept[0] == 3).sum()
+
+
+def test_volumes_and_ejection_fractions(tmp_path, capsys):
+    ed = np.zeros((4, 10, 10), np.uint8)
+    ed[:, :5, :] = 3  # 200 voxels LV cavity
+    ed[:, 5:7, :] = 2  # 80 voxels myocardium
+    ed[:, 7:, :4] = 1  # 48 voxels RV cavity
+    es = ed.copy()
+    es[:, :2, :] = 0  # LV cavity 120
+    es[:, 7:, :2] = 0  # RV cavity 24
+    paths = []
+    for name, array in (("ed", ed), ("es", es)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 5.0))  # 20 mm^3 voxels
+        paths.append(tmp_path / f"{name}.nrrd")
+        write_image(image, paths[-1])
+    assert main(["volumes", str(paths[0]), str(paths[1])]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["end_diastole"] == {"rv_cavity_ml": 0.96, "lv_myocardium_ml": 1.6, "lv_cavity_ml": 4.0,
+                                      "lv_myocardium_mass_g": 1.68}
+    assert report["lv_ejection_fraction_percent"] == 40.0 and report["rv_ejection_fraction_percent"] == 50.0
+    with pytest.raises(Exception, match="swapped"):
+        ejection_fractions(report["end_systole"], report["end_diastole"])
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("size", "must lie on the image's grid"),
+    ("direction", "direction"),
+    ("values", "unknown label values 4, 7"),
+    ("alone", "--input-segmentation needs --segmentation"),
+])
+def test_bad_input_segmentation(problem, expected, small_image, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    write_image(small_image, tmp_path / "sax.nrrd")
+    labels = sitk.Image(small_image.GetSize(), sitk.sitkUInt8)
+    labels.CopyInformation(small_image)
+    if problem == "size":
+        labels = labels[:, :, :-1]
+    elif problem == "direction":
+        labels.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    elif problem == "values":
+        labels[10, 10, 1], labels[11, 10, 1] = 4, 7
+    write_image(labels, tmp_path / "user.nrrd")
+    args = ["upsample", tmp_path / "sax.nrrd", out / "out.nrrd", "--model", tiny_model_dir, "--steps", "1",
+            "--input-segmentation", tmp_path / "user.nrrd"]
+    if problem != "alone":
+        args += ["--segmentation", out / "out_labels.nrrd"]
+    code, err = run_cli(args, capsys)
+    assert_clean_failure(code, err, out, expected)
+
+
+def test_train_segmentation_end_to_end_and_resume(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train-segmentation", str(dataset), "--output", str(run), "--preset", "tiny", "--crop", "32",
+            "--batch", "2", "--val-every", "2", "--log-every", "1", "--checkpoint-every", "2", "--progress", "none"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "4", "--resume"]) == 0
+    network, card = load_segmenter(run / "model")
+    assert card["format"] == SEGMENTATION_FORMAT and card["training"]["steps"] == 4
+    assert set(card["training"]["split"]) == {"train", "validation"}
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:] if ",segmentation," in r] == ["1", "2", "3", "4"]
+    capsys.readouterr()
+    assert main(args + ["--steps", "4"]) == 2  # an existing run is never overwritten without --resume
+    assert "already holds a training run" in capsys.readouterr().err
