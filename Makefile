@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SAMPLE := CaLIDUpsample/Resources/SampleData/CaLIDSample_SCD0000101_phase07.nrrd
 OUT ?= output
 
-.PHONY: install demo test benchmark evaluate clean
+.PHONY: install demo test benchmark evaluate evaluate-segmentation clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ MODEL_CARD := CaLIDUpsample/calid/models/calid-acdc/model.json
 evaluate: install
 	$(VENV)/bin/calid evaluate $(ACDC) --output $(OUT)/evaluation --patients $(MODEL_CARD) --factor 2 --factor 4 \
 		--device auto --threads 2 --montage --progress none
+
+# The segmentation table (README): same validation patients, K=2, against morphological contour interpolation.
+evaluate-segmentation: install
+	$(VENV)/bin/calid evaluate-segmentation $(ACDC) --output $(OUT)/evaluation --patients $(MODEL_CARD) --factor 2 \
+		--shape-mm 0.5 --device auto --threads 2 --progress none
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
