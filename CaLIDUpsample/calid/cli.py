@@ -52,6 +52,9 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
                    help="progress output (default: bar on a terminal, none otherwise)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     p.add_argument("--batch-size", type=int, help="slices per batch (default: from free memory)")
+    p.add_argument("--cine-noise", choices=("shared", "independent"), default="shared",
+                   help="cine input: same starting noise for a slice position in every phase (default, less flicker) "
+                        "or independent per phase")
     p.add_argument("--csv", help="cohort mode: where to write the CSV report (default OUTPUT/calid_cohort.csv)")
     p.add_argument("--segmentation", help="also write labels on the dense grid here (1 RV, 2 LV myocardium, 3 LV cavity)")
     p.add_argument("--input-segmentation", help="your labels of the acquired slices: kept exactly, new slices filled")
@@ -184,7 +187,8 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     options = UpsampleOptions(factor=args.factor, spacing=args.spacing, steps=args.steps, seed=args.seed,
                               samples=args.samples, plus=args.plus, slice_axis=args.slice_axis,
-                              device=args.device, model=args.model, batch_size=args.batch_size)
+                              device=args.device, model=args.model, batch_size=args.batch_size,
+                              cine_noise=args.cine_noise)
     options.check()
     mode = _progress_mode(args.progress)
     source = Path(args.input)

@@ -1,6 +1,7 @@
 """Upsampling a short-axis stack: every missing slice of every gap generated in one batched pass.
 
-``generate_missing`` works on a normalised stack (slices, rows, cols); ``upsample_image`` wraps it with
+``generate_missing`` works on a normalised stack (slices, rows, cols), ``generate_missing_phases`` on the stacks of
+all phases of a cine at once (``calid.cine``); ``upsample_image`` wraps the first with
 validation, geometry and intensity mapping for a ``SimpleITK.Image``; ``upsample_file`` reads and writes.
 Acquired slices are copied from the input array unchanged; only the missing ones are generated.
 """
@@ -33,6 +34,7 @@ DEFAULT_STEPS = 8
 MAX_SAMPLES = 64
 CPU_BATCH = 16
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
+CINE_NOISE = ("shared", "independent")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class UpsampleOptions:
     device: str = "auto"
     model: str | None = None
     batch_size: int | None = None
+    cine_noise: str = "shared"  # cine only: same starting noise for a dense slice position in every phase
 
     def check(self) -> None:
         if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
@@ -59,6 +62,8 @@ class UpsampleOptions:
             raise CalidError("--plus starts from deterministic inverted latents: use --samples 1 with it")
         if self.batch_size is not None and self.batch_size < 1:
             raise CalidError(f"--batch-size must be positive, not {self.batch_size}")
+        if self.cine_noise not in CINE_NOISE:
+            raise CalidError(f"--cine-noise must be one of {', '.join(CINE_NOISE)}, not {self.cine_noise}")
 
 
 @dataclass
@@ -116,40 +121,93 @@ def generate_missing(
     Slice m of the result lies between acquired slices ``m // (K-1)`` and ``m // (K-1) + 1`` at fraction
     ``(m % (K-1) + 1) / K`` (``geometry.dense_positions``).
     """
-    device = torch.device(device)
-    n, h, w = stack.shape
-    multiple = model.spatial_multiple
+    return generate_missing_phases(model, stack[None], factor, steps, seed, samples, plus, device, batch_size,
+                                   progress)[:, 0]
+
+
+def _pad_to_multiple(stacks: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
+    """Pad (phases, n, h, w) in-plane to the network's multiple with the minimum; returns (padded, ph, pw)."""
+    h, w = stacks.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
-    padded = np.pad(stack, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), constant_values=float(stack.min()))
+    pads = ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+    return np.pad(stacks, pads, constant_values=float(stacks.min())), ph, pw
+
+
+def _gap_items(phases: int, n: int, factor: int, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(below, above, alpha) of every generated item, ordered (sample, phase, missing slice).
+
+    ``below``/``above`` index the acquired slices of all phases flattened (phase * n + slice), so one
+    batched pass serves every phase of a cine.
+    """
     below, above, alpha = geometry.dense_positions(n, factor)
-    missing = len(alpha)
-    items = missing * samples
-    latent_hw = (padded.shape[1] // 4, padded.shape[2] // 4)
+    offsets = np.arange(phases)[:, None] * n
+    below_t = torch.as_tensor((offsets + below).ravel()).repeat(samples)
+    above_t = torch.as_tensor((offsets + above).ravel()).repeat(samples)
+    alpha_t = torch.as_tensor(np.tile(alpha, phases), dtype=torch.float32).repeat(samples)
+    return below_t, above_t, alpha_t
+
+
+def _initial_noise(seed: int, samples: int, phases: int, missing: int, shape: tuple[int, ...],
+                   shared: bool) -> torch.Tensor:
+    """Starting noise, ordered like ``_gap_items``. ``shared``: the same noise for a dense slice position in
+    every phase (temporal coherence); both draw exactly the single-stack noise when there is one phase."""
+    generator = torch.Generator().manual_seed(seed)
+    if not shared:
+        return torch.randn((samples * phases * missing, *shape), generator=generator)
+    noise = torch.randn((samples, 1, missing, *shape), generator=generator)
+    return noise.expand(samples, phases, missing, *shape).reshape(samples * phases * missing, *shape)
+
+
+@torch.no_grad()
+def generate_missing_phases(
+    model: CaLID,
+    stacks: np.ndarray,
+    factor: int,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    samples: int = 1,
+    plus: bool = False,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    shared_noise: bool = True,
+) -> np.ndarray:
+    """Missing slices of every phase of normalised stacks (phases, n, h, w) -> (samples, phases, missing, h, w).
+
+    All phases go through the same batched passes (one progress over the whole cine); per phase the result
+    is what ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see
+    ``_initial_noise``).
+    """
+    device = torch.device(device)
+    phases, n, h, w = stacks.shape
+    acquired = phases * n
+    padded, ph, pw = _pad_to_multiple(stacks, model.spatial_multiple)
+    below_t, above_t, alpha_t = _gap_items(phases, n, factor, samples)
+    missing = (n - 1) * (factor - 1)
+    items = len(alpha_t)
+    latent_hw = (padded.shape[2] // 4, padded.shape[3] // 4)
     batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
     progress = progress or Progress("none")
-    progress.total = n + (n * steps if plus else 0) + items * steps + items + n
+    progress.total = acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
     scheduler = make_scheduler(model.config["diffusion"])
 
     progress.set_stage("encoding acquired slices")
-    images = torch.from_numpy(padded)[:, None]
-    latents = torch.empty((n, model.config["vae"]["latent_channels"], *latent_hw), device=device)
+    images = torch.from_numpy(padded.reshape(acquired, 1, *padded.shape[2:]))
+    latents = torch.empty((acquired, model.config["vae"]["latent_channels"], *latent_hw), device=device)
 
     def encode(part: slice) -> None:
         with autocast(device):
             latents[part] = model.encode(images[part].to(device)).float()
         progress.advance(part.stop - part.start)
 
-    batch = run_batched(encode, n, batch)
-    alpha_t = torch.as_tensor(alpha, dtype=torch.float32).repeat(samples)
-    below_t = torch.as_tensor(below).repeat(samples)
-    above_t = torch.as_tensor(above).repeat(samples)
+    batch = run_batched(encode, acquired, batch)
 
     if plus:
         progress.set_stage("inverting acquired slices (CaLID+)")
         inverted = torch.empty_like(latents)
         # Slice i is the alpha=0 end of the gap (i, i+1); the last slice is the alpha=1 end of its gap.
-        lo = torch.clamp(torch.arange(n), max=n - 2)
-        ends = (torch.arange(n) == n - 1).float()
+        lo = (torch.arange(phases)[:, None] * n + torch.clamp(torch.arange(n), max=n - 2)).ravel()
+        ends = (torch.arange(n) == n - 1).float().repeat(phases)
 
         def invert_part(part: slice) -> None:
             cond = (latents[lo[part]], latents[lo[part] + 1], ends[part].to(device))
@@ -158,11 +216,10 @@ def generate_missing(
                                         model.to_diffusion(latents[part], *cond), steps,
                                         on_step=lambda _: progress.advance(part.stop - part.start)).float()
 
-        batch = run_batched(invert_part, n, batch)
+        batch = run_batched(invert_part, acquired, batch)
         z_init = slerp(inverted[below_t], inverted[above_t], alpha_t.to(device))
     else:
-        generator = torch.Generator().manual_seed(seed)
-        z_init = torch.randn((items, *latents.shape[1:]), generator=generator).to(device)
+        z_init = _initial_noise(seed, samples, phases, missing, tuple(latents.shape[1:]), shared_noise).to(device)
 
     progress.set_stage("generating missing slices")
     z_final = torch.empty_like(z_init)
@@ -178,7 +235,7 @@ def generate_missing(
 
     progress.set_stage("decoding")
     out = np.empty((items, h, w), dtype=np.float32)
-    reconstructed = np.empty((n, h, w), dtype=np.float32)
+    reconstructed = np.empty((acquired, h, w), dtype=np.float32)
 
     def decoder(latent_source: torch.Tensor, target: np.ndarray):
         def decode(part: slice) -> None:
@@ -189,13 +246,13 @@ def generate_missing(
         return decode
 
     batch = run_batched(decoder(z_final, out), items, batch)
-    run_batched(decoder(latents, reconstructed), n, batch)
+    run_batched(decoder(latents, reconstructed), acquired, batch)
     # Detail transfer: what the VAE loses on the acquired neighbours (fine texture, a slight intensity bias) is
     # added back, interpolated by alpha, so generated slices match the acquired ones they sit between.
-    lost = stack - reconstructed
+    lost = stacks.reshape(acquired, h, w) - reconstructed
     a = alpha_t.numpy()[:, None, None]
     out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
-    return out.reshape(samples, missing, h, w)
+    return out.reshape(samples, phases, missing, h, w)
 
 
 def default_steps(model: CaLID) -> int:
@@ -207,6 +264,39 @@ def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(values), info.min, info.max).astype(dtype)
     return values.astype(dtype)
+
+
+def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None,
+                want_uncertainty: bool) -> tuple[int, int, torch.device, CaLID, int]:
+    """Check the options against the image and load the model: (slice axis, K, device, model, steps).
+
+    Shared by volumes and cines (``image`` may be 4D: only its three spatial axes are looked at).
+    """
+    options.check()
+    if want_uncertainty and options.samples < 2:
+        raise CalidError("an uncertainty map needs at least 2 samples (--samples 2 or more)")
+    axis = geometry.find_slice_axis(image, options.slice_axis)
+    factor = geometry.resolve_factor(image, axis, options.factor, options.spacing)
+    device = resolve_device(options.device)
+    if model is None:
+        model, _ = load_model(options.model, device)
+    model = model.to(device).eval()
+    if options.plus and model.diffusion_target != "latent":
+        # The acquired slices are the alpha=0/1 ends of their gaps, where the residual is zero by definition:
+        # their inversions carry no information (measured: 13.2 dB instead of 17.5 dB on two ACDC 5 mm stacks).
+        raise CalidError("--plus (CaLID+) needs a model that diffuses latents; this model diffuses residuals "
+                         "to linear interpolation: leave --plus out")
+    return axis, factor, device, model, options.steps or default_steps(model)
+
+
+def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
+    """Interleave acquired slices (n, h, w), unchanged, with generated ones ((n-1)*(K-1), h, w) cast to ``dtype``."""
+    n = acquired.shape[0]
+    below, _, alpha = geometry.dense_positions(n, factor)
+    dense = np.empty(((n - 1) * factor + 1, *acquired.shape[1:]), dtype=dtype)
+    dense[::factor] = acquired
+    dense[geometry.dense_index(below, alpha, factor)] = _cast_like(generated, dtype)
+    return dense
 
 
 def upsample_image(
@@ -222,44 +312,23 @@ def upsample_image(
     input slice i unchanged. ``want_uncertainty`` needs ``options.samples >= 2``.
     """
     options = options or UpsampleOptions()
-    options.check()
-    if want_uncertainty and options.samples < 2:
-        raise CalidError("an uncertainty map needs at least 2 samples (--samples 2 or more)")
     started = time.perf_counter()
     image = validate_volume(image)
-    axis = geometry.find_slice_axis(image, options.slice_axis)
-    factor = geometry.resolve_factor(image, axis, options.factor, options.spacing)
-    device = resolve_device(options.device)
-    if model is None:
-        model, _ = load_model(options.model, device)
-    model = model.to(device).eval()
-    if options.plus and model.diffusion_target != "latent":
-        # The acquired slices are the alpha=0/1 ends of their gaps, where the residual is zero by definition:
-        # their inversions carry no information (measured: 13.2 dB instead of 17.5 dB on two ACDC 5 mm stacks).
-        raise CalidError("--plus (CaLID+) needs a model that diffuses latents; this model diffuses residuals "
-                         "to linear interpolation: leave --plus out")
+    axis, factor, device, model, steps = prepare_run(image, options, model, want_uncertainty)
     loaded = time.perf_counter()
 
     array = sitk.GetArrayFromImage(image)
     stack = geometry.to_stack(array, axis)
     intensity = IntensityMap.fit(stack)
-    steps = options.steps or default_steps(model)
     generated = generate_missing(model, intensity.to_network(stack), factor, steps, options.seed,
                                  options.samples, options.plus, device, options.batch_size, progress)
     generated = intensity.from_network(generated)
-
-    n = stack.shape[0]
-    below, _, alpha = geometry.dense_positions(n, factor)
-    index = geometry.dense_index(below, alpha, factor)
-    dense = np.empty(((n - 1) * factor + 1, *stack.shape[1:]), dtype=array.dtype)
-    dense[::factor] = stack
-    dense[index] = _cast_like(generated.mean(axis=0), array.dtype)
+    dense = dense_stack(stack, generated.mean(axis=0), factor, array.dtype)
     result_image = geometry.dense_image(geometry.from_stack(dense, axis), image, axis, factor)
 
     uncertainty = None
     if want_uncertainty:
-        spread = np.zeros(dense.shape, dtype=np.float32)
-        spread[index] = generated.std(axis=0)
+        spread = dense_stack(np.zeros(stack.shape, np.float32), generated.std(axis=0), factor, np.float32)
         uncertainty = geometry.dense_image(geometry.from_stack(spread, axis), image, axis, factor)
     done = time.perf_counter()
     return UpsampleResult(result_image, uncertainty, factor, axis, done - started, str(device),
@@ -281,14 +350,22 @@ def upsample_file(
 
     ``segmentation_path``: also write labels on the dense grid (from ``input_segmentation_path``, the user's
     labels of the acquired slices, when given). Inputs are all checked, and everything computed, before the
-    first output is written.
+    first output is written. A cine (4D file, sequence NRRD, DICOM cine folder) is upsampled phase by phase on
+    the dense grid and written in the same form (``calid.cine``).
     """
     if input_segmentation_path is not None and segmentation_path is None:
         raise CalidError("--input-segmentation needs --segmentation (where to write the dense labels)")
     for target in filter(None, (output_path, uncertainty_path, segmentation_path)):
         if Path(target).resolve() in {Path(p).resolve() for p in filter(None, (input_path, input_segmentation_path))}:
             raise CalidError(f"output {target} would overwrite the input")
-    image = read_image(input_path)
+    from .cine import Cine, read_input, upsample_cine_file
+
+    source = read_input(input_path)
+    if isinstance(source, Cine):
+        if segmentation_path is not None:
+            raise CalidError("--segmentation is not available for cine input yet: segment one phase as a 3D volume")
+        return upsample_cine_file(source, output_path, options, uncertainty_path, model, progress)
+    image = source
     sparse = None
     if input_segmentation_path is not None:
         from .segmentation.sparse import check_labels

@@ -62,8 +62,12 @@ def from_stack(stack: np.ndarray, axis: int) -> np.ndarray:
 
 
 def dense_image(array_zyx: np.ndarray, reference: sitk.Image, axis: int, factor: int) -> sitk.Image:
-    """Wrap a dense voxel array in the reference image's geometry with the slice spacing divided by K."""
-    image = sitk.GetImageFromArray(array_zyx)
+    """Wrap a dense voxel array in the reference image's geometry with the slice spacing divided by K.
+
+    A 4D array (t, z, y, x) with a 4D reference is a cine: every phase gets the same dense grid, the time axis
+    keeps the reference's origin and spacing (SimpleITK would read a 4D array as vectors unless told).
+    """
+    image = sitk.GetImageFromArray(array_zyx, isVector=False)
     spacing = list(reference.GetSpacing())
     spacing[axis] /= factor
     image.SetSpacing(spacing)

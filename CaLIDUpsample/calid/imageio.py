@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -53,7 +54,11 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise CalidError(f"no DICOM series found in folder {folder}")
     if len(series) > 1:
         raise CalidError(f"folder {folder} holds {len(series)} DICOM series; put one series per folder")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    return read_dicom_files(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]), folder)
+
+
+def read_dicom_files(files: Sequence[str], folder: Path) -> sitk.Image:
+    """One volume from DICOM slice files (also one phase of a cine), refusing non-uniform slice positions."""
     _check_uniform_dicom_spacing(files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -63,7 +68,7 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise CalidError(f"cannot read DICOM series in {folder}: {_first_line(exc)}") from None
 
 
-def _check_uniform_dicom_spacing(files: tuple[str, ...]) -> None:
+def _check_uniform_dicom_spacing(files: Sequence[str]) -> None:
     """Non-uniform slice positions would be silently resampled onto a wrong grid: refuse them."""
     if len(files) < 3:
         return
@@ -94,10 +99,15 @@ def validate_volume(image: sitk.Image, source: str = "input") -> sitk.Image:
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() == 4:
-        raise CalidError(f"{source} is 4D ({image.GetSize()[3]} time points): cine input is not supported yet, "
-                         "pass one cardiac phase as a 3D volume")
+        raise CalidError(f"{source} is 4D ({image.GetSize()[3]} time points): this step needs one cardiac phase "
+                         "as a 3D volume (calid upsample takes cine input)")
     if image.GetDimension() != 3:
         raise CalidError(f"{source} is {image.GetDimension()}D: a stack of at least 2 short-axis slices is needed")
+    return check_pixels(image, source)
+
+
+def check_pixels(image: sitk.Image, source: str = "input") -> sitk.Image:
+    """Refuse complex and non-finite voxels (of a volume or a whole cine); return the image."""
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise CalidError(f"{source} has complex pixels: give a magnitude image")
     values = sitk.GetArrayViewFromImage(image)
@@ -107,8 +117,12 @@ def validate_volume(image: sitk.Image, source: str = "input") -> sitk.Image:
     return image
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
-    """Write atomically: a file format by its suffix, otherwise a DICOM series into the folder ``path``."""
+def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequence[float] | None = None) -> Path:
+    """Write atomically: a file format by its suffix, otherwise a DICOM series into the folder ``path``.
+
+    A 4D (cine) image becomes, as DICOM, one file per slice and phase with its trigger time (0018,1060):
+    ``frame_times`` (ms) when given, else the time axis' origin and spacing.
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -126,7 +140,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
                 raise CalidError(f"cannot write {path}: {_first_line(exc)}") from None
             _move_into_place(staging, parent, header_name=path.name)
         else:
-            _write_dicom_series(image, staging / "series")
+            _write_dicom_series(image, staging / "series", frame_times)
             if path.exists():
                 raise CalidError(f"output folder already exists: {path}")
             os.replace(staging / "series", path)
@@ -142,11 +156,18 @@ def _move_into_place(staging: Path, destination: Path, header_name: str) -> None
         os.replace(staging / name, destination / name)
 
 
-def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
-    """One MR image per slice along the third axis, each with its own position (a derived series)."""
+def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[float] | None = None) -> None:
+    """One MR image per slice along the third axis (and per phase of a cine), each with its own position and
+    trigger time (a derived series)."""
     folder.mkdir()
     image = sitk.Cast(image, sitk.sitkInt16) if image.GetPixelID() not in (sitk.sitkInt16, sitk.sitkUInt16) else image
-    direction = image.GetDirection()
+    if image.GetDimension() == 4:
+        count, origin, step = image.GetSize()[3], image.GetOrigin()[3], image.GetSpacing()[3]
+        times = list(frame_times) if frame_times is not None else [origin + t * step for t in range(count)]
+        frames = [(image[:, :, :, t], times[t]) for t in range(count)]
+    else:
+        frames = [(image, None)]
+    direction = frames[0][0].GetDirection()
     uid_root = "1.2.826.0.1.3680043.2.1125." + time.strftime("%Y%m%d%H%M%S")
     series_tags = {
         "0008|0060": "MR",
@@ -161,16 +182,23 @@ def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        slice_image = image[:, :, k]
-        for tag, value in series_tags.items():
-            slice_image.SetMetaData(tag, value)
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        slice_image.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
-        slice_image.SetMetaData("0020|0013", str(k + 1))
-        slice_image.SetMetaData("0008|0018", f"{uid_root}.3.{k + 1}")
-        writer.SetFileName(str(folder / f"slice{k + 1:04d}.dcm"))
-        writer.Execute(slice_image)
+    for t, (volume, trigger_time) in enumerate(frames):
+        for k in range(volume.GetDepth()):
+            number = t * volume.GetDepth() + k + 1
+            slice_image = volume[:, :, k]
+            for tag, value in series_tags.items():
+                slice_image.SetMetaData(tag, value)
+            position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+            slice_image.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
+            slice_image.SetMetaData("0020|0013", str(number))
+            slice_image.SetMetaData("0008|0018", f"{uid_root}.3.{number}")
+            name = f"slice{k + 1:04d}.dcm"
+            if trigger_time is not None:
+                slice_image.SetMetaData("0018|1060", f"{trigger_time:.6g}")
+                slice_image.SetMetaData("0020|0100", str(t + 1))  # temporal position identifier
+                name = f"phase{t + 1:03d}_{name}"
+            writer.SetFileName(str(folder / name))
+            writer.Execute(slice_image)
 
 
 def _first_line(exc: BaseException) -> str:

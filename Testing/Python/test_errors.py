@@ -69,8 +69,8 @@ def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]
     sitk.WriteImage(small_image[:, :, 0:1], str(one))
     cases["one slice"] = (one, "at least 2")
     four_d = tmp / "cine.nii.gz"
-    sitk.WriteImage(sitk.JoinSeries([small_image, small_image, small_image]), str(four_d))
-    cases["4D"] = (four_d, "cine input is not supported yet")
+    sitk.WriteImage(sitk.JoinSeries([small_image[:, :, 0:1]] * 3), str(four_d))  # a cine of one slice position
+    cases["4D"] = (four_d, "at least 2")
     rgb = tmp / "rgb.nrrd"
     sitk.WriteImage(sitk.Compose([small_image] * 3), str(rgb))
     cases["RGB"] = (rgb, "vector/RGB")

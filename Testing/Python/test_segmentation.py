@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from calid.cli import main
 from calid.imageio import write_image
 from calid.modelindex import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION_FORMAT, list_models
-from calid.segmentation.evaluation import contour_interpolation
+from calid.segmentation.contour import contour_interpolation
 from calid.segmentation.measures import ejection_fractions, structure_volumes
 from calid.segmentation.sparse import densify, shape_depth
 from calid.segmentation.store import load_segmenter

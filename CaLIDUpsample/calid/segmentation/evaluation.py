@@ -3,8 +3,8 @@
 Per labelled stack: (1) the network on every acquired slice against the manual labels; (2) for each K, keep
 slices 0, K, 2K, ..., rebuild the removed slices and score the labels there against the manual ones:
 the network on the CaLID volume, the network on linear interpolation, morphological contour interpolation
-(ITK's MorphologicalContourInterpolator, what a Slicer user would run) of the kept slices' manual labels,
-and ``--input-segmentation`` (kept manual labels + CaLID volume) for each ``shape_mm`` weight.
+of the kept slices' manual labels (``contour``: what a Slicer user would run otherwise), and
+``--input-segmentation`` (kept manual labels + CaLID volume) for each ``shape_mm`` weight.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..evaluation import _patient_filter
 from ..metrics import linear_missing
 from ..modelstore import load_model
 from ..progress import Progress
+from .contour import contour_interpolation, contour_pool
 from .inference import labels_from_probabilities, predict_probabilities
 from .scores import label_scores
 from .sparse import densify
@@ -47,27 +48,12 @@ class SegEvaluateConfig:
     device: str = "auto"
 
 
-def contour_interpolation(kept_labels: np.ndarray, factor: int) -> np.ndarray:
-    """ITK morphological contour interpolation of labels on every K-th slice of a (slices, rows, cols) grid."""
-    import itk  # optional dependency (PyPI itk-morphologicalcontourinterpolation): only this evaluation needs it
-
-    n = kept_labels.shape[0]
-    sparse = np.zeros(((n - 1) * factor + 1, *kept_labels.shape[1:]), dtype=np.uint8)
-    sparse[::factor] = kept_labels
-    image = itk.image_from_array(np.ascontiguousarray(sparse))  # ITK axis 2 is our slice axis
-    interpolator = itk.MorphologicalContourInterpolator.New(image)
-    interpolator.SetAxis(2)
-    interpolator.SetNumberOfWorkUnits(1)  # one stack at a time; ITK's thread pool beside torch's crashed a long run
-    interpolator.Update()
-    return itk.array_from_image(interpolator.GetOutput()).astype(np.uint8)
-
-
 def _removed_scores(labels: np.ndarray, truth: np.ndarray, removed: np.ndarray, spacing) -> dict[str, float]:
     return label_scores(labels[removed], truth[removed], spacing, hd95=False)
 
 
 def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateConfig, interpolator, segmenter,
-                   progress: Progress) -> list[dict]:
+                   progress: Progress, pool=None) -> list[dict]:
     network, card = segmenter
     config = card["config"]
     device = resolve_device(cfg.device)
@@ -100,7 +86,7 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
         methods = {
             "network on CaLID": labels_from_probabilities(calid_prob),
             "network on linear": labels_from_probabilities(linear_prob),
-            "contour interpolation of kept labels": contour_interpolation(truth[:m:factor], factor),
+            "contour interpolation of kept labels": contour_interpolation(truth[:m:factor], factor, pool),
         }
         below, _, alpha = geometry.dense_positions(len(range(0, m, factor)), factor)
         order = geometry.dense_index(below, alpha, factor)
@@ -149,10 +135,11 @@ def evaluate_segmentation(cfg: SegEvaluateConfig, progress_mode: str = "bar") ->
     segmenter = load_segmenter(cfg.segmentation_model, device)
     progress = Progress(progress_mode, len(entries) * len(cfg.factors), "evaluating segmentation")
     rows = []
-    for patient, image_path, label_path in entries:
-        stack_rows = evaluate_stack(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), cfg,
-                                    interpolator, segmenter, progress)
-        rows += [{"patient": patient, "file": image_path.name, **r} for r in stack_rows]
+    with contour_pool() as pool:
+        for patient, image_path, label_path in entries:
+            stack_rows = evaluate_stack(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), cfg,
+                                        interpolator, segmenter, progress, pool)
+            rows += [{"patient": patient, "file": image_path.name, **r} for r in stack_rows]
     progress.close()
     summary = summarise(rows)
     table = markdown_table(summary)

@@ -1,0 +1,283 @@
+"""Cine (2D+T) short-axis stacks: read and check them, upsample every phase in one batched pass, write them back.
+
+A cine is held as a 4D scalar ``SimpleITK.Image`` (x, y, z, t) whose fourth axis has the first frame's time as
+origin and the frame interval as spacing, plus the frame times as read (kept exactly for outputs that can
+store them: sequence NRRD and DICOM). Inputs: a 4D file (NIfTI, MetaImage), a Slicer sequence NRRD
+(``.seq.nrrd``: SimpleITK returns it as a 3D image whose pixel components are the frames, with the frame
+times in the ``axis N index values`` header field), or a DICOM folder whose files repeat each slice position
+once per trigger time (0018,1060). Every phase is put on the same dense grid as a 3D volume would be
+(``engine.upsample_image``), with one intensity map for the whole cine so that the phases stay comparable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import geometry
+from .engine import UpsampleOptions, UpsampleResult, dense_stack, generate_missing_phases, prepare_run
+from .errors import CalidError
+from .imageio import check_pixels, read_dicom_files, read_image, write_image
+from .intensity import IntensityMap
+from .networks import CaLID
+from .progress import Progress
+
+TIME_TOLERANCE = 0.1
+"""Frame intervals may differ by this fraction of the mean interval (trigger times are rounded to ms)."""
+POSITION_DECIMALS = 2
+"""DICOM slice positions (mm along the normal) that agree to this many decimals are the same slice."""
+INDEX_VALUES = re.compile(r"^axis (\d+) index values$")
+SEQUENCE_FIELD = re.compile(r"^axis (\d+) (.+)$")
+NRRD_TYPES = {"int8": "signed char", "uint8": "uchar", "int16": "short", "uint16": "ushort", "int32": "int",
+              "uint32": "uint", "int64": "longlong", "uint64": "ulonglong", "float32": "float", "float64": "double"}
+
+
+@dataclass
+class Cine:
+    """A 4D scalar image (x, y, z, t) with its frame times and the sequence header fields to write back."""
+
+    image: sitk.Image
+    times: tuple[float, ...]
+    sequence_fields: dict[str, str] = field(default_factory=dict)  # "index type", "quantity", ... (no axis number)
+
+    @property
+    def phases(self) -> int:
+        return self.image.GetSize()[3]
+
+
+def check_uniform_times(times: list[float] | tuple[float, ...], where: str) -> None:
+    """Frames must be in increasing, evenly spaced time: a 4D file's time axis has one spacing, and a gap
+    (a missing frame) would otherwise pass unnoticed."""
+    steps = np.diff(np.asarray(times, dtype=float))
+    if len(steps) and (steps.min() <= 0 or np.ptp(steps) > TIME_TOLERANCE * steps.mean()):
+        listed = ", ".join(f"{t:g}" for t in times)
+        raise CalidError(f"{where}: frame times are not uniform (a missing or extra frame?): {listed}")
+
+
+def _with_time_axis(volumes: list[sitk.Image], times: tuple[float, ...]) -> sitk.Image:
+    """Join equally shaped 3D phases into one 4D image whose time origin/spacing are the first time and mean step."""
+    step = float(np.mean(np.diff(times))) if len(times) > 1 else 1.0
+    try:
+        return sitk.JoinSeries(volumes, float(times[0]), step)
+    except RuntimeError as exc:
+        raise CalidError(f"the phases of the cine do not share one grid: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def cine_from_4d(image: sitk.Image) -> Cine:
+    """A 4D file: its time axis is uniform by construction."""
+    origin, step = image.GetOrigin()[3], image.GetSpacing()[3]
+    return Cine(image, tuple(origin + t * step for t in range(image.GetSize()[3])))
+
+
+def sequence_axis(image: sitk.Image) -> int | None:
+    """The list axis number of a sequence NRRD read as a vector image, or None for a plain vector image."""
+    for key in image.GetMetaDataKeys():
+        match = INDEX_VALUES.match(key)
+        if match:
+            return int(match.group(1))
+    is_list = image.HasMetaDataKey("NRRD_kinds[pixel]") and image.GetMetaData("NRRD_kinds[pixel]") == "list"
+    return 0 if is_list and image.GetNumberOfComponentsPerPixel() > 1 else None
+
+
+def cine_from_sequence(image: sitk.Image, axis: int, where: str) -> Cine:
+    """A sequence NRRD (frames as pixel components) -> 4D cine, keeping its index values and fields."""
+    count = image.GetNumberOfComponentsPerPixel()
+    fields = {}
+    for key in image.GetMetaDataKeys():
+        match = SEQUENCE_FIELD.match(key)
+        if match and int(match.group(1)) == axis:
+            fields[match.group(2)] = image.GetMetaData(key)
+    if fields.pop("index type", "numeric") != "numeric":
+        raise CalidError(f"{where}: the sequence index is text, not time: a cine needs numeric frame times")
+    values = fields.pop("index values", " ".join(str(t) for t in range(count))).split()
+    try:
+        times = tuple(float(unquote(v)) for v in values)
+    except ValueError:
+        raise CalidError(f"{where}: sequence index values are not numbers: {' '.join(values[:5])}") from None
+    if len(times) != count:
+        raise CalidError(f"{where}: {len(times)} index values for {count} frames")
+    check_uniform_times(times, where)
+    frames = [sitk.VectorIndexSelectionCast(image, t) for t in range(count)]
+    fields["index type"] = "numeric"
+    return Cine(_with_time_axis(frames, times), times, fields)
+
+
+def _dicom_header(name: str) -> tuple[float, float | None]:
+    """(position along the slice normal in mm, trigger time in ms or None) of one DICOM file."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    reader.ReadImageInformation()
+    position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+    orientation = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+    normal = np.cross(orientation[:3], orientation[3:])
+    trigger = float(reader.GetMetaData("0018|1060")) if reader.HasMetaDataKey("0018|1060") else None
+    return float(position @ normal), trigger
+
+
+def dicom_cine_frames(folder: Path) -> tuple[list[list[str]], tuple[float, ...]] | None:
+    """Files of a DICOM cine folder as (frames[phase] = files in slice order, frame times in ms), or None when
+    no slice position repeats (a 3D series: ``imageio.read_image`` handles it and its errors)."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(series) != 1:
+        return None
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    try:
+        headers = [_dicom_header(name) for name in files]
+    except (RuntimeError, ValueError):
+        return None  # no usable position or orientation: not something to group into a cine
+    positions: dict[float, list[tuple[float | None, str]]] = {}
+    for name, (distance, trigger) in zip(files, headers):
+        positions.setdefault(round(distance, POSITION_DECIMALS), []).append((trigger, name))
+    if all(len(frames) == 1 for frames in positions.values()):
+        return None
+    return _order_frames(positions, folder)
+
+
+def _order_frames(positions: dict[float, list[tuple[float | None, str]]],
+                  folder: Path) -> tuple[list[list[str]], tuple[float, ...]]:
+    """Check that every slice position has the same, uniformly timed frames; order them into phases."""
+    counts = {d: len(frames) for d, frames in positions.items()}
+    most = Counter(counts.values()).most_common(1)[0][0]
+    odd = {d: c for d, c in counts.items() if c != most}
+    if odd:
+        listed = ", ".join(f"{d:g} mm: {c}" for d, c in sorted(odd.items()))
+        raise CalidError(f"DICOM cine in {folder} has mismatched phases (missing or extra frames): most slice "
+                         f"positions have {most} phases, but {listed}")
+    per_position = []
+    for distance in sorted(positions):
+        frames = positions[distance]
+        if any(trigger is None for trigger, _ in frames):
+            raise CalidError(f"DICOM cine in {folder}: slice position {distance:g} mm repeats without trigger times "
+                             "(0018,1060): cannot order its phases")
+        frames = sorted(frames, key=lambda frame: frame[0])
+        triggers = [trigger for trigger, _ in frames]
+        if len(set(triggers)) != len(triggers):
+            raise CalidError(f"DICOM cine in {folder}: slice position {distance:g} mm has two frames with the same "
+                             "trigger time (two series mixed?)")
+        check_uniform_times(triggers, f"DICOM cine in {folder}, slice position {distance:g} mm")
+        per_position.append(frames)
+    times = tuple(float(np.mean([frames[t][0] for frames in per_position])) for t in range(most))
+    return [[frames[t][1] for frames in per_position] for t in range(most)], times
+
+
+def read_input(path: str | os.PathLike) -> sitk.Image | Cine:
+    """The input as a 3D image, or as a ``Cine`` when it has several phases (validated either way later)."""
+    path = Path(path)
+    if path.is_dir():
+        found = dicom_cine_frames(path)
+        if found is not None:
+            frames, times = found
+            return Cine(_with_time_axis([read_dicom_files(files, path) for files in frames], times), times)
+    image = read_image(path)
+    if image.GetDimension() == 4 and image.GetSize()[3] > 1:
+        return cine_from_4d(image)
+    axis = sequence_axis(image) if image.GetDimension() == 3 else None
+    return image if axis is None else cine_from_sequence(image, axis, str(path))
+
+
+def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaLID | None = None,
+                  progress: Progress | None = None, want_uncertainty: bool = False) -> UpsampleResult:
+    """Every phase on the dense grid (4D image, time axis kept), all phases generated in one batched pass.
+
+    Acquired slices of every phase are copied unchanged; ``options.cine_noise`` picks shared or independent
+    starting noise across phases.
+    """
+    options = options or UpsampleOptions()
+    started = time.perf_counter()
+    image = check_pixels(cine.image)
+    axis, factor, device, model, steps = prepare_run(image, options, model, want_uncertainty)
+    loaded = time.perf_counter()
+
+    array = sitk.GetArrayFromImage(image)  # (t, z, y, x)
+    stacks = np.stack([geometry.to_stack(phase, axis) for phase in array])
+    intensity = IntensityMap.fit(stacks)
+    generated = generate_missing_phases(model, intensity.to_network(stacks), factor, steps, options.seed,
+                                        options.samples, options.plus, device, options.batch_size, progress,
+                                        shared_noise=options.cine_noise == "shared")
+    generated = intensity.from_network(generated)
+    mean = generated.mean(axis=0)
+    dense = [dense_stack(stacks[t], mean[t], factor, array.dtype) for t in range(cine.phases)]
+    result = _dense_cine(dense, image, axis, factor)
+    uncertainty = None
+    if want_uncertainty:
+        spread = generated.std(axis=0)
+        zeros = np.zeros(stacks.shape[1:], np.float32)
+        uncertainty = _dense_cine([dense_stack(zeros, spread[t], factor, np.float32) for t in range(cine.phases)],
+                                  image, axis, factor)
+    done = time.perf_counter()
+    return UpsampleResult(result, uncertainty, factor, axis, done - started, str(device),
+                          {"load_s": loaded - started, "generate_s": done - loaded})
+
+
+def _dense_cine(dense_stacks: list[np.ndarray], reference: sitk.Image, axis: int, factor: int) -> sitk.Image:
+    """Per-phase dense stacks -> 4D image with ``geometry.dense_image``'s geometry (time axis as the input's)."""
+    return geometry.dense_image(np.stack([geometry.from_stack(d, axis) for d in dense_stacks]), reference, axis,
+                                factor)
+
+
+def write_cine(image: sitk.Image, like: Cine, path: str | os.PathLike) -> Path:
+    """Write a 4D image with ``like``'s frame times: ``.nrrd`` as a Slicer sequence, a suffix-less path as a
+    DICOM cine folder, other suffixes (NIfTI, MetaImage) as a 4D file."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".nhdr"):
+        raise CalidError("a cine is written as .seq.nrrd, .nrrd, .nii.gz, .nii, .mha or a DICOM folder, not .nhdr")
+    if name.endswith(".nrrd"):
+        return _write_sequence_nrrd(image, like, path)
+    return write_image(image, path, frame_times=like.times)
+
+
+def _sequence_header(image: sitk.Image, like: Cine) -> str:
+    """Header of a sequence NRRD as Slicer writes it: list axis last (axis 3), frame times as index values."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    direction = np.asarray(image.GetDirection()).reshape(4, 4)[:3, :3]
+    axes = " ".join("(" + ",".join(f"{v:.17g}" for v in direction[:, j] * spacing[j]) + ")" for j in range(3))
+    dtype = sitk.GetArrayViewFromImage(image).dtype
+    values = " ".join(quote(f"{t:.17g}") for t in like.times)
+    fields = {"index type": "numeric", **like.sequence_fields, "index values": values}
+    lines = ["NRRD0004", f"type: {NRRD_TYPES[dtype.name]}", "dimension: 4", "space: left-posterior-superior",
+             "sizes: " + " ".join(str(s) for s in size), f"space directions: {axes} none",
+             "kinds: domain domain domain list", "endian: little", "encoding: gzip",
+             "space origin: (" + ",".join(f"{v:.17g}" for v in image.GetOrigin()[:3]) + ")",
+             "DataNodeClassName:=vtkMRMLScalarVolumeNode"]
+    lines += [f"axis 3 {key}:={value}" for key, value in fields.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+def _write_sequence_nrrd(image: sitk.Image, like: Cine, path: Path) -> Path:
+    """Atomic like ``imageio.write_image``: a temporary file beside the destination, renamed when complete."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CalidError(f"output folder does not exist: {parent}")
+    array = sitk.GetArrayFromImage(image)  # (t, z, y, x): x fastest, the list axis slowest, as in the header
+    handle, staging = tempfile.mkstemp(prefix=".calid-", suffix=".seq.nrrd", dir=parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(_sequence_header(image, like).encode("ascii"))
+            out.write(gzip.compress(array.astype(array.dtype.newbyteorder("<")).tobytes(), compresslevel=6))
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+    return path
+
+
+def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: UpsampleOptions | None = None,
+                       uncertainty_path: str | os.PathLike | None = None, model: CaLID | None = None,
+                       progress: Progress | None = None) -> UpsampleResult:
+    """Upsample a cine read by ``read_input`` and write it (and its uncertainty) in the output's form."""
+    result = upsample_cine(cine, options, model, progress, want_uncertainty=uncertainty_path is not None)
+    write_cine(result.image, cine, output_path)
+    if uncertainty_path is not None:
+        write_cine(result.uncertainty, cine, uncertainty_path)
+    return result

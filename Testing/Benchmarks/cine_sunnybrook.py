@@ -1,0 +1,157 @@
+"""Cine upsampling on the 5 Sunnybrook cines: removed-slice quality over all phases, temporal flicker, speed.
+
+    python Testing/Benchmarks/cine_sunnybrook.py [--data ../shared/data/sunnybrook] [--threads 2] [--model NAME]
+
+Protocol (``shared/docs/evaluation.md``, K=2, every phase): keep slices 0, 2, 4, ... of each 4D cine, upsample
+the kept cine by 2 with the bundled model's default options, and score only the removed slices against the real
+ones (``calid.metrics.slice_scores``, whole slice and heart box = labelled region of any phase + 10 px) next to
+linear interpolation (``calid.metrics.linear_missing``); scores are averaged over phases, then over patients.
+Flicker: mean absolute phase-to-phase difference of the removed slices' estimates divided by the same quantity
+on the real removed slices (1 = as much frame-to-frame change as the real cine), for shared starting noise
+across phases (the default) and independent per-phase noise. Speed: wall time of one whole ``calid upsample``
+process (start, imports, model load, read, generate, write) on a 20-phase cine with >= 12 slices, x2, CPU.
+Not a test: it prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "CaLIDUpsample"))
+
+from calid import geometry  # noqa: E402
+from calid.cine import cine_from_4d, upsample_cine  # noqa: E402
+from calid.engine import UpsampleOptions  # noqa: E402
+from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402
+from calid.modelstore import load_model  # noqa: E402
+
+FACTOR = 2
+NOISES = ("shared", "independent")
+
+
+def removed_slice_case(path: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray, tuple[slice, slice] | None]:
+    """(kept 4D cine, real stacks (t, n, h, w) truncated to the last kept slice, kept stacks, heart box)."""
+    image = sitk.ReadImage(str(path))
+    axis = geometry.find_slice_axis(image)
+    assert axis == 2, f"{path.name}: slice axis {axis}, expected k"
+    last = (image.GetSize()[2] - 1) // FACTOR * FACTOR
+    kept = image[:, :, 0:last + 1:FACTOR, :]
+    real = np.stack([geometry.to_stack(a, axis) for a in sitk.GetArrayFromImage(image)])[:, :last + 1]
+    labels_path = path.with_name(path.name.replace("_sa_cine.nii.gz", "_sa_cine_contours.nii.gz"))
+    box = None
+    if labels_path.is_file():
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
+        box = heart_box(labels.reshape(-1, *labels.shape[-2:]) > 0)
+    return kept, real, real[:, ::FACTOR], box
+
+
+def flicker(stacks: np.ndarray) -> float:
+    """Mean absolute difference between consecutive phases (axis 0) of float stacks."""
+    return float(np.abs(np.diff(stacks.astype(np.float64), axis=0)).mean())
+
+
+def phase_scores(real: np.ndarray, estimate: np.ndarray, box) -> np.ndarray:
+    """(phases, 4): PSNR, SSIM whole slice, PSNR, SSIM heart box of the removed slices, per phase."""
+    rows = []
+    for t in range(real.shape[0]):
+        removed = real[t, 1::FACTOR]
+        rows.append([*slice_scores(removed, estimate[t], real[t]),
+                     *(slice_scores(removed, estimate[t], real[t], box) if box else (np.nan, np.nan))])
+    return np.asarray(rows)
+
+
+def evaluate_case(path: Path, model) -> dict:
+    kept_image, real, kept, box = removed_slice_case(path)
+    removed = real[:, 1::FACTOR]
+    linear = np.stack([linear_missing(k, FACTOR) for k in kept])
+    row = {"case": path.name.split("_")[0], "size": "x".join(str(s) for s in sitk.ReadImage(str(path)).GetSize()),
+           "linear": phase_scores(real, linear, box).mean(axis=0), "flicker_real": flicker(removed),
+           "flicker_linear": flicker(linear) / flicker(removed)}
+    for noise in NOISES:
+        started = time.perf_counter()
+        result = upsample_cine(cine_from_4d(kept_image), UpsampleOptions(factor=FACTOR, device="cpu", cine_noise=noise),
+                               model=model)
+        dense = np.stack([geometry.to_stack(a, 2) for a in sitk.GetArrayFromImage(result.image)])
+        assert dense.shape == real.shape and np.array_equal(dense[:, ::FACTOR], kept), "acquired slices changed"
+        estimate = dense[:, 1::FACTOR]
+        row[noise] = phase_scores(real, estimate, box).mean(axis=0)
+        row[f"flicker_{noise}"] = flicker(estimate) / flicker(removed)
+        row[f"seconds_{noise}"] = time.perf_counter() - started
+    return row
+
+
+def time_cli(path: Path, threads: int, model: str | None) -> float:
+    """Wall seconds of one whole ``calid upsample`` process, x2, CPU."""
+    with tempfile.TemporaryDirectory() as folder:
+        cmd = [sys.executable, "-m", "calid", "upsample", str(path), str(Path(folder) / "dense.nii.gz"), "--factor",
+               str(FACTOR), "--device", "cpu", "--threads", str(threads), "--progress", "none"]
+        if model:
+            cmd += ["--model", model]
+        env = {**os.environ, "PYTHONPATH": str(REPO / "CaLIDUpsample")}
+        started = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        return time.perf_counter() - started
+
+
+def table(rows: list[dict], speed: tuple[str, float], threads: int) -> str:
+    def fmt(values) -> str:
+        return " | ".join(f"{v:.2f}" if i % 2 == 0 else f"{v:.3f}" for i, v in enumerate(values))
+
+    lines = ["| cine (x,y,z,t) | method | PSNR dB | SSIM | heart PSNR dB | heart SSIM | flicker ratio "
+             "| s (in-process) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in [*rows, mean_row(rows)]:
+        name = f"{row['case']} ({row['size']})"
+        lines.append(f"| {name} | linear | {fmt(row['linear'])} | {row['flicker_linear']:.3f} | |")
+        for noise in NOISES:
+            lines.append(f"| {name} | CaLID, {noise} noise | {fmt(row[noise])} | {row[f'flicker_{noise}']:.3f} | "
+                         f"{row[f'seconds_{noise}']:.1f} |")
+    mean = mean_row(rows)
+    lines += ["", f"CaLID (shared noise) - linear, PSNR averaged over phases and cines: "
+                  f"{mean['shared'][0] - mean['linear'][0]:+.2f} dB whole slice, "
+                  f"{mean['shared'][2] - mean['linear'][2]:+.2f} dB heart box (target +1.5 dB).",
+              f"Whole `calid upsample` process on {speed[0]} x2, CPU, --threads {threads}: {speed[1]:.1f} s "
+              f"(target <= 120 s; 1-min load after the run {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)."]
+    return "\n".join(lines)
+
+
+def mean_row(rows: list[dict]) -> dict:
+    keys = [k for k in rows[0] if k not in ("case", "size")]
+    return {"case": "mean", "size": f"{len(rows)} cines", **{k: np.mean([r[k] for r in rows], axis=0) for k in keys}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sunnybrook")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", help="model name or directory (default: bundled)")
+    parser.add_argument("--skip-timing", action="store_true")
+    args = parser.parse_args()
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    torch.set_num_threads(args.threads)
+    cases = sorted(args.data.glob("SCD*_sa_cine.nii.gz"))
+    model, _ = load_model(args.model, torch.device("cpu"))
+    rows = []
+    for path in cases:
+        rows.append(evaluate_case(path, model))
+        print(f"{path.name}: done", file=sys.stderr, flush=True)
+    big = next(p for p in cases if sitk.ReadImage(str(p)).GetSize()[2] >= 12)
+    size = "x".join(str(s) for s in sitk.ReadImage(str(big)).GetSize())
+    speed = (f"{big.name.split('_')[0]} ({size})", float("nan") if args.skip_timing else time_cli(big, args.threads,
+                                                                                                    args.model))
+    print(table(rows, speed, args.threads))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Cine (2D+T) input: geometry and time kept, acquired slices exact in every phase, shared noise, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from calid.cine import Cine, read_input, write_cine
+from calid.cli import main
+from calid.engine import UpsampleOptions, generate_missing, generate_missing_phases
+from calid.errors import CalidError
+from calid.imageio import write_image
+from calid.modelstore import load_model
+from calid.progress import Progress
+
+TIMES = (25.0, 65.0, 105.0)
+
+
+def make_cine(volume: sitk.Image, times=TIMES) -> sitk.Image:
+    """A 4D cine from the real (oblique) sample: one shifted copy per phase, time origin and spacing set."""
+    frames = [sitk.Cast(volume, sitk.sitkInt16) + 7 * t for t in range(len(times))]
+    return sitk.JoinSeries(frames, times[0], times[1] - times[0])
+
+
+def upsample(source, target, *extra, model) -> int:
+    return main(["upsample", str(source), str(target), "--model", str(model), "--steps", "1", "--progress", "none",
+                 *map(str, extra)])
+
+
+def stacks(image: sitk.Image) -> np.ndarray:
+    """(t, z, y, x) voxels of a 4D image or of a sequence NRRD read as vectors."""
+    array = sitk.GetArrayFromImage(image)
+    return np.moveaxis(array, -1, 0) if image.GetNumberOfComponentsPerPixel() > 1 else array
+
+
+@pytest.fixture
+def cine(small_image) -> sitk.Image:
+    return make_cine(small_image)
+
+
+def test_4d_nifti_round_trip_keeps_geometry_time_and_acquired_slices(cine, tmp_path, tiny_model_dir):
+    source = tmp_path / "cine.nii.gz"
+    sitk.WriteImage(cine, str(source))
+    assert upsample(source, tmp_path / "dense.nii.gz", "--factor", "2", model=tiny_model_dir) == 0
+    dense = sitk.ReadImage(str(tmp_path / "dense.nii.gz"))
+    assert dense.GetSize() == (64, 64, 11, 3)
+    assert dense.GetPixelID() == cine.GetPixelID()
+    np.testing.assert_allclose(dense.GetSpacing(), [*cine.GetSpacing()[:2], cine.GetSpacing()[2] / 2, 40.0], rtol=1e-6)
+    np.testing.assert_allclose(dense.GetOrigin(), cine.GetOrigin(), atol=1e-4)
+    assert dense.GetOrigin()[3] == pytest.approx(TIMES[0])
+    np.testing.assert_allclose(dense.GetDirection(), cine.GetDirection(), atol=1e-6)
+    assert np.array_equal(stacks(dense)[:, ::2], stacks(cine))
+
+
+def test_sequence_nrrd_round_trip_keeps_frame_times_and_fields(small_image, tmp_path, tiny_model_dir):
+    times = (0.0, 33.5, 67.0, 100.5)
+    four_d = make_cine(small_image[:, :, :3], times)
+    source = tmp_path / "cine.seq.nrrd"
+    write_cine(four_d, Cine(four_d, times, {"quantity": "time", "unit": "ms"}), source)
+    read = read_input(source)
+    assert isinstance(read, Cine) and read.times == times
+    assert read.sequence_fields == {"index type": "numeric", "quantity": "time", "unit": "ms"}
+    assert upsample(source, tmp_path / "dense.seq.nrrd", "--factor", "3", model=tiny_model_dir) == 0
+    dense = sitk.ReadImage(str(tmp_path / "dense.seq.nrrd"))
+    assert dense.GetNumberOfComponentsPerPixel() == 4 and dense.GetSize() == (64, 64, 7)
+    assert dense.GetMetaData("NRRD_kinds[pixel]") == "list"
+    assert dense.GetMetaData("axis 3 index values") == "0 33.5 67 100.5"
+    assert dense.GetMetaData("axis 3 unit") == "ms"
+    np.testing.assert_allclose(dense.GetDirection(), small_image.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(dense.GetOrigin(), small_image.GetOrigin(), atol=1e-9)
+    assert np.array_equal(stacks(dense)[:, ::3], stacks(four_d))
+
+
+def test_sequence_with_list_axis_first_is_read(small_image, tmp_path):
+    """Older Slicer versions wrote the frames as the first NRRD axis (axis 0 index values)."""
+    volume = sitk.Cast(small_image[:8, :8, :3], sitk.sitkInt16)
+    vector = sitk.Compose([volume, volume + 1, volume + 2])
+    vector.SetMetaData("axis 0 index type", "numeric")
+    vector.SetMetaData("axis 0 index values", "10 20 30")
+    sitk.WriteImage(vector, str(tmp_path / "old.seq.nrrd"))
+    read = read_input(tmp_path / "old.seq.nrrd")
+    assert isinstance(read, Cine) and read.times == (10.0, 20.0, 30.0)
+    assert np.array_equal(stacks(read.image)[2], sitk.GetArrayFromImage(volume + 2))
+
+
+def test_dicom_cine_round_trip(cine, tmp_path, tiny_model_dir):
+    write_image(cine, tmp_path / "cine_dicom")
+    assert len(list((tmp_path / "cine_dicom").iterdir())) == 18
+    read = read_input(tmp_path / "cine_dicom")
+    assert isinstance(read, Cine) and read.times == TIMES
+    assert np.array_equal(stacks(read.image), stacks(cine))
+    assert upsample(tmp_path / "cine_dicom", tmp_path / "dense_dicom", model=tiny_model_dir) == 0
+    dense = read_input(tmp_path / "dense_dicom")
+    assert dense.times == TIMES and dense.image.GetSize() == (64, 64, 11, 3)
+    assert np.array_equal(stacks(dense.image)[:, ::2], stacks(cine))
+
+
+def test_phases_batched_with_shared_noise_equal_single_stacks(small_image, tiny_model_dir):
+    """Shared noise: each phase gets exactly the noise a single stack gets, so batching changes nothing."""
+    model, _ = load_model(str(tiny_model_dir), torch.device("cpu"))
+    phases = np.random.default_rng(0).normal(size=(3, 4, 32, 32)).astype(np.float32)
+    together = generate_missing_phases(model, phases, 2, 2, seed=3, samples=2)
+    for t in range(3):
+        alone = generate_missing(model, phases[t], 2, 2, seed=3, samples=2)
+        np.testing.assert_allclose(together[:, t], alone, atol=1e-5)
+    again = generate_missing_phases(model, phases, 2, 2, seed=3, samples=2)
+    assert np.array_equal(together, again)
+
+
+def test_shared_noise_is_identical_across_equal_phases_and_independent_is_not(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir), torch.device("cpu"))
+    phase = np.random.default_rng(1).normal(size=(3, 32, 32)).astype(np.float32)
+    same = np.stack([phase] * 3)
+    shared = generate_missing_phases(model, same, 2, 2, seed=0, shared_noise=True)
+    independent = generate_missing_phases(model, same, 2, 2, seed=0, shared_noise=False)
+    np.testing.assert_allclose(shared[:, 1], shared[:, 0], atol=1e-5)
+    assert np.abs(independent[:, 1] - independent[:, 0]).max() > 1e-3
+
+
+def test_one_progress_over_the_whole_cine(cine, tiny_model_dir):
+    from calid.cine import Cine, upsample_cine
+
+    stream = io.StringIO()
+    progress = Progress("json", stream=stream)
+    upsample_cine(Cine(cine, TIMES), UpsampleOptions(factor=2, steps=2, device="cpu", model=str(tiny_model_dir)),
+                  progress=progress)
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert progress.total == 3 * 6 + 3 * 5 * 2 + 3 * 5 + 3 * 6  # encode, 2 steps, decode, reconstruct
+
+
+def test_cine_uncertainty_is_zero_on_acquired_slices(cine, tmp_path, tiny_model_dir):
+    source = tmp_path / "cine.nii.gz"
+    sitk.WriteImage(cine, str(source))
+    assert upsample(source, tmp_path / "dense.nii.gz", "--samples", "2", "--uncertainty", tmp_path / "sd.nii.gz",
+                    model=tiny_model_dir) == 0
+    spread = stacks(sitk.ReadImage(str(tmp_path / "sd.nii.gz")))
+    assert spread.shape == (3, 11, 64, 64)
+    assert not spread[:, ::2].any() and spread[:, 1::2].mean() > 0
+
+
+def sequence_file(path: Path, volume: sitk.Image, values: str, index_type: str = "numeric") -> Path:
+    frames = [sitk.Cast(volume, sitk.sitkInt16) + t for t in range(len(values.split()))]
+    vector = sitk.Compose(frames)
+    vector.SetMetaData("axis 0 index type", index_type)
+    vector.SetMetaData("axis 0 index values", values)
+    sitk.WriteImage(vector, str(path))
+    return path
+
+
+def dicom_cine(folder: Path, cine: sitk.Image) -> Path:
+    write_image(cine, folder)
+    return folder
+
+
+def rewrite_dicom(path: Path, **tags: str) -> None:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    image = reader.Execute()
+    for tag, value in tags.items():
+        image.SetMetaData(tag.replace("_", "|"), value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(image)
+
+
+def bad_cines(tmp: Path, small_image: sitk.Image, cine: sitk.Image) -> dict[str, tuple[Path, str]]:
+    cases = {"non-uniform time": (sequence_file(tmp / "uneven.seq.nrrd", small_image, "0 40 120 160"),
+                                  "frame times are not uniform"),
+             "text index": (sequence_file(tmp / "text.seq.nrrd", small_image, "pre post", "text"), "is text"),
+             "one slice": (tmp / "one.nii.gz", "at least 2 acquired slices")}
+    sitk.WriteImage(make_cine(small_image[:, :, 2:3]), str(tmp / "one.nii.gz"))
+    missing = dicom_cine(tmp / "missing_frame", cine)
+    (missing / "phase002_slice0003.dcm").unlink()
+    cases["DICOM missing frame"] = (missing, "mismatched phases (missing or extra frames)")
+    extra = dicom_cine(tmp / "extra_frame", cine)
+    copy = extra / "phase004_slice0002.dcm"
+    copy.write_bytes((extra / "phase003_slice0002.dcm").read_bytes())
+    rewrite_dicom(copy, **{"0018_1060": "145", "0008_0018": "1.2.3.4.5.6.7"})
+    cases["DICOM extra frame"] = (extra, "positions have 3 phases, but")
+    uneven = dicom_cine(tmp / "uneven_dicom", cine)
+    for k in range(1, 7):
+        rewrite_dicom(uneven / f"phase003_slice{k:04d}.dcm", **{"0018_1060": "200"})
+    cases["DICOM non-uniform trigger times"] = (uneven, "frame times are not uniform")
+    duplicate = dicom_cine(tmp / "duplicate", cine)
+    rewrite_dicom(duplicate / "phase002_slice0004.dcm", **{"0018_1060": "25"})
+    cases["DICOM duplicate trigger time"] = (duplicate, "same trigger time")
+    return cases
+
+
+BAD = ["non-uniform time", "text index", "one slice", "DICOM missing frame", "DICOM extra frame",
+       "DICOM non-uniform trigger times", "DICOM duplicate trigger time"]
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_cine_input_is_one_line_error_and_no_output(name, small_image, cine, tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "in").mkdir()
+    source, expected = bad_cines(tmp_path / "in", small_image, cine)[name]
+    code = upsample(source, tmp_path / "out.nii.gz", model=tiny_model_dir)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("calid: error:") and expected in err and len(err.splitlines()) == 1, err
+    assert [p.name for p in tmp_path.iterdir() if p.name != "in"] == []
+
+
+def test_segmentation_of_a_cine_and_bad_noise_option_are_refused(cine, tmp_path, tiny_model_dir, capsys):
+    source = tmp_path / "cine.nii.gz"
+    sitk.WriteImage(cine, str(source))
+    seg = tmp_path / "seg.nii.gz"
+    assert upsample(source, tmp_path / "out.nii.gz", "--segmentation", seg, model=tiny_model_dir) == 2
+    assert "not available for cine" in capsys.readouterr().err
+    with pytest.raises(CalidError, match="--cine-noise"):
+        UpsampleOptions(cine_noise="random").check()
