@@ -44,11 +44,12 @@ class CaLIDUpsample(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Fills the gaps between short-axis cardiac MRI slices with CaLID, a latent diffusion model conditioned "
             "on the neighbouring acquired slices. Acquired slices are kept unchanged; the output lies exactly where "
-            "the input lies. Research use only, not for diagnosis."
+            "the input lies. Optionally segments the dense volume (RV cavity, LV myocardium, LV cavity) with their "
+            "volumes, or fills your own segmentation of the acquired slices. Research use only, not for diagnosis."
         )
         self.parent.acknowledgementText = _(
             "Method: Bubeck et al., Latent Interpolation Learning Using Diffusion Models for Cardiac Volume "
-            "Reconstruction, arXiv 2508.13826. Bundled model trained on ACDC (Bernard et al., IEEE TMI 2018; "
+            "Reconstruction, arXiv 2508.13826. Bundled models trained on ACDC (Bernard et al., IEEE TMI 2018; "
             "non-commercial). Sample data: Sunnybrook Cardiac Data (Radau et al., MIDAS Journal 2009; CC0)."
         )
         slicer.app.connect("startupCompleted()", registerSampleData)
