@@ -70,6 +70,14 @@ def registerSampleData():
     )
 
 
+def sequenceBrowserOf(volume):
+    """The browser playing ``volume`` as a proxy (a cine frame), or None: a cine is upsampled as a sequence, and
+    a previous result's proxy must not be reused as the output of the next one (that would tie two sequences)."""
+    if volume is None:
+        return None
+    return slicer.modules.sequences.logic().GetFirstBrowserNodeForProxyNode(volume)
+
+
 def selectComboData(combo, value):
     index = combo.findData(value)
     if index >= 0:
@@ -321,9 +329,12 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             return
         p = self._parameterNode
         self.ui.logTextEdit.clear()
+        browser = sequenceBrowserOf(p.inputVolume)
+        output = None if browser is not None and sequenceBrowserOf(p.outputVolume) is not None else p.outputVolume
         with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
             self.logic.process(
-                p.inputVolume, p.outputVolume, factor=p.factor, spacing=p.targetSpacing if p.useTargetSpacing else None,
+                p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,
+                spacing=p.targetSpacing if p.useTargetSpacing else None,
                 device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model,
                 uncertaintyVolume=p.uncertaintyVolume if p.samples > 1 else None, outputSegmentation=p.outputSegmentation,
                 inputSegmentation=p.inputSegmentation if p.outputSegmentation else None, waitForCompletion=False,

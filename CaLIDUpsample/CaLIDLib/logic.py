@@ -3,6 +3,9 @@
 The input node is written to a temporary NRRD, ``calid upsample --progress json`` runs with Slicer's Python,
 and only when it succeeds is the result loaded into the output node (created then, so a cancelled or failed
 run leaves the scene unchanged). Starting, polling, cancelling and cleaning up are ``WorkerLogic``'s.
+
+A cine (the proxy volume of a sequence browser) goes to the worker as one ``.seq.nrrd``; its result becomes a
+new sequence synchronized in the same browser, so the dense frames play with the input (``sequences.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 from .background import ProgressCallback, WorkerError, WorkerLogic
 from .segmentations import load_labels_into_segmentation, volumes_table, write_segmentation_labels
+from .sequences import add_to_browser, find_sequence, read_sequence_like, write_sequence
 from .volumes import update_node_from_file, write_node
 
 __all__ = ["CaLIDUpsampleLogic", "WorkerError"]
@@ -43,8 +47,13 @@ class CaLIDUpsampleLogic(WorkerLogic):
     def process(self, inputVolume, outputVolume=None, factor=2, spacing=None, device="auto", steps=None, seed=0,
                 outputSegmentation=None, waitForCompletion=True, progressCallback: ProgressCallback | None = None,
                 model=None, samples=1, uncertaintyVolume=None, onFinished=None, inputSegmentation=None,
-                outputTable=None):
+                outputTable=None, sequenceBrowser=None):
         """Upsample ``inputVolume``; returns the output volume node (blocking) or None (non-blocking).
+
+        When ``inputVolume`` is the proxy of a sequence browser (``sequenceBrowser``, or found in the scene),
+        every frame is upsampled: the result is a new sequence (same index name, unit and values) added to that
+        browser, and the returned volume is its proxy (``outputVolume`` when given). Segmentation and
+        uncertainty outputs apply to single volumes only.
 
         ``outputSegmentation``: also segment the dense volume into it (RV cavity, LV myocardium, LV cavity),
         from ``inputSegmentation`` (the user's segments on the acquired slices, kept exactly) when given;
@@ -57,6 +66,11 @@ class CaLIDUpsampleLogic(WorkerLogic):
             raise ValueError("the output volume must not be the input volume")
         if inputSegmentation is not None and outputSegmentation is None:
             raise ValueError("an input segmentation needs an output segmentation to fill")
+        cine = find_sequence(self.scene, inputVolume, sequenceBrowser)
+        if cine is not None:
+            return self._processSequence(inputVolume, *cine, outputVolume, factor, spacing, device, steps, seed, model,
+                                         samples, progressCallback, onFinished, waitForCompletion,
+                                         unsupported=(outputSegmentation, inputSegmentation, uncertaintyVolume))
 
         def prepare(folder: Path):
             write_node(inputVolume, folder / "input.nrrd")
@@ -75,6 +89,35 @@ class CaLIDUpsampleLogic(WorkerLogic):
         return self._runWorker(prepare, progressCallback, onFinished, waitForCompletion)
 
     # ------------------------------------------------------------------ internals
+    def _processSequence(self, inputVolume, browser, sequence, outputVolume, factor, spacing, device, steps, seed,
+                         model, samples, progressCallback, onFinished, waitForCompletion, unsupported):
+        """The cine run: the whole sequence in one worker call (one intensity map, phases batched)."""
+        if any(node is not None for node in unsupported):
+            raise ValueError("segmentation and uncertainty outputs are for single volumes, not for sequences")
+        name = f"{sequence.GetName()}_CaLID" + ("" if spacing else f"_x{factor}")
+
+        def prepare(folder: Path):
+            write_sequence(sequence, folder / "input.seq.nrrd")
+            command = self.workerCommand(folder / "input.seq.nrrd", folder / "output.seq.nrrd", factor, spacing,
+                                         device, steps, seed, model, samples)
+            return command, lambda: self._loadSequence(folder / "output.seq.nrrd", inputVolume, browser, sequence,
+                                                       outputVolume, name)
+
+        return self._runWorker(prepare, progressCallback, onFinished, waitForCompletion)
+
+    def _loadSequence(self, path: Path, inputVolume, browser, sequence, outputVolume, name: str):
+        """Output sequence into the input's browser; on any failure the new sequence is removed again."""
+        output = read_sequence_like(self.scene, path, sequence, name)
+        try:
+            proxy = add_to_browser(self.scene, browser, output, outputVolume)
+        except Exception:
+            browser.RemoveSynchronizedSequenceNode(output.GetID())
+            self.scene.RemoveNode(output)
+            raise
+        self._showLikeInput(inputVolume, proxy)
+        self._placeBeside(inputVolume, output)
+        return proxy
+
     def _loadOutputs(self, folder: Path, inputVolume, outputVolume, uncertaintyVolume, name: str,
                      outputSegmentation=None, outputTable=None):
         output = outputVolume or self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)

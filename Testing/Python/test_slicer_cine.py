@@ -1,0 +1,127 @@
+"""Cine (2D+T) through CaLIDUpsampleLogic with slicer-core's real sequence, browser and proxy nodes.
+
+A sequence in, a sequence out: the dense frames become a new sequence in the input's browser, with the input's
+time index, and every frame's acquired slices stay bit for bit where the input frame had them.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+
+from CaLIDLib import CaLIDUpsampleLogic, WorkerError  # noqa: E402
+from test_slicer_logic import node_array, private_tmp, ras, sample_array, volume_node  # noqa: E402,F401
+
+pytestmark = [pytest.mark.slicer, pytest.mark.slow]
+
+TIMES = ("0", "40", "80")
+
+
+@pytest.fixture
+def sequences_logic(monkeypatch):
+    """A scene managed by the Sequences logic, as in the application (it registers the browser node class),
+    reachable as ``slicer.modules.sequences.logic()`` as there."""
+    logic = slicer.vtkSlicerSequencesLogic()
+    logic.SetMRMLScene(slicer.vtkMRMLScene())
+    monkeypatch.setattr(slicer, "modules", SimpleNamespace(sequences=SimpleNamespace(logic=lambda: logic)),
+                        raising=False)
+    return logic
+
+
+@pytest.fixture
+def cine(sequences_logic, sample_array):
+    """(scene, browser, input sequence, proxy): three phases of the real sample, oblique, at 0/40/80 ms."""
+    scene = sequences_logic.GetMRMLScene()
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "SAX cine")
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("ms")
+    for t, value in enumerate(TIMES):
+        frame = volume_node(scene, np.roll(sample_array, 3 * t, axis=2) + np.int16(5 * t), name=f"frame{t}")
+        sequence.SetDataNodeAtValue(frame, value)
+        scene.RemoveNode(frame)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "SAX cine browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    sequences_logic.UpdateProxyNodesFromSequences(browser)
+    return scene, browser, sequence, browser.GetProxyNode(sequence)
+
+
+def counts(scene) -> tuple[int, ...]:
+    return tuple(scene.GetNodesByClass(c).GetNumberOfItems() for c in
+                 ("vtkMRMLScalarVolumeNode", "vtkMRMLSequenceNode", "vtkMRMLSequenceBrowserNode"))
+
+
+def test_sequence_in_sequence_out_in_the_same_browser(cine, tiny_model_dir, private_tmp):
+    scene, browser, sequence, proxy = cine
+    assert proxy is not None and browser.IsProxyNode(proxy.GetID())
+    out = CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, factor=2, device="cpu", steps=1,
+                                                                   model=str(tiny_model_dir))
+    assert out is not None and out is not proxy and browser.IsProxyNode(out.GetID())
+    dense = browser.GetSequenceNode(out)
+    assert dense is not sequence and dense.GetName() == "SAX cine_CaLID_x2"
+    assert browser.IsSynchronizedSequenceNodeID(dense.GetID()) and browser.GetMasterSequenceNode() is sequence
+    assert dense.GetNumberOfDataNodes() == 3 and (dense.GetIndexName(), dense.GetIndexUnit()) == ("time", "ms")
+    assert tuple(dense.GetNthIndexValue(i) for i in range(3)) == TIMES
+    for t in range(3):
+        before, after = sequence.GetNthDataNode(t), dense.GetNthDataNode(t)
+        a, b = node_array(before), node_array(after)
+        assert b.shape == (2 * a.shape[0] - 1, *a.shape[1:])
+        assert np.array_equal(b[::2], a)  # acquired slices bit for bit
+        for k in range(a.shape[0]):
+            for ij in ((0, 0), (63, 0), (0, 63), (40, 17)):
+                np.testing.assert_allclose(ras(after, (*ij, 2 * k)), ras(before, (*ij, k)), atol=1e-4)
+    assert np.array_equal(node_array(out), node_array(dense.GetNthDataNode(browser.GetSelectedItemNumber())))
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_explicit_browser_and_output_volume_as_proxy(cine, tiny_model_dir, private_tmp, monkeypatch):
+    scene, browser, sequence, proxy = cine
+    monkeypatch.delattr(slicer, "modules", raising=False)  # no application: the logic makes its own Sequences logic
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "dense cine")
+    out = CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, target, factor=2, device="cpu", steps=1,
+                                                                   model=str(tiny_model_dir), sequenceBrowser=browser)
+    assert out is target and browser.GetSequenceNode(target).GetNumberOfDataNodes() == 3
+
+
+def test_volume_not_played_by_the_given_browser_is_refused(cine, sample_array):
+    scene, browser, _sequence, _proxy = cine
+    other = volume_node(scene, sample_array, name="other")
+    with pytest.raises(ValueError, match="not a proxy node"):
+        CaLIDUpsampleLogic(scene, python=sys.executable).process(other, sequenceBrowser=browser)
+
+
+def test_failing_worker_leaves_the_scene_unchanged(cine, tiny_model_dir, private_tmp):
+    scene, browser, sequence, proxy = cine
+    for t, value in enumerate(TIMES):  # float frames (one scalar type for the whole sequence), one NaN voxel
+        frame = node_array(sequence.GetNthDataNode(t)).astype(np.float32)
+        frame[1, 3, 3] = np.nan if t == 1 else frame[1, 3, 3]
+        sequence.SetDataNodeAtValue(volume_node(scene, frame, name="float"), value)
+        scene.RemoveNode(scene.GetFirstNodeByName("float"))
+    before, synchronized = counts(scene), browser.GetNumberOfSynchronizedSequenceNodes()
+    with pytest.raises(WorkerError, match="NaN/Inf"):
+        CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, device="cpu", model=str(tiny_model_dir))
+    assert counts(scene) == before and browser.GetNumberOfSynchronizedSequenceNodes() == synchronized
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_cancel_leaves_no_new_nodes_and_no_files(cine, tiny_model_dir, private_tmp):
+    scene, browser, _sequence, proxy = cine
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    before, synchronized = counts(scene), browser.GetNumberOfSynchronizedSequenceNodes()
+    seen = []
+
+    def cancel_midway(fraction, stage, eta):
+        seen.append(fraction)
+        if fraction > 0.1:
+            logic.cancel()
+
+    result = logic.process(proxy, factor=4, device="cpu", steps=200, model=str(tiny_model_dir),
+                           progressCallback=cancel_midway)
+    assert result is None and 0.1 < max(seen) < 1.0
+    assert counts(scene) == before and browser.GetNumberOfSynchronizedSequenceNodes() == synchronized
+    assert list(private_tmp.iterdir()) == []
+    assert not logic.isRunning
