@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from . import geometry
 from .engine import UpsampleOptions, UpsampleResult, dense_stack, generate_missing_phases, prepare_run
 from .errors import CalidError
-from .imageio import check_pixels, read_dicom_files, read_image, write_image
+from .imageio import check_pixels, output_folder, read_dicom_files, read_image, write_image
 from .intensity import IntensityMap
 from .networks import CaLID
 from .progress import Progress
@@ -256,9 +256,7 @@ def _sequence_header(image: sitk.Image, like: Cine) -> str:
 
 def _write_sequence_nrrd(image: sitk.Image, like: Cine, path: Path) -> Path:
     """Atomic like ``imageio.write_image``: a temporary file beside the destination, renamed when complete."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CalidError(f"output folder does not exist: {parent}")
+    parent = output_folder(path)
     array = sitk.GetArrayFromImage(image)  # (t, z, y, x): x fastest, the list axis slowest, as in the header
     handle, staging = tempfile.mkstemp(prefix=".calid-", suffix=".seq.nrrd", dir=parent)
     try:

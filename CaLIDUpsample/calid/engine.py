@@ -292,10 +292,9 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
 def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
     """Interleave acquired slices (n, h, w), unchanged, with generated ones ((n-1)*(K-1), h, w) cast to ``dtype``."""
     n = acquired.shape[0]
-    below, _, alpha = geometry.dense_positions(n, factor)
     dense = np.empty(((n - 1) * factor + 1, *acquired.shape[1:]), dtype=dtype)
     dense[::factor] = acquired
-    dense[geometry.dense_index(below, alpha, factor)] = _cast_like(generated, dtype)
+    dense[geometry.generated_slices(n, factor)] = _cast_like(generated, dtype)
     return dense
 
 
@@ -375,7 +374,8 @@ def upsample_file(
     if segmentation_path is not None:
         from .segmentation.store import load_segmenter
 
-        segmenter = load_segmenter(segmentation_model, resolve_device(options.device if options else "auto"))
+        device = resolve_device(options.device if options else "auto")
+        segmenter = load_segmenter(segmentation_model, device)
     result = upsample_image(image, options, model, progress, want_uncertainty=uncertainty_path is not None)
     if segmenter is not None:
         from .segmentation.measures import structure_volumes
@@ -384,7 +384,7 @@ def upsample_file(
         if progress is not None:
             progress.set_stage("segmenting")
         result.labels = segment_dense(result.image, result.slice_axis, result.factor, *segmenter, sparse_labels=sparse,
-                                      device=resolve_device(options.device if options else "auto"))
+                                      device=device)
         result.volumes = structure_volumes(result.labels)
     write_image(result.image, output_path)
     if uncertainty_path is not None:

@@ -87,6 +87,12 @@ def dense_index(below: np.ndarray, alpha: np.ndarray, factor: int) -> np.ndarray
     return (below * factor + np.rint(alpha * factor)).astype(int)
 
 
+def generated_slices(n: int, factor: int) -> np.ndarray:
+    """Dense slice index of every missing slice of an n-slice stack, in ``dense_positions`` order."""
+    below, _, alpha = dense_positions(n, factor)
+    return dense_index(below, alpha, factor)
+
+
 def inplane_spacing(image: sitk.Image, axis: int) -> tuple[float, float]:
     """Pixel size (rows, cols) in mm of the slices of ``to_stack(array, axis)``."""
     spacing = image.GetSpacing()

@@ -117,6 +117,16 @@ def check_pixels(image: sitk.Image, source: str = "input") -> sitk.Image:
     return image
 
 
+def output_folder(path: Path) -> Path:
+    """The folder an output will be written in, checked to exist and be writable (one-line errors)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CalidError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise CalidError(f"output folder is not writable: {parent}")
+    return parent
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequence[float] | None = None) -> Path:
     """Write atomically: a file format by its suffix, otherwise a DICOM series into the folder ``path``.
 
@@ -124,11 +134,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequenc
     ``frame_times`` (ms) when given, else the time axis' origin and spacing.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CalidError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise CalidError(f"output folder is not writable: {parent}")
+    parent = output_folder(path)
     if path.exists() and path.is_dir() and has_image_suffix(path):
         raise CalidError(f"output path is a folder: {path}")
     staging = Path(tempfile.mkdtemp(prefix=".calid-", dir=parent))

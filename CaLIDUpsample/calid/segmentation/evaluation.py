@@ -88,8 +88,7 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
             "network on linear": labels_from_probabilities(linear_prob),
             "contour interpolation of kept labels": contour_interpolation(truth[:m:factor], factor, pool),
         }
-        below, _, alpha = geometry.dense_positions(len(range(0, m, factor)), factor)
-        order = geometry.dense_index(below, alpha, factor)
+        order = geometry.generated_slices(len(range(0, m, factor)), factor)
         for weight in cfg.shape_mm:
             name = f"kept labels + CaLID (shape {weight:g} mm)"
             methods[name] = densify(truth[:m:factor], factor, inplane, calid_prob[order], weight)

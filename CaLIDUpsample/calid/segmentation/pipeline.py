@@ -28,8 +28,7 @@ def segment_dense(dense: sitk.Image, slice_axis: int, factor: int, network: torc
         labels = labels_from_probabilities(probabilities)
     else:
         n = geometry.to_stack(sparse_labels, slice_axis).shape[0]
-        below, _, alpha = geometry.dense_positions(n, factor)
-        order = geometry.dense_index(below, alpha, factor)
+        order = geometry.generated_slices(n, factor)
         labels = densify(geometry.to_stack(sparse_labels, slice_axis), factor, spacing, probabilities[order],
                          card.get("sparse_shape_mm", DEFAULT_SHAPE_MM))
     return labels_like(geometry.from_stack(labels, slice_axis), dense)

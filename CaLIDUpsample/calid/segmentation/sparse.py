@@ -65,10 +65,11 @@ def densify(sparse_stack: np.ndarray, factor: int, spacing: tuple[float, float],
     """
     n = sparse_stack.shape[0]
     below, above, alpha = geometry.dense_positions(n, factor)
+    targets = geometry.generated_slices(n, factor)
     depths = np.stack([shape_depth(s, spacing) for s in sparse_stack])
     dense = np.empty(((n - 1) * factor + 1, *sparse_stack.shape[1:]), dtype=np.uint8)
     dense[::factor] = sparse_stack
-    for m, (b, a, t) in enumerate(zip(below, above, alpha)):
+    for m, (b, a, t, target) in enumerate(zip(below, above, alpha, targets)):
         depth = (1 - t) * depths[b] + t * depths[a]
         shape = np.concatenate([-depth.max(axis=0, keepdims=True), depth])  # background: outside every structure
         if probabilities is None:
@@ -76,5 +77,5 @@ def densify(sparse_stack: np.ndarray, factor: int, spacing: tuple[float, float],
         else:
             evidence = np.log(np.clip(probabilities[m], 1e-6, 1.0))
             score = evidence if shape_mm is None else shape / shape_mm + evidence
-        dense[b * factor + round(t * factor)] = score.argmax(axis=0)
+        dense[target] = score.argmax(axis=0)
     return dense
