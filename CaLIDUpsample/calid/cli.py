@@ -99,7 +99,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     for name, text in (
         ("vae_steps", "VAE training steps"), ("denoiser_steps", "denoiser steps"), ("vae_batch", "VAE batch size"),
         ("denoiser_batch", "denoiser batch size"), ("lr", "peak learning rate"), ("warmup", "warm-up steps"),
-        ("ema_decay", "EMA decay"), ("val_fraction", "share of validation patients"),
+        ("ema_decay", "EMA decay"), ("min_timestep", "lowest diffusion timestep trained"),
+        ("val_fraction", "share of validation patients"),
         ("val_every", "validate every N steps"), ("val_volumes", "validation stacks used"),
         ("log_every", "log metrics every N steps"), ("checkpoint_every", "checkpoint every N steps"), ("seed", "random seed"),
     ):
@@ -298,7 +299,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
         denoiser_steps=args.denoiser_steps, vae_batch=args.vae_batch, denoiser_batch=args.denoiser_batch,
-        lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, val_fraction=args.val_fraction, split=args.split,
+        lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep,
+        val_fraction=args.val_fraction, split=args.split,
         val_every=args.val_every, val_volumes=args.val_volumes, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, resume=args.resume,
         name=args.name, description=args.description, data_terms=args.data_terms, citation=args.citation,

@@ -26,7 +26,7 @@ from .intensity import IntensityMap
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
-from .sampling import denoise, invert, make_scheduler, slerp
+from .sampling import denoise, invert, make_scheduler, max_sampling_steps, slerp
 
 MAX_STEPS = 1000
 DEFAULT_STEPS = 8
@@ -286,7 +286,12 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
         # their inversions carry no information (measured: 13.2 dB instead of 17.5 dB on two ACDC 5 mm stacks).
         raise CalidError("--plus (CaLID+) needs a model that diffuses latents; this model diffuses residuals "
                          "to linear interpolation: leave --plus out")
-    return axis, factor, device, model, options.steps or default_steps(model)
+    steps = options.steps or default_steps(model)
+    most = max_sampling_steps(model.config["diffusion"])
+    if steps > most:
+        raise CalidError(f"this model was trained on diffusion timesteps >= {model.config['diffusion']['min_timestep']} "
+                         f"only: use --steps {most}" + (" or fewer" if most > 1 else ""))
+    return axis, factor, device, model, steps
 
 
 def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:

@@ -35,6 +35,16 @@ def set_uniform_timesteps(scheduler: DDIMScheduler, steps: int) -> torch.Tensor:
     return scheduler.timesteps
 
 
+def max_sampling_steps(diffusion_cfg: dict) -> int:
+    """Most DDIM steps whose grid (``set_uniform_timesteps``) stays on the timesteps the model was trained on.
+
+    A denoiser trained only on ``timesteps >= min_timestep`` (``calid train --min-timestep``: a model meant for
+    one-step sampling spends all its training there) must never be asked about lower ones.
+    """
+    total, lowest = diffusion_cfg["num_train_timesteps"], diffusion_cfg.get("min_timestep", 0)
+    return max(s for s in range(1, total + 1) if total // s - 1 >= lowest)
+
+
 def training_target(scheduler: DDIMScheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the network learns to predict for ``z_t = add_noise(z0, noise, t)``."""
     kind = scheduler.prediction_type

@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--min-timestep", type=int, default=0, help="lowest diffusion timestep trained (default 0)")
     parser.add_argument("--phase-stride", type=int, default=2, help="evaluate every N-th phase (default 2)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -92,6 +93,7 @@ def main() -> None:
             started = time.perf_counter()
             model_dir = train(TrainConfig(data=[str(fold)], output=str(folder / "runs" / held_out), init=args.base,
                                           denoiser_steps=args.steps, denoiser_batch=args.batch, lr=args.lr,
+                                          min_timestep=args.min_timestep,
                                           warmup=args.steps // 10, val_fraction=0.0, checkpoint_every=10**9,
                                           log_every=50, device="cpu", name=f"finetuned-without-{held_out}"), "none")
             minutes = (time.perf_counter() - started) / 60
@@ -103,7 +105,8 @@ def main() -> None:
                             "tuned_psnr": tuned["calid_psnr"], "linear_ssim": base[held_out]["linear_ssim"],
                             "base_ssim": base[held_out]["calid_ssim"], "tuned_ssim": tuned["calid_ssim"]})
             print(json.dumps(results[-1]), flush=True)
-    print(f"\nbase {args.base}; {args.steps} steps, batch {args.batch}, lr {args.lr}, {args.threads} CPU threads; "
+    print(f"\nbase {args.base}; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
+          f"timesteps >= {args.min_timestep}, {args.threads} CPU threads; "
           f"K=2 removed-slice protocol on phases 0, {args.phase_stride}, {2 * args.phase_stride}, ...\n")
     print("| held-out patient | phases | linear PSNR / SSIM | base PSNR / SSIM | fine-tuned PSNR / SSIM | gain dB | "
           "fine-tuning min |\n|---|---|---|---|---|---|---|")

@@ -11,6 +11,7 @@ from calid import CalidError, UpsampleOptions, upsample_image
 from calid.intensity import IntensityMap
 from calid.modelstore import save_model
 from calid.networks import TINY_CONFIG, CaLID
+from calid.sampling import max_sampling_steps
 
 
 def run(image, model, **kw):
@@ -103,3 +104,11 @@ def test_residual_target_is_relative_to_latent_linear_interpolation():
     target = torch.randn(3, 4, 8, 8)
     assert torch.allclose(model.from_diffusion(model.to_diffusion(target, below, above, alpha), below, above, alpha), target,
                           atol=1e-6)
+
+
+def test_sampling_steps_stay_on_the_trained_timesteps():
+    diffusion = {"num_train_timesteps": 1000}
+    assert max_sampling_steps(diffusion) == 1000
+    assert max_sampling_steps({**diffusion, "min_timestep": 750}) == 1
+    assert max_sampling_steps({**diffusion, "min_timestep": 499}) == 2  # grid 999, 499
+    assert max_sampling_steps({**diffusion, "min_timestep": 200}) == 4  # grid 999, 749, 499, 249

@@ -107,6 +107,23 @@ def test_fine_tuning_from_an_existing_model_keeps_its_vae(dataset, tmp_path, tin
     assert any(changed)
 
 
+def test_one_step_fine_tuning_records_its_timesteps_and_refuses_more_steps(dataset, tmp_path, tiny_model_dir):
+    run = tmp_path / "tune"
+    proc = train(dataset, "--output", run, "--init", tiny_model_dir, "--denoiser-steps", "2", "--val-every", "2",
+                 "--val-fraction", "0.25", "--min-timestep", "750", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, card = load_model(run / "model")
+    assert card["config"]["diffusion"]["min_timestep"] == 750 and card["config"]["default_steps"] == 1
+    volume = dataset / "patient000" / "patient000_frame01.nii.gz"
+    upsample = [sys.executable, "-m", "calid", "upsample", str(volume), "--model", str(run / "model")]
+    ok = subprocess.run([*upsample, str(tmp_path / "dense.nrrd")], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run([*upsample, str(tmp_path / "refused.nrrd"), "--steps", "2"], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "timesteps >= 750 only: use --steps 1" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "refused.nrrd").exists()
+
+
 def test_existing_run_is_not_overwritten(dataset, tmp_path):
     run = tmp_path / "run"
     assert train(dataset, "--output", run, "--vae-steps", "2", "--denoiser-steps", "2", "--val-every", "2",

@@ -8,7 +8,6 @@ validation Dice per structure on whole validation stacks, atomic checkpoints and
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from ..intensity import IntensityMap
 from ..progress import Progress
 from ..training import data
 from ..training.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from ..training.metrics_log import append_metrics
 from ..training.trainer import warmup_cosine
 from .inference import segment_stack
 from .labels import LABELS
@@ -40,6 +40,8 @@ from .store import load_segmenter, save_segmenter
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 CHECKPOINT = "checkpoint.safetensors"
 HEART_CENTRED = 0.8
+METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_dice_rv", "val_dice_myo", "val_dice_lv",
+                 "val_dice_mean"]
 """Share of crops centred near the labelled heart; the rest are anywhere in the slice."""
 
 
@@ -209,15 +211,7 @@ class SegmentationTrainer:
 
     def _log(self, row: dict[str, Any], progress: Progress) -> None:
         self.history.append(row)
-        path = self.out / "metrics.csv"
-        fields = ["step", "stage", "loss", "lr", "seconds_per_step", "val_dice_rv", "val_dice_myo", "val_dice_lv",
-                  "val_dice_mean"]
-        new = not path.is_file()
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in fields})
+        append_metrics(self.out, METRIC_FIELDS, row)
         progress.event("metrics", **row)
 
     def _export(self) -> Path:

@@ -9,7 +9,6 @@ Fine-tuning (``init``) starts from an existing model and, by default, trains onl
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -31,15 +30,18 @@ from ..metrics import linear_missing, slice_scores
 from ..modelstore import load_model, save_model
 from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID
 from ..progress import Progress
-from ..sampling import make_scheduler, training_target
+from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from .config import TrainConfig
+from .metrics_log import append_metrics
 from .plots import plot_curves
 
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 CHECKPOINT = "checkpoint.safetensors"
 KL_WEIGHT = 1e-6
+METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
+                 "val_ssim_model", "val_ssim_linear"]
 
 
 def _distributed() -> tuple[int, int]:
@@ -79,11 +81,23 @@ class Trainer:
                 raise CalidError(f"unknown preset {cfg.preset} (use {', '.join(PRESETS)})")
             self.model = CaLID(PRESETS[cfg.preset])
         self.model.to(self.device)
+        self._keep_sampling_on_trained_timesteps()
         self.vae_steps = 0 if cfg.init else cfg.vae_steps
         self.total_steps = self.vae_steps + cfg.denoiser_steps
-        self.metrics_path = self.out / "metrics.csv"
         self.history: list[dict[str, Any]] = []
         self.last_validation: dict[str, float] = {}
+
+    def _keep_sampling_on_trained_timesteps(self) -> None:
+        """With ``min_timestep`` the model's config records it, and its default steps stay above it (validation,
+        export and every later ``calid upsample`` then respect it)."""
+        lowest = self.cfg.min_timestep
+        if not lowest:
+            return
+        diffusion = self.model.config["diffusion"]
+        if not 0 <= lowest < diffusion["num_train_timesteps"]:
+            raise CalidError(f"--min-timestep must be between 0 and {diffusion['num_train_timesteps'] - 1}, not {lowest}")
+        diffusion["min_timestep"] = max(diffusion.get("min_timestep", 0), lowest)
+        self.model.config["default_steps"] = min(default_steps(self.model), max_sampling_steps(diffusion))
 
     # ---------------------------------------------------------------- data
     def _prepare_data(self) -> None:
@@ -201,7 +215,7 @@ class Trainer:
                     below, target, above, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
                     clean = self.model.to_diffusion(target, below, above, alpha)
                     noise = torch.randn(clean.shape, generator=self.generator).to(self.device)
-                    t = torch.randint(0, scheduler.num_train_timesteps, (clean.shape[0],), generator=self.generator).to(self.device)
+                    t = torch.randint(cfg.min_timestep, scheduler.num_train_timesteps, (clean.shape[0],), generator=self.generator).to(self.device)
                     z_t = scheduler.add_noise(clean, noise, t)
                     loss = torch.nn.functional.mse_loss(net(z_t, t, below, above, alpha).float(),
                                                         training_target(scheduler, clean, noise, t))
@@ -263,16 +277,7 @@ class Trainer:
     # ---------------------------------------------------------------- reporting
     def _log(self, row: dict[str, Any], progress: Progress) -> None:
         self.history.append(row)
-        new = not self.metrics_path.is_file()
-        fields = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
-                  "val_ssim_model", "val_ssim_linear"]
-        with open(self.metrics_path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in fields})
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.out, METRIC_FIELDS, row)
         progress.event("metrics", **row)
         plot_curves(self.history, self.out / "curves.png")
 
