@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from calid.modelstore import load_model
 from calid.training.checkpoint import read_checkpoint_info
+from calid.training.config import TrainConfig
+from calid.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -122,6 +124,9 @@ def test_one_step_fine_tuning_records_its_timesteps_and_refuses_more_steps(datas
                              text=True, timeout=300)
     assert refused.returncode == 2 and "timesteps >= 750 only: use --steps 1" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "refused.nrrd").exists()
+    # Tuning that model again without --min-timestep (the Slicer module's way) keeps training where it is sampled.
+    again = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "again"), init=str(run / "model")))
+    assert again.min_timestep == 750 and again.model.config["default_steps"] == 1
 
 
 def test_existing_run_is_not_overwritten(dataset, tmp_path):

@@ -81,23 +81,28 @@ class Trainer:
                 raise CalidError(f"unknown preset {cfg.preset} (use {', '.join(PRESETS)})")
             self.model = CaLID(PRESETS[cfg.preset])
         self.model.to(self.device)
-        self._keep_sampling_on_trained_timesteps()
+        self.min_timestep = self._keep_sampling_on_trained_timesteps()
         self.vae_steps = 0 if cfg.init else cfg.vae_steps
         self.total_steps = self.vae_steps + cfg.denoiser_steps
         self.history: list[dict[str, Any]] = []
         self.last_validation: dict[str, float] = {}
 
-    def _keep_sampling_on_trained_timesteps(self) -> None:
-        """With ``min_timestep`` the model's config records it, and its default steps stay above it (validation,
-        export and every later ``calid upsample`` then respect it)."""
-        lowest = self.cfg.min_timestep
-        if not lowest:
-            return
+    def _keep_sampling_on_trained_timesteps(self) -> int:
+        """The lowest timestep the denoiser trains on: ``min_timestep``, or its base model's if higher.
+
+        The model's config records it and its default steps stay above it (validation, export and every later
+        ``calid upsample`` then respect it). Fine-tuning a one-step model without ``--min-timestep`` (the Slicer
+        training module's default) thus keeps training where that model is sampled.
+        """
         diffusion = self.model.config["diffusion"]
-        if not 0 <= lowest < diffusion["num_train_timesteps"]:
-            raise CalidError(f"--min-timestep must be between 0 and {diffusion['num_train_timesteps'] - 1}, not {lowest}")
-        diffusion["min_timestep"] = max(diffusion.get("min_timestep", 0), lowest)
-        self.model.config["default_steps"] = min(default_steps(self.model), max_sampling_steps(diffusion))
+        if not 0 <= self.cfg.min_timestep < diffusion["num_train_timesteps"]:
+            raise CalidError(f"--min-timestep must be between 0 and {diffusion['num_train_timesteps'] - 1}, "
+                             f"not {self.cfg.min_timestep}")
+        lowest = max(diffusion.get("min_timestep", 0), self.cfg.min_timestep)
+        if lowest:
+            diffusion["min_timestep"] = lowest
+            self.model.config["default_steps"] = min(default_steps(self.model), max_sampling_steps(diffusion))
+        return lowest
 
     # ---------------------------------------------------------------- data
     def _prepare_data(self) -> None:
@@ -215,7 +220,8 @@ class Trainer:
                     below, target, above, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
                     clean = self.model.to_diffusion(target, below, above, alpha)
                     noise = torch.randn(clean.shape, generator=self.generator).to(self.device)
-                    t = torch.randint(cfg.min_timestep, scheduler.num_train_timesteps, (clean.shape[0],), generator=self.generator).to(self.device)
+                    t = torch.randint(self.min_timestep, scheduler.num_train_timesteps, (clean.shape[0],),
+                                      generator=self.generator).to(self.device)
                     z_t = scheduler.add_noise(clean, noise, t)
                     loss = torch.nn.functional.mse_loss(net(z_t, t, below, above, alpha).float(),
                                                         training_target(scheduler, clean, noise, t))
