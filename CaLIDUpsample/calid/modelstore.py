@@ -109,6 +109,19 @@ def save_model(model: CaLID, model_dir: str | os.PathLike, card: dict[str, Any],
     return write_model_dir(model, model_dir, {**card, "format": CARD_FORMAT, "config": model.config}, half)
 
 
+def _share_like_other_files(folder: Path) -> None:
+    """Give a finished model folder the permissions the user's umask gives any new file.
+
+    ``mkdtemp`` makes the staging folder private (0700) and safetensors writes its file 0600: left so, a model
+    saved into a shared models folder (``$CALID_MODELS_DIR`` on a team drive) is unreadable to everyone else.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
 def write_model_dir(module: torch.nn.Module, model_dir: str | os.PathLike, card: dict[str, Any],
                     half: bool = True) -> Path:
     """Write any model folder: weights (fp16 by default), then the card with their dtype and SHA256."""
@@ -121,6 +134,7 @@ def write_model_dir(module: torch.nn.Module, model_dir: str | os.PathLike, card:
         save_file(state, str(staging / WEIGHTS_FILE))
         card = {**card, "weights_dtype": str(dtype).replace("torch.", ""), "sha256": sha256_of(staging / WEIGHTS_FILE)}
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        _share_like_other_files(staging)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(staging, model_dir)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -112,3 +115,11 @@ def test_sampling_steps_stay_on_the_trained_timesteps():
     assert max_sampling_steps({**diffusion, "min_timestep": 750}) == 1
     assert max_sampling_steps({**diffusion, "min_timestep": 499}) == 2  # grid 999, 499
     assert max_sampling_steps({**diffusion, "min_timestep": 200}) == 4  # grid 999, 749, 499, 249
+
+
+def test_saved_model_folder_follows_the_umask_not_private(tiny_model_dir):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(tiny_model_dir.stat().st_mode) == 0o777 & ~umask
+    for path in tiny_model_dir.iterdir():  # safetensors alone writes 0600: unreadable from a shared models folder
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
