@@ -391,7 +391,7 @@ class CaLIDUpsampleTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Loading the bundled sample")
         inputVolume = slicer.util.loadVolume(str(SAMPLE_PATH))
         fractions = []
-        output = CaLIDUpsampleLogic().process(inputVolume, factor=2, device="cpu", steps=2,
+        output = CaLIDUpsampleLogic().process(inputVolume, factor=2, device="cpu",
                                               progressCallback=lambda f, s, r: fractions.append(f))
         a, b = slicer.util.arrayFromVolume(inputVolume), slicer.util.arrayFromVolume(output)
         self.assertEqual(b.shape[0], 2 * a.shape[0] - 1)
