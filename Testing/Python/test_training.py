@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from calid.modelstore import load_model
+from calid.modelstore import load_model, save_model
 from calid.training.checkpoint import read_checkpoint_info
 from calid.training.config import TrainConfig
 from calid.training.trainer import Trainer
@@ -127,6 +127,19 @@ def test_one_step_fine_tuning_records_its_timesteps_and_refuses_more_steps(datas
     # Tuning that model again without --min-timestep (the Slicer module's way) keeps training where it is sampled.
     again = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "again"), init=str(run / "model")))
     assert again.min_timestep == 750 and again.model.config["default_steps"] == 1
+
+
+def test_fine_tuned_model_keeps_its_base_models_terms_and_citation(dataset, tmp_path, tiny_model_dir):
+    model, _ = load_model(tiny_model_dir)
+    base = save_model(model, tmp_path / "base", {"name": "base", "training": {
+        "terms": "research, non-commercial use only", "citation": "Bernard et al., IEEE TMI 2018"}})
+    tuned = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "tune"), init=str(base),
+                                data_terms="CC0 1.0", citation="Radau et al., MIDAS 2009"))
+    terms, citation = tuned.provenance()
+    assert terms.startswith("CC0 1.0") and "base model base: research, non-commercial use only" in terms
+    assert "Radau" in citation and "Bernard" in citation
+    fresh = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "fresh"), data_terms="CC0 1.0"))
+    assert fresh.provenance() == ("CC0 1.0", "")
 
 
 def test_existing_run_is_not_overwritten(dataset, tmp_path):

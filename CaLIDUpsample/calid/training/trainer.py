@@ -306,16 +306,32 @@ class Trainer:
         self.last_validation = {k: v for k, v in row.items() if k.startswith("val_")}
         self._log(row, progress)
 
+    def provenance(self) -> tuple[str, str]:
+        """(terms, citation) for the new model's card.
+
+        A fine-tuned model still carries what its base model learnt from the base's data, so the base's terms
+        and citation come with it after the new data's own (a model tuned from ``calid-acdc`` stays
+        non-commercial and keeps the ACDC citation).
+        """
+        terms, citation = self.cfg.data_terms, self.cfg.citation
+        base = self.base_card.get("training", {})
+        if self.cfg.init and base.get("terms"):
+            terms = f"{terms}; base model {self.base_card.get('name')}: {base['terms']}"
+        if self.cfg.init and base.get("citation") and base["citation"] not in citation:
+            citation = "; ".join(c for c in (citation, base["citation"]) if c)
+        return terms, citation
+
     def _export(self) -> None:
         cfg = self.cfg
+        terms, citation = self.provenance()
         card = {
             "name": cfg.name,
             "description": cfg.description or "CaLID latent interpolation diffusion model",
             "normalisation": "per volume: 0.5th/99.5th intensity percentiles mapped to -1/+1",
             "training": {
                 "data": self.sources,
-                "terms": cfg.data_terms,
-                "citation": cfg.citation,
+                "terms": terms,
+                "citation": citation,
                 "split": self.split,
                 "train_volumes": len(self.train_volumes),
                 "vae_steps": self.vae_steps,
