@@ -109,6 +109,21 @@ def save_model(model: CaLID, model_dir: str | os.PathLike, card: dict[str, Any],
     return write_model_dir(model, model_dir, {**card, "format": CARD_FORMAT, "config": model.config}, half)
 
 
+def inherited_provenance(terms: str, citation: str, base_card: dict[str, Any]) -> tuple[str, str]:
+    """(terms, citation) for the card of a model trained from ``base_card``'s model (``{}`` for a new model).
+
+    A fine-tuned model still carries what its base learnt from the base's data, so the base's terms and citation
+    come with it after the new data's own (a model tuned from ``calid-acdc`` stays non-commercial and keeps the
+    ACDC citation). Both trainers, interpolation and segmentation, write their cards through here.
+    """
+    base = base_card.get("training", {})
+    if base.get("terms"):
+        terms = f"{terms}; base model {base_card.get('name')}: {base['terms']}"
+    if base.get("citation") and base["citation"] not in citation:
+        citation = "; ".join(c for c in (citation, base["citation"]) if c)
+    return terms, citation
+
+
 def _share_like_other_files(folder: Path) -> None:
     """Give a finished model folder the permissions the user's umask gives any new file.
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from calid.modelstore import load_model, save_model
+from calid.modelstore import inherited_provenance, load_model, save_model
 from calid.training.checkpoint import read_checkpoint_info
 from calid.training.config import TrainConfig
 from calid.training.trainer import Trainer
@@ -133,13 +133,12 @@ def test_fine_tuned_model_keeps_its_base_models_terms_and_citation(dataset, tmp_
     model, _ = load_model(tiny_model_dir)
     base = save_model(model, tmp_path / "base", {"name": "base", "training": {
         "terms": "research, non-commercial use only", "citation": "Bernard et al., IEEE TMI 2018"}})
-    tuned = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "tune"), init=str(base),
-                                data_terms="CC0 1.0", citation="Radau et al., MIDAS 2009"))
-    terms, citation = tuned.provenance()
+    tuned = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "tune"), init=str(base)))
+    terms, citation = inherited_provenance("CC0 1.0", "Radau et al., MIDAS 2009", tuned.base_card)
     assert terms.startswith("CC0 1.0") and "base model base: research, non-commercial use only" in terms
     assert "Radau" in citation and "Bernard" in citation
     fresh = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "fresh"), data_terms="CC0 1.0"))
-    assert fresh.provenance() == ("CC0 1.0", "")
+    assert inherited_provenance("CC0 1.0", "", fresh.base_card) == ("CC0 1.0", "")
 
 
 def test_existing_run_is_not_overwritten(dataset, tmp_path):

@@ -25,6 +25,7 @@ from ..errors import CalidError
 from ..evaluation import find_labels
 from ..imageio import read_image, validate_volume
 from ..intensity import IntensityMap
+from ..modelstore import inherited_provenance
 from ..progress import Progress
 from ..training import data
 from ..training.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
@@ -40,9 +41,9 @@ from .store import load_segmenter, save_segmenter
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 CHECKPOINT = "checkpoint.safetensors"
 HEART_CENTRED = 0.8
+"""Share of crops centred near the labelled heart; the rest are anywhere in the slice."""
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_dice_rv", "val_dice_myo", "val_dice_lv",
                  "val_dice_mean"]
-"""Share of crops centred near the labelled heart; the rest are anywhere in the slice."""
 
 
 @dataclass
@@ -217,13 +218,14 @@ class SegmentationTrainer:
     def _export(self) -> Path:
         cfg = self.cfg
         validation = [r for r in self.history if r["stage"] == "validation"]
+        terms, citation = inherited_provenance(cfg.data_terms, cfg.citation, self.base_card)
         card = {
             "name": cfg.name,
             "description": "2D U-Net segmentation of SAX MRI: 1 RV cavity, 2 LV myocardium, 3 LV cavity",
             "labels": {str(k): v for k, v in LABELS.items()},
             "normalisation": "per volume: 0.5th/99.5th intensity percentiles mapped to -1/+1; slices resampled "
                              f"to {self.config['pixel_mm']} mm pixels",
-            "training": {"data": self.sources, "terms": cfg.data_terms, "citation": cfg.citation, "split": self.split,
+            "training": {"data": self.sources, "terms": terms, "citation": citation, "split": self.split,
                          "train_volumes": len(self.train_stacks), "steps": cfg.steps, "device": str(self.device),
                          "base_model": self.base_card.get("name"), "base_model_sha256": self.base_card.get("sha256"),
                          "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "extra")}},

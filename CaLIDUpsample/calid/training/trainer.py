@@ -27,7 +27,7 @@ from ..devices import autocast, resolve_device
 from ..engine import default_steps, generate_missing
 from ..errors import CalidError
 from ..metrics import linear_missing, slice_scores
-from ..modelstore import load_model, save_model
+from ..modelstore import inherited_provenance, load_model, save_model
 from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
@@ -306,24 +306,9 @@ class Trainer:
         self.last_validation = {k: v for k, v in row.items() if k.startswith("val_")}
         self._log(row, progress)
 
-    def provenance(self) -> tuple[str, str]:
-        """(terms, citation) for the new model's card.
-
-        A fine-tuned model still carries what its base model learnt from the base's data, so the base's terms
-        and citation come with it after the new data's own (a model tuned from ``calid-acdc`` stays
-        non-commercial and keeps the ACDC citation).
-        """
-        terms, citation = self.cfg.data_terms, self.cfg.citation
-        base = self.base_card.get("training", {})
-        if self.cfg.init and base.get("terms"):
-            terms = f"{terms}; base model {self.base_card.get('name')}: {base['terms']}"
-        if self.cfg.init and base.get("citation") and base["citation"] not in citation:
-            citation = "; ".join(c for c in (citation, base["citation"]) if c)
-        return terms, citation
-
     def _export(self) -> None:
         cfg = self.cfg
-        terms, citation = self.provenance()
+        terms, citation = inherited_provenance(cfg.data_terms, cfg.citation, self.base_card)
         card = {
             "name": cfg.name,
             "description": cfg.description or "CaLID latent interpolation diffusion model",
