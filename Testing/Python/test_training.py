@@ -147,3 +147,15 @@ def test_existing_run_is_not_overwritten(dataset, tmp_path):
                  "--val-fraction", "0.25", *TINY).returncode == 0
     again = train(dataset, "--output", run, "--vae-steps", "2", "--denoiser-steps", "2", *TINY)
     assert again.returncode == 2 and "already holds a training run" in again.stderr
+
+
+def test_denoiser_sees_every_in_plane_orientation_of_each_training_stack(dataset, tmp_path, tiny_model_dir):
+    trainer = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "run"), init=str(tiny_model_dir),
+                                  val_fraction=0.25))
+    trainer.out.mkdir()
+    trainer._prepare_data()
+    latents = trainer._encode_training_latents()
+    assert len(latents) == 8 * len(trainer.train_volumes)
+    first = latents[:8]
+    assert all(z.shape[0] == trainer.train_volumes[0].stack.shape[0] for z in first)
+    assert len({z.numpy().tobytes() for z in first}) == 8  # eight different orientations, not copies
