@@ -98,8 +98,10 @@ def test_ddp_two_processes_with_gloo(dataset, tmp_path):
 def test_fine_tuning_from_an_existing_model_keeps_its_vae(dataset, tmp_path, tiny_model_dir):
     run = tmp_path / "tune"
     proc = train(dataset, "--output", run, "--init", tiny_model_dir, "--denoiser-steps", "4", "--val-every", "4",
-                 "--val-fraction", "0.25", *TINY)
+                 "--val-fraction", "0.25", "--progress", "json", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = [line for line in proc.stdout.splitlines() if "filter-comment" in line]
+    assert "encoding training stacks" in stages[0] and "training denoiser" in stages[1]  # the slow part is named
     base, _ = load_model(tiny_model_dir)
     tuned, card = load_model(run / "model")
     assert card["training"]["vae_steps"] == 0 and card["training"]["base_model"] == "tiny"

@@ -204,6 +204,7 @@ class Trainer:
         if stage == "vae":
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
         else:
+            progress.set_stage("encoding training stacks")  # minutes on a CPU: 8 orientations of every stack
             latents = self._encode_training_latents()
             if step == start and not cfg.init:  # a new denoiser; fine-tuning keeps its base model's scale
                 self._set_residual_scale(latents)
