@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--min-timestep", type=int, default=0, help="lowest diffusion timestep trained (default 0)")
+    parser.add_argument("--min-timestep", type=int, default=0,
+                        help="lowest diffusion timestep trained (default 0: the base model's own bound)")
     parser.add_argument("--phase-stride", type=int, default=2, help="evaluate every N-th phase (default 2)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -97,16 +98,19 @@ def main() -> None:
                                           warmup=args.steps // 10, val_fraction=0.0, checkpoint_every=10**9,
                                           log_every=50, device="cpu", name=f"finetuned-without-{held_out}"), "none")
             minutes = (time.perf_counter() - started) / 60
+            card = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
             evaluate(EvaluateConfig(data=[phases], output=str(folder / "eval" / held_out), model=str(model_dir),
                                     factors=[2], patients=held_out, device="cpu"), "none")
             tuned = per_patient(folder / "eval" / held_out)[held_out]
             results.append({"patient": held_out, "phases": tuned["volumes"], "finetune_minutes": round(minutes, 1),
                             "linear_psnr": base[held_out]["linear_psnr"], "base_psnr": base[held_out]["calid_psnr"],
                             "tuned_psnr": tuned["calid_psnr"], "linear_ssim": base[held_out]["linear_ssim"],
-                            "base_ssim": base[held_out]["calid_ssim"], "tuned_ssim": tuned["calid_ssim"]})
+                            "base_ssim": base[held_out]["calid_ssim"], "tuned_ssim": tuned["calid_ssim"],
+                            "trained_timesteps_from": card["config"]["diffusion"].get("min_timestep", 0)})
             print(json.dumps(results[-1]), flush=True)
     print(f"\nbase {args.base}; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
-          f"timesteps >= {args.min_timestep}, {args.threads} CPU threads; "
+          f"timesteps >= {results[0]['trained_timesteps_from']} (as trained: the base model's bound or higher), "
+          f"{args.threads} CPU threads; "
           f"K=2 removed-slice protocol on phases 0, {args.phase_stride}, {2 * args.phase_stride}, ...\n")
     print("| held-out patient | phases | linear PSNR / SSIM | base PSNR / SSIM | fine-tuned PSNR / SSIM | gain dB | "
           "fine-tuning min |\n|---|---|---|---|---|---|---|")
