@@ -23,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from calid.evaluation import EvaluateConfig, evaluate
+from calid.modelstore import read_card
 from calid.training.config import TrainConfig
 from calid.training.trainer import train
 
@@ -98,7 +99,7 @@ def main() -> None:
                                           warmup=args.steps // 10, val_fraction=0.0, checkpoint_every=10**9,
                                           log_every=50, device="cpu", name=f"finetuned-without-{held_out}"), "none")
             minutes = (time.perf_counter() - started) / 60
-            card = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
+            card = read_card(Path(model_dir))
             evaluate(EvaluateConfig(data=[phases], output=str(folder / "eval" / held_out), model=str(model_dir),
                                     factors=[2], patients=held_out, device="cpu"), "none")
             tuned = per_patient(folder / "eval" / held_out)[held_out]
