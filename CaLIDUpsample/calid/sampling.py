@@ -55,12 +55,9 @@ def training_target(scheduler: DDIMScheduler, z0: torch.Tensor, noise: torch.Ten
     return z0
 
 
-def split_prediction(scheduler: DDIMScheduler, output: torch.Tensor, sample: torch.Tensor,
-                     t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model output at timestep t (one for all, or one per batch item) -> (predicted clean latent, predicted noise)."""
-    a = scheduler.alphas_cumprod.to(sample.device)[t].to(sample)
-    if a.ndim:
-        a = a.reshape(-1, *([1] * (sample.ndim - 1)))
+def split_prediction(scheduler: DDIMScheduler, output: torch.Tensor, sample: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model output at timestep t -> (predicted clean latent, predicted noise)."""
+    a = scheduler.alphas_cumprod[t].to(sample)
     if scheduler.prediction_type == "epsilon":
         return (sample - (1 - a).sqrt() * output) / a.sqrt(), output
     if scheduler.prediction_type == "v_prediction":

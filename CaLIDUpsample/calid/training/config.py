@@ -22,7 +22,6 @@ class TrainConfig:
     warmup: int = 100
     ema_decay: float = 0.998
     min_timestep: int = 0  # > 0: train the denoiser only where a few-step sampler asks it (see sampling)
-    image_loss_weight: float = 0.0  # > 0: add the decoded slice's pixel MSE to the diffusion loss
     val_fraction: float = 0.15
     split: str | None = None
     val_every: int = 550

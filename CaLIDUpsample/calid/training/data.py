@@ -12,7 +12,6 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -146,15 +145,11 @@ def _crop_origin(size: int, crop: int, generator: torch.Generator, jitter: float
     return int(round(centre + offset))
 
 
-def centre_pads(h: int, w: int, size: int) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding that centres an h x w slice in a size x size square (none if larger)."""
-    ph, pw = max(size - h, 0), max(size - w, 0)
-    return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
-
-
 def pad_to(x: torch.Tensor, size: int, value: float) -> torch.Tensor:
-    pads = centre_pads(x.shape[-2], x.shape[-1], size)
-    return torch.nn.functional.pad(x, pads, value=value) if any(pads) else x
+    ph, pw = max(size - x.shape[-2], 0), max(size - x.shape[-1], 0)
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
+    return x
 
 
 def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -189,72 +184,41 @@ class SliceSampler:
         return torch.stack(out)[:, None]
 
 
-class Triplets(NamedTuple):
-    """A batch of (below, target, above) latent crops at fractional position alpha.
-
-    ``image``/``mask``: the target slice's own pixels under the latent crop and where they are real (not
-    padding), for an image-space loss through the decoder; None when the sampler was given no images.
-    """
-
-    below: torch.Tensor
-    target: torch.Tensor
-    above: torch.Tensor
-    alpha: torch.Tensor
-    image: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-
-
 class TripletSampler:
     """Random (below, target, above, alpha) latent crops from encoded stacks.
 
     Gaps of 1-3 slices on each side (small gaps more often: K=2 is the clinical case); one sample in ten
     has alpha of exactly 0 or 1 (the target is a neighbour), which teaches the network the endpoints that
-    CaLID+ uses to invert the acquired slices. ``images``, if given, are the stacks the latents were encoded
-    from (slices, 4*rows, 4*cols), one per latent stack: each batch then carries the target's pixels too.
+    CaLID+ uses to invert the acquired slices.
     """
 
     GAP_WEIGHTS = torch.tensor([0.6, 0.25, 0.15])
 
-    def __init__(self, latents: list[torch.Tensor], crop: int, generator: torch.Generator, endpoint_rate: float = 0.1,
-                 images: list[np.ndarray] | None = None):
-        keep = [i for i, z in enumerate(latents) if z.shape[0] >= 3]
-        self.latents = [latents[i] for i in keep]
-        self.images = [images[i] for i in keep] if images is not None else None
+    def __init__(self, latents: list[torch.Tensor], crop: int, generator: torch.Generator, endpoint_rate: float = 0.1):
+        self.latents = [z for z in latents if z.shape[0] >= 3]
         self.crop = crop
         self.generator = generator
         self.endpoint_rate = endpoint_rate
 
-    def _positions(self, n: int) -> tuple[int, int, int, float]:
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.generator
-        gap_a, gap_b = (torch.multinomial(self.GAP_WEIGHTS, 2, replacement=True, generator=g) + 1).tolist()
-        while gap_a + gap_b > n - 1:
-            gap_a, gap_b = max(1, gap_a - 1), max(1, gap_b - 1)
-        if torch.rand((), generator=g) < self.endpoint_rate:
-            lo = int(torch.randint(n - gap_a, (), generator=g))
-            hi = lo + gap_a
-            at_top = bool(torch.rand((), generator=g) < 0.5)
-            return (lo, hi, hi, 1.0) if at_top else (lo, lo, hi, 0.0)
-        lo = int(torch.randint(n - gap_a - gap_b, (), generator=g))
-        return lo, lo + gap_a, lo + gap_a + gap_b, gap_a / (gap_a + gap_b)
-
-    def _target_pixels(self, v: int, mid: int, pads: tuple[int, ...], y0: int, x0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target slice under the latent crop (4x its coordinates) and a mask of its real pixels."""
-        scale, size = 4, 4 * self.crop
-        pixel_pads = tuple(scale * p for p in pads)
-        image = torch.from_numpy(np.ascontiguousarray(self.images[v][mid]))
-        image = torch.nn.functional.pad(image, pixel_pads, value=-1.0)
-        mask = torch.nn.functional.pad(torch.ones(self.images[v].shape[1:]), pixel_pads)
-        window = (slice(scale * y0, scale * y0 + size), slice(scale * x0, scale * x0 + size))
-        return image[window], mask[window]
-
-    def batch(self, size: int) -> Triplets:
-        g = self.generator
-        below, target, above, alphas, images, masks = [], [], [], [], [], []
+        below, target, above, alphas = [], [], [], []
         for v in torch.randint(len(self.latents), (size,), generator=g).tolist():
             z = self.latents[v]
-            lo, mid, hi, alpha = self._positions(z.shape[0])
-            pads = centre_pads(z.shape[-2], z.shape[-1], self.crop)
-            triple = torch.nn.functional.pad(z[[lo, mid, hi]], pads, value=float(z.min()))
+            n = z.shape[0]
+            gap_a, gap_b = (torch.multinomial(self.GAP_WEIGHTS, 2, replacement=True, generator=g) + 1).tolist()
+            while gap_a + gap_b > n - 1:
+                gap_a, gap_b = max(1, gap_a - 1), max(1, gap_b - 1)
+            if torch.rand((), generator=g) < self.endpoint_rate:
+                lo = int(torch.randint(n - gap_a, (), generator=g))
+                hi = lo + gap_a
+                at_top = bool(torch.rand((), generator=g) < 0.5)
+                mid, alpha = (hi, 1.0) if at_top else (lo, 0.0)
+            else:
+                lo = int(torch.randint(n - gap_a - gap_b, (), generator=g))
+                mid, hi = lo + gap_a, lo + gap_a + gap_b
+                alpha = gap_a / (gap_a + gap_b)
+            triple = pad_to(z[[lo, mid, hi]], self.crop, float(z.min()))
             y0 = _crop_origin(triple.shape[-2], self.crop, g)
             x0 = _crop_origin(triple.shape[-1], self.crop, g)
             triple = triple[..., y0:y0 + self.crop, x0:x0 + self.crop]
@@ -262,9 +226,4 @@ class TripletSampler:
             target.append(triple[1])
             above.append(triple[2])
             alphas.append(alpha)
-            if self.images is not None:
-                image, mask = self._target_pixels(v, mid, pads, y0, x0)
-                images.append(image)
-                masks.append(mask)
-        pixels = (torch.stack(images)[:, None], torch.stack(masks)[:, None]) if images else (None, None)
-        return Triplets(torch.stack(below), torch.stack(target), torch.stack(above), torch.tensor(alphas), *pixels)
+        return torch.stack(below), torch.stack(target), torch.stack(above), torch.tensor(alphas)

@@ -30,7 +30,7 @@ from ..metrics import linear_missing, slice_scores
 from ..modelstore import inherited_provenance, load_model, save_model
 from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID
 from ..progress import Progress
-from ..sampling import make_scheduler, max_sampling_steps, split_prediction, training_target
+from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from .config import TrainConfig
@@ -130,40 +130,24 @@ class Trainer:
         self.sources = sorted({str(Path(p).resolve()) for p in cfg.data})
 
     @torch.no_grad()
-    def _encode_training_latents(self) -> tuple[list[torch.Tensor], list[np.ndarray]]:
-        """Every training volume in its 8 in-plane orientations (90-degree rotations, flipped or not), encoded.
+    def _encode_training_latents(self) -> list[torch.Tensor]:
+        """Latent stacks of every training volume in its 8 in-plane orientations (90-degree rotations, flipped or not).
 
-        Returns the latent stacks and the stacks they were encoded from (padded to the VAE's multiple of 4;
-        rotated views of one array per volume, so they cost no memory), which the image-space loss needs.
-        The encoder is frozen here, so orientations must be encoded up front: with only the stack and its
-        transpose, a GPU run overfitted (validation fell after ~2000 steps of batch 128).
+        The encoder is frozen here, so orientations must be encoded up front: with only the stack and its transpose,
+        a GPU run overfitted (validation fell after ~2000 steps of batch 128).
         """
         self.model.eval()
         multiple = 4
-        latents, images = [], []
+        latents = []
         for v in self.train_volumes:
-            h, w = v.stack.shape[1:]
-            padded = np.pad(v.stack, ((0, 0), (0, -h % multiple), (0, -w % multiple)), constant_values=float(v.stack.min()))
-            for variant in (np.rot90(s, k, axes=(1, 2)) for s in (padded, padded[:, :, ::-1]) for k in range(4)):
+            for variant in (np.rot90(s, k, axes=(1, 2)) for s in (v.stack, v.stack[:, :, ::-1]) for k in range(4)):
+                h, w = variant.shape[1:]
                 x = torch.from_numpy(np.ascontiguousarray(variant))[:, None]
+                x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple), value=float(variant.min()))
                 with autocast(self.device):
                     z = torch.cat([self.model.encode(x[i:i + 16].to(self.device)).float() for i in range(0, len(x), 16)])
                 latents.append(z.cpu())
-                images.append(variant)
-        return latents, images
-
-    def _image_loss(self, scheduler, output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor,
-                    batch: data.Triplets) -> torch.Tensor:
-        """Mean squared error, in pixels, of the decoded one-step estimate of the target slice.
-
-        The diffusion loss weighs every latent channel alike, but what users see (and PSNR scores) is the decoded
-        slice: this term trains the denoiser through the frozen decoder on the image itself.
-        """
-        clean, _ = split_prediction(scheduler, output.float(), z_t.float(), t)
-        latent = self.model.from_diffusion(clean, batch.below, batch.above, batch.alpha)
-        decoded = self.model.decode(latent).float()
-        mask = batch.mask.to(self.device)
-        return ((decoded - batch.image.to(self.device)).pow(2) * mask).sum() / mask.sum().clamp_min(1)
+        return latents
 
     # ---------------------------------------------------------------- stages
     def run(self) -> Path:
@@ -221,12 +205,11 @@ class Trainer:
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
         else:
             progress.set_stage("encoding training stacks")  # minutes on a CPU: 8 orientations of every stack
-            latents, images = self._encode_training_latents()
+            latents = self._encode_training_latents()
             if step == start and not cfg.init:  # a new denoiser; fine-tuning keeps its base model's scale
                 self._set_residual_scale(latents)
                 ema.module.residual_scale.copy_(self.model.residual_scale)
-            sampler = data.TripletSampler(latents, cfg.latent_crop, self.generator,
-                                          images=images if cfg.image_loss_weight else None)
+            sampler = data.TripletSampler(latents, cfg.latent_crop, self.generator)
             scheduler = make_scheduler(self.model.config["diffusion"])
         progress.set_stage(f"training {stage}")
         trained.train()
@@ -239,18 +222,14 @@ class Trainer:
                     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum((1, 2, 3)).mean()
                     loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
                 else:
-                    batch = sampler.batch(cfg.denoiser_batch)
-                    below, target, above, alpha = (t.to(self.device) for t in batch[:4])
+                    below, target, above, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
                     clean = self.model.to_diffusion(target, below, above, alpha)
                     noise = torch.randn(clean.shape, generator=self.generator).to(self.device)
                     t = torch.randint(self.min_timestep, scheduler.num_train_timesteps, (clean.shape[0],),
                                       generator=self.generator).to(self.device)
                     z_t = scheduler.add_noise(clean, noise, t)
-                    output = net(z_t, t, below, above, alpha)
-                    loss = torch.nn.functional.mse_loss(output.float(), training_target(scheduler, clean, noise, t))
-                    if cfg.image_loss_weight:
-                        batch = batch._replace(below=below, above=above, alpha=alpha)
-                        loss = loss + cfg.image_loss_weight * self._image_loss(scheduler, output, z_t, t, batch)
+                    loss = torch.nn.functional.mse_loss(net(z_t, t, below, above, alpha).float(),
+                                                        training_target(scheduler, clean, noise, t))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
@@ -302,7 +281,7 @@ class Trainer:
         if self.model.diffusion_target != "residual":
             return
         below, target, above, alpha = data.TripletSampler(
-            latents, self.cfg.latent_crop, torch.Generator().manual_seed(0)).batch(256)[:4]
+            latents, self.cfg.latent_crop, torch.Generator().manual_seed(0)).batch(256)
         residual = target - self.model.linear_latent(below, above, alpha)
         self.model.residual_scale.fill_(float(residual.std().clamp_min(1e-3)))
 
