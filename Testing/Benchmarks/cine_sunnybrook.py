@@ -1,6 +1,7 @@
 """Cine upsampling on the 5 Sunnybrook cines: removed-slice quality over all phases, temporal flicker, speed.
 
     python Testing/Benchmarks/cine_sunnybrook.py [--data ../shared/data/sunnybrook] [--threads 2] [--model NAME]
+        [--held-out-models DIR] [--skip-timing]
 
 Protocol (``shared/docs/evaluation.md``, K=2, every phase): keep slices 0, 2, 4, ... of each 4D cine, upsample
 the kept cine by 2 with the bundled model's default options, and score only the removed slices against the real
@@ -10,6 +11,8 @@ Flicker: mean absolute phase-to-phase difference of the removed slices' estimate
 on the real removed slices (1 = as much frame-to-frame change as the real cine), for shared starting noise
 across phases (the default) and independent per-phase noise. Speed: wall time of one whole ``calid upsample``
 process (start, imports, model load, read, generate, write) on a 20-phase cine with >= 12 slices, x2, CPU.
+``--held-out-models DIR`` scores each cine with the model fine-tuned without it (leave-one-patient-out, written by
+``finetune_sunnybrook.py --keep-models DIR``): what a site gets after fine-tuning on its own cines.
 Not a test: it prints a Markdown table.
 """
 
@@ -136,6 +139,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sunnybrook")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", help="model name or directory (default: bundled)")
+    parser.add_argument("--held-out-models", type=Path,
+                        help="score each cine with DIR/<patient>, a model fine-tuned without that patient "
+                             "(finetune_sunnybrook.py --keep-models DIR) instead of --model")
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
@@ -144,6 +150,8 @@ def main() -> None:
     model, _ = load_model(args.model, torch.device("cpu"))
     rows = []
     for path in cases:
+        if args.held_out_models:
+            model, _ = load_model(args.held_out_models / path.name.split("_")[0], torch.device("cpu"))
         rows.append(evaluate_case(path, model))
         print(f"{path.name}: done", file=sys.stderr, flush=True)
     big = next(p for p in cases if sitk.ReadImage(str(p)).GetSize()[2] >= 12)

@@ -2,6 +2,7 @@
 """Does fine-tuning help on another vendor's scans? Leave-one-patient-out on the 5 Sunnybrook cine stacks.
 
     python Testing/Benchmarks/finetune_sunnybrook.py [--base calid-acdc] [--steps 300] [--batch 16] [--threads 2]
+        [--keep-models DIR]
 
 For each Sunnybrook patient in turn: fine-tune the base model (``calid train --init``, denoiser only) on the
 other four patients' cine stacks (every phase is a training stack), then score base, fine-tuned and linear
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +76,8 @@ def main() -> None:
                         help="lowest diffusion timestep trained (default 0: the base model's own bound)")
     parser.add_argument("--phase-stride", type=int, default=2, help="evaluate every N-th phase (default 2)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep-models", type=Path,
+                        help="copy each fine-tuned model to DIR/<held-out patient> (for cine_sunnybrook.py --held-out-models)")
     args = parser.parse_args()
     import torch
 
@@ -99,6 +103,8 @@ def main() -> None:
                                           warmup=args.steps // 10, val_fraction=0.0, checkpoint_every=10**9,
                                           log_every=50, device="cpu", name=f"finetuned-without-{held_out}"), "none")
             minutes = (time.perf_counter() - started) / 60
+            if args.keep_models:
+                shutil.copytree(model_dir, args.keep_models / held_out)
             card = read_card(Path(model_dir))
             evaluate(EvaluateConfig(data=[phases], output=str(folder / "eval" / held_out), model=str(model_dir),
                                     factors=[2], patients=held_out, device="cpu"), "none")
