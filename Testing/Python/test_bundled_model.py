@@ -68,3 +68,19 @@ def test_bundled_segmentation_model_shares_the_split_and_states_its_terms():
     assert segmentation["weights_dtype"] == "float16" and segmentation["metrics"]
     everything = sum(p.stat().st_size for p in BUNDLED_DIR.rglob("*") if p.is_file())
     assert everything < 50 * 2**20
+
+
+def test_sunnybrook_tuned_model_states_both_datasets_and_its_base():
+    """``calid-acdc-scd``: the default model fine-tuned on the 5 Sunnybrook cines; its quality on unseen cines is the
+    leave-one-patient-out figure of the same recipe, stored in its card."""
+    model, card = load_model("calid-acdc-scd")  # verifies its weights' SHA256
+    base = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
+    training = card["training"]
+    assert training["base_model"] == DEFAULT_MODEL and training["base_model_sha256"] == base["sha256"]
+    assert "CC0" in training["terms"] and "non-commercial" in training["terms"]
+    assert "Radau" in training["citation"] and "Bernard" in training["citation"]
+    assert sorted(training["split"]["train"]) == [f"SCD0000{i}01" for i in range(1, 6)]
+    assert card["weights_dtype"] == "float16" and card["config"] == base["config"]  # same network, one step
+    held_out = card["metrics"]["leave_one_patient_out"]
+    assert held_out["calid_psnr"] > held_out["linear_psnr"]
+    assert any(m["name"] == "calid-acdc-scd" and m["source"] == "bundled" for m in list_models())
