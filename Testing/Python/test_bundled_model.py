@@ -73,7 +73,7 @@ def test_bundled_segmentation_model_shares_the_split_and_states_its_terms():
 def test_sunnybrook_tuned_model_states_both_datasets_and_its_base():
     """``calid-acdc-scd``: the default model fine-tuned on the 5 Sunnybrook cines; its quality on unseen cines is the
     leave-one-patient-out figure of the same recipe, stored in its card."""
-    model, card = load_model("calid-acdc-scd")  # verifies its weights' SHA256
+    _, card = load_model("calid-acdc-scd")  # verifies its weights' SHA256
     base = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
     training = card["training"]
     assert training["base_model"] == DEFAULT_MODEL and training["base_model_sha256"] == base["sha256"]
