@@ -34,6 +34,7 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
 
 from CaLIDLib import CaLIDTrainingLogic as _QtFreeLogic  # noqa: E402
 from CaLIDLib.dependencies import ensureDependencies  # noqa: E402
+from calid.modelindex import DEFAULT_MODEL  # noqa: E402
 from CaLIDUpsample import SAMPLE_PATH, CaLIDPanel, fillModelCombo  # noqa: E402
 
 
@@ -52,8 +53,9 @@ class CaLIDTraining(ScriptedLoadableModule):
         )
         self.parent.acknowledgementText = _(
             "Method: Bubeck et al., Latent Interpolation Learning Using Diffusion Models for Cardiac Volume "
-            "Reconstruction, arXiv 2508.13826. Bundled base model trained on ACDC (Bernard et al., IEEE TMI 2018; "
-            "non-commercial): fine-tuned models inherit its terms."
+            "Reconstruction, arXiv 2508.13826. Bundled base models trained on ACDC (Bernard et al., IEEE TMI 2018; "
+            "non-commercial; the default one also on Sunnybrook Cardiac Data, CC0): fine-tuned models inherit "
+            "their terms."
         )
 
 
@@ -62,7 +64,7 @@ class CaLIDTrainingParameterNode:
     useDataFolder: bool = False
     dataFolder: Path
     validationFraction: Annotated[float, WithinRange(0.0, 0.5)] = 0.2
-    baseModel: str = "calid-acdc"
+    baseModel: str = DEFAULT_MODEL
     steps: Annotated[int, WithinRange(1, 100000)] = 300
     batchSize: Annotated[int, WithinRange(1, 256)] = 8
     learningRate: Annotated[float, WithinRange(0.000001, 0.01)] = 0.0001

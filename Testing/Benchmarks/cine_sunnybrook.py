@@ -4,7 +4,8 @@
         [--held-out-models DIR] [--skip-timing]
 
 Protocol (``shared/docs/evaluation.md``, K=2, every phase): keep slices 0, 2, 4, ... of each 4D cine, upsample
-the kept cine by 2 with the bundled model's default options, and score only the removed slices against the real
+the kept cine by 2 with ``calid-acdc``'s default options (the ACDC-only model: the default, ``calid-acdc-scd``,
+was fine-tuned on these cines), and score only the removed slices against the real
 ones (``calid.metrics.slice_scores``, whole slice and heart box = labelled region of any phase + 10 px) next to
 linear interpolation (``calid.metrics.linear_missing``); scores are averaged over phases, then over patients.
 Flicker: mean absolute phase-to-phase difference of the removed slices' estimates divided by the same quantity
@@ -37,6 +38,7 @@ from calid import geometry  # noqa: E402
 from calid.cine import cine_from_4d, upsample_cine  # noqa: E402
 from calid.engine import UpsampleOptions  # noqa: E402
 from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402
+from calid.modelindex import ACDC_MODEL  # noqa: E402
 from calid.modelstore import load_model  # noqa: E402
 
 FACTOR = 2
@@ -138,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sunnybrook")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", help="model name or directory (default: bundled)")
+    parser.add_argument("--model", default=ACDC_MODEL,
+                        help=f"model name or directory (default: {ACDC_MODEL}, which has never seen these cines)")
     parser.add_argument("--held-out-models", type=Path,
                         help="score each cine with DIR/<patient>, a model fine-tuned without that patient "
                              "(finetune_sunnybrook.py --keep-models DIR) instead of --model")

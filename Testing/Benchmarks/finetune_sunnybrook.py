@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from calid.evaluation import EvaluateConfig, evaluate
+from calid.modelindex import ACDC_MODEL
 from calid.modelstore import read_card
 from calid.training.config import TrainConfig
 from calid.training.trainer import train
@@ -68,7 +69,8 @@ def per_patient(report_dir: Path) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="calid-acdc", help="model to fine-tune (default: the bundled model)")
+    parser.add_argument("--base", default=ACDC_MODEL,
+                        help=f"model to fine-tune (default: {ACDC_MODEL}; the default model has seen every cine)")
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)

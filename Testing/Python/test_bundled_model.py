@@ -1,4 +1,7 @@
-"""The bundled model ``calid-acdc``: present, verified, small, honest about its data, usable by default.
+"""The bundled models: present, verified, small, honest about their data; the default usable as it is.
+
+``calid-acdc`` is trained on ACDC alone and carries the patient split; the default, ``calid-acdc-scd``, is it
+fine-tuned on the Sunnybrook cines.
 
 Its image quality is measured by ``calid evaluate`` on the validation patients (README), not here.
 """
@@ -8,14 +11,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from calid.engine import UpsampleOptions, upsample_image
-from calid.modelindex import BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models
+from calid.modelindex import ACDC_MODEL, BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models
 from calid.modelstore import load_model
 
-BUNDLED = BUNDLED_DIR / DEFAULT_MODEL
+ACDC = BUNDLED_DIR / ACDC_MODEL
 
 
 def test_bundled_model_is_the_default_and_is_listed():
@@ -25,17 +29,19 @@ def test_bundled_model_is_the_default_and_is_listed():
     assert model.diffusion_target == "residual" and 0.05 < float(model.residual_scale) < 5
 
 
-def test_bundled_weights_are_small_fp16_safetensors():
-    total = sum(p.stat().st_size for p in BUNDLED.iterdir())
+@pytest.mark.parametrize("name", [ACDC_MODEL, DEFAULT_MODEL])
+def test_bundled_weights_are_small_fp16_safetensors(name):
+    folder = BUNDLED_DIR / name
+    total = sum(p.stat().st_size for p in folder.iterdir())
     assert total < 50 * 2**20
-    card = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
+    card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
     assert card["weights_dtype"] == "float16"
-    header_length = int.from_bytes((BUNDLED / WEIGHTS_FILE).read_bytes()[:8], "little")
+    header_length = int.from_bytes((folder / WEIGHTS_FILE).read_bytes()[:8], "little")
     assert header_length < 10**6  # a safetensors header length, not a pickle or zip signature
 
 
 def test_model_card_states_acdc_provenance_terms_and_split():
-    card = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
+    card = json.loads((ACDC / CARD_FILE).read_text(encoding="utf-8"))
     training = card["training"]
     assert "non-commercial" in training["terms"]
     assert "Bernard" in training["citation"] and "2018" in training["citation"]
@@ -62,7 +68,7 @@ def test_bundled_segmentation_model_shares_the_split_and_states_its_terms():
     from calid.modelindex import DEFAULT_SEGMENTATION_MODEL
 
     segmentation = json.loads((BUNDLED_DIR / DEFAULT_SEGMENTATION_MODEL / CARD_FILE).read_text(encoding="utf-8"))
-    interpolation = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
+    interpolation = json.loads((ACDC / CARD_FILE).read_text(encoding="utf-8"))
     assert segmentation["training"]["split"] == interpolation["training"]["split"]  # no validation patient trained on
     assert "non-commercial" in segmentation["training"]["terms"] and "Bernard" in segmentation["training"]["citation"]
     assert segmentation["weights_dtype"] == "float16" and segmentation["metrics"]
@@ -70,17 +76,21 @@ def test_bundled_segmentation_model_shares_the_split_and_states_its_terms():
     assert everything < 50 * 2**20
 
 
-def test_sunnybrook_tuned_model_states_both_datasets_and_its_base():
-    """``calid-acdc-scd``: the default model fine-tuned on the 5 Sunnybrook cines; its quality on unseen cines is the
-    leave-one-patient-out figure of the same recipe, stored in its card."""
-    _, card = load_model("calid-acdc-scd")  # verifies its weights' SHA256
-    base = json.loads((BUNDLED / CARD_FILE).read_text(encoding="utf-8"))
+def test_default_model_states_both_datasets_its_base_and_both_validations():
+    """``calid-acdc-scd``: ``calid-acdc`` fine-tuned on the 5 Sunnybrook cines. Its quality on unseen cines is the
+    leave-one-patient-out figure of the same recipe; on ACDC it is scored on its base's validation patients (which
+    neither model trained on). Both are stored in its card."""
+    _, card = load_model(DEFAULT_MODEL)  # verifies its weights' SHA256
+    assert DEFAULT_MODEL == "calid-acdc-scd"
+    base = json.loads((ACDC / CARD_FILE).read_text(encoding="utf-8"))
     training = card["training"]
-    assert training["base_model"] == DEFAULT_MODEL and training["base_model_sha256"] == base["sha256"]
+    assert training["base_model"] == ACDC_MODEL and training["base_model_sha256"] == base["sha256"]
     assert "CC0" in training["terms"] and "non-commercial" in training["terms"]
     assert "Radau" in training["citation"] and "Bernard" in training["citation"]
     assert sorted(training["split"]["train"]) == [f"SCD0000{i}01" for i in range(1, 6)]
     assert card["weights_dtype"] == "float16" and card["config"] == base["config"]  # same network, one step
     held_out = card["metrics"]["leave_one_patient_out"]
     assert held_out["calid_psnr"] > held_out["linear_psnr"]
-    assert any(m["name"] == "calid-acdc-scd" and m["source"] == "bundled" for m in list_models())
+    acdc = {(r["factor"], r["gap_mm"]): r for r in card["metrics"]["acdc_validation"]["default_steps_1"]}
+    base_acdc = {(r["factor"], r["gap_mm"]): r for r in base["metrics"]["calid_evaluate"]["default_steps_1"]}
+    assert acdc.keys() == base_acdc.keys() and all(r["calid_psnr"] > r["linear_psnr"] for r in acdc.values())
