@@ -27,7 +27,7 @@ from slicer.util import VTKObservationMixin
 
 from CaLIDLib import CaLIDUpsampleLogic as _QtFreeLogic
 from CaLIDLib import WorkerError, WorkerProcess
-from CaLIDLib.dependencies import ensureDependencies
+from CaLIDLib.dependencies import ensureDependencies, missing_requirements
 from calid.modelindex import DEFAULT_MODEL, import_model, list_models, user_models_dir
 
 SAMPLE_FILE = "CaLIDSample_SCD0000101_phase07.nrrd"
@@ -50,7 +50,7 @@ class CaLIDUpsample(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Method: Bubeck et al., Latent Interpolation Learning Using Diffusion Models for Cardiac Volume "
             "Reconstruction, arXiv 2508.13826. Bundled models trained on ACDC (Bernard et al., IEEE TMI 2018; "
-            "non-commercial). Sample data: Sunnybrook Cardiac Data (Radau et al., MIDAS Journal 2009; CC0)."
+            "non-commercial); the default one also on Sunnybrook Cardiac Data. Sample data: Sunnybrook Cardiac Data (Radau et al., MIDAS Journal 2009; CC0)."
         )
         slicer.app.connect("startupCompleted()", registerSampleData)
 
@@ -160,7 +160,7 @@ class CaLIDUpsampleParameterNode:
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     samples: Annotated[int, WithinRange(1, 64)] = 1
     device: str = "auto"
-    model: str = "calid-acdc"
+    model: str = DEFAULT_MODEL
 
 
 class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -205,13 +205,18 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        if self.logic is not None and self.logic.isRunning:
-            self.logic.cancel()
+        if self.logic is not None:
+            self.logic.setStandby(False)
+            if self.logic.isRunning:
+                self.logic.cancel()
 
     def enter(self):
         self.initializeParameterNode()
+        if not missing_requirements():  # a worker imports the engine while the user sets up the run
+            self.logic.setStandby(True)
 
     def exit(self):
+        self.logic.setStandby(False)  # leaving the module gives its memory back
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None

@@ -6,6 +6,9 @@ When the worker ends, the results of a successful run are loaded by the concrete
 failed run loads nothing, and the temporary folder is removed in every case. ``waitForCompletion=True``
 (scripting, default) blocks; ``False`` returns at once and the caller calls ``poll()`` from a timer, as
 the panels do.
+
+``setStandby(True)`` (the panels do it) keeps one ``calid standby`` worker ready between runs, so a run does
+not wait for Python to start and import PyTorch and MONAI: measured by ``Testing/Benchmarks/benchmark_upsample.py``.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class WorkerLogic:
         self.python = python or shutil.which("PythonSlicer") or sys.executable
         self.job: _Job | None = None
         self.logCallback: Callable[[str], None] | None = None
+        self.keepStandby = False
+        self.standby: WorkerProcess | None = None
 
     @staticmethod
     def workerEnvironment() -> dict[str, str]:
@@ -86,6 +91,33 @@ class WorkerLogic:
     def isRunning(self) -> bool:
         return self.job is not None
 
+    def setStandby(self, enabled: bool) -> None:
+        """Keep a worker that has already imported the engine waiting for the next run (it holds the memory of
+        PyTorch and MONAI, a few hundred MB, while it waits), or stop the one waiting."""
+        self.keepStandby = enabled
+        if enabled:
+            self._startStandby()
+        elif self.standby is not None:
+            self.standby.cancel()
+            self.standby = None
+
+    def _startStandby(self) -> None:
+        if self.job is None and (self.standby is None or not self.standby.isStandingBy):
+            self.standby = WorkerProcess.standby(self.python, self.workerEnvironment())
+
+    def _newWorker(self, command: list[str]) -> WorkerProcess:
+        """The waiting standby worker given this command, when it runs ``calid`` with this Python; else a new one."""
+        standby, self.standby = self.standby, None
+        if standby is not None and command[:3] == [self.python, "-m", "calid"] and standby.isStandingBy:
+            try:
+                standby.send(command[3:])
+                return standby
+            except OSError:  # it ended between the check and the command: start afresh
+                pass
+        worker = WorkerProcess(command, self.workerEnvironment())
+        worker.start()
+        return worker
+
     # ------------------------------------------------------------------ for the concrete logics
     def _runWorker(self, prepare: Prepare, progressCallback: ProgressCallback | None,
                    onFinished: FinishedCallback | None, waitForCompletion: bool):
@@ -94,9 +126,7 @@ class WorkerLogic:
         folder = Path(tempfile.mkdtemp(prefix="CaLID-"))
         try:
             command, load_results = prepare(folder)
-            self.job = _Job(WorkerProcess(command, self.workerEnvironment()), folder, load_results, progressCallback,
-                            onFinished)
-            self.job.worker.start()
+            self.job = _Job(self._newWorker(command), folder, load_results, progressCallback, onFinished)
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             self.job = None
@@ -151,5 +181,7 @@ class WorkerLogic:
         finally:
             shutil.rmtree(job.folder, ignore_errors=True)
             self.job = None
+            if self.keepStandby:
+                self._startStandby()
             if job.on_finished is not None:
                 job.on_finished(result, error)

@@ -13,7 +13,8 @@ COMMENT_TAG = ("<filter-comment>", "</filter-comment>")
 @dataclass
 class WorkerEvent:
     """kind: ``progress`` (fraction), ``eta`` (fraction, data: remaining_s), ``stage`` (text), ``done`` (data),
-    ``metrics`` (data: a training log or validation row), ``log`` (text)."""
+    ``metrics`` (data: a training log or validation row), ``ready`` (a standby worker has imported the engine),
+    ``log`` (text)."""
 
     kind: str
     fraction: float | None = None
@@ -46,7 +47,7 @@ def parse_line(line: str) -> WorkerEvent | None:
         kind = data.get("event")
         if kind == "progress":
             return WorkerEvent("eta", fraction=data.get("fraction"), data=data)
-        if kind in ("done", "metrics"):
+        if kind in ("done", "metrics", "ready"):
             return WorkerEvent(kind, data=data)
         return WorkerEvent("log", text=data.get("message", line), data=data)
     return WorkerEvent("log", text=line)

@@ -4,10 +4,14 @@ The caller decides when to poll: a ``qt.QTimer`` in the Slicer panel (the UI nev
 blocking mode (``waitForCompletion=True``), so this class needs no Qt. Cancel first asks politely
 (SIGTERM: ``calid`` exits with code 130; ``upsample`` writes nothing, ``train`` keeps its last checkpoint),
 then kills the whole process tree (``PythonSlicer`` is a launcher whose child is the real Python).
+
+A standby worker (``WorkerProcess.standby``) is started before its run is known: ``calid standby`` imports the
+engine and waits; ``send`` hands it the run's arguments, after which it is an ordinary worker.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -28,13 +32,33 @@ class WorkerProcess:
         self.cancelled = False
         self._reader: threading.Thread | None = None
 
-    def start(self) -> None:
+    @classmethod
+    def standby(cls, python: str, env: dict[str, str] | None = None) -> "WorkerProcess":
+        """A started ``calid standby`` worker: importing now, its run to come through ``send``."""
+        worker = cls([python, "-m", "calid", "standby"], env)
+        worker.start(standby=True)
+        return worker
+
+    def start(self, standby: bool = False) -> None:
         self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=self.env, start_new_session=(os.name != "nt"),
+            self.command, stdin=subprocess.PIPE if standby else subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1, env=self.env, start_new_session=(os.name != "nt"),
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    @property
+    def isStandingBy(self) -> bool:
+        """A standby worker still alive and waiting for its run."""
+        return (self.process is not None and self.process.stdin is not None and not self.process.stdin.closed
+                and self.process.poll() is None)
+
+    def send(self, arguments: list[str]) -> None:
+        """Give a standby worker its run: ``calid`` followed by ``arguments``."""
+        assert self.process is not None and self.process.stdin is not None
+        self.command = [*self.command[:-1], *arguments]
+        self.process.stdin.write(json.dumps(arguments) + "\n")
+        self.process.stdin.close()
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None

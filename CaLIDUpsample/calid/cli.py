@@ -1,4 +1,4 @@
-"""The ``calid`` command line: upsample, models, devices, train, evaluate.
+"""The ``calid`` command line: upsample, models, devices, train, evaluate (and ``standby`` for the Slicer modules).
 
 Errors the user can fix end in one line on stderr and exit code 2; a cancel (Ctrl-C or SIGTERM, which is
 what the Slicer module sends first) exits with 130 and leaves no output behind. Set ``CALID_DEBUG=1`` to see
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CalidError
+from .modelindex import DEFAULT_MODEL
 from .segmentation.config import SegTrainConfig
 from .training.config import TrainConfig
 
@@ -43,7 +44,7 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the model's own, from its card; 8 if it has none)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output (default 0)")
-    p.add_argument("--model", help="bundled/user model name or model directory (default: the bundled model)")
+    p.add_argument("--model", help=f"bundled/user model name or model directory (default: {DEFAULT_MODEL})")
     p.add_argument("--samples", type=int, default=1, help="average this many samples (default 1)")
     p.add_argument("--uncertainty", help="write the per-voxel standard deviation of the samples here")
     p.add_argument("--plus", action="store_true", help="CaLID+: start from the slerp of the neighbours' inverted latents")
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_train_segmentation(sub)
     _add_segment(sub)
+    sub.add_parser("standby", help="import the engine now, then run the calid command line read from stdin "
+                                    "(one JSON list of arguments; used by the Slicer modules)")
     return parser
 
 
@@ -337,10 +340,19 @@ def cmd_train_segmentation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_standby(args: argparse.Namespace) -> int:  # noqa: ARG001
+    from .standby import READY_EVENT, preload, read_command
+
+    preload()
+    print(json.dumps(READY_EVENT), flush=True)
+    argv = read_command(sys.stdin)
+    return 0 if argv is None else main(argv)
+
+
 COMMANDS = {"upsample": cmd_upsample, "models": cmd_models, "devices": cmd_devices, "train": cmd_train,
             "evaluate": cmd_evaluate,
             "train-segmentation": cmd_train_segmentation, "segment": cmd_segment, "volumes": cmd_volumes,
-            "evaluate-segmentation": cmd_evaluate_segmentation}
+            "evaluate-segmentation": cmd_evaluate_segmentation, "standby": cmd_standby}
 
 
 def _tolerate_narrow_consoles() -> None:

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def calid(*args, timeout=300) -> subprocess.CompletedProcess:
+def calid(*args, timeout=300, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "calid", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, input=stdin)
 
 
 def test_json_progress_protocol(tmp_path, small_image, tiny_model_dir):
@@ -59,6 +59,22 @@ def make_cohort(folder: Path, image: sitk.Image, count: int) -> list[Path]:
         write_image(image[:, :, i % 2:], path)
         paths.append(path)
     return paths
+
+
+def test_standby_runs_the_command_line_it_reads_once_imported(tmp_path, small_image, tiny_model_dir):
+    source = tmp_path / "in.nii.gz"
+    write_image(small_image, source)
+    run = ["upsample", str(source), str(tmp_path / "out.nrrd"), "--model", str(tiny_model_dir), "--steps", "1"]
+    proc = calid("standby", stdin=json.dumps(run) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == '{"event": "ready"}'
+    assert sitk.ReadImage(str(tmp_path / "out.nrrd")).GetSize()[2] == 2 * small_image.GetSize()[2] - 1
+    failing = calid("standby", stdin=json.dumps(["upsample", str(tmp_path / "missing.nii.gz"), str(tmp_path / "x.nrrd")]))
+    assert failing.returncode == 2 and failing.stderr.startswith("calid: error:") and not (tmp_path / "x.nrrd").exists()
+    for garbage in ("upsample in.nii.gz out.nrrd\n", '["standby"]\n', "[]\n", '{"argv": []}\n'):
+        refused = calid("standby", stdin=garbage)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "JSON list" in refused.stderr
+    assert calid("standby", stdin="").returncode == 0  # the caller went away before sending a run
 
 
 def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, tiny_model_dir):

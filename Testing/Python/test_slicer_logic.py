@@ -147,3 +147,38 @@ def test_input_and_output_must_differ(scene, sample_array):
     node = volume_node(scene, sample_array)
     with pytest.raises(ValueError, match="must not be the input"):
         CaLIDUpsampleLogic(scene, python=sys.executable).process(node, node)
+
+
+def test_standby_worker_runs_the_next_upsampling_and_another_then_waits(scene, sample_array, tiny_model_dir, private_tmp):
+    node = volume_node(scene, sample_array)
+    options = dict(factor=2, device="cpu", steps=2, seed=3, model=str(tiny_model_dir))
+    cold = node_array(CaLIDUpsampleLogic(scene, python=sys.executable).process(node, **options)).copy()
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    logic.setStandby(True)
+    first = logic.standby
+    assert first is not None and first.isStandingBy
+    warm = logic.process(node, **options)
+    assert first.returncode == 0 and first.command[3] == "upsample"  # the waiting worker ran this upsampling
+    assert np.array_equal(node_array(warm), cold)  # same run, same result as a fresh process
+    assert logic.standby is not None and logic.standby is not first and logic.standby.isStandingBy
+    waiting = logic.standby.process
+    logic.setStandby(False)
+    assert logic.standby is None and waiting.wait(10) is not None
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_cancelling_a_run_of_the_standby_worker_leaves_nothing(scene, sample_array, tiny_model_dir, private_tmp):
+    node = volume_node(scene, sample_array)
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    logic.setStandby(True)
+    first = logic.standby
+    before = volumes(scene)
+
+    def cancel_midway(fraction, stage, eta):
+        if fraction > 0.2:
+            logic.cancel()
+
+    result = logic.process(node, factor=4, device="cpu", steps=200, model=str(tiny_model_dir), progressCallback=cancel_midway)
+    assert result is None and first.cancelled and first.returncode != 0
+    assert volumes(scene) == before and list(private_tmp.iterdir()) == []
+    logic.setStandby(False)
