@@ -19,9 +19,19 @@ USAGE = 'calid standby reads one line: a JSON list of calid arguments, e.g. ["up
 
 
 def preload() -> None:
-    """Import what every run needs (PyTorch, MONAI, SimpleITK, the engine and segmentation) before it is known."""
+    """Import what every run needs (PyTorch, MONAI, SimpleITK, the engine and segmentation) before it is known,
+    and start CUDA when there is a GPU (4.3 s on an H100 machine; it then holds a CUDA context while waiting)."""
+    import torch
+
     from . import engine  # noqa: F401
     from .segmentation import inference  # noqa: F401
+
+    if torch.cuda.is_available():
+        try:  # a first convolution starts CUDA and cuDNN; a broken setup is reported by the run itself
+            torch.nn.functional.conv2d(torch.zeros(1, 1, 8, 8, device="cuda"), torch.zeros(1, 1, 3, 3, device="cuda"))
+            torch.cuda.synchronize()
+        except RuntimeError:
+            pass
 
 
 def read_command(stream: TextIO) -> list[str] | None:
