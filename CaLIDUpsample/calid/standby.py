@@ -1,7 +1,7 @@
 """``calid standby``: a ``calid`` process that pays start-up and imports first, then waits for its command line.
 
-Importing PyTorch and MONAI takes seconds (about 5 s on this project's 2-core CPU machine, 17 s on a GPU
-machine measured earlier): longer than upsampling a stack on a GPU. The Slicer modules start one standby worker
+Starting Python and importing PyTorch and MONAI takes seconds (4.1-4.4 s on this project's 2-core CPU machine,
+17 s on a GPU machine measured earlier): about half of a CPU run on an ACDC stack, most of a GPU run. The Slicer modules start one standby worker
 ahead of time (when the panel opens, and again after each run), so a click only sends its command line. One
 process serves one run and exits with that run's exit code, exactly as a cold ``calid`` process would: cancel,
 errors and outputs behave the same, and nothing is carried from one run to the next.
