@@ -98,22 +98,24 @@ class WorkerLogic:
         if enabled:
             self._startStandby()
         elif self.standby is not None:
+            self.standby.discard()
             self.standby.cancel()
             self.standby = None
 
     def _startStandby(self) -> None:
         if self.job is None and (self.standby is None or not self.standby.isStandingBy):
+            if self.standby is not None:  # it ended while waiting (idle too long)
+                self.standby.discard()
             self.standby = WorkerProcess.standby(self.python, self.workerEnvironment())
 
     def _newWorker(self, command: list[str]) -> WorkerProcess:
         """The waiting standby worker given this command, when it runs ``calid`` with this Python; else a new one."""
         standby, self.standby = self.standby, None
         if standby is not None and command[:3] == [self.python, "-m", "calid"] and standby.isStandingBy:
-            try:
-                standby.send(command[3:])
-                return standby
-            except OSError:  # it ended between the check and the command: start afresh
-                pass
+            standby.send(command[3:])
+            return standby
+        if standby is not None:
+            standby.discard()
         worker = WorkerProcess(command, self.workerEnvironment())
         worker.start()
         return worker
@@ -180,6 +182,7 @@ class WorkerLogic:
             return None
         finally:
             shutil.rmtree(job.folder, ignore_errors=True)
+            job.worker.discard()
             self.job = None
             if self.keepStandby:
                 self._startStandby()

@@ -6,7 +6,8 @@ blocking mode (``waitForCompletion=True``), so this class needs no Qt. Cancel fi
 then kills the whole process tree (``PythonSlicer`` is a launcher whose child is the real Python).
 
 A standby worker (``WorkerProcess.standby``) is started before its run is known: ``calid standby`` imports the
-engine and waits; ``send`` hands it the run's arguments, after which it is an ordinary worker.
+engine and waits for a command file in a folder of its own; ``send`` writes that file, after which it is an
+ordinary worker. ``discard`` removes the folder (a standby worker still waiting then ends by itself).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 GRACE_SECONDS = 5.0
@@ -31,34 +35,43 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
         self.cancelled = False
         self._reader: threading.Thread | None = None
+        self.handoff: Path | None = None
+        """A standby worker's folder, where ``send`` writes its command file."""
 
     @classmethod
     def standby(cls, python: str, env: dict[str, str] | None = None) -> "WorkerProcess":
         """A started ``calid standby`` worker: importing now, its run to come through ``send``."""
-        worker = cls([python, "-m", "calid", "standby"], env)
-        worker.start(standby=True)
+        handoff = Path(tempfile.mkdtemp(prefix="CaLID-standby-"))
+        worker = cls([python, "-m", "calid", "standby", "--command-file", str(handoff / "command.json")], env)
+        worker.handoff = handoff
+        worker.start()
         return worker
 
-    def start(self, standby: bool = False) -> None:
+    def start(self) -> None:
         self.process = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE if standby else subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1, env=self.env, start_new_session=(os.name != "nt"),
+            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            bufsize=1, env=self.env, start_new_session=(os.name != "nt"),
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     @property
     def isStandingBy(self) -> bool:
-        """A standby worker still alive and waiting for its run."""
-        return (self.process is not None and self.process.stdin is not None and not self.process.stdin.closed
-                and self.process.poll() is None)
+        """A standby worker alive and still waiting for its run."""
+        return self.handoff is not None and self.command[3] == "standby" and self.process.poll() is None
 
     def send(self, arguments: list[str]) -> None:
-        """Give a standby worker its run: ``calid`` followed by ``arguments``."""
-        assert self.process is not None and self.process.stdin is not None
-        self.command = [*self.command[:-1], *arguments]
-        self.process.stdin.write(json.dumps(arguments) + "\n")
-        self.process.stdin.close()
+        """Give a standby worker its run: ``calid`` followed by ``arguments`` (written whole, then renamed)."""
+        assert self.handoff is not None
+        partial = self.handoff / "command.json.part"
+        partial.write_text(json.dumps(arguments), encoding="utf-8")
+        os.replace(partial, self.handoff / "command.json")
+        self.command = [*self.command[:3], *arguments]
+
+    def discard(self) -> None:
+        """Remove a standby worker's folder; if it is still waiting, it ends by itself."""
+        if self.handoff is not None:
+            shutil.rmtree(self.handoff, ignore_errors=True)
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None

@@ -165,8 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_train_segmentation(sub)
     _add_segment(sub)
-    sub.add_parser("standby", help="import the engine now, then run the calid command line read from stdin "
-                                    "(one JSON list of arguments; used by the Slicer modules)")
+    standby = sub.add_parser("standby", help="import the engine now, then run the calid arguments written to FILE "
+                                              "(a JSON list; used by the Slicer modules)")
+    standby.add_argument("--command-file", required=True, metavar="FILE", help="the file to wait for (write it elsewhere, then rename it)")
+    standby.add_argument("--idle-minutes", type=float, default=60.0,
+                         help="exit when nothing arrives for this long, or as soon as FILE's folder is removed (default 60)")
     return parser
 
 
@@ -340,12 +343,12 @@ def cmd_train_segmentation(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_standby(args: argparse.Namespace) -> int:  # noqa: ARG001
-    from .standby import READY_EVENT, preload, read_command
+def cmd_standby(args: argparse.Namespace) -> int:
+    from .standby import READY_EVENT, preload, wait_for_command
 
     preload()
     print(json.dumps(READY_EVENT), flush=True)
-    argv = read_command(sys.stdin)
+    argv = wait_for_command(Path(args.command_file), args.idle_minutes)
     return 0 if argv is None else main(argv)
 
 

@@ -8,7 +8,7 @@ otherwise the bundled Sunnybrook sample resampled in-plane to that size. Each Ca
 or a cold Slicer worker runs it; peak memory is the child's maximum resident set size. The *standby* rows are
 what the Slicer modules do by default: a ``calid standby`` process has already started and imported the engine
 (the time it took, and the memory it holds while waiting, are given) and the time runs from sending it the
-command line to its exit. Linear interpolation is SimpleITK resampling in this process (what a user would run
+command file to its exit. Linear interpolation is SimpleITK resampling in this process (what a user would run
 instead). Not a test: it prints a table.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -77,17 +78,18 @@ def resident_gb(pid: int) -> float | None:
     return kb / 2**20
 
 
-def time_standby(arguments: list[str]) -> tuple[float, float, float | None]:
-    """(seconds from sending the command line to exit, seconds the standby took to get ready, GB held waiting)."""
+def time_standby(arguments: list[str], folder: Path) -> tuple[float, float, float | None]:
+    """(seconds from handing over the command line to exit, seconds the standby took to get ready, GB held waiting)."""
+    command_file = folder / "command.json"
     start = time.perf_counter()
-    worker = subprocess.Popen([sys.executable, "-m", "calid", "standby"], stdin=subprocess.PIPE,
+    worker = subprocess.Popen([sys.executable, "-m", "calid", "standby", "--command-file", str(command_file)],
                               stdout=subprocess.PIPE, text=True)
     assert json.loads(worker.stdout.readline()) == {"event": "ready"}
     ready = time.perf_counter() - start
     waiting_gb = resident_gb(worker.pid)
     start = time.perf_counter()
-    worker.stdin.write(json.dumps(arguments) + "\n")
-    worker.stdin.close()
+    (folder / "command.part").write_text(json.dumps(arguments), encoding="utf-8")
+    os.replace(folder / "command.part", command_file)  # whole, as the Slicer logic hands it over
     worker.stdout.read()
     if worker.wait() != 0:
         raise RuntimeError(f"calid standby failed on {arguments}")
@@ -129,7 +131,7 @@ def main() -> None:
                              "seconds_median": round(statistics.median(r[0] for r in runs), 2),
                              "seconds_min": round(min(r[0] for r in runs), 2),
                              "peak_rss_gb": round(max(r[1] for r in runs), 2)})
-                warm = [time_standby(arguments) for _ in range(args.repeats)]
+                warm = [time_standby(arguments, folder) for _ in range(args.repeats)]
                 held = [w[2] for w in warm if w[2] is not None]
                 rows.append({"method": f"CaLID (standby worker; ready after {statistics.median(w[1] for w in warm):.1f} s"
                                        + (f", holding {max(held):.2f} GB" if held else "") + ")",

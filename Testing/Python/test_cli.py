@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def calid(*args, timeout=300, stdin: str | None = None) -> subprocess.CompletedProcess:
+def calid(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "calid", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, input=stdin)
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_json_progress_protocol(tmp_path, small_image, tiny_model_dir):
@@ -61,20 +61,48 @@ def make_cohort(folder: Path, image: sitk.Image, count: int) -> list[Path]:
     return paths
 
 
-def test_standby_runs_the_command_line_it_reads_once_imported(tmp_path, small_image, tiny_model_dir):
+def standby(command_file: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "calid", "standby", "--command-file", str(command_file), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def hand_over(command_file: Path, content: str) -> None:
+    partial = command_file.with_suffix(".part")
+    partial.write_text(content, encoding="utf-8")
+    os.replace(partial, command_file)
+
+
+def test_standby_runs_the_command_file_it_waits_for(tmp_path, small_image, tiny_model_dir):
     source = tmp_path / "in.nii.gz"
     write_image(small_image, source)
-    run = ["upsample", str(source), str(tmp_path / "out.nrrd"), "--model", str(tiny_model_dir), "--steps", "1"]
-    proc = calid("standby", stdin=json.dumps(run) + "\n")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == '{"event": "ready"}'
+    handoff = tmp_path / "handoff"
+    handoff.mkdir()
+    worker = standby(handoff / "command.json")
+    assert json.loads(worker.stdout.readline()) == {"event": "ready"}  # imported, nothing run yet
+    assert worker.poll() is None and not (tmp_path / "out.nrrd").exists()
+    hand_over(handoff / "command.json", json.dumps(["upsample", str(source), str(tmp_path / "out.nrrd"), "--model",
+                                                    str(tiny_model_dir), "--steps", "1"]))
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
     assert sitk.ReadImage(str(tmp_path / "out.nrrd")).GetSize()[2] == 2 * small_image.GetSize()[2] - 1
-    failing = calid("standby", stdin=json.dumps(["upsample", str(tmp_path / "missing.nii.gz"), str(tmp_path / "x.nrrd")]))
-    assert failing.returncode == 2 and failing.stderr.startswith("calid: error:") and not (tmp_path / "x.nrrd").exists()
-    for garbage in ("upsample in.nii.gz out.nrrd\n", '["standby"]\n', "[]\n", '{"argv": []}\n'):
-        refused = calid("standby", stdin=garbage)
-        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "JSON list" in refused.stderr
-    assert calid("standby", stdin="").returncode == 0  # the caller went away before sending a run
+    assert list(handoff.iterdir()) == []  # the command file is consumed
+
+
+def test_standby_refuses_bad_command_files_and_ends_when_abandoned(tmp_path):
+    handoff = tmp_path / "handoff"
+    handoff.mkdir()
+    for garbage in ("upsample in.nii.gz out.nrrd", '["standby"]', "[]", '{"argv": []}'):
+        worker = standby(handoff / "command.json")
+        hand_over(handoff / "command.json", garbage)
+        _, err = worker.communicate(timeout=120)
+        assert worker.returncode == 2 and err.count("\n") == 1 and "JSON list" in err
+    waiting = standby(handoff / "command.json")
+    assert json.loads(waiting.stdout.readline()) == {"event": "ready"}
+    shutil.rmtree(handoff)  # the caller gave up on it
+    assert waiting.wait(timeout=30) == 0
+    idle = standby(tmp_path / "command.json", "--idle-minutes", "0.001")
+    assert idle.wait(timeout=120) == 0 and not idle.stderr.read()
 
 
 def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, tiny_model_dir):

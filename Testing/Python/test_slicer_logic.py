@@ -180,5 +180,6 @@ def test_cancelling_a_run_of_the_standby_worker_leaves_nothing(scene, sample_arr
 
     result = logic.process(node, factor=4, device="cpu", steps=200, model=str(tiny_model_dir), progressCallback=cancel_midway)
     assert result is None and first.cancelled and first.returncode != 0
-    assert volumes(scene) == before and list(private_tmp.iterdir()) == []
+    assert volumes(scene) == before and logic.standby is not first and logic.standby.isStandingBy
     logic.setStandby(False)
+    assert list(private_tmp.iterdir()) == []  # inputs, outputs and every standby folder removed
