@@ -50,7 +50,8 @@ class CaLIDUpsample(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Method: Bubeck et al., Latent Interpolation Learning Using Diffusion Models for Cardiac Volume "
             "Reconstruction, arXiv 2508.13826. Bundled models trained on ACDC (Bernard et al., IEEE TMI 2018; "
-            "non-commercial); the default one also on Sunnybrook Cardiac Data. Sample data: Sunnybrook Cardiac Data (Radau et al., MIDAS Journal 2009; CC0)."
+            "non-commercial); the default one also on Sunnybrook Cardiac Data. Sample data: Sunnybrook Cardiac "
+            "Data (Radau et al., MIDAS Journal 2009; CC0)."
         )
         slicer.app.connect("startupCompleted()", registerSampleData)
 

@@ -167,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     standby = sub.add_parser("standby", help="import the engine now, then run the calid arguments written to FILE "
                                               "(a JSON list; used by the Slicer modules)")
-    standby.add_argument("--command-file", required=True, metavar="FILE", help="the file to wait for (write it elsewhere, then rename it)")
+    standby.add_argument("--command-file", required=True, metavar="FILE",
+                         help="the file to wait for (write it elsewhere, then rename it)")
     standby.add_argument("--idle-minutes", type=float, default=60.0,
-                         help="exit when nothing arrives for this long, or as soon as FILE's folder is removed (default 60)")
+                         help="exit when nothing arrives for this long, or as soon as FILE's folder is removed "
+                              "(default 60)")
     return parser
 
 
