@@ -1,6 +1,6 @@
 """``calid standby``: a ``calid`` process that pays start-up and imports first, then waits for its command line.
 
-Starting Python and importing PyTorch and MONAI takes seconds (4.1-4.4 s on this project's 2-core CPU machine,
+Starting Python and importing PyTorch and MONAI takes seconds (4.5-4.7 s on this project's 2-core CPU machine,
 17 s on a GPU machine measured earlier): about half of a CPU run on an ACDC stack, most of a GPU run. The Slicer
 modules start one standby worker ahead of time (when the panel opens, and again after each run), so a click only
 hands over its command line. One process serves one run and exits with that run's exit code, exactly as a cold
