@@ -57,6 +57,8 @@ def test_scene_volumes_are_exported_with_their_geometry(scene, nodes, tmp_path):
 
 def test_fine_tuning_from_scene_volumes_end_to_end(scene, nodes, tiny_model_dir, private_tmp, models):
     logic = CaLIDTrainingLogic(scene, python=sys.executable)
+    logic.setStandby(True)  # as the panel does: the run goes to a worker that has imported the engine already
+    first = logic.standby
     log, progress = [], []
     logic.logCallback = log.append
     model = logic.train(nodes, baseModel=str(tiny_model_dir), steps=10, outputName="site", **FAST,
@@ -79,6 +81,8 @@ def test_fine_tuning_from_scene_volumes_end_to_end(scene, nodes, tiny_model_dir,
     assert logic.curves.lossChart.GetNumberOfPlotSeriesNodes() == 1
     assert any(line.startswith("step 5: loss") for line in log) and any("validation PSNR" in line for line in log)
     assert (models.parent / "runs" / "site" / "metrics.csv").is_file()
+    assert first.command[3] == "train" and first.returncode == 0
+    logic.setStandby(False)
     assert list(private_tmp.iterdir()) == []
 
 
