@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from calid.standby import hand_over
+
 GRACE_SECONDS = 5.0
 
 
@@ -63,9 +65,7 @@ class WorkerProcess:
     def send(self, arguments: list[str]) -> None:
         """Give a standby worker its run: ``calid`` followed by ``arguments`` (written whole, then renamed)."""
         assert self.handoff is not None
-        partial = self.handoff / "command.json.part"
-        partial.write_text(json.dumps(arguments), encoding="utf-8")
-        os.replace(partial, self.handoff / "command.json")
+        hand_over(self.handoff / "command.json", json.dumps(arguments))
         self.command = [*self.command[:3], *arguments]
 
     def discard(self) -> None:

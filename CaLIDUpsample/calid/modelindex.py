@@ -15,7 +15,7 @@ from typing import Any
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 # calid-acdc fine-tuned on the Sunnybrook cines: as good as calid-acdc on the ACDC validation patients (K=2 within
-# 0.03 dB) and better on cines from a second vendor (README: "The Sunnybrook-tuned model").
+# 0.04 dB) and better on cines from a second vendor (README: "The default model").
 DEFAULT_MODEL = "calid-acdc-scd"
 # The ACDC-only model: the base of calid-acdc-scd, and the one to score on Sunnybrook (the default has seen it).
 ACDC_MODEL = "calid-acdc"

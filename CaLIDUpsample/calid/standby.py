@@ -9,13 +9,14 @@ next.
 
 The command line arrives as a file, not on stdin: Slicer starts Python through a launcher (``PythonSlicer``)
 whose forwarding of stdin cannot be relied on everywhere. The caller writes the file under another name and
-renames it, so it is read whole. A standby worker nobody uses ends by itself: when its folder is removed (the
-caller gave up on it) or after ``idle_minutes`` (the caller may have died).
+renames it (``hand_over``), so it is read whole. A standby worker nobody uses ends by itself: when its folder is
+removed (the caller gave up on it) or after ``idle_minutes`` (the caller may have died).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def parse_command(text: str) -> list[str]:
     if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)) or argv[0] == "standby":
         raise CalidError(USAGE)
     return argv
+
+
+def hand_over(path: Path, text: str) -> None:
+    """Write a command file whole: under another name first, then renamed, so ``wait_for_command`` never reads half."""
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def wait_for_command(path: Path, idle_minutes: float) -> list[str] | None:

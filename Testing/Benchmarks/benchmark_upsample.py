@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import SimpleITK as sitk
+
+from calid.standby import hand_over
 
 REPO = Path(__file__).resolve().parents[2]
 ACDC_CASE = REPO.parent / "shared" / "data" / "acdc" / "training" / "patient001" / "patient001_frame01.nii.gz"
@@ -88,8 +89,7 @@ def time_standby(arguments: list[str], folder: Path) -> tuple[float, float, floa
     ready = time.perf_counter() - start
     waiting_gb = resident_gb(worker.pid)
     start = time.perf_counter()
-    (folder / "command.part").write_text(json.dumps(arguments), encoding="utf-8")
-    os.replace(folder / "command.part", command_file)  # whole, as the Slicer logic hands it over
+    hand_over(command_file, json.dumps(arguments))  # as the Slicer logic does
     worker.stdout.read()
     if worker.wait() != 0:
         raise RuntimeError(f"calid standby failed on {arguments}")

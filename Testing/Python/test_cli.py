@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from calid.imageio import write_image
+from calid.standby import hand_over
 
 pytestmark = pytest.mark.slow
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -65,12 +66,6 @@ def standby(command_file: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "calid", "standby", "--command-file", str(command_file), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def hand_over(command_file: Path, content: str) -> None:
-    partial = command_file.with_suffix(".part")
-    partial.write_text(content, encoding="utf-8")
-    os.replace(partial, command_file)
 
 
 def test_standby_runs_the_command_file_it_waits_for(tmp_path, small_image, tiny_model_dir):
