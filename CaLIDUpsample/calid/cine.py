@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
-from .engine import UpsampleOptions, UpsampleResult, dense_stack, generate_missing_phases, prepare_run
+from .engine import UpsampleOptions, UpsampleResult, dense_stack, missing_slices, prepare_run
 from .errors import CalidError
 from .imageio import check_pixels, output_folder, read_dicom_files, read_image, write_image
 from .intensity import IntensityMap
@@ -201,9 +201,7 @@ def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaL
     array = sitk.GetArrayFromImage(image)  # (t, z, y, x)
     stacks = np.stack([geometry.to_stack(phase, axis) for phase in array])
     intensity = IntensityMap.fit(stacks)
-    generated = generate_missing_phases(model, intensity.to_network(stacks), factor, steps, options.seed,
-                                        options.samples, options.plus, device, options.batch_size, progress,
-                                        shared_noise=options.cine_noise == "shared")
+    generated = missing_slices(options, model, intensity.to_network(stacks), factor, steps, device, progress)
     generated = intensity.from_network(generated)
     mean = generated.mean(axis=0)
     dense = [dense_stack(stacks[t], mean[t], factor, array.dtype) for t in range(cine.phases)]

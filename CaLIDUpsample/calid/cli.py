@@ -45,6 +45,9 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="DDIM steps (default: the model's own, from its card; 8 if it has none)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output (default 0)")
     p.add_argument("--model", help=f"bundled/user model name or model directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--method", choices=("calid", "morph", "linear"), default="calid",
+                   help="calid (the model, default), or for comparison on your scan: morph (optical-flow morph of the "
+                        "neighbours) or linear interpolation")
     p.add_argument("--samples", type=int, default=1, help="average this many samples (default 1)")
     p.add_argument("--uncertainty", help="write the per-voxel standard deviation of the samples here")
     p.add_argument("--plus", action="store_true", help="CaLID+: start from the slerp of the neighbours' inverted latents")
@@ -108,6 +111,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})")
     p.add_argument("--split", help="JSON file with 'train' and 'validation' patient lists")
+    p.add_argument("--motion", choices=("dis", "tvl1"),
+                   help="make the model motion-aware: condition on the neighbours warped along this optical flow "
+                        "(default: as the --init model, else not)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
@@ -197,7 +203,7 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     options = UpsampleOptions(factor=args.factor, spacing=args.spacing, steps=args.steps, seed=args.seed,
                               samples=args.samples, plus=args.plus, slice_axis=args.slice_axis,
                               device=args.device, model=args.model, batch_size=args.batch_size,
-                              cine_noise=args.cine_noise)
+                              cine_noise=args.cine_noise, method=args.method)
     options.check()
     mode = _progress_mode(args.progress)
     source = Path(args.input)
@@ -307,7 +313,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
         denoiser_steps=args.denoiser_steps, vae_batch=args.vae_batch, denoiser_batch=args.denoiser_batch,
-        lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep,
+        lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,
         val_every=args.val_every, val_volumes=args.val_volumes, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, resume=args.resume,

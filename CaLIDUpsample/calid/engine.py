@@ -18,11 +18,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import geometry
+from . import geometry, motion
 from .devices import autocast, resolve_device
 from .errors import CalidError
 from .imageio import read_image, validate_volume, write_image
 from .intensity import IntensityMap
+from .metrics import linear_missing
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
@@ -35,6 +36,9 @@ MAX_SAMPLES = 64
 CPU_BATCH = 16
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
 CINE_NOISE = ("shared", "independent")
+METHODS = ("calid", "morph", "linear")
+"""``--method``: the model, or what a user gets without it (the optical-flow morph, linear interpolation), so that
+a scan can be compared with the peers through the same geometry, intensity handling and outputs."""
 
 
 @dataclass
@@ -52,8 +56,13 @@ class UpsampleOptions:
     model: str | None = None
     batch_size: int | None = None
     cine_noise: str = "shared"  # cine only: same starting noise for a dense slice position in every phase
+    method: str = "calid"
 
     def check(self) -> None:
+        if self.method not in METHODS:
+            raise CalidError(f"--method must be one of {', '.join(METHODS)}, not {self.method}")
+        if self.method != "calid" and (self.samples > 1 or self.plus):
+            raise CalidError(f"--samples and --plus apply to --method calid, not {self.method}")
         if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
             raise CalidError(f"--steps must be between 1 and {MAX_STEPS}, not {self.steps}")
         if not 1 <= self.samples <= MAX_SAMPLES:
@@ -188,7 +197,8 @@ def generate_missing_phases(
     latent_hw = (padded.shape[2] // 4, padded.shape[3] // 4)
     batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
     progress = progress or Progress("none")
-    progress.total = acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
+    progress.total = (acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
+                      + (acquired if model.motion is not None else 0))
     scheduler = make_scheduler(model.config["diffusion"])
 
     progress.set_stage("encoding acquired slices")
@@ -221,11 +231,27 @@ def generate_missing_phases(
     else:
         z_init = _initial_noise(seed, samples, phases, missing, tuple(latents.shape[1:]), shared_noise).to(device)
 
+    flows = latent_flows = gap_of = None
+    if model.motion is not None:
+        progress.set_stage("estimating motion")
+        flows = torch.from_numpy(motion.stack_flows(padded, model.motion["flow"]))
+        latent_flows = motion.latent_flow(flows, model.vae_downsampling).to(device)
+        progress.advance(acquired)
+        gap_of = below_t - below_t // n  # acquired slice (phase * n + i) -> its gap (phase * (n - 1) + i)
+
+    def neighbours(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the denoiser is conditioned on: the acquired neighbours' latents, or (motion-aware models) both
+        warped along their flow to the new slice's position."""
+        below, above = latents[below_t[part]], latents[above_t[part]]
+        if latent_flows is None:
+            return below, above
+        return motion.warped_neighbours(below, above, latent_flows[gap_of[part]], alpha_t[part].to(device))
+
     progress.set_stage("generating missing slices")
     z_final = torch.empty_like(z_init)
 
     def denoise_part(part: slice) -> None:
-        cond = (latents[below_t[part]], latents[above_t[part]], alpha_t[part].to(device))
+        cond = (*neighbours(part), alpha_t[part].to(device))
         with autocast(device):
             denoised = denoise(lambda z, t: model.interpolator(z, t, *cond), scheduler, z_init[part], steps,
                                on_step=lambda _: progress.advance(part.stop - part.start)).float()
@@ -248,10 +274,16 @@ def generate_missing_phases(
     batch = run_batched(decoder(z_final, out), items, batch)
     run_batched(decoder(latents, reconstructed), acquired, batch)
     # Detail transfer: what the VAE loses on the acquired neighbours (fine texture, a slight intensity bias) is
-    # added back, interpolated by alpha, so generated slices match the acquired ones they sit between.
+    # added back, interpolated by alpha (and carried along the flow by motion-aware models), so generated slices
+    # match the acquired ones they sit between.
     lost = stacks.reshape(acquired, h, w) - reconstructed
-    a = alpha_t.numpy()[:, None, None]
-    out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
+    if flows is None:
+        a = alpha_t.numpy()[:, None, None]
+        out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
+    else:
+        lost_t = torch.nn.functional.pad(torch.from_numpy(lost)[:, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        warped = motion.warped_neighbours(lost_t[below_t], lost_t[above_t], flows[gap_of], alpha_t)
+        out += motion.blend(*warped, alpha_t)[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].numpy()
     return out.reshape(samples, phases, missing, h, w)
 
 
@@ -267,17 +299,22 @@ def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None,
-                want_uncertainty: bool) -> tuple[int, int, torch.device, CaLID, int]:
+                want_uncertainty: bool) -> tuple[int, int, torch.device, CaLID | None, int]:
     """Check the options against the image and load the model: (slice axis, K, device, model, steps).
 
-    Shared by volumes and cines (``image`` may be 4D: only its three spatial axes are looked at).
+    Shared by volumes and cines (``image`` may be 4D: only its three spatial axes are looked at). The classical
+    methods need no model (None, 0 steps).
     """
     options.check()
+    if want_uncertainty and options.method != "calid":
+        raise CalidError(f"an uncertainty map needs --method calid, not {options.method}")
     if want_uncertainty and options.samples < 2:
         raise CalidError("an uncertainty map needs at least 2 samples (--samples 2 or more)")
     axis = geometry.find_slice_axis(image, options.slice_axis)
     factor = geometry.resolve_factor(image, axis, options.factor, options.spacing)
     device = resolve_device(options.device)
+    if options.method != "calid":
+        return axis, factor, device, None, 0
     if model is None:
         model, _ = load_model(options.model, device)
     model = model.to(device).eval()
@@ -285,13 +322,30 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
         # The acquired slices are the alpha=0/1 ends of their gaps, where the residual is zero by definition:
         # their inversions carry no information (measured: 13.2 dB instead of 17.5 dB on two ACDC 5 mm stacks).
         raise CalidError("--plus (CaLID+) needs a model that diffuses latents; this model diffuses residuals "
-                         "to linear interpolation: leave --plus out")
+                         "to an interpolation of its neighbours: leave --plus out")
     steps = options.steps or default_steps(model)
     most = max_sampling_steps(model.config["diffusion"])
     if steps > most:
         raise CalidError(f"this model was trained on diffusion timesteps >= {model.config['diffusion']['min_timestep']} "
                          f"only: use --steps {most}" + (" or fewer" if most > 1 else ""))
     return axis, factor, device, model, steps
+
+
+def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.ndarray, factor: int, steps: int,
+                   device: torch.device, progress: Progress | None = None) -> np.ndarray:
+    """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: (samples, phases, missing, h, w)."""
+    if options.method == "calid":
+        return generate_missing_phases(model, stacks, factor, steps, options.seed, options.samples, options.plus,
+                                       device, options.batch_size, progress,
+                                       shared_noise=options.cine_noise == "shared")
+    progress = progress or Progress("none")
+    progress.total = len(stacks)
+    progress.set_stage(f"{options.method} interpolation")
+    out = []
+    for stack in stacks:
+        out.append(motion.morph_missing(stack, factor) if options.method == "morph" else linear_missing(stack, factor))
+        progress.advance(1)
+    return np.stack(out)[None].astype(np.float32)
 
 
 def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
@@ -324,9 +378,8 @@ def upsample_image(
     array = sitk.GetArrayFromImage(image)
     stack = geometry.to_stack(array, axis)
     intensity = IntensityMap.fit(stack)
-    generated = generate_missing(model, intensity.to_network(stack), factor, steps, options.seed,
-                                 options.samples, options.plus, device, options.batch_size, progress)
-    generated = intensity.from_network(generated)
+    generated = missing_slices(options, model, intensity.to_network(stack)[None], factor, steps, device, progress)
+    generated = intensity.from_network(generated[:, 0])
     dense = dense_stack(stack, generated.mean(axis=0), factor, array.dtype)
     result_image = geometry.dense_image(geometry.from_stack(dense, axis), image, axis, factor)
 

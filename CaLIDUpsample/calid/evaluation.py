@@ -3,7 +3,8 @@
 For each stack and factor K: keep slices 0, K, 2K, ... (dropping the tail), upsample the kept stack with
 the full product path (``upsample_image``: geometry, intensity mapping, model), and score the removed
 slices against the real ones, next to linear and cubic B-spline interpolation (SimpleITK) of the same kept
-stack. Heart-region scores use the bounding box of the manual labels found beside the image.
+stack, and the optical-flow morph (``calid.motion``, TV-L1 with the protocol's settings: the strongest peer that
+needs no training). Heart-region scores use the bounding box of the manual labels found beside the image.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from .errors import CalidError
 from .imageio import FILE_SUFFIXES, read_image, validate_volume
 from .metrics import heart_box, linear_missing, slice_scores, unit_scale
 from .modelstore import load_model
+from .motion import morph_missing
 from .progress import Progress
 from .training.data import find_volumes, load_split
 
 LABEL_TAGS = ("_gt", "_seg", "_label", "_labels", "_contours")
-METHODS = ("calid", "linear", "bspline")
+METHODS = ("calid", "morph", "linear", "bspline")
+PEER_FLOW = "tvl1"  # the morph as shared/docs/evaluation.md defines it
 
 
 @dataclass
@@ -93,8 +96,12 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
         raise CalidError(f"upsampled grid {result.image.GetSize()} does not match the original {real_image.GetSize()}")
     real = geometry.to_stack(sitk.GetArrayFromImage(real_image), axis).astype(np.float64)
     removed = np.array([i for i in range(m) if i % factor])
+    morph_started = time.perf_counter()
+    morph = morph_missing(real[::factor], factor, PEER_FLOW)
+    morph_seconds = time.perf_counter() - morph_started
     estimates = {
         "calid": geometry.to_stack(sitk.GetArrayFromImage(result.image), axis)[removed],
+        "morph": morph,
         "linear": linear_missing(real[::factor], factor),
         "bspline": geometry.to_stack(bspline_on_grid(kept_image, real_image), axis)[removed],
     }
@@ -103,7 +110,7 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
         label_stack = geometry.to_stack(sitk.GetArrayFromImage(labels), axis)[:m]
         box = heart_box(label_stack > 0)
     row = {"factor": factor, "slices": m, "removed": len(removed), "seconds": round(result.seconds, 3),
-           "device": result.device}
+           "morph_seconds": round(morph_seconds, 3), "device": result.device}
     for method, estimate in estimates.items():
         row[f"{method}_psnr"], row[f"{method}_ssim"] = slice_scores(real[removed], estimate, real)
         if box is not None:
@@ -166,7 +173,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (factor, spacing), members in sorted(groups.items()):
         entry = {"factor": factor, "spacing_mm": spacing, "gap_mm": spacing * factor, "volumes": len(members),
                  "patients": len({r["patient"] for r in members}),
-                 "seconds_per_volume": float(np.mean([r["seconds"] for r in members]))}
+                 "seconds_per_volume": float(np.mean([r["seconds"] for r in members])),
+                 "morph_seconds_per_volume": float(np.mean([r["morph_seconds"] for r in members]))}
         for key in members[0]:
             if key.endswith(("_psnr", "_ssim")):
                 values = [r[key] for r in members if key in r]
@@ -184,22 +192,23 @@ def markdown_table(summary: list[dict]) -> str:
         for method in METHODS:
             heart = (f"{s[f'{method}_heart_psnr']:.2f} ± {s[f'{method}_heart_psnr_sd']:.2f} | "
                      f"{s[f'{method}_heart_ssim']:.3f}") if f"{method}_heart_psnr" in s else "– | –"
-            seconds = f"{s['seconds_per_volume']:.2f}" if method == "calid" else ""
+            seconds = {"calid": f"{s['seconds_per_volume']:.2f}",
+                       "morph": f"{s['morph_seconds_per_volume']:.2f}"}.get(method, "")
             lines.append(f"| {setting} | {s['volumes']} | {method} | {s[f'{method}_psnr']:.2f} ± "
                          f"{s[f'{method}_psnr_sd']:.2f} | {s[f'{method}_ssim']:.3f} | {heart} | {seconds} |")
     return "\n".join(lines)
 
 
 def save_montage(montages: list[tuple[dict, tuple]], path: Path, count: int = 3) -> None:
-    """Worst and best cases by CaLID's PSNR gain over linear: real, CaLID, linear, B-spline."""
+    """Worst and best cases by CaLID's PSNR gain over the morph: real, CaLID, morph, linear, B-spline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranked = sorted(montages, key=lambda item: item[0]["calid_psnr"] - item[0]["linear_psnr"])
+    ranked = sorted(montages, key=lambda item: item[0]["calid_psnr"] - item[0]["morph_psnr"])
     chosen = ranked[:count] + ranked[-count:]
-    fig, axes = plt.subplots(len(chosen), 4, figsize=(10, 2.6 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 1 + len(METHODS), figsize=(12.5, 2.6 * len(chosen)), squeeze=False)
     for row_axes, (row, (real, estimates)) in zip(axes, chosen):
         panels = [("real", real)] + [(m, estimates[m]) for m in METHODS]
         for ax, (title, img) in zip(row_axes, panels):

@@ -23,6 +23,8 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 from torch import nn
 
+from .motion import FLOW_METHODS
+
 DEFAULT_CONFIG: dict[str, Any] = {
     "vae": {
         "channels": [16, 32, 64],
@@ -177,12 +179,33 @@ class CaLID(nn.Module):
             raise ValueError(f"diffusion_target must be one of {DIFFUSION_TARGETS}, not {self.diffusion_target!r}")
         # Residuals are divided by this so that they have roughly unit variance (set by the trainer).
         self.register_buffer("residual_scale", torch.tensor(1.0))
+        # {"flow": "dis"}: a motion-aware model. Its "neighbours" are the acquired neighbours warped along their
+        # optical flow to the new slice's position (``calid.motion``), so its residual base is the optical-flow
+        # morph instead of the cross-fade, and tau_theta1 sees the two warped slices (their disagreement shows where
+        # the flow failed). Same networks and weights layout as a model without it.
+        self.motion = None
+        if config.get("motion") is not None:
+            self.make_motion_aware(config["motion"].get("flow"))
+
+    def make_motion_aware(self, flow: str) -> None:
+        """Condition on (and build the residual on) the neighbours warped along their flow: see ``motion``.
+
+        Turning a model of the older design into one keeps every weight: fine-tuning then teaches it the new base.
+        """
+        if self.diffusion_target != "residual" or flow not in FLOW_METHODS:
+            raise ValueError(f"a motion-aware model diffuses residuals and names a flow in {FLOW_METHODS}, not {flow!r}")
+        self.motion = {"flow": flow}
+        self.config["motion"] = dict(self.motion)
+
+    @property
+    def vae_downsampling(self) -> int:
+        """Image pixels per latent pixel along each axis (4 by default)."""
+        return 2 ** (len(self.config["vae"]["channels"]) - 1)
 
     @property
     def spatial_multiple(self) -> int:
         """Slice height/width must be a multiple of this (VAE x4, then the U-Net's own downsampling)."""
-        vae_down = 2 ** (len(self.config["vae"]["channels"]) - 1)
-        return vae_down * self.interpolator.downsampling
+        return self.vae_downsampling * self.interpolator.downsampling
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image slices (N,1,H,W) in network intensity range -> scaled latent means (N,C,H/4,W/4)."""

@@ -19,7 +19,7 @@ from calid.training.data import load_split
 pytestmark = pytest.mark.slow
 
 
-def test_evaluate_scores_calid_linear_and_bspline_with_heart_region(dataset, tmp_path, tiny_model_dir, capsys):
+def test_evaluate_scores_calid_and_the_three_peers_with_heart_region(dataset, tmp_path, tiny_model_dir, capsys):
     code = main(["evaluate", str(dataset), "--output", str(tmp_path / "eval"), "--model", str(tiny_model_dir),
                  "--factor", "2", "--factor", "3", "--steps", "2", "--patients", "patient000,patient003", "--montage",
                  "--progress", "none"])
@@ -27,12 +27,13 @@ def test_evaluate_scores_calid_linear_and_bspline_with_heart_region(dataset, tmp
     report = json.loads((tmp_path / "eval" / "results.json").read_text(encoding="utf-8"))
     assert {r["patient"] for r in report["volumes"]} == {"patient000", "patient003"}
     row = report["volumes"][0]
-    for method in ("calid", "linear", "bspline"):
+    for method in ("calid", "morph", "linear", "bspline"):
         assert 0 < row[f"{method}_psnr"] < 100 and -1 <= row[f"{method}_ssim"] <= 1
         assert f"{method}_heart_psnr" in row  # labels beside the image define the heart box
     assert {(s["factor"]) for s in report["summary"]} == {2, 3}
     table = (tmp_path / "eval" / "results.md").read_text(encoding="utf-8")
-    assert "| K=2, 10 mm stacks (20 mm gaps) |" in table and "bspline" in table
+    assert "| K=2, 10 mm stacks (20 mm gaps) |" in table and "bspline" in table and "| morph |" in table
+    assert row["morph_seconds"] > 0
     assert (tmp_path / "eval" / "montage.png").read_bytes()[:4] == b"\x89PNG"
     assert "linear" in capsys.readouterr().out
 

@@ -21,6 +21,7 @@ class TrainConfig:
     lr: float = 2e-4
     warmup: int = 100
     ema_decay: float = 0.998
+    motion: str | None = None  # "dis" or "tvl1": make the model motion-aware (calid.motion) before training
     min_timestep: int = 0  # > 0: train the denoiser only where a few-step sampler asks it (see sampling)
     val_fraction: float = 0.15
     split: str | None = None

@@ -184,46 +184,88 @@ class SliceSampler:
         return torch.stack(out)[:, None]
 
 
-class TripletSampler:
-    """Random (below, target, above, alpha) latent crops from encoded stacks.
+GAP_WEIGHTS = torch.tensor([0.6, 0.25, 0.15])
+"""Gaps of 1-3 slices on each side of a target, small gaps more often: K=2 is the clinical case."""
 
-    Gaps of 1-3 slices on each side (small gaps more often: K=2 is the clinical case); one sample in ten
-    has alpha of exactly 0 or 1 (the target is a neighbour), which teaches the network the endpoints that
-    CaLID+ uses to invert the acquired slices.
+
+def draw_triplet(n: int, generator: torch.Generator, endpoint_rate: float) -> tuple[int, int, int, float]:
+    """Slice indices (below, target, above) of a stack of ``n`` slices and the target's fraction alpha.
+
+    With probability ``endpoint_rate`` the target is one of the neighbours (alpha exactly 0 or 1), which teaches
+    the network the endpoints that CaLID+ uses to invert the acquired slices.
     """
+    g = generator
+    gap_a, gap_b = (torch.multinomial(GAP_WEIGHTS, 2, replacement=True, generator=g) + 1).tolist()
+    while gap_a + gap_b > n - 1:
+        gap_a, gap_b = max(1, gap_a - 1), max(1, gap_b - 1)
+    if torch.rand((), generator=g) < endpoint_rate:
+        lo = int(torch.randint(n - gap_a, (), generator=g))
+        hi = lo + gap_a
+        at_top = bool(torch.rand((), generator=g) < 0.5)
+        return (lo, hi, hi, 1.0) if at_top else (lo, lo, hi, 0.0)
+    lo = int(torch.randint(n - gap_a - gap_b, (), generator=g))
+    return lo, lo + gap_a, lo + gap_a + gap_b, gap_a / (gap_a + gap_b)
 
-    GAP_WEIGHTS = torch.tensor([0.6, 0.25, 0.15])
+
+def crop_centred(x: torch.Tensor, crop: int, generator: torch.Generator, value: float) -> torch.Tensor:
+    """Pad (..., H, W) to at least ``crop`` and cut a ``crop`` square near the middle (see ``_crop_origin``)."""
+    x = pad_to(x, crop, value)
+    y0 = _crop_origin(x.shape[-2], crop, generator)
+    x0 = _crop_origin(x.shape[-1], crop, generator)
+    return x[..., y0:y0 + crop, x0:x0 + crop]
+
+
+class TripletSampler:
+    """Random (below, target, above, alpha) latent crops from encoded stacks (``draw_triplet``)."""
 
     def __init__(self, latents: list[torch.Tensor], crop: int, generator: torch.Generator, endpoint_rate: float = 0.1):
-        self.latents = [z for z in latents if z.shape[0] >= 3]
+        self.keep = [i for i, z in enumerate(latents) if z.shape[0] >= 3]
+        self.latents = [latents[i] for i in self.keep]
         self.crop = crop
         self.generator = generator
         self.endpoint_rate = endpoint_rate
 
+    def neighbours(self, v: int, lo: int, hi: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two latent slices (C, h, w) the target is conditioned on."""
+        return self.latents[v][lo], self.latents[v][hi]
+
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.generator
-        below, target, above, alphas = [], [], [], []
+        triples, alphas = [], []
         for v in torch.randint(len(self.latents), (size,), generator=g).tolist():
             z = self.latents[v]
-            n = z.shape[0]
-            gap_a, gap_b = (torch.multinomial(self.GAP_WEIGHTS, 2, replacement=True, generator=g) + 1).tolist()
-            while gap_a + gap_b > n - 1:
-                gap_a, gap_b = max(1, gap_a - 1), max(1, gap_b - 1)
-            if torch.rand((), generator=g) < self.endpoint_rate:
-                lo = int(torch.randint(n - gap_a, (), generator=g))
-                hi = lo + gap_a
-                at_top = bool(torch.rand((), generator=g) < 0.5)
-                mid, alpha = (hi, 1.0) if at_top else (lo, 0.0)
-            else:
-                lo = int(torch.randint(n - gap_a - gap_b, (), generator=g))
-                mid, hi = lo + gap_a, lo + gap_a + gap_b
-                alpha = gap_a / (gap_a + gap_b)
-            triple = pad_to(z[[lo, mid, hi]], self.crop, float(z.min()))
-            y0 = _crop_origin(triple.shape[-2], self.crop, g)
-            x0 = _crop_origin(triple.shape[-1], self.crop, g)
-            triple = triple[..., y0:y0 + self.crop, x0:x0 + self.crop]
-            below.append(triple[0])
-            target.append(triple[1])
-            above.append(triple[2])
+            lo, mid, hi, alpha = draw_triplet(z.shape[0], g, self.endpoint_rate)
+            below, above = self.neighbours(v, lo, hi, alpha)
+            triples.append(crop_centred(torch.stack([below, z[mid], above]), self.crop, g, float(z.min())))
             alphas.append(alpha)
-        return torch.stack(below), torch.stack(target), torch.stack(above), torch.tensor(alphas)
+        below, target, above = torch.stack(triples).unbind(1)
+        return below, target, above, torch.tensor(alphas)
+
+
+class MotionTripletSampler(TripletSampler):
+    """Triplets for motion-aware models: both neighbour latents warped along their optical flow to the target.
+
+    The flow is estimated on the two image slices (``calid.motion``, in the orientation the latents were encoded
+    in, padded as they were), reduced to the latent grid, and cached; the latents are warped before cropping,
+    exactly as ``engine.generate_missing_phases`` does at inference.
+    """
+
+    def __init__(self, latents: list[torch.Tensor], images: list[np.ndarray], crop: int, generator: torch.Generator,
+                 flow: str, downsampling: int):
+        super().__init__(latents, crop, generator, endpoint_rate=0.0)
+        self.images = [images[i] for i in self.keep]
+        self.flow = flow
+        self.downsampling = downsampling
+        self._flows: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def neighbours(self, v: int, lo: int, hi: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..motion import latent_flow, pair_flow, warped_neighbours
+
+        if (v, lo, hi) not in self._flows:
+            stack, z, factor = self.images[v], self.latents[v], self.downsampling
+            pad = ((0, z.shape[-2] * factor - stack.shape[-2]), (0, z.shape[-1] * factor - stack.shape[-1]))
+            pair = [np.pad(stack[i], pad, constant_values=float(stack.min())) for i in (lo, hi)]
+            self._flows[(v, lo, hi)] = latent_flow(torch.from_numpy(pair_flow(*pair, self.flow))[None], factor)
+        z = self.latents[v]
+        below, above = warped_neighbours(z[lo][None], z[hi][None], self._flows[(v, lo, hi)], torch.tensor([alpha]))
+        return below[0], above[0]

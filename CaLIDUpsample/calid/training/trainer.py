@@ -80,6 +80,8 @@ class Trainer:
             if cfg.preset not in PRESETS:
                 raise CalidError(f"unknown preset {cfg.preset} (use {', '.join(PRESETS)})")
             self.model = CaLID(PRESETS[cfg.preset])
+        if cfg.motion:
+            self.model.make_motion_aware(cfg.motion)
         self.model.to(self.device)
         self.min_timestep = self._keep_sampling_on_trained_timesteps()
         self.vae_steps = 0 if cfg.init else cfg.vae_steps
@@ -129,24 +131,28 @@ class Trainer:
             raise CalidError("no training volumes with at least 3 slices")
         self.sources = sorted({str(Path(p).resolve()) for p in cfg.data})
 
-    @torch.no_grad()
-    def _encode_training_latents(self) -> list[torch.Tensor]:
-        """Latent stacks of every training volume in its 8 in-plane orientations (90-degree rotations, flipped or not).
+    def _orientations(self) -> list[np.ndarray]:
+        """Every training stack in its 8 in-plane orientations (90-degree rotations, flipped or not), as views.
 
-        The encoder is frozen here, so orientations must be encoded up front: with only the stack and its transpose,
-        a GPU run overfitted (validation fell after ~2000 steps of batch 128).
+        The encoder is frozen in the denoiser stage, so orientations must be encoded up front: with only the stack and
+        its transpose, a GPU run overfitted (validation fell after ~2000 steps of batch 128).
         """
+        return [np.rot90(s, k, axes=(1, 2)) for v in self.train_volumes for s in (v.stack, v.stack[:, :, ::-1])
+                for k in range(4)]
+
+    @torch.no_grad()
+    def _encode_training_latents(self, stacks: list[np.ndarray]) -> list[torch.Tensor]:
+        """Latent stacks of ``stacks``, each padded (bottom, right) to the VAE's multiple as at inference."""
         self.model.eval()
-        multiple = 4
+        multiple = self.model.vae_downsampling
         latents = []
-        for v in self.train_volumes:
-            for variant in (np.rot90(s, k, axes=(1, 2)) for s in (v.stack, v.stack[:, :, ::-1]) for k in range(4)):
-                h, w = variant.shape[1:]
-                x = torch.from_numpy(np.ascontiguousarray(variant))[:, None]
-                x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple), value=float(variant.min()))
-                with autocast(self.device):
-                    z = torch.cat([self.model.encode(x[i:i + 16].to(self.device)).float() for i in range(0, len(x), 16)])
-                latents.append(z.cpu())
+        for variant in stacks:
+            h, w = variant.shape[1:]
+            x = torch.from_numpy(np.ascontiguousarray(variant))[:, None]
+            x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple), value=float(variant.min()))
+            with autocast(self.device):
+                z = torch.cat([self.model.encode(x[i:i + 16].to(self.device)).float() for i in range(0, len(x), 16)])
+            latents.append(z.cpu())
         return latents
 
     # ---------------------------------------------------------------- stages
@@ -205,11 +211,12 @@ class Trainer:
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
         else:
             progress.set_stage("encoding training stacks")  # minutes on a CPU: 8 orientations of every stack
-            latents = self._encode_training_latents()
+            stacks = self._orientations()
+            latents = self._encode_training_latents(stacks)
+            sampler = self._triplet_sampler(latents, stacks, self.generator)
             if step == start and not cfg.init:  # a new denoiser; fine-tuning keeps its base model's scale
-                self._set_residual_scale(latents)
+                self._set_residual_scale(self._triplet_sampler(latents, stacks, torch.Generator().manual_seed(0)))
                 ema.module.residual_scale.copy_(self.model.residual_scale)
-            sampler = data.TripletSampler(latents, cfg.latent_crop, self.generator)
             scheduler = make_scheduler(self.model.config["diffusion"])
         progress.set_stage(f"training {stage}")
         trained.train()
@@ -272,16 +279,21 @@ class Trainer:
         self.model.latent_scale.fill_(float(z_mu.std()))
         self.model.config["latent_scale"] = float(z_mu.std())
 
-    @torch.no_grad()
-    def _set_residual_scale(self, latents: list[torch.Tensor]) -> None:
-        """Residuals to latent-linear interpolation are scaled to unit standard deviation over training triplets.
+    def _triplet_sampler(self, latents: list[torch.Tensor], stacks: list[np.ndarray],
+                         generator: torch.Generator) -> data.TripletSampler:
+        """Triplets of neighbour latents, or (motion-aware models) of neighbour latents warped along their flow."""
+        if self.model.motion is None:
+            return data.TripletSampler(latents, self.cfg.latent_crop, generator)
+        return data.MotionTripletSampler(latents, stacks, self.cfg.latent_crop, generator, self.model.motion["flow"],
+                                         self.model.vae_downsampling)
 
-        The triplets come from their own generator, so the training batches are those of any other run.
-        """
+    @torch.no_grad()
+    def _set_residual_scale(self, sampler: data.TripletSampler) -> None:
+        """Residuals to the base (latent-linear interpolation of the neighbours, warped or not) are scaled to unit
+        standard deviation over 256 triplets of ``sampler`` (its own generator: training batches are unchanged)."""
         if self.model.diffusion_target != "residual":
             return
-        below, target, above, alpha = data.TripletSampler(
-            latents, self.cfg.latent_crop, torch.Generator().manual_seed(0)).batch(256)
+        below, target, above, alpha = sampler.batch(256)
         residual = target - self.model.linear_latent(below, above, alpha)
         self.model.residual_scale.fill_(float(residual.std().clamp_min(1e-3)))
 

@@ -1,0 +1,134 @@
+"""The motion prior (``calid.motion``), motion-aware models and ``--method``: what moves must move, geometry holds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.ndimage import map_coordinates
+
+from calid.cli import main
+from calid.engine import UpsampleOptions, generate_missing, upsample_image
+from calid.errors import CalidError
+from calid.metrics import linear_missing
+from calid.modelstore import load_model, save_model
+from calid.motion import morph_missing, pair_flow, warp
+from calid.networks import TINY_CONFIG, CaLID
+from calid.training.data import MotionTripletSampler, TripletSampler
+
+
+def disc_stack(centres_x: list[float], size: int = 64, radius: float = 9.0) -> np.ndarray:
+    """Slices with a bright disc (a 'ventricle') whose centre moves along x from slice to slice."""
+    rows, cols = np.mgrid[0:size, 0:size]
+    return np.stack([200.0 * ((rows - size / 2) ** 2 + (cols - cx) ** 2 <= radius ** 2) + 20.0 for cx in centres_x])
+
+
+@pytest.fixture(scope="module")
+def motion_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = CaLID(TINY_CONFIG)
+    model.make_motion_aware("dis")
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny-motion", {"name": "tiny-motion"})
+
+
+def test_warp_is_bilinear_sampling_with_repeated_edges():
+    rng = np.random.default_rng(0)
+    image, flow = rng.random((30, 40)), rng.normal(0, 4, (2, 30, 40))
+    rows, cols = np.mgrid[0:30, 0:40]
+    expected = map_coordinates(image, [rows + flow[0], cols + flow[1]], order=1, mode="nearest")
+    got = warp(torch.from_numpy(image)[None, None], torch.from_numpy(flow)[None])[0, 0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dis", "tvl1"])
+def test_flow_follows_a_moving_wall_and_is_symmetric(method):
+    below, above = disc_stack([26.0, 34.0])
+    flow = pair_flow(below, above, method)
+    inside = disc_stack([26.0])[0] > 100
+    assert np.median(flow[1][inside]) == pytest.approx(8.0, abs=2.0)  # the disc moved 8 pixels along columns
+    assert abs(np.median(flow[0][inside])) < 1.0
+    np.testing.assert_allclose(pair_flow(above, below, method), -flow, atol=1e-4)
+
+
+def test_morph_moves_the_wall_where_linear_interpolation_cross_fades():
+    stack = disc_stack([24.0, 36.0], radius=10.0)
+    truth = disc_stack([30.0], radius=10.0)[0]
+    morph, linear = morph_missing(stack, 2)[0], linear_missing(stack, 2)[0]
+    assert np.abs(morph - truth).mean() < 0.5 * np.abs(linear - truth).mean()
+    edges = np.abs(linear - truth) > 50  # where linear interpolation leaves half-bright crescents
+    assert edges.sum() > 50 and np.abs(morph - truth)[edges].mean() < 0.5 * np.abs(linear - truth)[edges].mean()
+
+
+def test_motion_sampler_warps_neighbours_towards_the_target():
+    stack = (disc_stack([22.0, 30.0, 38.0]) / 110 - 1).astype(np.float32)  # network range; the middle slice is truth
+    latents = [torch.from_numpy(stack)[:, None].repeat(1, 2, 1, 1)]  # an identity 'encoder': 2 channels, same grid
+    plain = TripletSampler(latents, 64, torch.Generator().manual_seed(0), endpoint_rate=0.0).batch(1)
+    moved = MotionTripletSampler(latents, [stack], 64, torch.Generator().manual_seed(0), "dis", 1).batch(1)
+    for (below, target, above, alpha) in (plain, moved):
+        assert float(alpha) == 0.5 and torch.equal(target, plain[1])
+    error = [float(((b + a) / 2 - t).abs().mean()) for b, t, a, _ in (plain, moved)]
+    assert error[1] < 0.5 * error[0]
+
+
+def test_motion_aware_model_round_trips_keeps_acquired_slices_and_oblique_geometry(small_image, motion_model_dir):
+    model, card = load_model(motion_model_dir)
+    assert model.motion == {"flow": "dis"} and card["config"]["motion"] == {"flow": "dis"}
+    oblique = sitk.Image(small_image)
+    oblique.SetDirection((0.8, -0.6, 0.0, 0.36, 0.48, -0.8, 0.48, 0.64, 0.6))
+    result = upsample_image(oblique, UpsampleOptions(factor=3, steps=1, device="cpu"), model)
+    dense = sitk.GetArrayFromImage(result.image)
+    np.testing.assert_array_equal(dense[::3], sitk.GetArrayFromImage(oblique))
+    assert result.image.GetDirection() == oblique.GetDirection() and result.image.GetOrigin() == oblique.GetOrigin()
+    again = upsample_image(oblique, UpsampleOptions(factor=3, steps=1, device="cpu"), model)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(again.image), dense)
+
+
+def test_motion_changes_what_the_model_is_conditioned_on(small_image, motion_model_dir):
+    motion_model, _ = load_model(motion_model_dir)
+    plain = CaLID(TINY_CONFIG)
+    plain.load_state_dict(motion_model.state_dict())
+    stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
+    with_motion = generate_missing(motion_model, stack, 2, 1)
+    without = generate_missing(plain, stack, 2, 1)
+    assert with_motion.shape == without.shape and not np.allclose(with_motion, without, atol=1e-3)
+
+
+def test_a_card_naming_an_unknown_flow_is_refused_in_one_line(tmp_path, motion_model_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in motion_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    card = json.loads((broken / "model.json").read_text(encoding="utf-8"))
+    card["config"]["motion"] = {"flow": "magic"}
+    (broken / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    with pytest.raises(CalidError, match="invalid config.*magic"):
+        load_model(broken)
+
+
+@pytest.mark.parametrize("method", ["morph", "linear"])
+def test_method_option_gives_the_peers_through_the_same_geometry(tmp_path, small_image, method):
+    source = tmp_path / "in.nrrd"
+    sitk.WriteImage(small_image, str(source))
+    out = tmp_path / f"{method}.nrrd"
+    assert main(["upsample", str(source), str(out), "--factor", "2", "--method", method, "--progress", "none"]) == 0
+    dense, acquired = sitk.ReadImage(str(out)), sitk.GetArrayFromImage(small_image)
+    array = sitk.GetArrayFromImage(dense)
+    np.testing.assert_array_equal(array[::2], acquired)
+    np.testing.assert_allclose(dense.GetDirection(), small_image.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(dense.GetOrigin(), small_image.GetOrigin(), atol=1e-6)
+    if method == "linear":
+        expected = np.rint(linear_missing(acquired.astype(np.float64), 2))
+        np.testing.assert_allclose(array[1::2], expected, atol=1)
+
+
+def test_method_refuses_options_that_need_the_model(tmp_path, small_image, capsys):
+    source = tmp_path / "in.nrrd"
+    sitk.WriteImage(small_image, str(source))
+    code = main(["upsample", str(source), str(tmp_path / "o.nrrd"), "--method", "morph", "--samples", "2",
+                 "--uncertainty", str(tmp_path / "u.nrrd"), "--progress", "none"])
+    assert code == 2 and not (tmp_path / "o.nrrd").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--method calid" in err[0]
