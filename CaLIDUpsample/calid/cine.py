@@ -5,8 +5,8 @@ origin and the frame interval as spacing, plus the frame times as read (kept exa
 store them: sequence NRRD and DICOM). Inputs: a 4D file (NIfTI, MetaImage), a Slicer sequence NRRD
 (``.seq.nrrd``: SimpleITK returns it as a 3D image whose pixel components are the frames, with the frame
 times in the ``axis N index values`` header field), or a DICOM folder whose files repeat each slice position
-once per trigger time (0018,1060). Every phase is put on the same dense grid as a 3D volume would be
-(``engine.upsample_image``), with one intensity map for the whole cine so that the phases stay comparable.
+once per trigger time (0018,1060). Reading and writing only: ``engine.upsample_cine`` puts every phase on the
+dense grid, as it does the single phase of a volume.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import gzip
 import os
 import re
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,8 @@ from urllib.parse import quote, unquote
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry
-from .engine import UpsampleOptions, UpsampleResult, dense_stack, missing_slices, prepare_run
 from .errors import CalidError
-from .imageio import check_pixels, output_folder, read_dicom_files, read_image, write_image
-from .intensity import IntensityMap
-from .networks import CaLID
-from .progress import Progress
+from .imageio import output_folder, read_dicom_files, read_image, write_image
 
 TIME_TOLERANCE = 0.1
 """Frame intervals may differ by this fraction of the mean interval (trigger times are rounded to ms)."""
@@ -185,44 +179,6 @@ def read_input(path: str | os.PathLike) -> sitk.Image | Cine:
     return image if axis is None else cine_from_sequence(image, axis, str(path))
 
 
-def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaLID | None = None,
-                  progress: Progress | None = None, want_uncertainty: bool = False) -> UpsampleResult:
-    """Every phase on the dense grid (4D image, time axis kept), all phases generated in one batched pass.
-
-    Acquired slices of every phase are copied unchanged; ``options.cine_noise`` picks shared or independent
-    starting noise across phases.
-    """
-    options = options or UpsampleOptions()
-    started = time.perf_counter()
-    image = check_pixels(cine.image)
-    axis, factor, device, model, steps = prepare_run(image, options, model, want_uncertainty)
-    loaded = time.perf_counter()
-
-    array = sitk.GetArrayFromImage(image)  # (t, z, y, x)
-    stacks = np.stack([geometry.to_stack(phase, axis) for phase in array])
-    intensity = IntensityMap.fit(stacks)
-    generated = missing_slices(options, model, intensity.to_network(stacks), factor, steps, device, progress)
-    generated = intensity.from_network(generated)
-    mean = generated.mean(axis=0)
-    dense = [dense_stack(stacks[t], mean[t], factor, array.dtype) for t in range(cine.phases)]
-    result = _dense_cine(dense, image, axis, factor)
-    uncertainty = None
-    if want_uncertainty:
-        spread = generated.std(axis=0)
-        zeros = np.zeros(stacks.shape[1:], np.float32)
-        uncertainty = _dense_cine([dense_stack(zeros, spread[t], factor, np.float32) for t in range(cine.phases)],
-                                  image, axis, factor)
-    done = time.perf_counter()
-    return UpsampleResult(result, uncertainty, factor, axis, done - started, str(device),
-                          {"load_s": loaded - started, "generate_s": done - loaded})
-
-
-def _dense_cine(dense_stacks: list[np.ndarray], reference: sitk.Image, axis: int, factor: int) -> sitk.Image:
-    """Per-phase dense stacks -> 4D image with ``geometry.dense_image``'s geometry (time axis as the input's)."""
-    return geometry.dense_image(np.stack([geometry.from_stack(d, axis) for d in dense_stacks]), reference, axis,
-                                factor)
-
-
 def write_cine(image: sitk.Image, like: Cine, path: str | os.PathLike) -> Path:
     """Write a 4D image with ``like``'s frame times: ``.nrrd`` as a Slicer sequence, a suffix-less path as a
     DICOM cine folder, other suffixes (NIfTI, MetaImage) as a 4D file."""
@@ -266,14 +222,3 @@ def _write_sequence_nrrd(image: sitk.Image, like: Cine, path: Path) -> Path:
         if os.path.exists(staging):
             os.unlink(staging)
     return path
-
-
-def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: UpsampleOptions | None = None,
-                       uncertainty_path: str | os.PathLike | None = None, model: CaLID | None = None,
-                       progress: Progress | None = None) -> UpsampleResult:
-    """Upsample a cine read by ``read_input`` and write it (and its uncertainty) in the output's form."""
-    result = upsample_cine(cine, options, model, progress, want_uncertainty=uncertainty_path is not None)
-    write_cine(result.image, cine, output_path)
-    if uncertainty_path is not None:
-        write_cine(result.uncertainty, cine, uncertainty_path)
-    return result

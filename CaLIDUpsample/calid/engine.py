@@ -1,9 +1,10 @@
-"""Upsampling a short-axis stack: every missing slice of every gap generated in one batched pass.
+"""Upsampling short-axis images: options, checks, geometry and intensities around the generation of new slices.
 
-``generate_missing`` works on a normalised stack (slices, rows, cols), ``generate_missing_phases`` on the stacks of
-all phases of a cine at once (``calid.cine``); ``upsample_image`` wraps the first with
-validation, geometry and intensity mapping for a ``SimpleITK.Image``; ``upsample_file`` reads and writes.
-Acquired slices are copied from the input array unchanged; only the missing ones are generated.
+One pipeline serves volumes and cines: a volume is a one-phase cine. ``upsample_image`` (3D) and ``upsample_cine``
+(4D, ``calid.cine`` reads and writes them) check the input, fit one intensity map, have every missing slice of every
+phase made in one batched pass by ``--method`` (the model through ``calid.generation``, or a peer), and put them on
+the dense grid with the input's geometry; ``upsample_file`` reads and writes. Acquired slices are copied from the
+input array unchanged; only the missing ones are generated.
 """
 
 from __future__ import annotations
@@ -12,29 +13,23 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from . import geometry, motion
-from .devices import autocast, resolve_device
+from .cine import Cine, read_input, write_cine
+from .devices import resolve_device
 from .errors import CalidError
-from .imageio import read_image, validate_volume, write_image
+from .generation import MAX_SAMPLES, MAX_STEPS, default_steps, generate_missing_phases
+from .imageio import check_pixels, read_image, validate_volume, write_image
 from .intensity import IntensityMap
 from .metrics import linear_missing
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
-from .sampling import denoise, invert, make_scheduler, max_sampling_steps, slerp
+from .sampling import max_sampling_steps
 
-MAX_STEPS = 1000
-DEFAULT_STEPS = 8
-"""DDIM steps when neither the user nor the model's config (``default_steps``) says otherwise (the paper's)."""
-MAX_SAMPLES = 64
-CPU_BATCH = 16
-GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
 CINE_NOISE = ("shared", "independent")
 METHODS = ("calid", "morph", "linear")
 """``--method``: the model, or what a user gets without it (the optical-flow morph, linear interpolation), so that
@@ -86,209 +81,6 @@ class UpsampleResult:
     timings: dict = field(default_factory=dict)
     labels: sitk.Image | None = None
     volumes: dict | None = None
-
-
-def choose_batch_size(device: torch.device, latent_pixels: int) -> int:
-    if device.type != "cuda":
-        return CPU_BATCH
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(256, free * 0.7 // (GPU_BYTES_PER_LATENT_PIXEL * latent_pixels / 1024))))
-
-
-def run_batched(fn: Callable[[slice], None], count: int, batch: int) -> int:
-    """Call ``fn`` on consecutive slices of ``range(count)``; on CUDA out-of-memory halve the batch and retry."""
-    start = 0
-    while start < count:
-        stop = min(start + batch, count)
-        try:
-            fn(slice(start, stop))
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if batch == 1:
-                raise CalidError("CUDA out of memory even with batch size 1: use --device cpu") from None
-            batch = max(1, batch // 2)
-            continue
-        start = stop
-    return batch
-
-
-@torch.no_grad()
-def generate_missing(
-    model: CaLID,
-    stack: np.ndarray,
-    factor: int,
-    steps: int = DEFAULT_STEPS,
-    seed: int = 0,
-    samples: int = 1,
-    plus: bool = False,
-    device: torch.device | str = "cpu",
-    batch_size: int | None = None,
-    progress: Progress | None = None,
-) -> np.ndarray:
-    """Missing slices of a normalised stack (n, h, w) -> array (samples, (n-1)*(K-1), h, w), same range.
-
-    Slice m of the result lies between acquired slices ``m // (K-1)`` and ``m // (K-1) + 1`` at fraction
-    ``(m % (K-1) + 1) / K`` (``geometry.dense_positions``).
-    """
-    return generate_missing_phases(model, stack[None], factor, steps, seed, samples, plus, device, batch_size,
-                                   progress)[:, 0]
-
-
-def _pad_to_multiple(stacks: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
-    """Pad (phases, n, h, w) in-plane to the network's multiple with the minimum; returns (padded, ph, pw)."""
-    h, w = stacks.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    pads = ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
-    return np.pad(stacks, pads, constant_values=float(stacks.min())), ph, pw
-
-
-def _gap_items(phases: int, n: int, factor: int, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(below, above, alpha) of every generated item, ordered (sample, phase, missing slice).
-
-    ``below``/``above`` index the acquired slices of all phases flattened (phase * n + slice), so one
-    batched pass serves every phase of a cine.
-    """
-    below, above, alpha = geometry.dense_positions(n, factor)
-    offsets = np.arange(phases)[:, None] * n
-    below_t = torch.as_tensor((offsets + below).ravel()).repeat(samples)
-    above_t = torch.as_tensor((offsets + above).ravel()).repeat(samples)
-    alpha_t = torch.as_tensor(np.tile(alpha, phases), dtype=torch.float32).repeat(samples)
-    return below_t, above_t, alpha_t
-
-
-def _initial_noise(seed: int, samples: int, phases: int, missing: int, shape: tuple[int, ...],
-                   shared: bool) -> torch.Tensor:
-    """Starting noise, ordered like ``_gap_items``. ``shared``: the same noise for a dense slice position in
-    every phase (temporal coherence); both draw exactly the single-stack noise when there is one phase."""
-    generator = torch.Generator().manual_seed(seed)
-    if not shared:
-        return torch.randn((samples * phases * missing, *shape), generator=generator)
-    noise = torch.randn((samples, 1, missing, *shape), generator=generator)
-    return noise.expand(samples, phases, missing, *shape).reshape(samples * phases * missing, *shape)
-
-
-@torch.no_grad()
-def generate_missing_phases(
-    model: CaLID,
-    stacks: np.ndarray,
-    factor: int,
-    steps: int = DEFAULT_STEPS,
-    seed: int = 0,
-    samples: int = 1,
-    plus: bool = False,
-    device: torch.device | str = "cpu",
-    batch_size: int | None = None,
-    progress: Progress | None = None,
-    shared_noise: bool = True,
-) -> np.ndarray:
-    """Missing slices of every phase of normalised stacks (phases, n, h, w) -> (samples, phases, missing, h, w).
-
-    All phases go through the same batched passes (one progress over the whole cine); per phase the result
-    is what ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see
-    ``_initial_noise``).
-    """
-    device = torch.device(device)
-    phases, n, h, w = stacks.shape
-    acquired = phases * n
-    padded, ph, pw = _pad_to_multiple(stacks, model.spatial_multiple)
-    below_t, above_t, alpha_t = _gap_items(phases, n, factor, samples)
-    missing = (n - 1) * (factor - 1)
-    items = len(alpha_t)
-    latent_hw = (padded.shape[2] // 4, padded.shape[3] // 4)
-    batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
-    progress = progress or Progress("none")
-    progress.total = (acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
-                      + (acquired if model.motion is not None else 0))
-    scheduler = make_scheduler(model.config["diffusion"])
-
-    progress.set_stage("encoding acquired slices")
-    images = torch.from_numpy(padded.reshape(acquired, 1, *padded.shape[2:]))
-    latents = torch.empty((acquired, model.config["vae"]["latent_channels"], *latent_hw), device=device)
-
-    def encode(part: slice) -> None:
-        with autocast(device):
-            latents[part] = model.encode(images[part].to(device)).float()
-        progress.advance(part.stop - part.start)
-
-    batch = run_batched(encode, acquired, batch)
-
-    if plus:
-        progress.set_stage("inverting acquired slices (CaLID+)")
-        inverted = torch.empty_like(latents)
-        # Slice i is the alpha=0 end of the gap (i, i+1); the last slice is the alpha=1 end of its gap.
-        lo = (torch.arange(phases)[:, None] * n + torch.clamp(torch.arange(n), max=n - 2)).ravel()
-        ends = (torch.arange(n) == n - 1).float().repeat(phases)
-
-        def invert_part(part: slice) -> None:
-            cond = (latents[lo[part]], latents[lo[part] + 1], ends[part].to(device))
-            with autocast(device):
-                inverted[part] = invert(lambda z, t: model.interpolator(z, t, *cond), scheduler,
-                                        model.to_diffusion(latents[part], *cond), steps,
-                                        on_step=lambda _: progress.advance(part.stop - part.start)).float()
-
-        batch = run_batched(invert_part, acquired, batch)
-        z_init = slerp(inverted[below_t], inverted[above_t], alpha_t.to(device))
-    else:
-        z_init = _initial_noise(seed, samples, phases, missing, tuple(latents.shape[1:]), shared_noise).to(device)
-
-    flows = latent_flows = gap_of = None
-    if model.motion is not None:
-        progress.set_stage("estimating motion")
-        flows = torch.from_numpy(motion.stack_flows(padded, model.motion["flow"]))
-        latent_flows = motion.latent_flow(flows, model.vae_downsampling).to(device)
-        progress.advance(acquired)
-        gap_of = below_t - below_t // n  # acquired slice (phase * n + i) -> its gap (phase * (n - 1) + i)
-
-    def neighbours(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the denoiser is conditioned on: the acquired neighbours' latents, or (motion-aware models) both
-        warped along their flow to the new slice's position."""
-        below, above = latents[below_t[part]], latents[above_t[part]]
-        if latent_flows is None:
-            return below, above
-        return motion.warped_neighbours(below, above, latent_flows[gap_of[part]], alpha_t[part].to(device))
-
-    progress.set_stage("generating missing slices")
-    z_final = torch.empty_like(z_init)
-
-    def denoise_part(part: slice) -> None:
-        cond = (*neighbours(part), alpha_t[part].to(device))
-        with autocast(device):
-            denoised = denoise(lambda z, t: model.interpolator(z, t, *cond), scheduler, z_init[part], steps,
-                               on_step=lambda _: progress.advance(part.stop - part.start)).float()
-        z_final[part] = model.from_diffusion(denoised, *cond)
-
-    batch = run_batched(denoise_part, items, batch)
-
-    progress.set_stage("decoding")
-    out = np.empty((items, h, w), dtype=np.float32)
-    reconstructed = np.empty((acquired, h, w), dtype=np.float32)
-
-    def decoder(latent_source: torch.Tensor, target: np.ndarray):
-        def decode(part: slice) -> None:
-            with autocast(device):
-                decoded = model.decode(latent_source[part]).float()[:, 0].cpu().numpy()
-            target[part] = decoded[:, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
-            progress.advance(part.stop - part.start)
-        return decode
-
-    batch = run_batched(decoder(z_final, out), items, batch)
-    run_batched(decoder(latents, reconstructed), acquired, batch)
-    # Detail transfer: what the VAE loses on the acquired neighbours (fine texture, a slight intensity bias) is
-    # added back, interpolated by alpha (and carried along the flow by motion-aware models), so generated slices
-    # match the acquired ones they sit between.
-    lost = stacks.reshape(acquired, h, w) - reconstructed
-    if flows is None:
-        a = alpha_t.numpy()[:, None, None]
-        out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
-    else:
-        lost_t = torch.nn.functional.pad(torch.from_numpy(lost)[:, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        warped = motion.warped_neighbours(lost_t[below_t], lost_t[above_t], flows[gap_of], alpha_t)
-        out += motion.blend(*warped, alpha_t)[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].numpy()
-    return out.reshape(samples, phases, missing, h, w)
-
-
-def default_steps(model: CaLID) -> int:
-    return int(model.config.get("default_steps", DEFAULT_STEPS))
 
 
 def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -357,39 +149,67 @@ def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype:
     return dense
 
 
-def upsample_image(
-    image: sitk.Image,
-    options: UpsampleOptions | None = None,
-    model: CaLID | None = None,
-    progress: Progress | None = None,
-    want_uncertainty: bool = False,
-) -> UpsampleResult:
+def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOptions, model: CaLID | None,
+                     progress: Progress | None, want_uncertainty: bool) -> UpsampleResult:
+    """The one pipeline: ``phases`` (t, z, y, x) of ``image`` (3D: one phase; 4D: a cine) onto the dense grid.
+
+    One intensity map is fitted on all phases (they stay comparable) and all phases go through one batched
+    generation; the result has ``image``'s dimension, pixel type, origin and direction.
+    """
+    started = time.perf_counter()
+    axis, factor, device, model, steps = prepare_run(image, options, model, want_uncertainty)
+    loaded = time.perf_counter()
+    stacks = np.stack([geometry.to_stack(phase, axis) for phase in phases])
+    intensity = IntensityMap.fit(stacks)
+    generated = intensity.from_network(
+        missing_slices(options, model, intensity.to_network(stacks), factor, steps, device, progress))
+
+    def dense_image(acquired: np.ndarray, new: np.ndarray, dtype: np.dtype) -> sitk.Image:
+        dense = np.stack([geometry.from_stack(dense_stack(acquired[t], new[t], factor, dtype), axis)
+                          for t in range(len(acquired))])
+        return geometry.dense_image(dense if image.GetDimension() == 4 else dense[0], image, axis, factor)
+
+    result = dense_image(stacks, generated.mean(axis=0), phases.dtype)
+    uncertainty = dense_image(np.zeros_like(stacks, np.float32), generated.std(axis=0), np.float32) \
+        if want_uncertainty else None
+    done = time.perf_counter()
+    return UpsampleResult(result, uncertainty, factor, axis, done - started, str(device),
+                          {"load_s": loaded - started, "generate_s": done - loaded})
+
+
+def upsample_image(image: sitk.Image, options: UpsampleOptions | None = None, model: CaLID | None = None,
+                   progress: Progress | None = None, want_uncertainty: bool = False) -> UpsampleResult:
     """Upsample a 3D ``SimpleITK.Image`` along its slice axis; returns the dense image (and uncertainty).
 
     The dense image has the input's pixel type, origin and direction; slice spacing / K; its slice i*K is
     input slice i unchanged. ``want_uncertainty`` needs ``options.samples >= 2``.
     """
-    options = options or UpsampleOptions()
-    started = time.perf_counter()
     image = validate_volume(image)
-    axis, factor, device, model, steps = prepare_run(image, options, model, want_uncertainty)
-    loaded = time.perf_counter()
+    return _upsample_phases(image, sitk.GetArrayFromImage(image)[None], options or UpsampleOptions(), model,
+                            progress, want_uncertainty)
 
-    array = sitk.GetArrayFromImage(image)
-    stack = geometry.to_stack(array, axis)
-    intensity = IntensityMap.fit(stack)
-    generated = missing_slices(options, model, intensity.to_network(stack)[None], factor, steps, device, progress)
-    generated = intensity.from_network(generated[:, 0])
-    dense = dense_stack(stack, generated.mean(axis=0), factor, array.dtype)
-    result_image = geometry.dense_image(geometry.from_stack(dense, axis), image, axis, factor)
 
-    uncertainty = None
-    if want_uncertainty:
-        spread = dense_stack(np.zeros(stack.shape, np.float32), generated.std(axis=0), factor, np.float32)
-        uncertainty = geometry.dense_image(geometry.from_stack(spread, axis), image, axis, factor)
-    done = time.perf_counter()
-    return UpsampleResult(result_image, uncertainty, factor, axis, done - started, str(device),
-                          {"load_s": loaded - started, "generate_s": done - loaded})
+def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaLID | None = None,
+                  progress: Progress | None = None, want_uncertainty: bool = False) -> UpsampleResult:
+    """Every phase on the dense grid (4D image, time axis kept), all phases generated in one batched pass.
+
+    Acquired slices of every phase are copied unchanged; ``options.cine_noise`` picks shared or independent
+    starting noise across phases.
+    """
+    image = check_pixels(cine.image)
+    return _upsample_phases(image, sitk.GetArrayFromImage(image), options or UpsampleOptions(), model, progress,
+                            want_uncertainty)
+
+
+def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: UpsampleOptions | None = None,
+                       uncertainty_path: str | os.PathLike | None = None, model: CaLID | None = None,
+                       progress: Progress | None = None) -> UpsampleResult:
+    """Upsample a cine read by ``read_input`` and write it (and its uncertainty) in the output's form."""
+    result = upsample_cine(cine, options, model, progress, want_uncertainty=uncertainty_path is not None)
+    write_cine(result.image, cine, output_path)
+    if uncertainty_path is not None:
+        write_cine(result.uncertainty, cine, uncertainty_path)
+    return result
 
 
 def upsample_file(
@@ -415,8 +235,6 @@ def upsample_file(
     for target in filter(None, (output_path, uncertainty_path, segmentation_path)):
         if Path(target).resolve() in {Path(p).resolve() for p in filter(None, (input_path, input_segmentation_path))}:
             raise CalidError(f"output {target} would overwrite the input")
-    from .cine import Cine, read_input, upsample_cine_file
-
     source = read_input(input_path)
     if isinstance(source, Cine):
         if segmentation_path is not None:

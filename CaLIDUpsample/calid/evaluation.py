@@ -20,8 +20,9 @@ import SimpleITK as sitk
 
 from . import geometry
 from .devices import resolve_device
-from .engine import UpsampleOptions, default_steps, upsample_image
+from .engine import UpsampleOptions, upsample_image
 from .errors import CalidError
+from .generation import default_steps
 from .imageio import FILE_SUFFIXES, read_image, validate_volume
 from .metrics import heart_box, linear_missing, slice_scores, unit_scale
 from .modelstore import load_model

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
 from calid import geometry  # noqa: E402
-from calid.cine import cine_from_4d, upsample_cine  # noqa: E402
-from calid.engine import UpsampleOptions  # noqa: E402
+from calid.cine import cine_from_4d  # noqa: E402
+from calid.engine import UpsampleOptions, upsample_cine  # noqa: E402
 from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402
 from calid.modelindex import ACDC_MODEL  # noqa: E402
 from calid.modelstore import load_model  # noqa: E402

@@ -13,7 +13,8 @@ import torch
 
 from calid.cine import Cine, read_input, write_cine
 from calid.cli import main
-from calid.engine import UpsampleOptions, generate_missing, generate_missing_phases
+from calid.engine import UpsampleOptions
+from calid.generation import generate_missing, generate_missing_phases
 from calid.errors import CalidError
 from calid.imageio import write_image
 from calid.modelstore import load_model
@@ -124,7 +125,7 @@ def test_shared_noise_is_identical_across_equal_phases_and_independent_is_not(ti
 
 
 def test_one_progress_over_the_whole_cine(cine, tiny_model_dir):
-    from calid.cine import Cine, upsample_cine
+    from calid.engine import upsample_cine
 
     stream = io.StringIO()
     progress = Progress("json", stream=stream)

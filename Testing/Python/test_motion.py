@@ -11,8 +11,9 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from calid.cli import main
-from calid.engine import UpsampleOptions, generate_missing, upsample_image
+from calid.engine import UpsampleOptions, upsample_image
 from calid.errors import CalidError
+from calid.generation import generate_missing
 from calid.metrics import linear_missing
 from calid.modelstore import load_model, save_model
 from calid.motion import morph_missing, pair_flow, warp

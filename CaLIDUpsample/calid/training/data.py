@@ -247,7 +247,7 @@ class MotionTripletSampler(TripletSampler):
 
     The flow is estimated on the two image slices (``calid.motion``, in the orientation the latents were encoded
     in, padded as they were), reduced to the latent grid, and cached; the latents are warped before cropping,
-    exactly as ``engine.generate_missing_phases`` does at inference.
+    exactly as ``generation.generate_missing_phases`` does at inference.
     """
 
     def __init__(self, latents: list[torch.Tensor], images: list[np.ndarray], crop: int, generator: torch.Generator,

@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..devices import autocast, resolve_device
-from ..engine import default_steps, generate_missing
 from ..errors import CalidError
+from ..generation import default_steps, generate_missing
 from ..metrics import linear_missing, slice_scores
 from ..modelstore import inherited_provenance, load_model, save_model
 from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID

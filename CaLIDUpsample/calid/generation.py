@@ -1,0 +1,230 @@
+"""Generating the missing slices of normalised stacks with a CaLID model: the model-level pipeline.
+
+Like a diffusers pipeline, this holds the sampling loop and nothing about files, geometry or scanner intensities:
+``generate_missing_phases`` takes stacks (phases, n, h, w) in the network's range and returns every missing slice of
+every gap of every phase from one batched pass (encode the acquired slices, estimate their motion when the model is
+motion-aware, denoise, decode, restore the detail the VAE loses). ``calid.engine`` wraps it for images.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import geometry, motion
+from .devices import autocast
+from .errors import CalidError
+from .networks import CaLID
+from .progress import Progress
+from .sampling import denoise, invert, make_scheduler, slerp
+
+MAX_STEPS = 1000
+DEFAULT_STEPS = 8
+"""DDIM steps when neither the user nor the model's config (``default_steps``) says otherwise (the paper's)."""
+MAX_SAMPLES = 64
+CPU_BATCH = 16
+GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
+
+def choose_batch_size(device: torch.device, latent_pixels: int) -> int:
+    if device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(256, free * 0.7 // (GPU_BYTES_PER_LATENT_PIXEL * latent_pixels / 1024))))
+
+
+def run_batched(fn: Callable[[slice], None], count: int, batch: int) -> int:
+    """Call ``fn`` on consecutive slices of ``range(count)``; on CUDA out-of-memory halve the batch and retry."""
+    start = 0
+    while start < count:
+        stop = min(start + batch, count)
+        try:
+            fn(slice(start, stop))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if batch == 1:
+                raise CalidError("CUDA out of memory even with batch size 1: use --device cpu") from None
+            batch = max(1, batch // 2)
+            continue
+        start = stop
+    return batch
+
+
+@torch.no_grad()
+def generate_missing(
+    model: CaLID,
+    stack: np.ndarray,
+    factor: int,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    samples: int = 1,
+    plus: bool = False,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Missing slices of a normalised stack (n, h, w) -> array (samples, (n-1)*(K-1), h, w), same range.
+
+    Slice m of the result lies between acquired slices ``m // (K-1)`` and ``m // (K-1) + 1`` at fraction
+    ``(m % (K-1) + 1) / K`` (``geometry.dense_positions``).
+    """
+    return generate_missing_phases(model, stack[None], factor, steps, seed, samples, plus, device, batch_size,
+                                   progress)[:, 0]
+
+
+def _pad_to_multiple(stacks: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
+    """Pad (phases, n, h, w) in-plane to the network's multiple with the minimum; returns (padded, ph, pw)."""
+    h, w = stacks.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    pads = ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+    return np.pad(stacks, pads, constant_values=float(stacks.min())), ph, pw
+
+
+def _gap_items(phases: int, n: int, factor: int, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(below, above, alpha) of every generated item, ordered (sample, phase, missing slice).
+
+    ``below``/``above`` index the acquired slices of all phases flattened (phase * n + slice), so one
+    batched pass serves every phase of a cine.
+    """
+    below, above, alpha = geometry.dense_positions(n, factor)
+    offsets = np.arange(phases)[:, None] * n
+    below_t = torch.as_tensor((offsets + below).ravel()).repeat(samples)
+    above_t = torch.as_tensor((offsets + above).ravel()).repeat(samples)
+    alpha_t = torch.as_tensor(np.tile(alpha, phases), dtype=torch.float32).repeat(samples)
+    return below_t, above_t, alpha_t
+
+
+def _initial_noise(seed: int, samples: int, phases: int, missing: int, shape: tuple[int, ...],
+                   shared: bool) -> torch.Tensor:
+    """Starting noise, ordered like ``_gap_items``. ``shared``: the same noise for a dense slice position in
+    every phase (temporal coherence); both draw exactly the single-stack noise when there is one phase."""
+    generator = torch.Generator().manual_seed(seed)
+    if not shared:
+        return torch.randn((samples * phases * missing, *shape), generator=generator)
+    noise = torch.randn((samples, 1, missing, *shape), generator=generator)
+    return noise.expand(samples, phases, missing, *shape).reshape(samples * phases * missing, *shape)
+
+
+@torch.no_grad()
+def generate_missing_phases(
+    model: CaLID,
+    stacks: np.ndarray,
+    factor: int,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    samples: int = 1,
+    plus: bool = False,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    shared_noise: bool = True,
+) -> np.ndarray:
+    """Missing slices of every phase of normalised stacks (phases, n, h, w) -> (samples, phases, missing, h, w).
+
+    All phases go through the same batched passes (one progress over the whole cine); per phase the result
+    is what ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see
+    ``_initial_noise``).
+    """
+    device = torch.device(device)
+    phases, n, h, w = stacks.shape
+    acquired = phases * n
+    padded, ph, pw = _pad_to_multiple(stacks, model.spatial_multiple)
+    below_t, above_t, alpha_t = _gap_items(phases, n, factor, samples)
+    missing = (n - 1) * (factor - 1)
+    items = len(alpha_t)
+    latent_hw = (padded.shape[2] // 4, padded.shape[3] // 4)
+    batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
+    progress = progress or Progress("none")
+    progress.total = (acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
+                      + (acquired if model.motion is not None else 0))
+    scheduler = make_scheduler(model.config["diffusion"])
+
+    progress.set_stage("encoding acquired slices")
+    images = torch.from_numpy(padded.reshape(acquired, 1, *padded.shape[2:]))
+    latents = torch.empty((acquired, model.config["vae"]["latent_channels"], *latent_hw), device=device)
+
+    def encode(part: slice) -> None:
+        with autocast(device):
+            latents[part] = model.encode(images[part].to(device)).float()
+        progress.advance(part.stop - part.start)
+
+    batch = run_batched(encode, acquired, batch)
+
+    if plus:
+        progress.set_stage("inverting acquired slices (CaLID+)")
+        inverted = torch.empty_like(latents)
+        # Slice i is the alpha=0 end of the gap (i, i+1); the last slice is the alpha=1 end of its gap.
+        lo = (torch.arange(phases)[:, None] * n + torch.clamp(torch.arange(n), max=n - 2)).ravel()
+        ends = (torch.arange(n) == n - 1).float().repeat(phases)
+
+        def invert_part(part: slice) -> None:
+            cond = (latents[lo[part]], latents[lo[part] + 1], ends[part].to(device))
+            with autocast(device):
+                inverted[part] = invert(lambda z, t: model.interpolator(z, t, *cond), scheduler,
+                                        model.to_diffusion(latents[part], *cond), steps,
+                                        on_step=lambda _: progress.advance(part.stop - part.start)).float()
+
+        batch = run_batched(invert_part, acquired, batch)
+        z_init = slerp(inverted[below_t], inverted[above_t], alpha_t.to(device))
+    else:
+        z_init = _initial_noise(seed, samples, phases, missing, tuple(latents.shape[1:]), shared_noise).to(device)
+
+    flows = latent_flows = gap_of = None
+    if model.motion is not None:
+        progress.set_stage("estimating motion")
+        flows = torch.from_numpy(motion.stack_flows(padded, model.motion["flow"]))
+        latent_flows = motion.latent_flow(flows, model.vae_downsampling).to(device)
+        progress.advance(acquired)
+        gap_of = below_t - below_t // n  # acquired slice (phase * n + i) -> its gap (phase * (n - 1) + i)
+
+    def neighbours(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the denoiser is conditioned on: the acquired neighbours' latents, or (motion-aware models) both
+        warped along their flow to the new slice's position."""
+        below, above = latents[below_t[part]], latents[above_t[part]]
+        if latent_flows is None:
+            return below, above
+        return motion.warped_neighbours(below, above, latent_flows[gap_of[part]], alpha_t[part].to(device))
+
+    progress.set_stage("generating missing slices")
+    z_final = torch.empty_like(z_init)
+
+    def denoise_part(part: slice) -> None:
+        cond = (*neighbours(part), alpha_t[part].to(device))
+        with autocast(device):
+            denoised = denoise(lambda z, t: model.interpolator(z, t, *cond), scheduler, z_init[part], steps,
+                               on_step=lambda _: progress.advance(part.stop - part.start)).float()
+        z_final[part] = model.from_diffusion(denoised, *cond)
+
+    batch = run_batched(denoise_part, items, batch)
+
+    progress.set_stage("decoding")
+    out = np.empty((items, h, w), dtype=np.float32)
+    reconstructed = np.empty((acquired, h, w), dtype=np.float32)
+
+    def decoder(latent_source: torch.Tensor, target: np.ndarray):
+        def decode(part: slice) -> None:
+            with autocast(device):
+                decoded = model.decode(latent_source[part]).float()[:, 0].cpu().numpy()
+            target[part] = decoded[:, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
+            progress.advance(part.stop - part.start)
+        return decode
+
+    batch = run_batched(decoder(z_final, out), items, batch)
+    run_batched(decoder(latents, reconstructed), acquired, batch)
+    # Detail transfer: what the VAE loses on the acquired neighbours (fine texture, a slight intensity bias) is
+    # added back, interpolated by alpha (and carried along the flow by motion-aware models), so generated slices
+    # match the acquired ones they sit between.
+    lost = stacks.reshape(acquired, h, w) - reconstructed
+    if flows is None:
+        a = alpha_t.numpy()[:, None, None]
+        out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
+    else:
+        lost_t = torch.nn.functional.pad(torch.from_numpy(lost)[:, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        warped = motion.warped_neighbours(lost_t[below_t], lost_t[above_t], flows[gap_of], alpha_t)
+        out += motion.blend(*warped, alpha_t)[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].numpy()
+    return out.reshape(samples, phases, missing, h, w)
+
+
+def default_steps(model: CaLID) -> int:
+    return int(model.config.get("default_steps", DEFAULT_STEPS))
