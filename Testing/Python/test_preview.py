@@ -1,0 +1,64 @@
+"""The demo picture (``calid.preview``): removed-slice panels with their scores, through-plane cut, the morph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from calid import geometry
+from calid.engine import UpsampleOptions, upsample_file
+from calid.metrics import slice_scores
+from calid.preview import main, morph_missing, save_preview
+
+
+@pytest.fixture(scope="module")
+def real_slice(sample_image) -> np.ndarray:
+    return sitk.GetArrayFromImage(sample_image)[5].astype(np.float64)
+
+
+def test_morph_moves_a_real_slice_part_of_the_way_where_linear_blends(real_slice):
+    """Above = the slice moved 6 pixels: the morph's slices at 1/3 and 2/3 are it moved 2 and 4 pixels."""
+    moved = np.stack([real_slice, np.roll(real_slice, 6, axis=1)])
+    missing = morph_missing(moved, 3)
+    inner = (slice(10, -10), slice(10, -10))
+    for estimate, shift in zip(missing, (2, 4)):
+        truth = np.roll(real_slice, shift, axis=1)[inner]
+        blend = ((1 - shift / 6) * moved[0] + shift / 6 * moved[1])[inner]
+        assert np.abs(estimate[inner] - truth).mean() < 0.05 * np.abs(blend - truth).mean()
+
+
+def test_morph_of_equal_slices_is_that_slice_in_dense_positions_order(real_slice):
+    kept = np.stack([real_slice, real_slice, real_slice[::-1]])
+    missing = morph_missing(kept, 2)
+    assert missing.shape == (2, *real_slice.shape)
+    np.testing.assert_allclose(missing[0], real_slice)  # gap 0 first, then gap 1
+
+
+def test_demo_picture_has_the_removed_slice_panels_with_scores_and_the_through_plane_cut(tmp_path, small_image,
+                                                                                        tiny_model_dir):
+    source, dense, png = tmp_path / "in.nrrd", tmp_path / "dense.nrrd", tmp_path / "demo.png"
+    sitk.WriteImage(small_image, str(source))
+    options = UpsampleOptions(factor=4, steps=1, model=str(tiny_model_dir), device="cpu")
+    upsample_file(source, dense, options)
+    panels = save_preview(str(source), str(dense), str(png), UpsampleOptions(factor=2, **{
+        k: getattr(options, k) for k in ("steps", "model", "device")}))
+
+    removed = [p for p in panels if p.row == "removed slice"]
+    assert [p.title.split("\n")[0] for p in removed] == ["real slice 3 (removed)", "linear interpolation",
+                                                          "optical-flow morph", "CaLID (tiny)"]
+    assert removed[0].psnr is None and all(0 < p.psnr < 100 and -1 <= p.ssim <= 1 for p in removed[1:])
+    stack = geometry.to_stack(sitk.GetArrayFromImage(small_image), 2).astype(np.float64)
+    expected = slice_scores(stack[3:4], (stack[2:3] + stack[4:5]) / 2, stack)  # 6 slices: 0, 2, 4 kept
+    assert (removed[1].psnr, removed[1].ssim) == pytest.approx(expected)
+    assert f"PSNR {expected[0]:.2f} dB, SSIM {expected[1]:.3f}" in removed[1].title
+    assert [p.title for p in panels if p.row == "through-plane"] == [
+        "input (acquired slices)", "linear interpolation x4", "CaLID x4"]
+    with Image.open(png) as picture:
+        assert picture.size == (1300, 780)
+
+
+def test_demo_command_says_what_is_wrong_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^calid.preview: error: input not found: .*missing.nrrd$"):
+        main([str(tmp_path / "missing.nrrd"), str(tmp_path / "dense.nrrd"), str(tmp_path / "demo.png")])
