@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -29,8 +29,12 @@ from . import geometry  # noqa: E402
 from .engine import UpsampleOptions, upsample_image  # noqa: E402
 from .errors import CalidError  # noqa: E402
 from .imageio import read_image  # noqa: E402
-from .modelindex import DEFAULT_MODEL  # noqa: E402
 from .metrics import linear_missing, slice_scores, unit_scale  # noqa: E402
+from .modelindex import DEFAULT_MODEL  # noqa: E402
+
+
+TVL1 = dict(attachment=10, tightness=0.3, num_warp=5, num_iter=10)
+"""skimage's TV-L1 settings of the evaluation protocol's morph."""
 
 
 @dataclass
@@ -57,10 +61,10 @@ def morph_missing(kept_stack: np.ndarray, factor: int) -> np.ndarray:
     for i, (b, a) in enumerate(zip(below_index, alpha)):
         below, above = kept_stack[b].astype(np.float64), kept_stack[b + 1].astype(np.float64)
         if b not in flows:
-            pair = unit_scale(np.stack([below, above]), np.stack([below, above]))
-            settings = dict(attachment=10, tightness=0.3, num_warp=5, num_iter=10)
-            forward = optical_flow_tvl1(pair[0], pair[1], **settings)
-            backward = optical_flow_tvl1(pair[1], pair[0], **settings)
+            both = np.stack([below, above])
+            pair = unit_scale(both, both)
+            forward = optical_flow_tvl1(pair[0], pair[1], **TVL1)
+            backward = optical_flow_tvl1(pair[1], pair[0], **TVL1)
             flows[b] = (forward - backward) / 2
         flow = flows[b]
         missing[i] = ((1 - a) * map_coordinates(below, grid - a * flow, order=1, mode="nearest")
@@ -86,6 +90,7 @@ def removed_slice_panels(image: sitk.Image, axis: int, options: UpsampleOptions
 
     Returns the panels with their pictures and the index of the removed slice they show.
     """
+    options = replace(options, factor=2, spacing=None)
     stack = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float64)
     kept_image = every_other_slice(image, axis)
     kept = geometry.to_stack(sitk.GetArrayFromImage(kept_image), axis).astype(np.float64)
@@ -111,6 +116,9 @@ def through_plane_panels(image: sitk.Image, dense_image: sitk.Image, axis: int) 
     sparse = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float64)
     calid = geometry.to_stack(sitk.GetArrayFromImage(dense_image), axis).astype(np.float64)
     factor = (calid.shape[0] - 1) // (sparse.shape[0] - 1)
+    if factor < 2 or (sparse.shape[0] - 1) * factor + 1 != calid.shape[0] or calid.shape[1:] != sparse.shape[1:]:
+        raise CalidError(f"the dense volume ({calid.shape[0]} slices of {calid.shape[1]} x {calid.shape[2]}) is not "
+                         f"an upsampled result of the input ({sparse.shape[0]} of {sparse.shape[1]} x {sparse.shape[2]})")
     linear = calid.copy()
     linear[geometry.generated_slices(sparse.shape[0], factor)] = linear_missing(sparse, factor)
     row = sparse.shape[1] // 2
@@ -125,13 +133,16 @@ def save_preview(input_path: str, dense_path: str, png_path: str, options: Upsam
                  note: str = "") -> list[Panel]:
     """Draw the demo picture (module docstring) to ``png_path``; returns its panels, top row first.
 
-    ``options``: how CaLID rebuilds the removed slices (default: factor 2, the bundled default model).
+    ``options``: how CaLID rebuilds the removed slices (the bundled default model unless they name one; the
+    factor is always 2).
     ``note``: a line printed under the picture (the demo's says that the default model has seen the sample).
     """
     image, dense = read_image(input_path), read_image(dense_path)
     axis = geometry.find_slice_axis(image)
-    top, shown = removed_slice_panels(image, axis, options or UpsampleOptions(factor=2))
-    bottom = through_plane_panels(image, dense, axis)
+    if image.GetSize()[axis] < 3:
+        raise CalidError(f"the removed-slice test needs at least 3 slices; this input has {image.GetSize()[axis]}")
+    bottom = through_plane_panels(image, dense, axis)  # first: it checks DENSE before the model runs
+    top, shown = removed_slice_panels(image, axis, options or UpsampleOptions())
     low, high = np.percentile(sitk.GetArrayViewFromImage(image), [1, 99.5])
     fig = plt.figure(figsize=(13, 7.8))
     grid = fig.add_gridspec(2, 12, height_ratios=[1.25, 1])
@@ -166,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--note", default="", help="a line to print under the picture")
     args = parser.parse_args(argv)
     try:
-        panels = save_preview(args.input, args.dense, args.png,
-                              UpsampleOptions(factor=2, model=args.model, device=args.device), args.note)
+        panels = save_preview(args.input, args.dense, args.png, UpsampleOptions(model=args.model, device=args.device),
+                              args.note)
     except CalidError as exc:
         sys.exit(f"calid.preview: error: {exc}")
     for panel in panels:

@@ -42,8 +42,7 @@ def test_demo_picture_has_the_removed_slice_panels_with_scores_and_the_through_p
     sitk.WriteImage(small_image, str(source))
     options = UpsampleOptions(factor=4, steps=1, model=str(tiny_model_dir), device="cpu")
     upsample_file(source, dense, options)
-    panels = save_preview(str(source), str(dense), str(png), UpsampleOptions(factor=2, **{
-        k: getattr(options, k) for k in ("steps", "model", "device")}))
+    panels = save_preview(str(source), str(dense), str(png), options)  # the removed-slice test runs at factor 2
 
     removed = [p for p in panels if p.row == "removed slice"]
     assert [p.title.split("\n")[0] for p in removed] == ["real slice 3 (removed)", "linear interpolation",
@@ -59,6 +58,13 @@ def test_demo_picture_has_the_removed_slice_panels_with_scores_and_the_through_p
         assert picture.size == (1300, 780)
 
 
-def test_demo_command_says_what_is_wrong_in_one_line(tmp_path):
+def test_demo_command_says_what_is_wrong_in_one_line(tmp_path, sample_image):
     with pytest.raises(SystemExit, match=r"^calid.preview: error: input not found: .*missing.nrrd$"):
         main([str(tmp_path / "missing.nrrd"), str(tmp_path / "dense.nrrd"), str(tmp_path / "demo.png")])
+    sitk.WriteImage(sample_image[:, :, :2], str(tmp_path / "two.nrrd"))
+    with pytest.raises(SystemExit, match=r"^calid.preview: error: the removed-slice test needs at least 3 slices; "
+                                         r"this input has 2$"):
+        main([str(tmp_path / "two.nrrd"), str(tmp_path / "two.nrrd"), str(tmp_path / "demo.png")])
+    sitk.WriteImage(sample_image, str(tmp_path / "sample.nrrd"))
+    with pytest.raises(SystemExit, match=r"^calid.preview: error: the dense volume \(2 slices of 128 x 128\) is not "):
+        main([str(tmp_path / "sample.nrrd"), str(tmp_path / "two.nrrd"), str(tmp_path / "demo.png")])
