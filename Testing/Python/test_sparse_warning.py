@@ -25,17 +25,17 @@ def iso_image(small_image) -> sitk.Image:
     return isotropic(small_image[:, :, :3])  # 64 x 64 pixels of 1.37 mm, 3 slices 10 mm apart -> 58 x 58 x 20
 
 
-def upsample(tmp_path, image, tiny_model_dir, *extra) -> tuple[int, str]:
+def upsample(tmp_path, image, tiny_model_dir, *extra) -> int:
     source = tmp_path / "in.nrrd"
     write_image(image, source)
     code = main(["upsample", str(source), str(tmp_path / "out.nrrd"), "--model", str(tiny_model_dir),
                  "--steps", "1", "--device", "cpu", *extra])
-    return code, source
+    return code
 
 
 def test_isotropic_volume_warns_once_naming_both_spacings_and_is_still_upsampled(tmp_path, iso_image, tiny_model_dir,
                                                                                 capsys):
-    code, _ = upsample(tmp_path, iso_image, tiny_model_dir, "--progress", "none")
+    code = upsample(tmp_path, iso_image, tiny_model_dir, "--progress", "none")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("calid: warning:")]
     assert code == 0 and len(warnings) == 1
     assert "slice spacing 1.5 mm along axis 2, in-plane 1.5 x 1.5 mm" in warnings[0]
@@ -43,7 +43,7 @@ def test_isotropic_volume_warns_once_naming_both_spacings_and_is_still_upsampled
 
 
 def test_warning_is_a_json_event_before_any_progress_in_json_mode(tmp_path, iso_image, tiny_model_dir, capsys):
-    code, _ = upsample(tmp_path, iso_image, tiny_model_dir, "--progress", "json")
+    code = upsample(tmp_path, iso_image, tiny_model_dir, "--progress", "json")
     out = capsys.readouterr()
     events = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
     assert code == 0 and "warning" not in out.err  # the Slicer worker reads stdout and stderr as one log
@@ -52,7 +52,7 @@ def test_warning_is_a_json_event_before_any_progress_in_json_mode(tmp_path, iso_
 
 
 def test_a_real_sparse_stack_gives_no_warning(tmp_path, small_image, tiny_model_dir, capsys):
-    code, _ = upsample(tmp_path, small_image, tiny_model_dir, "--progress", "json")
+    code = upsample(tmp_path, small_image, tiny_model_dir, "--progress", "json")
     out = capsys.readouterr()
     assert code == 0 and "warning" not in out.out + out.err
 
