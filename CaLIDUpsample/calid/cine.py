@@ -23,8 +23,9 @@ from urllib.parse import quote, unquote
 import numpy as np
 import SimpleITK as sitk
 
+from . import geometry
 from .errors import CalidError
-from .imageio import output_folder, read_dicom_files, read_image, write_image
+from .imageio import has_image_suffix, output_folder, read_dicom_files, read_image, write_image
 
 TIME_TOLERANCE = 0.1
 """Frame intervals may differ by this fraction of the mean interval (trigger times are rounded to ms)."""
@@ -177,6 +178,25 @@ def read_input(path: str | os.PathLike) -> sitk.Image | Cine:
         return cine_from_4d(image)
     axis = sequence_axis(image) if image.GetDimension() == 3 else None
     return image if axis is None else cine_from_sequence(image, axis, str(path))
+
+
+def input_warning(path: str | os.PathLike, slice_axis: int | None = None) -> str | None:
+    """``geometry.sparse_stack_warning`` for an input path, read before the run so the line comes first.
+
+    A file's header is enough (spacing and size, no voxels); a DICOM folder is read whole, as its spacing
+    comes from the slice positions. Unreadable inputs raise the engine's own one-line error.
+    """
+    path = Path(path)
+    if path.is_file() and has_image_suffix(path):
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(path))
+        try:
+            header.ReadImageInformation()
+            return geometry.sparse_stack_warning(header, slice_axis)
+        except RuntimeError:
+            pass  # read_input below says what is wrong with it
+    source = read_input(path)
+    return geometry.sparse_stack_warning(source.image if isinstance(source, Cine) else source, slice_axis)
 
 
 def write_cine(image: sitk.Image, like: Cine, path: str | os.PathLike) -> Path:

@@ -214,6 +214,11 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         return 1 if failures else 0
     progress = Progress(mode, description="upsampling")
     try:
+        from .cine import input_warning
+
+        warning = input_warning(source, args.slice_axis)  # an isotropic volume is upsampled too: say so first
+        if warning:
+            progress.warning(warning)
         result = upsample_file(source, args.output, options, args.uncertainty, progress=progress,
                                segmentation_path=args.segmentation, input_segmentation_path=args.input_segmentation,
                                segmentation_model=args.segmentation_model)

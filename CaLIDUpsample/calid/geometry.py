@@ -98,3 +98,31 @@ def inplane_spacing(image: sitk.Image, axis: int) -> tuple[float, float]:
     spacing = image.GetSpacing()
     rows, cols = (i for i in (2, 1, 0) if i != axis)
     return spacing[rows], spacing[cols]
+
+
+SPARSE_RATIO = 2.0
+"""A stack is sparse when its slice spacing is at least this many times its larger in-plane pixel size."""
+
+
+def sparse_stack_warning(image: sitk.Image, axis: int | None = None) -> str | None:
+    """One line saying why ``image`` does not look like a sparse short-axis stack, or None when it does.
+
+    CaLID fills the gaps between thick, widely spaced slices; an isotropic (or already dense) volume, or one
+    of only two slices, would be upsampled all the same, silently. The caller shows the line and goes on.
+    ``image`` is a SimpleITK image or header (anything with ``GetSpacing()`` and ``GetSize()``; only the first
+    three axes are read); ``axis`` defaults to the largest spacing, as the engine chooses it.
+    """
+    axis = find_slice_axis(image, axis)
+    spacing, count = image.GetSpacing()[axis], image.GetSize()[axis]
+    rows, cols = inplane_spacing(image, axis)
+    if count < 2:
+        return None  # not a stack at all: resolve_factor refuses it with its own line
+    problems = []
+    if spacing < SPARSE_RATIO * max(rows, cols):
+        problems.append(f"slices less than {SPARSE_RATIO:g}x the in-plane spacing apart")
+    if count < 3:
+        problems.append(f"only {count} slices")
+    if not problems:
+        return None
+    return (f"the volume does not look like a sparse short-axis stack ({' and '.join(problems)}: slice spacing "
+            f"{spacing:.3g} mm along axis {axis}, in-plane {rows:.3g} x {cols:.3g} mm); upsampling it anyway")

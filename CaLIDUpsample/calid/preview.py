@@ -1,12 +1,20 @@
-"""``python -m calid.preview INPUT DENSE PNG``: through-plane views of input, linear and CaLID side by side.
+"""``python -m calid.preview INPUT DENSE PNG``: the demo picture, the evidence a user needs to decide.
 
-The through-plane (long-axis-like) cut is where slice interpolation shows: the input is drawn with its
-real slice thickness, linear interpolation on the dense grid next to it, then the CaLID volume.
+Top row, the removed-slice test on INPUT itself: every other acquired slice is dropped and rebuilt by linear
+interpolation, by the optical-flow morph (``calid.motion``, as ``--method morph``) and by CaLID (factor 2), each
+shown beside the real removed slice in the same window and titled with its PSNR/SSIM against it
+(``metrics.slice_scores``, the real volume as reference). Linear interpolation and the morph are what a user
+has without CaLID; only a slice that was really acquired can say which is closer. Bottom row, a through-plane
+(long-axis-like) cut of DENSE, the upsampled result: input drawn with its real slice thickness | linear
+interpolation on the same dense grid | CaLID, where slice interpolation shows as a whole.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import matplotlib
 
@@ -16,8 +24,22 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from . import geometry  # noqa: E402
+from .engine import UpsampleOptions, upsample_image  # noqa: E402
+from .errors import CalidError  # noqa: E402
 from .imageio import read_image  # noqa: E402
-from .metrics import linear_missing  # noqa: E402
+from .metrics import linear_missing, slice_scores, unit_scale  # noqa: E402
+from .modelindex import DEFAULT_MODEL  # noqa: E402
+from .motion import morph_missing  # noqa: E402
+
+
+@dataclass
+class Panel:
+    """One picture of the figure: its title as drawn, and the scores it shows (None for real data and cuts)."""
+
+    title: str
+    row: str  # "removed slice" or "through-plane"
+    psnr: float | None = None
+    ssim: float | None = None
 
 
 def through_plane(stack: np.ndarray, row: int, factor: int) -> np.ndarray:
@@ -25,32 +47,114 @@ def through_plane(stack: np.ndarray, row: int, factor: int) -> np.ndarray:
     return np.repeat(stack[:, row, :], factor, axis=0)
 
 
-def save_preview(input_path: str, dense_path: str, png_path: str) -> None:
-    image, dense = read_image(input_path), read_image(dense_path)
-    axis = geometry.find_slice_axis(image)
+def every_other_slice(image: sitk.Image, axis: int) -> sitk.Image:
+    """The acquired slices 0, 2, 4, ... as an image of their own (twice the slice spacing, same origin)."""
+    index = [slice(None)] * 3
+    index[axis] = slice(0, None, 2)
+    return image[tuple(index)]
+
+
+def removed_slice_panels(image: sitk.Image, axis: int, options: UpsampleOptions
+                         ) -> tuple[list[tuple[Panel, np.ndarray]], int]:
+    """Drop every other slice, rebuild it three ways, score each against the real one; show the middle one.
+
+    Returns the panels with their pictures and the index of the removed slice they show.
+    """
+    options = replace(options, factor=2, spacing=None)
+    stack = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float64)
+    kept_image = every_other_slice(image, axis)
+    kept = geometry.to_stack(sitk.GetArrayFromImage(kept_image), axis).astype(np.float64)
+    removed = geometry.generated_slices(kept.shape[0], 2)  # slices 1, 3, 5, ... of the input
+    dense = geometry.to_stack(sitk.GetArrayFromImage(upsample_image(kept_image, options).image), axis)
+    estimates = {"linear interpolation": linear_missing(kept, 2),
+                 "optical-flow morph": morph_missing(kept, 2),
+                 f"CaLID ({Path(options.model or DEFAULT_MODEL).name})": dense[removed].astype(np.float64)}
+    shown = len(removed) // 2
+    real = stack[removed[shown]]
+    panels = [(Panel(f"real slice {removed[shown]} (removed)", "removed slice"), real)]
+    for name, estimate in estimates.items():
+        psnr, ssim = slice_scores(real[None], estimate[shown][None], stack)
+        mean_psnr, mean_ssim = slice_scores(stack[removed], estimate, stack)
+        title = (f"{name}\nPSNR {psnr:.2f} dB, SSIM {ssim:.3f}\n"
+                 f"(all {len(removed)} removed: {mean_psnr:.2f} dB, {mean_ssim:.3f})")
+        panels.append((Panel(title, "removed slice", psnr, ssim), estimate[shown]))
+    return panels, int(removed[shown])
+
+
+def through_plane_panels(image: sitk.Image, dense_image: sitk.Image, axis: int) -> list[tuple[Panel, np.ndarray]]:
+    """Input | linear | CaLID cut along the slice direction at the middle image row of the dense result."""
     sparse = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float64)
-    calid = geometry.to_stack(sitk.GetArrayFromImage(dense), axis).astype(np.float64)
+    calid = geometry.to_stack(sitk.GetArrayFromImage(dense_image), axis).astype(np.float64)
     factor = (calid.shape[0] - 1) // (sparse.shape[0] - 1)
+    if factor < 2 or (sparse.shape[0] - 1) * factor + 1 != calid.shape[0] or calid.shape[1:] != sparse.shape[1:]:
+        raise CalidError(f"the dense volume ({calid.shape[0]} slices of {calid.shape[1]} x {calid.shape[2]}) is not "
+                         f"an upsampled result of the input ({sparse.shape[0]} of {sparse.shape[1]} x {sparse.shape[2]})")
     linear = calid.copy()
-    linear[[i for i in range(calid.shape[0]) if i % factor]] = linear_missing(sparse, factor)
-    low, high = np.percentile(sparse, [1, 99.5])
+    linear[geometry.generated_slices(sparse.shape[0], factor)] = linear_missing(sparse, factor)
     row = sparse.shape[1] // 2
     thickness = max(1, round(image.GetSpacing()[axis] / image.GetSpacing()[(axis + 1) % 3] / factor))
-    panels = [("input (acquired slices)", through_plane(np.repeat(sparse, factor, axis=0)[: calid.shape[0]], row, thickness)),
-              ("linear interpolation", through_plane(linear, row, thickness)),
-              (f"CaLID x{factor}", through_plane(calid, row, thickness))]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    for ax, (title, cut) in zip(axes, panels):
-        ax.imshow(cut, cmap="gray", vmin=low, vmax=high, aspect="equal")
-        ax.set_title(title)
-        ax.axis("off")
-    fig.suptitle("through-plane cut (slice direction vertical)")
-    fig.tight_layout()
+    repeated = np.repeat(sparse, factor, axis=0)[: calid.shape[0]]
+    return [(Panel("input (acquired slices)", "through-plane"), through_plane(repeated, row, thickness)),
+            (Panel(f"linear interpolation x{factor}", "through-plane"), through_plane(linear, row, thickness)),
+            (Panel(f"CaLID x{factor}", "through-plane"), through_plane(calid, row, thickness))]
+
+
+def save_preview(input_path: str, dense_path: str, png_path: str, options: UpsampleOptions | None = None,
+                 note: str = "") -> list[Panel]:
+    """Draw the demo picture (module docstring) to ``png_path``; returns its panels, top row first.
+
+    ``options``: how CaLID rebuilds the removed slices (the bundled default model unless they name one; the
+    factor is always 2).
+    ``note``: a line printed under the picture (the demo's says that the default model has seen the sample).
+    """
+    image, dense = read_image(input_path), read_image(dense_path)
+    axis = geometry.find_slice_axis(image)
+    if image.GetSize()[axis] < 3:
+        raise CalidError(f"the removed-slice test needs at least 3 slices; this input has {image.GetSize()[axis]}")
+    bottom = through_plane_panels(image, dense, axis)  # first: it checks DENSE before the model runs
+    top, shown = removed_slice_panels(image, axis, options or UpsampleOptions())
+    low, high = np.percentile(sitk.GetArrayViewFromImage(image), [1, 99.5])
+    fig = plt.figure(figsize=(13, 7.8))
+    grid = fig.add_gridspec(2, 12, height_ratios=[1.25, 1])
+    cells = [grid[0, 3 * i: 3 * i + 3] for i in range(4)] + [grid[1, 4 * i: 4 * i + 4] for i in range(3)]
+    axes = []
+    for cell, (panel, picture) in zip(cells, top + bottom):
+        axes.append(fig.add_subplot(cell))
+        axes[-1].imshow(picture, cmap="gray", vmin=low, vmax=high, aspect="equal", interpolation="nearest")
+        axes[-1].set_title(panel.title, fontsize=10)
+        axes[-1].axis("off")
+    gap = 2 * image.GetSpacing()[axis]
+    fig.suptitle(f"Removed-slice test: every other slice dropped ({gap:g} mm gaps), slice {shown} rebuilt from "
+                 f"slices {shown - 1} and {shown + 1} (same window; scores against the real slice)")
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=9, style="italic")
+    fig.tight_layout(rect=(0, 0.025 if note else 0, 1, 0.97), h_pad=4)
+    fig.canvas.draw()  # places the equal-aspect axes: the second heading goes just under the top row
+    under_top_row = min(ax.get_position().y0 for ax in axes[:len(top)]) - 0.012
+    fig.text(0.5, under_top_row, "Through-plane cut of the upsampled result (slice direction vertical)",
+             ha="center", va="top", fontsize=12)
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+    return [panel for panel, _ in top + bottom]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m calid.preview", description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="the acquired stack (the removed-slice test runs on it)")
+    parser.add_argument("dense", help="its upsampled result (calid upsample INPUT DENSE), for the through-plane cut")
+    parser.add_argument("png", help="the picture to write")
+    parser.add_argument("--model", help="model that rebuilds the removed slices (default: the bundled default)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--note", default="", help="a line to print under the picture")
+    args = parser.parse_args(argv)
+    try:
+        panels = save_preview(args.input, args.dense, args.png, UpsampleOptions(model=args.model, device=args.device),
+                              args.note)
+    except CalidError as exc:
+        sys.exit(f"calid.preview: error: {exc}")
+    for panel in panels:
+        print(panel.title.replace("\n", " "))
+    print(f"wrote {args.png}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: python -m calid.preview INPUT DENSE PNG")
-    save_preview(*sys.argv[1:])
+    main()

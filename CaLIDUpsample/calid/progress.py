@@ -77,6 +77,16 @@ class Progress:
         elif self.mode == "json":
             self.event("log", message=text)
 
+    def warning(self, text: str) -> None:
+        """Something the user should know that does not stop the run: a ``warning`` event in JSON mode (the
+        Slicer worker's output is read as events), else one ``calid: warning:`` line on stderr."""
+        if self.mode == "json":
+            self.event("warning", message=text)
+        elif self._bar is not None:
+            self._bar.write(f"calid: warning: {text}", file=sys.stderr)
+        else:
+            print(f"calid: warning: {text}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

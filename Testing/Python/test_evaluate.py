@@ -1,4 +1,4 @@
-"""``calid evaluate`` (removed-slice protocol) and the demo's through-plane preview, on real sample data."""
+"""``calid evaluate`` (removed-slice protocol), on real sample data (the demo picture: test_preview.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from PIL import Image
 
 from calid.cli import main
-from calid.engine import UpsampleOptions, upsample_file
 from calid.evaluation import bspline_on_grid, find_labels
 from calid.errors import CalidError
-from calid.preview import save_preview
 from calid.training.data import load_split
 
 pytestmark = pytest.mark.slow
@@ -48,15 +45,6 @@ def test_bspline_baseline_keeps_acquired_slices(sample_image):
 def test_labels_are_found_beside_images(dataset):
     image = dataset / "patient001" / "patient001_frame01.nii.gz"
     assert find_labels(image) == dataset / "patient001" / "patient001_frame01_gt.nii.gz"
-
-
-def test_preview_png_shows_three_panels(tmp_path, small_image, tiny_model_dir):
-    source = tmp_path / "in.nrrd"
-    sitk.WriteImage(small_image, str(source))
-    upsample_file(source, tmp_path / "dense.nrrd", UpsampleOptions(factor=4, steps=1, model=str(tiny_model_dir), device="cpu"))
-    save_preview(str(source), str(tmp_path / "dense.nrrd"), str(tmp_path / "preview.png"))
-    with Image.open(tmp_path / "preview.png") as png:
-        assert png.size[0] > 2 * png.size[1]
 
 
 def test_patients_can_come_from_a_split_file_or_a_model_card(tmp_path):

@@ -28,6 +28,30 @@ def disc_stack(centres_x: list[float], size: int = 64, radius: float = 9.0) -> n
 
 
 @pytest.fixture(scope="module")
+def real_slice(sample_image) -> np.ndarray:
+    return sitk.GetArrayFromImage(sample_image)[5].astype(np.float64)
+
+
+@pytest.mark.parametrize("method", ["dis", "tvl1"])
+def test_morph_moves_a_real_slice_part_of_the_way_where_linear_blends(real_slice, method):
+    """Above = the slice moved 6 pixels: the morph's slices at 1/3 and 2/3 are it moved 2 and 4 pixels."""
+    moved = np.stack([real_slice, np.roll(real_slice, 6, axis=1)])
+    missing = morph_missing(moved, 3, method)
+    inner = (slice(10, -10), slice(10, -10))
+    for estimate, shift in zip(missing, (2, 4)):
+        truth = np.roll(real_slice, shift, axis=1)[inner]
+        blend = ((1 - shift / 6) * moved[0] + shift / 6 * moved[1])[inner]
+        assert np.abs(estimate[inner] - truth).mean() < 0.05 * np.abs(blend - truth).mean()
+
+
+def test_morph_of_equal_slices_is_that_slice_in_dense_positions_order(real_slice):
+    kept = np.stack([real_slice, real_slice, real_slice[::-1]])
+    missing = morph_missing(kept, 2)
+    assert missing.shape == (2, *real_slice.shape)
+    np.testing.assert_allclose(missing[0], real_slice, atol=0.01)  # gap 0 first, then gap 1 (float32 warps)
+
+
+@pytest.fixture(scope="module")
 def motion_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = CaLID(TINY_CONFIG)
