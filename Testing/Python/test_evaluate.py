@@ -55,3 +55,15 @@ def test_patients_can_come_from_a_split_file_or_a_model_card(tmp_path):
     (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
     with pytest.raises(CalidError, match="not a split file or model card"):
         load_split(tmp_path / "bad.json")
+
+
+def test_segmentation_evaluation_scores_the_network_on_calid_and_on_both_peers(dataset, tmp_path, tiny_model_dir):
+    from calid.segmentation.evaluation import SegEvaluateConfig, evaluate_segmentation
+
+    cfg = SegEvaluateConfig(data=[str(dataset)], output=str(tmp_path / "seg"), model=str(tiny_model_dir),
+                            patients="patient000", device="cpu")
+    table = evaluate_segmentation(cfg, "none")
+    methods = {r["method"] for r in json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())["summary"]}
+    assert {"network on CaLID", "network on morph", "network on linear",
+            "contour interpolation of kept labels"} <= methods
+    assert "| network on morph |" in table

@@ -2,7 +2,7 @@
 
 Per labelled stack: (1) the network on every acquired slice against the manual labels; (2) for each K, keep
 slices 0, K, 2K, ..., rebuild the removed slices and score the labels there against the manual ones:
-the network on the CaLID volume, the network on linear interpolation, morphological contour interpolation
+the network on the CaLID volume, on the optical-flow morph and on linear interpolation, morphological contour interpolation
 of the kept slices' manual labels (``contour``: what a Slicer user would run otherwise), and
 ``--input-segmentation`` (kept manual labels + CaLID volume) for each ``shape_mm`` weight.
 """
@@ -22,9 +22,10 @@ from .. import geometry
 from ..devices import resolve_device
 from ..engine import UpsampleOptions, upsample_image
 from ..errors import CalidError
-from ..evaluation import _patient_filter
+from ..evaluation import PEER_FLOW, _patient_filter
 from ..metrics import linear_missing
 from ..modelstore import load_model
+from ..motion import morph_missing
 from ..progress import Progress
 from .contour import contour_interpolation, contour_pool
 from .inference import labels_from_probabilities, predict_probabilities
@@ -77,15 +78,19 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
         kept_image.SetOrigin(image.GetOrigin())
         calid = upsample_image(kept_image, UpsampleOptions(factor=factor, device=cfg.device), interpolator)
         calid_stack = geometry.to_stack(sitk.GetArrayFromImage(calid.image), axis).astype(np.float32)
-        linear_stack = stack[:m].copy()
-        linear_stack[removed] = linear_missing(stack[:m:factor], factor)
+        peers = {}
+        for name, missing in (("morph", morph_missing(stack[:m:factor], factor, PEER_FLOW)),
+                              ("linear", linear_missing(stack[:m:factor], factor))):
+            peers[name] = stack[:m].copy()
+            peers[name][removed] = missing
         setting = f"K={factor}, {slice_mm:g} mm stacks ({slice_mm * factor:g} mm gaps)"
         spacing = (slice_mm, *inplane)
         calid_prob = predict_probabilities(network, config, calid_stack, inplane, device)
-        linear_prob = predict_probabilities(network, config, linear_stack, inplane, device)
         methods = {
             "network on CaLID": labels_from_probabilities(calid_prob),
-            "network on linear": labels_from_probabilities(linear_prob),
+            **{f"network on {name}": labels_from_probabilities(predict_probabilities(network, config, peer, inplane,
+                                                                                      device))
+               for name, peer in peers.items()},
             "contour interpolation of kept labels": contour_interpolation(truth[:m:factor], factor, pool),
         }
         order = geometry.generated_slices(len(range(0, m, factor)), factor)
