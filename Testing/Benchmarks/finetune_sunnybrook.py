@@ -62,7 +62,7 @@ def per_patient(report_dir: Path) -> dict[str, dict[str, float]]:
     for patient in sorted({r["patient"] for r in rows}):
         mine = [r for r in rows if r["patient"] == patient]
         out[patient] = {k: float(np.mean([r[k] for r in mine])) for k in ("calid_psnr", "calid_ssim", "linear_psnr",
-                                                                           "linear_ssim")}
+                                                                           "linear_ssim", "morph_psnr", "morph_ssim")}
         out[patient]["volumes"] = len(mine)
     return out
 
@@ -112,7 +112,8 @@ def main() -> None:
                                     factors=[2], patients=held_out, device="cpu"), "none")
             tuned = per_patient(folder / "eval" / held_out)[held_out]
             results.append({"patient": held_out, "phases": tuned["volumes"], "finetune_minutes": round(minutes, 1),
-                            "linear_psnr": base[held_out]["linear_psnr"], "base_psnr": base[held_out]["calid_psnr"],
+                            "linear_psnr": base[held_out]["linear_psnr"], "morph_psnr": base[held_out]["morph_psnr"],
+                            "morph_ssim": base[held_out]["morph_ssim"], "base_psnr": base[held_out]["calid_psnr"],
                             "tuned_psnr": tuned["calid_psnr"], "linear_ssim": base[held_out]["linear_ssim"],
                             "base_ssim": base[held_out]["calid_ssim"], "tuned_ssim": tuned["calid_ssim"],
                             "trained_timesteps_from": card["config"]["diffusion"].get("min_timestep", 0)})
@@ -121,11 +122,12 @@ def main() -> None:
           f"timesteps >= {results[0]['trained_timesteps_from']} (as trained: the base model's bound or higher), "
           f"{args.threads} CPU threads; "
           f"K=2 removed-slice protocol on phases 0, {args.phase_stride}, {2 * args.phase_stride}, ...\n")
-    print("| held-out patient | phases | linear PSNR / SSIM | base PSNR / SSIM | fine-tuned PSNR / SSIM | gain dB | "
-          "fine-tuning min |\n|---|---|---|---|---|---|---|")
+    print("| held-out patient | phases | linear PSNR / SSIM | morph PSNR / SSIM | base PSNR / SSIM | fine-tuned PSNR / SSIM "
+          "| gain dB | fine-tuning min |\n|---|---|---|---|---|---|---|---|")
     for r in results + [{"patient": "mean", "phases": sum(r["phases"] for r in results),
                          **{k: float(np.mean([r[k] for r in results])) for k in results[0] if k.endswith(("psnr", "ssim", "minutes"))}}]:
         print(f"| {r['patient']} | {r['phases']} | {r['linear_psnr']:.2f} / {r['linear_ssim']:.3f} | "
+              f"{r['morph_psnr']:.2f} / {r['morph_ssim']:.3f} | "
               f"{r['base_psnr']:.2f} / {r['base_ssim']:.3f} | {r['tuned_psnr']:.2f} / {r['tuned_ssim']:.3f} | "
               f"{r['tuned_psnr'] - r['base_psnr']:+.2f} | {r['finetune_minutes']:.1f} |")
 
