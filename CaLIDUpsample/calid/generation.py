@@ -170,21 +170,22 @@ def generate_missing_phases(
     else:
         z_init = _initial_noise(seed, samples, phases, missing, tuple(latents.shape[1:]), shared_noise).to(device)
 
-    flows = latent_flows = gap_of = None
+    flows = gap_of = None
     if model.motion is not None:
         progress.set_stage("estimating motion")
         flows = torch.from_numpy(motion.stack_flows(padded, model.motion["flow"]))
-        latent_flows = motion.latent_flow(flows, model.vae_downsampling).to(device)
         progress.advance(acquired)
         gap_of = below_t - below_t // n  # acquired slice (phase * n + i) -> its gap (phase * (n - 1) + i)
 
     def neighbours(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the denoiser is conditioned on: the acquired neighbours' latents, or (motion-aware models) both
-        warped along their flow to the new slice's position."""
-        below, above = latents[below_t[part]], latents[above_t[part]]
-        if latent_flows is None:
-            return below, above
-        return motion.warped_neighbours(below, above, latent_flows[gap_of[part]], alpha_t[part].to(device))
+        """What the denoiser is conditioned on: the acquired neighbours' latents, or (motion-aware models) the
+        latents of both neighbours warped along their flow to the new slice's position."""
+        if flows is None:
+            return latents[below_t[part]], latents[above_t[part]]
+        warped = motion.warped_neighbours(images[below_t[part]], images[above_t[part]], flows[gap_of[part]],
+                                          alpha_t[part])
+        with autocast(device):
+            return tuple(model.encode(w.to(device)).float() for w in warped)
 
     progress.set_stage("generating missing slices")
     z_final = torch.empty_like(z_init)

@@ -18,7 +18,7 @@ from calid.metrics import linear_missing
 from calid.modelstore import load_model, save_model
 from calid.motion import morph_missing, pair_flow, warp
 from calid.networks import TINY_CONFIG, CaLID
-from calid.training.data import MotionTripletSampler, TripletSampler
+from calid.training.data import MotionTripletSampler, TripletSampler, Volume
 
 
 def disc_stack(centres_x: list[float], size: int = 64, radius: float = 9.0) -> np.ndarray:
@@ -89,13 +89,15 @@ def test_morph_moves_the_wall_where_linear_interpolation_cross_fades():
 
 def test_motion_sampler_warps_neighbours_towards_the_target():
     stack = (disc_stack([22.0, 30.0, 38.0]) / 110 - 1).astype(np.float32)  # network range; the middle slice is truth
-    latents = [torch.from_numpy(stack)[:, None].repeat(1, 2, 1, 1)]  # an identity 'encoder': 2 channels, same grid
-    plain = TripletSampler(latents, 64, torch.Generator().manual_seed(0), endpoint_rate=0.0).batch(1)
-    moved = MotionTripletSampler(latents, [stack], 64, torch.Generator().manual_seed(0), "dis", 1).batch(1)
-    for (below, target, above, alpha) in (plain, moved):
-        assert float(alpha) == 0.5 and torch.equal(target, plain[1])
-    error = [float(((b + a) / 2 - t).abs().mean()) for b, t, a, _ in (plain, moved)]
-    assert error[1] < 0.5 * error[0]
+    volume = Volume("p", "disc", stack, 10.0)
+    plain = TripletSampler([torch.from_numpy(stack)[:, None]], 64, torch.Generator().manual_seed(0), 0.0).batch(1)
+    below, target, above, alpha = MotionTripletSampler([volume], 64, torch.Generator().manual_seed(0), "dis").batch(1)
+    assert float(alpha) == 0.5 and below.shape == (1, 1, 64, 64)
+    truth = torch.from_numpy(stack[1])
+    assert any(torch.equal(target[0, 0], torch.rot90(t, k)) for t in (truth, truth.flip(-1)) for k in range(4))
+    moved_error = float(((below + above) / 2 - target).abs().mean())
+    plain_error = float(((plain[0] + plain[2]) / 2 - plain[1]).abs().mean())
+    assert moved_error < 0.5 * plain_error
 
 
 def test_motion_aware_model_round_trips_keeps_acquired_slices_and_oblique_geometry(small_image, motion_model_dir):

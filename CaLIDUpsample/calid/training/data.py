@@ -219,15 +219,10 @@ class TripletSampler:
     """Random (below, target, above, alpha) latent crops from encoded stacks (``draw_triplet``)."""
 
     def __init__(self, latents: list[torch.Tensor], crop: int, generator: torch.Generator, endpoint_rate: float = 0.1):
-        self.keep = [i for i, z in enumerate(latents) if z.shape[0] >= 3]
-        self.latents = [latents[i] for i in self.keep]
+        self.latents = [z for z in latents if z.shape[0] >= 3]
         self.crop = crop
         self.generator = generator
         self.endpoint_rate = endpoint_rate
-
-    def neighbours(self, v: int, lo: int, hi: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two latent slices (C, h, w) the target is conditioned on."""
-        return self.latents[v][lo], self.latents[v][hi]
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.generator
@@ -235,37 +230,48 @@ class TripletSampler:
         for v in torch.randint(len(self.latents), (size,), generator=g).tolist():
             z = self.latents[v]
             lo, mid, hi, alpha = draw_triplet(z.shape[0], g, self.endpoint_rate)
-            below, above = self.neighbours(v, lo, hi, alpha)
-            triples.append(crop_centred(torch.stack([below, z[mid], above]), self.crop, g, float(z.min())))
+            triples.append(crop_centred(z[[lo, mid, hi]], self.crop, g, float(z.min())))
             alphas.append(alpha)
         below, target, above = torch.stack(triples).unbind(1)
         return below, target, above, torch.tensor(alphas)
 
 
-class MotionTripletSampler(TripletSampler):
-    """Triplets for motion-aware models: both neighbour latents warped along their optical flow to the target.
+class MotionTripletSampler:
+    """Random (warped below, target, warped above, alpha) image crops (N, 1, crop, crop) for motion-aware models.
 
-    The flow is estimated on the two image slices (``calid.motion``, in the orientation the latents were encoded
-    in, padded as they were), reduced to the latent grid, and cached; the latents are warped before cropping,
-    exactly as ``generation.generate_missing_phases`` does at inference.
+    Both neighbours are warped along their optical flow (``calid.motion``, estimated on whole slices and cached)
+    to the target's position before cropping, as ``generation.generate_missing_phases`` does at inference; the
+    three crops then share one random 90-degree rotation/flip, so every orientation is seen without estimating
+    flows eight times. The trainer encodes the crops with the frozen VAE.
     """
 
-    def __init__(self, latents: list[torch.Tensor], images: list[np.ndarray], crop: int, generator: torch.Generator,
-                 flow: str, downsampling: int):
-        super().__init__(latents, crop, generator, endpoint_rate=0.0)
-        self.images = [images[i] for i in self.keep]
+    def __init__(self, volumes: list[Volume], crop: int, generator: torch.Generator, flow: str):
+        self.stacks = [torch.from_numpy(v.stack) for v in volumes if v.stack.shape[0] >= 3]
+        self.crop = crop
+        self.generator = generator
         self.flow = flow
-        self.downsampling = downsampling
         self._flows: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def neighbours(self, v: int, lo: int, hi: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..motion import latent_flow, pair_flow, warped_neighbours
+    def _pair_flow(self, v: int, lo: int, hi: int) -> torch.Tensor:
+        from ..motion import pair_flow
 
         if (v, lo, hi) not in self._flows:
-            stack, z, factor = self.images[v], self.latents[v], self.downsampling
-            pad = ((0, z.shape[-2] * factor - stack.shape[-2]), (0, z.shape[-1] * factor - stack.shape[-1]))
-            pair = [np.pad(stack[i], pad, constant_values=float(stack.min())) for i in (lo, hi)]
-            self._flows[(v, lo, hi)] = latent_flow(torch.from_numpy(pair_flow(*pair, self.flow))[None], factor)
-        z = self.latents[v]
-        below, above = warped_neighbours(z[lo][None], z[hi][None], self._flows[(v, lo, hi)], torch.tensor([alpha]))
-        return below[0], above[0]
+            stack = self.stacks[v].numpy()
+            self._flows[(v, lo, hi)] = torch.from_numpy(pair_flow(stack[lo], stack[hi], self.flow)).half()
+        return self._flows[(v, lo, hi)].float()
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ..motion import warped_neighbours
+
+        g = self.generator
+        triples, alphas = [], []
+        for v in torch.randint(len(self.stacks), (size,), generator=g).tolist():
+            stack = self.stacks[v]
+            lo, mid, hi, alpha = draw_triplet(stack.shape[0], g, 0.0)
+            below, above = warped_neighbours(stack[lo][None, None], stack[hi][None, None], self._pair_flow(v, lo, hi)[None],
+                                             torch.tensor([alpha]))
+            triple = torch.stack([below[0, 0], stack[mid], above[0, 0]])
+            triples.append(dihedral(crop_centred(triple, self.crop, g, -1.0), g))
+            alphas.append(alpha)
+        below, target, above = torch.stack(triples)[:, :, None].unbind(1)
+        return below, target, above, torch.tensor(alphas)

@@ -131,28 +131,24 @@ class Trainer:
             raise CalidError("no training volumes with at least 3 slices")
         self.sources = sorted({str(Path(p).resolve()) for p in cfg.data})
 
-    def _orientations(self) -> list[np.ndarray]:
-        """Every training stack in its 8 in-plane orientations (90-degree rotations, flipped or not), as views.
-
-        The encoder is frozen in the denoiser stage, so orientations must be encoded up front: with only the stack and
-        its transpose, a GPU run overfitted (validation fell after ~2000 steps of batch 128).
-        """
-        return [np.rot90(s, k, axes=(1, 2)) for v in self.train_volumes for s in (v.stack, v.stack[:, :, ::-1])
-                for k in range(4)]
-
     @torch.no_grad()
-    def _encode_training_latents(self, stacks: list[np.ndarray]) -> list[torch.Tensor]:
-        """Latent stacks of ``stacks``, each padded (bottom, right) to the VAE's multiple as at inference."""
+    def _encode_training_latents(self) -> list[torch.Tensor]:
+        """Latent stacks of every training volume in its 8 in-plane orientations (90-degree rotations, flipped or not).
+
+        The encoder is frozen here, so orientations must be encoded up front: with only the stack and its transpose,
+        a GPU run overfitted (validation fell after ~2000 steps of batch 128).
+        """
         self.model.eval()
         multiple = self.model.vae_downsampling
         latents = []
-        for variant in stacks:
-            h, w = variant.shape[1:]
-            x = torch.from_numpy(np.ascontiguousarray(variant))[:, None]
-            x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple), value=float(variant.min()))
-            with autocast(self.device):
-                z = torch.cat([self.model.encode(x[i:i + 16].to(self.device)).float() for i in range(0, len(x), 16)])
-            latents.append(z.cpu())
+        for v in self.train_volumes:
+            for variant in (np.rot90(s, k, axes=(1, 2)) for s in (v.stack, v.stack[:, :, ::-1]) for k in range(4)):
+                h, w = variant.shape[1:]
+                x = torch.from_numpy(np.ascontiguousarray(variant))[:, None]
+                x = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple), value=float(variant.min()))
+                with autocast(self.device):
+                    z = torch.cat([self.model.encode(x[i:i + 16].to(self.device)).float() for i in range(0, len(x), 16)])
+                latents.append(z.cpu())
         return latents
 
     # ---------------------------------------------------------------- stages
@@ -210,12 +206,13 @@ class Trainer:
         if stage == "vae":
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
         else:
-            progress.set_stage("encoding training stacks")  # minutes on a CPU: 8 orientations of every stack
-            stacks = self._orientations()
-            latents = self._encode_training_latents(stacks)
-            sampler = self._triplet_sampler(latents, stacks, self.generator)
+            latents = None
+            if self.model.motion is None:
+                progress.set_stage("encoding training stacks")  # minutes on a CPU: 8 orientations of every stack
+                latents = self._encode_training_latents()
+            sampler = self._triplet_sampler(latents, self.generator)
             if step == start and not cfg.init:  # a new denoiser; fine-tuning keeps its base model's scale
-                self._set_residual_scale(self._triplet_sampler(latents, stacks, torch.Generator().manual_seed(0)))
+                self._set_residual_scale(self._triplet_sampler(latents, torch.Generator().manual_seed(0)))
                 ema.module.residual_scale.copy_(self.model.residual_scale)
             scheduler = make_scheduler(self.model.config["diffusion"])
         progress.set_stage(f"training {stage}")
@@ -229,7 +226,7 @@ class Trainer:
                     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum((1, 2, 3)).mean()
                     loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
                 else:
-                    below, target, above, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
+                    below, target, above, alpha = self._latent_triplets(sampler, cfg.denoiser_batch)
                     clean = self.model.to_diffusion(target, below, above, alpha)
                     noise = torch.randn(clean.shape, generator=self.generator).to(self.device)
                     t = torch.randint(self.min_timestep, scheduler.num_train_timesteps, (clean.shape[0],),
@@ -279,21 +276,29 @@ class Trainer:
         self.model.latent_scale.fill_(float(z_mu.std()))
         self.model.config["latent_scale"] = float(z_mu.std())
 
-    def _triplet_sampler(self, latents: list[torch.Tensor], stacks: list[np.ndarray],
-                         generator: torch.Generator) -> data.TripletSampler:
-        """Triplets of neighbour latents, or (motion-aware models) of neighbour latents warped along their flow."""
+    def _triplet_sampler(self, latents: list[torch.Tensor] | None, generator: torch.Generator):
+        """Latent triplets of stacks encoded up front, or (motion-aware models) warped image crops encoded per batch."""
         if self.model.motion is None:
             return data.TripletSampler(latents, self.cfg.latent_crop, generator)
-        return data.MotionTripletSampler(latents, stacks, self.cfg.latent_crop, generator, self.model.motion["flow"],
-                                         self.model.vae_downsampling)
+        return data.MotionTripletSampler(self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
+                                         generator, self.model.motion["flow"])
 
     @torch.no_grad()
-    def _set_residual_scale(self, sampler: data.TripletSampler) -> None:
+    def _latent_triplets(self, sampler, size: int) -> tuple[torch.Tensor, ...]:
+        """(below, target, above, alpha) latents on the device: image crops are encoded here with the frozen VAE."""
+        below, target, above, alpha = (t.to(self.device) for t in sampler.batch(size))
+        if isinstance(sampler, data.MotionTripletSampler):
+            with autocast(self.device):
+                below, target, above = self.model.encode(torch.cat([below, target, above])).float().chunk(3)
+        return below, target, above, alpha
+
+    @torch.no_grad()
+    def _set_residual_scale(self, sampler) -> None:
         """Residuals to the base (latent-linear interpolation of the neighbours, warped or not) are scaled to unit
         standard deviation over 256 triplets of ``sampler`` (its own generator: training batches are unchanged)."""
         if self.model.diffusion_target != "residual":
             return
-        below, target, above, alpha = sampler.batch(256)
+        below, target, above, alpha = self._latent_triplets(sampler, 256)
         residual = target - self.model.linear_latent(below, above, alpha)
         self.model.residual_scale.fill_(float(residual.std().clamp_min(1e-3)))
 
