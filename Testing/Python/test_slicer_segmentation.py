@@ -119,3 +119,23 @@ def test_terminology_goes_through_the_tag_where_the_510_methods_are_missing():
     set_terminology(old, terminology(2))
     assert get_terminology(old) == terminology(2) and structure_of_segment(old) == 2
     assert old._segment.GetTerminology() == terminology(2)  # the same tag newer Slicers read
+
+
+@pytest.mark.parametrize("arrangement, switched", [("SlicerLayoutConventionalView", True),
+                                                   ("SlicerLayout3DTableView", False)])
+def test_volumes_table_is_shown_in_a_table_view(scene, arrangement, switched):
+    """The default layouts have no table view; one that has one is kept."""
+    from CaLIDLib.views import show_table
+
+    application = slicer.vtkSlicerApplicationLogic()
+    application.SetMRMLScene(scene)
+    layouts = slicer.vtkMRMLLayoutLogic()
+    layouts.SetMRMLScene(scene)
+    layout = layouts.GetLayoutNode()
+    layout.SetViewArrangement(getattr(slicer.vtkMRMLLayoutNode, arrangement))
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "Heart volumes")
+    show_table(scene, application, table)
+    expected = slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView if switched else getattr(slicer.vtkMRMLLayoutNode, arrangement)
+    assert layout.GetViewArrangement() == expected
+    views = scene.GetNodesByClass("vtkMRMLTableViewNode")
+    assert views.GetNumberOfItems() == 1 and views.GetItemAsObject(0).GetTableNodeID() == table.GetID()
