@@ -125,3 +125,25 @@ def test_declining_installs_nothing(requirements, monkeypatch):
     monkeypatch.setattr(util, "pip_install", installed.append, raising=False)
     assert ensureDependencies(askConfirmation=True) is False
     assert installed == [] and "calid-test-not-installed (about 7 MB" in asked[0]
+
+
+def test_self_tests_are_skipped_with_their_reason_where_pytorch_is_missing(monkeypatch):
+    """As ``slicer.testing.runUnitTest`` runs them for ctest: a skip is a success, and it says why."""
+    import unittest
+
+    from CaLIDLib.dependencies import self_test_skip_reason
+
+    class SelfTest(unittest.TestCase):
+        def runTest(self):
+            reason = self_test_skip_reason()  # what CaLIDUpsample.skipWithoutEngine does
+            if reason:
+                self.skipTest(reason)
+            raise AssertionError("the engine would run here")
+
+    monkeypatch.setattr(dependencies, "torch_missing", lambda: True)
+    result = unittest.TestResult()
+    SelfTest().run(result)
+    assert result.wasSuccessful() and "extension build machines have none" in result.skipped[0][1]
+    monkeypatch.setattr(dependencies, "torch_missing", lambda: False)
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda: [])
+    assert self_test_skip_reason() is None
