@@ -1,9 +1,9 @@
 """The Slicer versions CaLID supports, checked before anything that needs them is imported.
 
 CaLID supports 3D Slicer 5.10 and later. 5.10 is the first release with Python 3.12 (5.8 ships Python 3.9,
-older than the engine's 3.10, whose syntax it uses), and with ``vtkSegment.SetTerminology``; the engine and the
-logic are tested on Python 3.11-3.12 only, so an older Slicer is refused at module load with one line rather
-than failing somewhere in a run. This file is kept parseable by any Python 3, since it runs first.
+older than the engine's 3.10, whose syntax it uses), and with ``vtkSegment.SetTerminology``. The test suite
+runs the engine and the logic on Python 3.11, so an older Slicer is refused at module load with one line
+rather than failing somewhere in a run. This file is kept parseable by any Python 3, since it runs first.
 """
 
 from __future__ import annotations
