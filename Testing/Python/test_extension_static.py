@@ -130,8 +130,8 @@ def test_older_slicers_are_refused_in_one_line(slicer_version, python_version, r
 
 def test_the_version_check_runs_first_and_parses_on_slicer_58s_python():
     """Slicer 5.8 must reach the check: the module files, CaLIDLib's __init__ and support.py parse as Python 3.9,
-    the check comes
-    before CaLIDLib's other imports, and both module files check the Slicer version before defining anything."""
+    the check comes before CaLIDLib's other imports, and both module files check the Slicer version before
+    defining anything."""
     for path in (MODULE / "CaLIDLib" / "__init__.py", MODULE / "CaLIDLib" / "support.py",
                  *(REPO / name / f"{name}.py" for name in MODULES)):  # parsed whole before the check runs
         ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
