@@ -24,6 +24,10 @@ if (_SOURCE_SIBLING / "CaLIDLib").is_dir() and str(_SOURCE_SIBLING) not in sys.p
     sys.path.append(str(_SOURCE_SIBLING))
 
 import slicer  # noqa: E402
+from CaLIDLib.support import require_supported  # noqa: E402 (importing CaLIDLib refuses Slicer 5.8's Python)
+
+require_supported((slicer.app.majorVersion, slicer.app.minorVersion))  # Slicer >= 5.10, or one line at load
+
 from slicer.i18n import tr as _  # noqa: E402
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper  # noqa: E402
 from slicer.ScriptedLoadableModule import (  # noqa: E402
@@ -33,9 +37,8 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
 )
 
 from CaLIDLib import CaLIDTrainingLogic as _QtFreeLogic  # noqa: E402
-from CaLIDLib.dependencies import ensureDependencies  # noqa: E402
 from calid.modelindex import DEFAULT_MODEL  # noqa: E402
-from CaLIDUpsample import SAMPLE_PATH, CaLIDPanel, fillModelCombo  # noqa: E402
+from CaLIDUpsample import SAMPLE_PATH, CaLIDPanel, fillModelCombo, skipWithoutEngine  # noqa: E402
 
 
 class CaLIDTraining(ScriptedLoadableModule):
@@ -122,7 +125,7 @@ class CaLIDTrainingWidget(CaLIDPanel):
         self._start(resume=True)
 
     def _start(self, resume):
-        if not ensureDependencies(askConfirmation=True):
+        if not self._dependenciesReady():
             return
         p = self._parameterNode
         self.ui.logTextEdit.clear()
@@ -172,13 +175,14 @@ class CaLIDTrainingLogic(ScriptedLoadableModuleLogic, _QtFreeLogic):
 
 class CaLIDTrainingTest(ScriptedLoadableModuleTest):
     """Self-test inside Slicer: a two-step CPU fine-tune of the bundled model on the bundled sample and a copy,
-    into a temporary models folder (needs PyTorch installed)."""
+    into a temporary models folder (skipped without PyTorch)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        skipWithoutEngine(self)
         self.test_fine_tune_on_cpu()
 
     def test_fine_tune_on_cpu(self):

@@ -15,20 +15,31 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
-from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
+from CaLIDLib.support import require_supported  # importing CaLIDLib refuses Slicer 5.8's Python by itself
+
+require_supported((slicer.app.majorVersion, slicer.app.minorVersion))  # Slicer >= 5.10, or one line at load
+
+from slicer.i18n import tr as _  # noqa: E402
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
+from slicer.util import VTKObservationMixin  # noqa: E402
 
-from CaLIDLib import CaLIDUpsampleLogic as _QtFreeLogic
-from CaLIDLib import WorkerError, WorkerProcess
-from CaLIDLib.dependencies import ensureDependencies, missing_requirements
-from calid.modelindex import DEFAULT_MODEL, import_model, list_models, user_models_dir
+from CaLIDLib import CaLIDUpsampleLogic as _QtFreeLogic  # noqa: E402
+from CaLIDLib import WorkerError, WorkerProcess  # noqa: E402
+from CaLIDLib.dependencies import (  # noqa: E402
+    InstallError,
+    ensureDependencies,
+    install_summary,
+    missing_requirements,
+    self_test_skip_reason,
+)
+from CaLIDLib.views import show_table  # noqa: E402
+from calid.modelindex import DEFAULT_MODEL, import_model, list_models, user_models_dir  # noqa: E402
 
 SAMPLE_FILE = "CaLIDSample_SCD0000101_phase07.nrrd"
 SAMPLE_PATH = Path(__file__).parent / "Resources" / "SampleData" / SAMPLE_FILE
@@ -96,10 +107,12 @@ def fillModelCombo(combo, selected: str):
 
 
 class DeviceSelector:
-    """A device combo box filled by a short ``calid devices`` worker (torch is never imported into Slicer).
+    """A device combo box filled by a short ``calid devices`` worker, so listing devices never imports torch into
+    Slicer (only PyTorchUtils's installation does, once: see ``CaLIDLib.dependencies``).
 
     Shared with the CaLIDTraining panel. The combo box is filled quietly (the stored device is not overwritten);
-    ``onListed`` is called after each filling, to select the device stored in the parameter node.
+    ``onListed`` is called after each filling, to select the device stored in the parameter node. The info label
+    also says what the first run will install, and how big it is, while anything is missing.
     """
 
     def __init__(self, comboBox, infoLabel, logic, log, onListed):
@@ -127,15 +140,17 @@ class DeviceSelector:
             return
         self._probe = None
         info = next((json.loads(l) for l in self._lines if l.startswith("{")), None)
+        summary = install_summary()
         if info is None:
-            self.infoLabel.text = _("PyTorch not available yet: it is installed on first use.")
+            self.infoLabel.text = summary or _("PyTorch is installed but the device list failed: see the log.")
             return
         items = [(f"{gpu['name']} ({gpu['memory_gb']} GB)", gpu["device"]) for gpu in info["cuda"]]
         if info["mps"]:
             items.append((_("Apple MPS (experimental)"), "mps"))
         self._fill(items)
         gpus = ", ".join(g["name"] for g in info["cuda"]) or _("no CUDA GPU")
-        self.infoLabel.text = f"PyTorch {info['torch']} (CUDA {info['cuda_build'] or 'none'}): {gpus}"
+        self.infoLabel.text = f"PyTorch {info['torch']} (CUDA {info['cuda_build'] or 'none'}): {gpus}" + (
+            f"\n{summary}" if summary else "")
 
     def _fill(self, items, clear=False):
         self.comboBox.blockSignals(True)
@@ -261,6 +276,21 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runButton.text = cancelText
         self._timer.start()
 
+    def _dependenciesReady(self):
+        """Install on first use. A failure (offline, no PyTorch extension...) is one line in a dialog and the log,
+        never only a traceback in the Python console; declining says why nothing happens."""
+        try:
+            ready = ensureDependencies(askConfirmation=True)
+        except InstallError as exc:
+            self._log(str(exc))
+            slicer.util.errorDisplay(str(exc))
+            return False
+        if not ready:
+            self._log(_("Nothing was installed: CaLID cannot run without these packages."))
+        else:
+            self.logic.setStandby(True)  # its packages have just been installed, or were there already
+        return ready
+
     def _cancelRun(self, cancellingText):
         self.runButton.text = cancellingText
         self.runButton.enabled = False
@@ -331,7 +361,7 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         if self.logic.isRunning:
             self._cancelRun(_("Cancelling..."))
             return
-        if not ensureDependencies(askConfirmation=True):
+        if not self._dependenciesReady():
             return
         p = self._parameterNode
         self.ui.logTextEdit.clear()
@@ -359,8 +389,7 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             slicer.util.setSliceViewerLayers(background=outputVolume, fit=True)
             self._log(_("Done: ") + outputVolume.GetName())
             if self._parameterNode.outputSegmentation is not None and self.logic.lastVolumesTable is not None:
-                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(self.logic.lastVolumesTable.GetID())
-                slicer.app.applicationLogic().PropagateTableSelection()
+                show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastVolumesTable)
         self.updateButtons()
 
 
@@ -381,14 +410,22 @@ class CaLIDUpsampleLogic(ScriptedLoadableModuleLogic, _QtFreeLogic):
         return CaLIDUpsampleParameterNode(super().getParameterNode())
 
 
+def skipWithoutEngine(testCase):
+    """Skip a self-test where the engine cannot run (extension build machines: no PyTorch), saying why."""
+    reason = self_test_skip_reason()
+    if reason:
+        testCase.skipTest(reason)
+
+
 class CaLIDUpsampleTest(ScriptedLoadableModuleTest):
-    """Self-test inside Slicer: a small CPU upsampling of the bundled sample (needs PyTorch installed)."""
+    """Self-test inside Slicer: a small CPU upsampling of the bundled sample (skipped without PyTorch)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        skipWithoutEngine(self)
         self.test_upsample_sample_on_cpu()
 
     def test_upsample_sample_on_cpu(self):
@@ -407,4 +444,4 @@ class CaLIDUpsampleTest(ScriptedLoadableModuleTest):
 
 
 __all__ = ["CaLIDPanel", "CaLIDUpsample", "CaLIDUpsampleLogic", "CaLIDUpsampleTest", "CaLIDUpsampleWidget",
-           "DeviceSelector", "WorkerError"]
+           "DeviceSelector", "WorkerError", "skipWithoutEngine"]

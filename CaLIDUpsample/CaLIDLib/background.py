@@ -3,7 +3,9 @@
 A run gets a temporary folder for what the worker reads (volumes exported from the scene); its ``calid``
 command runs with Slicer's Python in a ``WorkerProcess``; its output lines become progress and log callbacks.
 When the worker ends, the results of a successful run are loaded by the concrete logic, a cancelled or
-failed run loads nothing, and the temporary folder is removed in every case. ``waitForCompletion=True``
+failed run loads nothing, and the temporary folder is removed in every case. Closing the scene cancels the run
+(its results would land in the next scene, and the panel's parameter node is gone), even one whose worker has
+just finished. ``waitForCompletion=True``
 (scripting, default) blocks; ``False`` returns at once and the caller calls ``poll()`` from a timer, as
 the panels do.
 
@@ -49,6 +51,8 @@ class _Job:
     on_finished: FinishedCallback | None
     stage: str = ""
     error: str = ""
+    cancelled: bool = False
+    """Cancelled by the caller or by the scene's closing: nothing is loaded, whatever the worker did."""
 
 
 class WorkerLogic:
@@ -65,12 +69,14 @@ class WorkerLogic:
         self.logCallback: Callable[[str], None] | None = None
         self.keepStandby = False
         self.standby: WorkerProcess | None = None
+        self.scene.AddObserver(self.scene.StartCloseEvent, self._onSceneStartClose)
 
     @staticmethod
     def workerEnvironment() -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MODULE_DIR), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"  # what WorkerProcess reads, whatever the locale (cp1252 on Windows)
         return env
 
     def poll(self) -> bool:
@@ -84,8 +90,13 @@ class WorkerLogic:
         return False
 
     def cancel(self) -> None:
+        """Stop the run (its worker's whole process tree); ``poll`` or the blocking wait then finishes it."""
         if self.job is not None:
+            self.job.cancelled = True
             self.job.worker.cancel()
+
+    def _onSceneStartClose(self, caller=None, event=None) -> None:
+        self.cancel()
 
     @property
     def isRunning(self) -> bool:
@@ -169,7 +180,7 @@ class WorkerLogic:
         result, error = None, None
         try:
             code = job.worker.returncode
-            if job.worker.cancelled:
+            if job.cancelled:
                 return None
             if code != 0:
                 raise WorkerError(job.error or f"the CaLID worker failed (exit code {code})")

@@ -1,58 +1,143 @@
-"""Installing what the worker needs into Slicer's Python, on first use and with confirmation.
+"""Installing what the worker needs into Slicer's Python: on first use, after one confirmation saying what and how big.
 
-PyTorch comes from the PyTorch extension (``PyTorchUtils`` picks the build that matches the GPU driver);
-the rest from ``Resources/requirements.txt`` with ``slicer.packaging.pip_ensure`` (Slicer >= 5.12) or
-``slicer.util.pip_install``. Never called at module load: only when the user clicks Upsample.
+PyTorch comes from the PyTorch extension (``PyTorchUtils`` picks the build that matches the GPU driver: CUDA, or
+CPU without an NVIDIA GPU); the rest from ``Resources/requirements.txt`` with ``slicer.packaging.pip_ensure``
+(Slicer >= 5.12) or ``slicer.util.pip_install``. Never called at module load: only when the user clicks Upsample
+or Start. ``install_summary`` is what the panels show before the first run.
+
+``PyTorchUtilsLogic.installTorch`` imports torch into Slicer's process once it has installed it (it returns the
+module): that is the only time torch enters Slicer. CaLID itself never imports it there (devices are listed by
+a ``calid devices`` worker), so a later PyTorch reinstall is not blocked by files Slicer holds open.
+
+Every failure (no PyTorch extension, pip failing offline or behind a proxy, a full disk) becomes an
+``InstallError`` whose message is one line for the panel; pip's own output stays in the Python console.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
 from pathlib import Path
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 TORCH_REQUIREMENT = ">=2.1"
-IMPORT_NAMES = {"scikit-image": "skimage"}
+IMPORT_NAMES = {"scikit-image": "skimage", "opencv-python-headless": "cv2"}
 """Distribution name -> import name, where they differ."""
+DISK_MB = {"monai": 16, "einops": 1, "safetensors": 2, "scikit-image": 32, "scipy": 113, "tqdm": 1,
+           "matplotlib": 35, "psutil": 1, "opencv-python-headless": 153}
+"""Size on disk once installed, MB: measured in the project's Linux environment (Python 3.11; downloads are about
+a third of it). ``Testing/Python/test_dependencies.py`` checks that every requirement has one."""
+TORCH_SIZE = ("a CUDA build with an NVIDIA GPU (about 3 GB to download, 5-7 GB on disk), else the CPU build "
+              "(about 0.2 GB, 0.8 GB on disk)")
+"""The CPU figures measured (torch 2.13 on Linux); the CUDA ones estimated from the sizes of its wheels."""
+OFFLINE_HINT = "Offline or behind a proxy: see Troubleshooting in the CaLID README."
+
+
+class InstallError(RuntimeError):
+    """What CaLID needs could not be installed; the message is one line for the user."""
+
+
+def requirement_name(line: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].strip()
 
 
 def requirement_lines() -> list[str]:
-    return [line.strip() for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    lines = REQUIREMENTS.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def missing_requirements() -> list[str]:
     """Requirements whose package cannot be found, checked without importing anything."""
     missing = []
     for line in requirement_lines():
-        name = line.split(">")[0].split("=")[0].split("<")[0].strip()
+        name = requirement_name(line)
         if importlib.util.find_spec(IMPORT_NAMES.get(name, name).replace("-", "_")) is None:
             missing.append(line)
     return missing
 
 
-def ensureDependencies(askConfirmation: bool = True) -> bool:
-    """True when torch and the requirements are importable (installing them if the user agrees)."""
-    import slicer
+def torch_missing() -> bool:
+    return importlib.util.find_spec("torch") is None
 
-    if importlib.util.find_spec("torch") is None:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            slicer.util.errorDisplay("CaLID needs the PyTorch extension: install it from the Extension Manager and restart.")
-            return False
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
-                                                               torchVersionRequirement=TORCH_REQUIREMENT)
-        if torch is None:
-            return False
-    missing = missing_requirements()
-    if not missing:
-        return True
-    if hasattr(slicer, "packaging"):
-        slicer.packaging.pip_ensure(slicer.packaging.load_requirements(str(REQUIREMENTS)), skip_packages=["torch", "SimpleITK"],
-                                    requester="CaLID")
+
+def install_summary() -> str | None:
+    """What the first run will install and how big it is, or None when everything is there."""
+    parts = []
+    if torch_missing():
+        parts.append(f"PyTorch: {TORCH_SIZE}")
+    missing = [requirement_name(line) for line in missing_requirements()]
+    if missing:
+        parts.append(f"{', '.join(missing)} (about {sum(DISK_MB.get(name, 0) for name in missing)} MB on disk)")
+    if not parts:
+        return None
+    return f"The first run installs {'; '.join(parts)}. It needs internet access and takes minutes. {OFFLINE_HINT}"
+
+
+def self_test_skip_reason() -> str | None:
+    """Why the modules' self-tests cannot run here, or None. They run the engine (PyTorch, MONAI); the extension
+    build machines, where ``slicer_add_python_unittest`` registers them as ctests, have neither and must not
+    install anything, so there the tests are skipped with this reason (a skip counts as a pass)."""
+    if install_summary() is None:
+        return None
+    return ("CaLID self-test skipped: PyTorch and CaLID's Python packages are not installed here (CaLID installs "
+            "them on first use; extension build machines have none).")
+
+
+def _failure(what: str, exc: Exception) -> InstallError:
+    if isinstance(exc, subprocess.CalledProcessError):
+        reason = f"pip exit code {exc.returncode}; pip's messages are in the Python console"
     else:
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                "CaLID will install these Python packages: " + ", ".join(missing)):
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return InstallError(f"Installing {what} failed ({reason}). {OFFLINE_HINT}")
+
+
+def _install_torch() -> bool:
+    try:
+        import PyTorchUtils
+    except ImportError:
+        raise InstallError("CaLID needs the PyTorch extension: install it from the Extension Manager, restart "
+                           "Slicer and try again.") from None
+    try:
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                              torchVersionRequirement=TORCH_REQUIREMENT)
+    except Exception as exc:
+        raise _failure("PyTorch", exc) from exc
+    return torch is not None
+
+
+def _install_requirements(missing: list[str]) -> None:
+    try:
+        try:
+            import slicer.packaging as packaging  # Slicer >= 5.12; ``slicer`` does not import it by itself
+        except ImportError:
+            import slicer.util
+
+            slicer.util.pip_install(missing)
+        else:
+            packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS)), skip_packages=["torch", "SimpleITK"],
+                                 prompt_install=False, requester="CaLID")
+    except Exception as exc:
+        raise _failure(", ".join(requirement_name(line) for line in missing), exc) from exc
+
+
+def ensureDependencies(askConfirmation: bool = True) -> bool:
+    """True when torch and the requirements are importable, installing them if needed (after one confirmation
+    listing them and their sizes); False when the user declines. Raises ``InstallError`` (one line) on failure."""
+    summary = install_summary()
+    if summary is None:
+        return True
+    if askConfirmation:
+        import slicer.util
+
+        if not slicer.util.confirmOkCancelDisplay(summary + "\n\nInstall now?", "CaLID"):
             return False
-        slicer.util.pip_install(missing)
-    return not missing_requirements()
+    if torch_missing() and not _install_torch():
+        return False
+    missing = missing_requirements()
+    if missing:
+        _install_requirements(missing)
+    still = [requirement_name(line) for line in missing_requirements()] + (["torch"] if torch_missing() else [])
+    if still:
+        raise InstallError(f"{', '.join(still)} cannot be found after installing: restart Slicer and try again.")
+    return True

@@ -61,3 +61,15 @@ def dataset(tmp_path, sample_image) -> Path:
         write_image(image[16:112, 16:112, :], folder / f"patient{i:03d}_frame01.nii.gz")
         write_image(sitk.Cast(image[16:112, 16:112, :] > 300, sitk.sitkUInt8), folder / f"patient{i:03d}_frame01_gt.nii.gz")
     return root
+
+
+@pytest.fixture
+def python_launcher(tmp_path) -> str:
+    """An executable ``PythonSlicer`` that runs ``launcher_standin.py`` (a stand-in for CTKAppLauncher) in its own
+    process, so the worker is a launcher with the real Python below it, as in Slicer."""
+    if os.name == "nt":
+        pytest.skip("the launcher stand-in is a POSIX script; kill_tree's test covers the Windows way")
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).with_name("launcher_standin.py")}" "$@"\n')
+    launcher.chmod(0o755)
+    return str(launcher)

@@ -104,3 +104,42 @@ def test_engine_and_logic_import_no_qt():
             imports = {n.names[0].name.split(".")[0] if isinstance(n, ast.Import) else (n.module or "").split(".")[0]
                        for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, (ast.Import, ast.ImportFrom))}
             assert not imports & {"qt", "ctk", "PythonQt", "slicer" if folder.name == "calid" else "qt"}, path
+
+
+def load_support():
+    """``CaLIDLib/support.py`` alone, as the first thing Slicer runs of CaLID."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calid_support", MODULE / "CaLIDLib" / "support.py")
+    support = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(support)
+    return support
+
+
+@pytest.mark.parametrize("slicer_version, python_version, refused", [
+    ((5, 8), (3, 9), "CaLID needs 3D Slicer 5.10 or later: this is Slicer 5.8."),
+    ((5, 9), (3, 12), "CaLID needs 3D Slicer 5.10 or later: this is Slicer 5.9."),
+    (None, (3, 9), "CaLID needs 3D Slicer 5.10 or later (Python 3.10+): this Slicer's Python is 3.9."),
+    ((5, 10), (3, 12), None),
+    ((6, 0), (3, 13), None),
+])
+def test_older_slicers_are_refused_in_one_line(slicer_version, python_version, refused):
+    reason = load_support().unsupported_reason(slicer_version, python_version)
+    assert reason == refused or (refused and reason.startswith(refused) and "\n" not in reason)
+
+
+def test_the_version_check_runs_first_and_parses_on_slicer_58s_python():
+    """Slicer 5.8 must reach the check: the module files, CaLIDLib's __init__ and support.py parse as Python 3.9,
+    the check comes before CaLIDLib's other imports, and both module files check the Slicer version before
+    defining anything."""
+    for path in (MODULE / "CaLIDLib" / "__init__.py", MODULE / "CaLIDLib" / "support.py",
+                 *(REPO / name / f"{name}.py" for name in MODULES)):  # parsed whole before the check runs
+        ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
+    init = (MODULE / "CaLIDLib" / "__init__.py").read_text(encoding="utf-8")
+    assert init.index("require_supported()") < init.index("from .background")
+    for name in MODULES:
+        code = (REPO / name / f"{name}.py").read_text(encoding="utf-8")
+        check = code.index("require_supported((slicer.app.majorVersion, slicer.app.minorVersion))")
+        assert check < code.index("from CaLIDLib import") and check < code.index("\nclass ")
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+    assert "Slicer 5.10 or later" in description
