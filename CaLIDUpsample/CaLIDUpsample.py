@@ -177,6 +177,7 @@ class CaLIDUpsampleParameterNode:
     samples: Annotated[int, WithinRange(1, 64)] = 1
     device: str = "auto"
     model: str = DEFAULT_MODEL
+    method: str = "calid"  # or a peer to compare with on the same scan: "morph", "linear"
 
 
 class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -371,7 +372,7 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             self.logic.process(
                 p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,
                 spacing=p.targetSpacing if p.useTargetSpacing else None,
-                device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model,
+                device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model, method=p.method,
                 uncertaintyVolume=p.uncertaintyVolume if p.samples > 1 else None, outputSegmentation=p.outputSegmentation,
                 inputSegmentation=p.inputSegmentation if p.outputSegmentation else None, waitForCompletion=False,
                 progressCallback=self._onProgress, onFinished=self._onFinished,

@@ -20,6 +20,11 @@ from .volumes import update_node_from_file, write_node
 __all__ = ["CaLIDUpsampleLogic", "WorkerError"]
 
 
+def _output_name(input_name: str, method: str, factor: int, spacing) -> str:
+    """``<input>_CaLID_x2``, or ``<input>_morph_x2`` / ``<input>_linear_x2`` for the peers, side by side in the scene."""
+    return f"{input_name}_{'CaLID' if method == 'calid' else method}" + ("" if spacing else f"_x{factor}")
+
+
 class CaLIDUpsampleLogic(WorkerLogic):
     lastVolumesTable = None
     """The table node of structure volumes written by the last run with a segmentation output."""
@@ -27,10 +32,11 @@ class CaLIDUpsampleLogic(WorkerLogic):
     # ------------------------------------------------------------------ command
     def workerCommand(self, inputPath: Path, outputPath: Path, factor=2, spacing=None, device="auto", steps=None, seed=0,
                       model=None, samples=1, uncertaintyPath=None, segmentationPath=None,
-                      inputSegmentationPath=None) -> list[str]:
-        """``steps`` None (or 0, the panel's "model default") leaves the choice to the model's card."""
+                      inputSegmentationPath=None, method="calid") -> list[str]:
+        """``steps`` None (or 0, the panel's "model default") leaves the choice to the model's card; ``method`` is
+        ``calid upsample --method`` (the model, or a peer to compare with: "morph", "linear")."""
         cmd = [self.python, "-m", "calid", "upsample", str(inputPath), str(outputPath), "--progress", "json",
-               "--device", device, "--seed", str(seed), "--samples", str(samples)]
+               "--device", device, "--seed", str(seed), "--samples", str(samples), "--method", method]
         cmd += ["--steps", str(steps)] if steps else []
         cmd += ["--spacing", str(spacing)] if spacing else ["--factor", str(factor)]
         if model:
@@ -47,8 +53,10 @@ class CaLIDUpsampleLogic(WorkerLogic):
     def process(self, inputVolume, outputVolume=None, factor=2, spacing=None, device="auto", steps=None, seed=0,
                 outputSegmentation=None, waitForCompletion=True, progressCallback: ProgressCallback | None = None,
                 model=None, samples=1, uncertaintyVolume=None, onFinished=None, inputSegmentation=None,
-                outputTable=None, sequenceBrowser=None):
+                outputTable=None, sequenceBrowser=None, method="calid"):
         """Upsample ``inputVolume``; returns the output volume node (blocking) or None (non-blocking).
+
+        ``method``: "calid" (the model), or "morph" / "linear" to see on the same scan what the peers give.
 
         When ``inputVolume`` is the proxy of a sequence browser (``sequenceBrowser``, or found in the scene),
         every frame is upsampled: the result is a new sequence (same index name, unit and values) added to that
@@ -70,7 +78,8 @@ class CaLIDUpsampleLogic(WorkerLogic):
         if cine is not None:
             return self._processSequence(inputVolume, *cine, outputVolume, factor, spacing, device, steps, seed, model,
                                          samples, progressCallback, onFinished, waitForCompletion,
-                                         unsupported=(outputSegmentation, inputSegmentation, uncertaintyVolume))
+                                         unsupported=(outputSegmentation, inputSegmentation, uncertaintyVolume),
+                                         method=method)
 
         def prepare(folder: Path):
             write_node(inputVolume, folder / "input.nrrd")
@@ -81,8 +90,8 @@ class CaLIDUpsampleLogic(WorkerLogic):
                 sparsePath = folder / "input_labels.nrrd"
                 write_segmentation_labels(self.scene, inputSegmentation, inputVolume, sparsePath)
             command = self.workerCommand(folder / "input.nrrd", folder / "output.nrrd", factor, spacing, device, steps,
-                                         seed, model, samples, uncertaintyPath, labelsPath, sparsePath)
-            name = f"{inputVolume.GetName()}_CaLID" + ("" if spacing else f"_x{factor}")
+                                         seed, model, samples, uncertaintyPath, labelsPath, sparsePath, method)
+            name = _output_name(inputVolume.GetName(), method, factor, spacing)
             return command, lambda: self._loadOutputs(folder, inputVolume, outputVolume, uncertaintyVolume, name,
                                                       outputSegmentation, outputTable)
 
@@ -90,16 +99,16 @@ class CaLIDUpsampleLogic(WorkerLogic):
 
     # ------------------------------------------------------------------ internals
     def _processSequence(self, inputVolume, browser, sequence, outputVolume, factor, spacing, device, steps, seed,
-                         model, samples, progressCallback, onFinished, waitForCompletion, unsupported):
+                         model, samples, progressCallback, onFinished, waitForCompletion, unsupported, method):
         """The cine run: the whole sequence in one worker call (one intensity map, phases batched)."""
         if any(node is not None for node in unsupported):
             raise ValueError("segmentation and uncertainty outputs are for single volumes, not for sequences")
-        name = f"{sequence.GetName()}_CaLID" + ("" if spacing else f"_x{factor}")
+        name = _output_name(sequence.GetName(), method, factor, spacing)
 
         def prepare(folder: Path):
             write_sequence(sequence, folder / "input.seq.nrrd")
             command = self.workerCommand(folder / "input.seq.nrrd", folder / "output.seq.nrrd", factor, spacing,
-                                         device, steps, seed, model, samples)
+                                         device, steps, seed, model, samples, method=method)
             return command, lambda: self._loadSequence(folder / "output.seq.nrrd", inputVolume, browser, sequence,
                                                        outputVolume, name)
 

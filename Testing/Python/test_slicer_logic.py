@@ -102,6 +102,21 @@ def test_existing_output_node_is_filled(scene, sample_array, tiny_model_dir, pri
     assert out is target and node_array(target).shape[0] == 2 * sample_array.shape[0] - 1
 
 
+def test_peer_methods_give_their_own_nodes_beside_calid_for_comparison(scene, sample_array, private_tmp):
+    """What the panel's Method choice runs: linear interpolation and the morph through the same worker and geometry."""
+    node = volume_node(scene, sample_array)
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    linear = logic.process(node, factor=2, device="cpu", method="linear")
+    morph = logic.process(node, factor=2, device="cpu", method="morph")
+    assert (linear.GetName(), morph.GetName()) == ("SAX_linear_x2", "SAX_morph_x2")
+    a = node_array(node).astype(np.float64)
+    for out in (linear, morph):
+        assert np.array_equal(node_array(out)[::2], node_array(node))
+        np.testing.assert_allclose(ras(out, (5, 7, 2)), ras(node, (5, 7, 1)), atol=1e-3)
+    np.testing.assert_allclose(node_array(linear)[1::2], np.rint((a[:-1] + a[1:]) / 2), atol=1)
+    assert not np.array_equal(node_array(morph), node_array(linear))
+
+
 def test_cancel_in_the_middle_leaves_no_node_and_no_files(scene, sample_array, tiny_model_dir, private_tmp):
     node = volume_node(scene, sample_array)
     logic = CaLIDUpsampleLogic(scene, python=sys.executable)
