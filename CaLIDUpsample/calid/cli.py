@@ -101,7 +101,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--citation", default="", help="citation required by the training data")
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     for name, text in (
-        ("vae_steps", "VAE training steps"), ("denoiser_steps", "denoiser steps"), ("vae_batch", "VAE batch size"),
+        ("vae_steps", "VAE training steps"), ("denoiser_steps", "denoiser steps"),
+        ("refiner_steps", "pixel-space refiner steps after the denoiser (motion-aware models)"),
+        ("vae_batch", "VAE batch size"),
         ("denoiser_batch", "denoiser batch size"), ("lr", "peak learning rate"), ("warmup", "warm-up steps"),
         ("ema_decay", "EMA decay"), ("min_timestep", "lowest diffusion timestep trained"),
         ("val_fraction", "share of validation patients"),
@@ -317,7 +319,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     cfg = TrainConfig(
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
-        denoiser_steps=args.denoiser_steps, vae_batch=args.vae_batch, denoiser_batch=args.denoiser_batch,
+        denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
+        denoiser_batch=args.denoiser_batch,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,
         val_every=args.val_every, val_volumes=args.val_volumes, log_every=args.log_every,

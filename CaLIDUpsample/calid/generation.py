@@ -51,26 +51,13 @@ def run_batched(fn: Callable[[slice], None], count: int, batch: int) -> int:
     return batch
 
 
-@torch.no_grad()
-def generate_missing(
-    model: CaLID,
-    stack: np.ndarray,
-    factor: int,
-    steps: int = DEFAULT_STEPS,
-    seed: int = 0,
-    samples: int = 1,
-    plus: bool = False,
-    device: torch.device | str = "cpu",
-    batch_size: int | None = None,
-    progress: Progress | None = None,
-) -> np.ndarray:
+def generate_missing(model: CaLID, stack: np.ndarray, factor: int, steps: int = DEFAULT_STEPS, **options) -> np.ndarray:
     """Missing slices of a normalised stack (n, h, w) -> array (samples, (n-1)*(K-1), h, w), same range.
 
     Slice m of the result lies between acquired slices ``m // (K-1)`` and ``m // (K-1) + 1`` at fraction
-    ``(m % (K-1) + 1) / K`` (``geometry.dense_positions``).
+    ``(m % (K-1) + 1) / K`` (``geometry.dense_positions``). ``options``: those of ``generate_missing_phases``.
     """
-    return generate_missing_phases(model, stack[None], factor, steps, seed, samples, plus, device, batch_size,
-                                   progress)[:, 0]
+    return generate_missing_phases(model, stack[None], factor, steps, **options)[:, 0]
 
 
 def _pad_to_multiple(stacks: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
@@ -119,10 +106,11 @@ def generate_missing_phases(
     batch_size: int | None = None,
     progress: Progress | None = None,
     shared_noise: bool = True,
+    refine: bool = True,
 ) -> np.ndarray:
     """Missing slices of every phase of normalised stacks (phases, n, h, w) -> (samples, phases, missing, h, w).
 
-    All phases go through the same batched passes (one progress over the whole cine); per phase the result
+    ``refine=False`` leaves out a model's pixel-space refiner (its training data is the unrefined output). All phases go through the same batched passes (one progress over the whole cine); per phase the result
     is what ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see
     ``_initial_noise``).
     """
@@ -224,6 +212,21 @@ def generate_missing_phases(
         lost_t = torch.nn.functional.pad(torch.from_numpy(lost)[:, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         warped = motion.warped_neighbours(lost_t[below_t], lost_t[above_t], flows[gap_of], alpha_t)
         out += motion.blend(*warped, alpha_t)[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].numpy()
+    if refine and model.refiner is not None:
+        progress.set_stage("refining")
+
+        def refine_part(part: slice) -> None:
+            estimate = torch.from_numpy(out[part])[:, None]
+            estimate = torch.nn.functional.pad(estimate, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2),
+                                               value=float(padded.min()))
+            warped = motion.warped_neighbours(images[below_t[part]], images[above_t[part]], flows[gap_of[part]],
+                                              alpha_t[part])
+            with autocast(device):
+                refined = model.refiner(estimate.to(device), *(w.to(device) for w in warped),
+                                        alpha_t[part].to(device)).float()
+            out[part] = refined[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].cpu().numpy()
+
+        run_batched(refine_part, items, batch)
     return out.reshape(samples, phases, missing, h, w)
 
 

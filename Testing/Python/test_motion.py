@@ -159,3 +159,29 @@ def test_method_refuses_options_that_need_the_model(tmp_path, small_image, capsy
     assert code == 2 and not (tmp_path / "o.nrrd").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--method calid" in err[0]
+
+
+def test_refiner_stage_trains_after_the_denoiser_and_is_used_at_inference(dataset, tmp_path, motion_model_dir, small_image):
+    from calid.training.config import TrainConfig
+    from calid.training.trainer import train
+
+    run = tmp_path / "refine"
+    model_dir = train(TrainConfig(data=[str(dataset)], output=str(run), init=str(motion_model_dir), denoiser_steps=0,
+                                  refiner_steps=4, denoiser_batch=2, lr=1e-2, warmup=1, val_every=4, val_volumes=1,
+                                  log_every=2, val_fraction=0.25, device="cpu"), "none")
+    refined, card = load_model(model_dir)
+    assert card["config"]["refiner"] and card["training"]["refiner_steps"] == 4
+    assert float(refined.refiner.gain.detach()) != 0  # trained: the correction is switched on
+    stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
+    with_refiner, without = generate_missing(refined, stack, 2, 1), generate_missing(refined, stack, 2, 1, refine=False)
+    assert with_refiner.shape == without.shape and not np.allclose(with_refiner, without)
+    base, _ = load_model(motion_model_dir)
+    np.testing.assert_allclose(without, generate_missing(base, stack, 2, 1), atol=1e-5)  # the denoiser was kept
+
+
+def test_refiner_needs_a_motion_aware_model(dataset, tmp_path, tiny_model_dir):
+    from calid.training.config import TrainConfig
+    from calid.training.trainer import Trainer
+
+    with pytest.raises(CalidError, match="motion-aware"):
+        Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "r"), init=str(tiny_model_dir), refiner_steps=2))

@@ -14,6 +14,7 @@ class TrainConfig:
     init: str | None = None
     vae_steps: int = 2000
     denoiser_steps: int = 2200
+    refiner_steps: int = 0  # > 0: then train the pixel-space refiner (motion-aware models) for this many steps
     vae_batch: int = 16
     denoiser_batch: int = 32
     vae_crop: int = 96

@@ -275,3 +275,50 @@ class MotionTripletSampler:
             alphas.append(alpha)
         below, target, above = torch.stack(triples)[:, :, None].unbind(1)
         return below, target, above, torch.tensor(alphas)
+
+
+class RefinerSampler:
+    """Random (estimate, warped below, warped above, target) image crops (N, 1, crop, crop) and alpha, for the
+    pixel-space refiner (``networks.Refiner``).
+
+    The estimates are the model's own unrefined output for slices removed from each training stack (every other
+    slice, both parities, K=2; every third from the first, K=3: 10-30 mm gaps), made once when the stage starts,
+    with the warped neighbours exactly as ``generation.generate_missing_phases`` makes them.
+    """
+
+    REMOVALS = ((2, 0), (2, 1), (3, 0))  # (K, first kept slice)
+
+    def __init__(self, model, volumes: list[Volume], crop: int, generator: torch.Generator, device, steps: int):
+        from ..generation import _pad_to_multiple, generate_missing
+        from ..geometry import dense_positions
+        from ..motion import stack_flows, warped_neighbours
+
+        self.crop = crop
+        self.generator = generator
+        self.items: list[tuple[torch.Tensor, float]] = []
+        for v in volumes:
+            for factor, first in self.REMOVALS:
+                kept = np.ascontiguousarray(v.stack[first::factor])
+                if len(kept) < 2:
+                    continue
+                estimate = generate_missing(model, kept, factor, steps, device=device, refine=False)[0]
+                padded, ph, pw = _pad_to_multiple(kept[None], model.spatial_multiple)
+                below, above, alpha = dense_positions(len(kept), factor)
+                images = torch.from_numpy(padded[0])[:, None]
+                flows = torch.from_numpy(stack_flows(padded, model.motion["flow"]))[below]
+                warped = warped_neighbours(images[below], images[above], flows, torch.as_tensor(alpha, dtype=torch.float32))
+                h, w = kept.shape[1:]
+                wb, wa = (x[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w] for x in warped)
+                for i, (b, a) in enumerate(zip(below, alpha)):
+                    target = torch.from_numpy(v.stack[first + b * factor + round(a * factor)])
+                    self.items.append((torch.stack([torch.from_numpy(estimate[i]), wb[i], wa[i], target]).half(), float(a)))
+
+    def batch(self, size: int) -> tuple[torch.Tensor, ...]:
+        g = self.generator
+        crops, alphas = [], []
+        for i in torch.randint(len(self.items), (size,), generator=g).tolist():
+            item, alpha = self.items[i]
+            crops.append(dihedral(crop_centred(item.float(), self.crop, g, -1.0), g))
+            alphas.append(alpha)
+        estimate, below, above, target = torch.stack(crops)[:, :, None].unbind(1)
+        return estimate, below, above, target, torch.tensor(alphas)

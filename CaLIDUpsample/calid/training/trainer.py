@@ -1,7 +1,8 @@
-"""``calid train``: the VAE, then the conditional latent denoiser (tau_theta1, tau_theta2, epsilon_theta jointly).
+"""``calid train``: the VAE, then the conditional latent denoiser (tau_theta1, tau_theta2, epsilon_theta jointly), then,
+for motion-aware models, the optional pixel-space refiner.
 
-One run goes through both stages with a single global step counter (``vae_steps`` then
-``denoiser_steps``), writes an atomic checkpoint every ``checkpoint_every`` steps and at the end of each
+One run goes through the stages with a single global step counter (``vae_steps``, ``denoiser_steps``, then
+``refiner_steps``), writes an atomic checkpoint every ``checkpoint_every`` steps and at the end of each
 stage, and can be resumed exactly (weights, EMA, optimizer, LR position, sampler RNG). Under ``torchrun``
 the trained network is wrapped in DistributedDataParallel; each rank draws its own batches.
 Fine-tuning (``init``) starts from an existing model and, by default, trains only the denoiser.
@@ -82,10 +83,18 @@ class Trainer:
             self.model = CaLID(PRESETS[cfg.preset])
         if cfg.motion:
             self.model.make_motion_aware(cfg.motion)
+        if cfg.refiner_steps > 0 and self.model.refiner is None:
+            if self.model.motion is None:
+                raise CalidError("--refiner-steps needs a motion-aware model (--motion, or an --init model that is one)")
+            self.model.add_refiner()
         self.model.to(self.device)
         self.min_timestep = self._keep_sampling_on_trained_timesteps()
         self.vae_steps = 0 if cfg.init else cfg.vae_steps
-        self.total_steps = self.vae_steps + cfg.denoiser_steps
+        vae_end, denoiser_end = self.vae_steps, self.vae_steps + cfg.denoiser_steps
+        # Each stage's global step range: one counter runs through the VAE, the denoiser and the refiner.
+        self.stages = {"vae": (0, vae_end), "denoiser": (vae_end, denoiser_end),
+                       "refiner": (denoiser_end, denoiser_end + cfg.refiner_steps)}
+        self.total_steps = denoiser_end + cfg.refiner_steps
         self.history: list[dict[str, Any]] = []
         self.last_validation: dict[str, float] = {}
 
@@ -166,10 +175,12 @@ class Trainer:
         progress = Progress(self.progress_mode, self.total_steps, "training")
         if step:
             progress.advance(step)
-        if step < self.vae_steps:
-            step = self._stage("vae", step, progress)
-        if step < self.total_steps or not (self.out / "model").is_dir():
-            self._stage("denoiser", step, progress)
+        ran = False
+        for stage, (start, end) in self.stages.items():
+            if start < end and step < end:
+                step, ran = self._stage(stage, step, progress), True
+        if self.rank == 0 and (ran or not (self.out / "model").is_dir()):
+            self._export()
         progress.close()
         if dist.is_initialized():
             dist.barrier()
@@ -177,8 +188,8 @@ class Trainer:
 
     def _stage(self, stage: str, step: int, progress: Progress) -> int:
         cfg = self.cfg
-        start, end = (0, self.vae_steps) if stage == "vae" else (self.vae_steps, self.total_steps)
-        trained = self.model.vae if stage == "vae" else self.model.interpolator
+        start, end = self.stages[stage]
+        trained = {"vae": self.model.vae, "denoiser": self.model.interpolator, "refiner": self.model.refiner}[stage]
         for p in self.model.parameters():
             p.requires_grad_(False)
         for p in trained.parameters():
@@ -205,6 +216,11 @@ class Trainer:
         net = DistributedDataParallel(trained) if self.world > 1 else trained
         if stage == "vae":
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
+        elif stage == "refiner":
+            progress.set_stage("making the refiner's examples")  # the model's own output on removed training slices
+            self.model.eval()
+            sampler = data.RefinerSampler(self.model, self.train_volumes, cfg.latent_crop * self.model.vae_downsampling,
+                                          self.generator, self.device, default_steps(self.model))
         else:
             latents = None
             if self.model.motion is None:
@@ -225,6 +241,9 @@ class Trainer:
                     recon, mu, sigma = net(x)
                     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum((1, 2, 3)).mean()
                     loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
+                elif stage == "refiner":
+                    estimate, below, above, target, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
+                    loss = torch.nn.functional.mse_loss(net(estimate, below, above, alpha).float(), target)
                 else:
                     below, target, above, alpha = self._latent_triplets(sampler, cfg.denoiser_batch)
                     clean = self.model.to_diffusion(target, below, above, alpha)
@@ -250,7 +269,7 @@ class Trainer:
                 self._log({"step": step, "stage": stage, "loss": running / count, "lr": schedule.get_last_lr()[0],
                            "seconds_per_step": (time.monotonic() - tick) / count}, progress)
                 running, count, tick = 0.0, 0, time.monotonic()
-            if stage == "denoiser" and (step % cfg.val_every == 0 or step == end) and self.val_volumes:
+            if stage != "vae" and (step % cfg.val_every == 0 or step == end) and self.val_volumes:
                 self._validate(ema.module, step, progress)
                 trained.train()
             if step % cfg.checkpoint_every == 0 and step < end:
@@ -259,8 +278,6 @@ class Trainer:
         self.model.load_state_dict(ema.module.state_dict())
         if self.rank == 0:
             self._save(checkpoint, ema, optimizer, step, stage)
-            if stage == "denoiser":
-                self._export()
         return step
 
     def _save(self, path: Path, ema: AveragedModel, optimizer: torch.optim.Optimizer, step: int, stage: str) -> None:
@@ -343,6 +360,7 @@ class Trainer:
                 "train_volumes": len(self.train_volumes),
                 "vae_steps": self.vae_steps,
                 "denoiser_steps": cfg.denoiser_steps,
+                "refiner_steps": cfg.refiner_steps,
                 "base_model": self.base_card.get("name") if cfg.init else None,
                 "base_model_sha256": self.base_card.get("sha256") if cfg.init else None,
                 "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "extra")},
