@@ -112,6 +112,8 @@ def sparse_stack_warning(image: sitk.Image, axis: int | None = None) -> str | No
     ``image`` is a SimpleITK image or header (anything with ``GetSpacing()`` and ``GetSize()``; only the first
     three axes are read); ``axis`` defaults to the largest spacing, as the engine chooses it.
     """
+    if len(image.GetSize()) < 3:
+        return None  # not a volume: the engine's own check says so in one line
     axis = find_slice_axis(image, axis)
     spacing, count = image.GetSpacing()[axis], image.GetSize()[axis]
     rows, cols = inplane_spacing(image, axis)
