@@ -113,6 +113,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})")
     p.add_argument("--split", help="JSON file with 'train' and 'validation' patient lists")
+    p.add_argument("--refiner-loss", choices=("mse", "l1"), default="mse", help="the refiner's loss (default mse)")
+    p.add_argument("--refiner-thin-weight", type=float, default=1.0,
+                   help="draw the refiner's examples from thin-slice stacks (<= 6 mm) this many times as often")
     p.add_argument("--motion", choices=("dis", "tvl1"),
                    help="make the model motion-aware: condition on the neighbours warped along this optical flow "
                         "(default: as the --init model, else not)")
@@ -320,7 +323,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
         denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
-        denoiser_batch=args.denoiser_batch,
+        denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_thin_weight=args.refiner_thin_weight,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,
         val_every=args.val_every, val_volumes=args.val_volumes, log_every=args.log_every,

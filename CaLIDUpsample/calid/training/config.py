@@ -15,6 +15,8 @@ class TrainConfig:
     vae_steps: int = 2000
     denoiser_steps: int = 2200
     refiner_steps: int = 0  # > 0: then train the pixel-space refiner (motion-aware models) for this many steps
+    refiner_loss: str = "mse"  # or "l1"
+    refiner_thin_weight: float = 1.0  # draw thin-slice stacks' examples this many times as often
     vae_batch: int = 16
     denoiser_batch: int = 32
     vae_crop: int = 96

@@ -41,6 +41,7 @@ from .plots import plot_curves
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 CHECKPOINT = "checkpoint.safetensors"
 KL_WEIGHT = 1e-6
+REFINER_LOSSES = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
                  "val_ssim_model", "val_ssim_linear"]
 
@@ -83,6 +84,8 @@ class Trainer:
             self.model = CaLID(PRESETS[cfg.preset])
         if cfg.motion:
             self.model.make_motion_aware(cfg.motion)
+        if cfg.refiner_loss not in REFINER_LOSSES:
+            raise CalidError(f"--refiner-loss must be one of {', '.join(REFINER_LOSSES)}, not {cfg.refiner_loss}")
         if cfg.refiner_steps > 0 and self.model.refiner is None:
             if self.model.motion is None:
                 raise CalidError("--refiner-steps needs a motion-aware model (--motion, or an --init model that is one)")
@@ -220,7 +223,8 @@ class Trainer:
             progress.set_stage("making the refiner's examples")  # the model's own output on removed training slices
             self.model.eval()
             sampler = data.RefinerSampler(self.model, self.train_volumes, cfg.latent_crop * self.model.vae_downsampling,
-                                          self.generator, self.device, default_steps(self.model))
+                                          self.generator, self.device, default_steps(self.model),
+                                          cfg.refiner_thin_weight)
         else:
             latents = None
             if self.model.motion is None:
@@ -243,7 +247,7 @@ class Trainer:
                     loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
                 elif stage == "refiner":
                     estimate, below, above, target, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
-                    loss = torch.nn.functional.mse_loss(net(estimate, below, above, alpha).float(), target)
+                    loss = REFINER_LOSSES[cfg.refiner_loss](net(estimate, below, above, alpha).float(), target)
                 else:
                     below, target, above, alpha = self._latent_triplets(sampler, cfg.denoiser_batch)
                     clean = self.model.to_diffusion(target, below, above, alpha)
