@@ -139,6 +139,8 @@ def test_fine_tuned_model_keeps_its_base_models_terms_and_citation(dataset, tmp_
     terms, citation = inherited_provenance("CC0 1.0", "Radau et al., MIDAS 2009", tuned.base_card)
     assert terms.startswith("CC0 1.0") and "base model base: research, non-commercial use only" in terms
     assert "Radau" in citation and "Bernard" in citation
+    again = {"name": "tuned", "training": {"terms": terms, "citation": citation}}
+    assert inherited_provenance("CC0 1.0", "Radau et al., MIDAS 2009", again) == (terms, citation)  # same data again
     fresh = Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "fresh"), data_terms="CC0 1.0"))
     assert inherited_provenance("CC0 1.0", "", fresh.base_card) == ("CC0 1.0", "")
 
