@@ -117,9 +117,13 @@ def inherited_provenance(terms: str, citation: str, base_card: dict[str, Any]) -
     ACDC citation). Both trainers, interpolation and segmentation, write their cards through here.
     """
     base = base_card.get("training", {})
-    if base.get("terms") and not base["terms"].startswith(terms):  # the same data again adds nothing to say
+    if base.get("terms") and base["terms"].startswith(terms):  # the same data again: the base's terms say it all
+        terms = base["terms"]
+    elif base.get("terms"):
         terms = f"{terms}; base model {base_card.get('name')}: {base['terms']}"
-    if base.get("citation") and base["citation"] not in citation:
+    if base.get("citation") and citation in base["citation"]:
+        citation = base["citation"]
+    elif base.get("citation") and base["citation"] not in citation:
         citation = "; ".join(c for c in (citation, base["citation"]) if c)
     return terms, citation
 
