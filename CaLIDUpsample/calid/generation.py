@@ -60,7 +60,7 @@ def generate_missing(model: CaLID, stack: np.ndarray, factor: int, steps: int = 
     return generate_missing_phases(model, stack[None], factor, steps, **options)[:, 0]
 
 
-def _pad_to_multiple(stacks: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
+def pad_to_multiple(stacks: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
     """Pad (phases, n, h, w) in-plane to the network's multiple with the minimum; returns (padded, ph, pw)."""
     h, w = stacks.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
@@ -117,7 +117,7 @@ def generate_missing_phases(
     device = torch.device(device)
     phases, n, h, w = stacks.shape
     acquired = phases * n
-    padded, ph, pw = _pad_to_multiple(stacks, model.spatial_multiple)
+    padded, ph, pw = pad_to_multiple(stacks, model.spatial_multiple)
     below_t, above_t, alpha_t = _gap_items(phases, n, factor, samples)
     missing = (n - 1) * (factor - 1)
     items = len(alpha_t)

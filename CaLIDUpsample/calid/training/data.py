@@ -292,7 +292,7 @@ class RefinerSampler:
 
     def __init__(self, model, volumes: list[Volume], crop: int, generator: torch.Generator, device, steps: int,
                  thin_weight: float = 1.0):
-        from ..generation import _pad_to_multiple, generate_missing
+        from ..generation import pad_to_multiple, generate_missing
         from ..geometry import dense_positions
         from ..motion import stack_flows, warped_neighbours
 
@@ -306,7 +306,7 @@ class RefinerSampler:
                 if len(kept) < 2:
                     continue
                 estimate = generate_missing(model, kept, factor, steps, device=device, refine=False)[0]
-                padded, ph, pw = _pad_to_multiple(kept[None], model.spatial_multiple)
+                padded, ph, pw = pad_to_multiple(kept[None], model.spatial_multiple)
                 below, above, alpha = dense_positions(len(kept), factor)
                 images = torch.from_numpy(padded[0])[:, None]
                 flows = torch.from_numpy(stack_flows(padded, model.motion["flow"]))[below]
