@@ -110,9 +110,9 @@ def generate_missing_phases(
 ) -> np.ndarray:
     """Missing slices of every phase of normalised stacks (phases, n, h, w) -> (samples, phases, missing, h, w).
 
-    ``refine=False`` leaves out a model's pixel-space refiner (its training data is the unrefined output). All phases go through the same batched passes (one progress over the whole cine); per phase the result
-    is what ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see
-    ``_initial_noise``).
+    All phases go through the same batched passes (one progress over the whole cine); per phase the result is what
+    ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see ``_initial_noise``).
+    ``refine=False`` leaves out a model's pixel-space refiner (its training data is the unrefined output).
     """
     device = torch.device(device)
     phases, n, h, w = stacks.shape
@@ -165,15 +165,27 @@ def generate_missing_phases(
         progress.advance(acquired)
         gap_of = below_t - below_t // n  # acquired slice (phase * n + i) -> its gap (phase * (n - 1) + i)
 
+    def warped_images(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both acquired neighbours of the items in ``part``, warped along their flow to the items' positions."""
+        return motion.warped_neighbours(images[below_t[part]], images[above_t[part]], flows[gap_of[part]],
+                                        alpha_t[part])
+
+    def pad(x: np.ndarray, value: float = 0.0) -> torch.Tensor:
+        """Slices (N, h, w) onto the padded grid (N, 1, H, W) the flows and the networks work on."""
+        return torch.nn.functional.pad(torch.from_numpy(x)[:, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2),
+                                       value=value)
+
+    def crop(x: torch.Tensor) -> np.ndarray:
+        """Inverse of ``pad``: (N, 1, H, W) -> (N, h, w) on the input's grid."""
+        return x[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].cpu().numpy()
+
     def neighbours(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """What the denoiser is conditioned on: the acquired neighbours' latents, or (motion-aware models) the
         latents of both neighbours warped along their flow to the new slice's position."""
         if flows is None:
             return latents[below_t[part]], latents[above_t[part]]
-        warped = motion.warped_neighbours(images[below_t[part]], images[above_t[part]], flows[gap_of[part]],
-                                          alpha_t[part])
         with autocast(device):
-            return tuple(model.encode(w.to(device)).float() for w in warped)
+            return tuple(model.encode(w.to(device)).float() for w in warped_images(part))
 
     progress.set_stage("generating missing slices")
     z_final = torch.empty_like(z_init)
@@ -194,8 +206,7 @@ def generate_missing_phases(
     def decoder(latent_source: torch.Tensor, target: np.ndarray):
         def decode(part: slice) -> None:
             with autocast(device):
-                decoded = model.decode(latent_source[part]).float()[:, 0].cpu().numpy()
-            target[part] = decoded[:, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
+                target[part] = crop(model.decode(latent_source[part]).float())
             progress.advance(part.stop - part.start)
         return decode
 
@@ -209,22 +220,17 @@ def generate_missing_phases(
         a = alpha_t.numpy()[:, None, None]
         out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
     else:
-        lost_t = torch.nn.functional.pad(torch.from_numpy(lost)[:, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        warped = motion.warped_neighbours(lost_t[below_t], lost_t[above_t], flows[gap_of], alpha_t)
-        out += motion.blend(*warped, alpha_t)[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].numpy()
+        lost_t = pad(lost)
+        out += crop(motion.blend(*motion.warped_neighbours(lost_t[below_t], lost_t[above_t], flows[gap_of], alpha_t),
+                                 alpha_t))
     if refine and model.refiner is not None:
         progress.set_stage("refining")
 
         def refine_part(part: slice) -> None:
-            estimate = torch.from_numpy(out[part])[:, None]
-            estimate = torch.nn.functional.pad(estimate, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2),
-                                               value=float(padded.min()))
-            warped = motion.warped_neighbours(images[below_t[part]], images[above_t[part]], flows[gap_of[part]],
-                                              alpha_t[part])
+            estimate = pad(out[part], float(padded.min()))
             with autocast(device):
-                refined = model.refiner(estimate.to(device), *(w.to(device) for w in warped),
-                                        alpha_t[part].to(device)).float()
-            out[part] = refined[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].cpu().numpy()
+                out[part] = crop(model.refiner(estimate.to(device), *(w.to(device) for w in warped_images(part)),
+                                               alpha_t[part].to(device)).float())
 
         run_batched(refine_part, items, batch)
     return out.reshape(samples, phases, missing, h, w)
