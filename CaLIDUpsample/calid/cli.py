@@ -49,7 +49,8 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
                    help="calid (the model, default), or for comparison on your scan: morph (optical-flow morph of the "
                         "neighbours) or linear interpolation")
     p.add_argument("--samples", type=int, default=1, help="average this many samples (default 1)")
-    p.add_argument("--uncertainty", help="write the per-voxel standard deviation of the samples here")
+    p.add_argument("--uncertainty", help="write the model's calibrated uncertainty map here: the expected absolute "
+                                         "error of every voxel, in the input's intensity units (0 on acquired slices)")
     p.add_argument("--plus", action="store_true", help="CaLID+: start from the slerp of the neighbours' inverted latents")
     p.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="slice axis (default: largest spacing)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
@@ -103,6 +104,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     for name, text in (
         ("vae_steps", "VAE training steps"), ("denoiser_steps", "denoiser steps"),
         ("refiner_steps", "pixel-space refiner steps after the denoiser (motion-aware models)"),
+        ("error_head_steps", "error-head steps last: the calibrated uncertainty map (motion-aware models)"),
         ("vae_batch", "VAE batch size"),
         ("denoiser_batch", "denoiser batch size"), ("lr", "peak learning rate"), ("warmup", "warm-up steps"),
         ("ema_decay", "EMA decay"), ("min_timestep", "lowest diffusion timestep trained"),
@@ -115,7 +117,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="JSON file with 'train' and 'validation' patient lists")
     p.add_argument("--refiner-loss", choices=("mse", "l1"), default="mse", help="the refiner's loss (default mse)")
     p.add_argument("--refiner-thin-weight", type=float, default=1.0,
-                   help="draw the refiner's examples from thin-slice stacks (<= 6 mm) this many times as often")
+                   help="draw the refiner's and the error head's examples from thin-slice stacks (<= 6 mm) this many "
+                        "times as often")
     p.add_argument("--motion", choices=("dis", "tvl1"),
                    help="make the model motion-aware: condition on the neighbours warped along this optical flow "
                         "(default: as the --init model, else not)")
@@ -141,6 +144,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--montage", action="store_true", help="PNG of the best and worst cases")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also judge the model's uncertainty map against the actual errors (reliability table and PNG)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default=None)
 
 
@@ -203,6 +208,7 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     from .cohort import is_cohort_input, run_cohort
     from .engine import UpsampleOptions, upsample_file
     from .progress import Progress
+    from .uncertainty import UNIT as UNCERTAINTY_UNIT
 
     _set_threads(args.threads)
     options = UpsampleOptions(factor=args.factor, spacing=args.spacing, steps=args.steps, seed=args.seed,
@@ -235,6 +241,8 @@ def cmd_upsample(args: argparse.Namespace) -> int:
                "seconds": round(result.seconds, 2)}
     if result.labels is not None:
         summary.update(segmentation=str(args.segmentation), volumes=result.volumes)
+    if result.uncertainty_slices is not None:
+        summary.update(uncertainty_unit=UNCERTAINTY_UNIT, uncertainty_slices=result.uncertainty_slices)
     if mode == "json":
         print(json.dumps({"event": "done", **summary}), flush=True)
     else:
@@ -324,6 +332,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
         denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
         denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_thin_weight=args.refiner_thin_weight,
+        error_head_steps=args.error_head_steps,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,
         val_every=args.val_every, val_volumes=args.val_volumes, log_every=args.log_every,
@@ -345,7 +354,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = EvaluateConfig(data=args.data, output=args.output, model=args.model, factors=args.factor or [2],
                          patients=args.patients, max_spacing=args.max_spacing, min_spacing=args.min_spacing,
                          steps=args.steps, samples=args.samples, plus=args.plus, seed=args.seed, device=args.device,
-                         montage=args.montage)
+                         montage=args.montage, uncertainty=args.uncertainty)
     table = evaluate(cfg, _progress_mode(args.progress))
     print(table)
     return 0

@@ -5,6 +5,8 @@ the full product path (``upsample_image``: geometry, intensity mapping, model), 
 slices against the real ones, next to linear and cubic B-spline interpolation (SimpleITK) of the same kept
 stack, and the optical-flow morph (``calid.motion``, TV-L1 with the protocol's settings: the strongest peer that
 needs no training). Heart-region scores use the bounding box of the manual labels found beside the image.
+``--uncertainty`` also judges the model's uncertainty map against the actual errors of the same slices
+(``calid.calibration``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
+from .calibration import CalibrationPool, markdown as calibration_markdown, save_reliability_diagram
 from .devices import resolve_device
 from .engine import UpsampleOptions, upsample_image
 from .errors import CalidError
@@ -50,6 +53,7 @@ class EvaluateConfig:
     seed: int = 0
     device: str = "auto"
     montage: bool = False
+    uncertainty: bool = False
 
 
 def find_labels(image_path: Path) -> Path | None:
@@ -79,8 +83,12 @@ def bspline_on_grid(kept: sitk.Image, reference: sitk.Image) -> np.ndarray:
 
 
 def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, options: UpsampleOptions,
-                    model, progress: Progress) -> dict | None:
-    """Scores of one stack at one factor, or None when it has too few slices for K."""
+                    model, progress: Progress, want_uncertainty: bool = False) -> dict | None:
+    """Scores of one stack at one factor, or None when it has too few slices for K.
+
+    ``want_uncertainty``: the row also carries, under ``_calibration``, the predicted and actual absolute errors of
+    the removed slices, the volume's scale and the heart box, for ``calibration.CalibrationPool``.
+    """
     axis = geometry.find_slice_axis(image)
     n = image.GetSize()[axis]
     m = (n - 1) // factor * factor + 1
@@ -92,7 +100,8 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
     index[axis] = slice(0, m, factor)
     kept_image = image[tuple(index)]
     kept_image.SetOrigin(image.GetOrigin())
-    result = upsample_image(kept_image, UpsampleOptions(**{**options.__dict__, "factor": factor}), model, progress)
+    result = upsample_image(kept_image, UpsampleOptions(**{**options.__dict__, "factor": factor}), model, progress,
+                            want_uncertainty)
     if result.image.GetSize() != real_image.GetSize() or not np.allclose(result.image.GetSpacing(), real_image.GetSpacing()):
         raise CalidError(f"upsampled grid {result.image.GetSize()} does not match the original {real_image.GetSize()}")
     real = geometry.to_stack(sitk.GetArrayFromImage(real_image), axis).astype(np.float64)
@@ -116,6 +125,10 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
         row[f"{method}_psnr"], row[f"{method}_ssim"] = slice_scores(real[removed], estimate, real)
         if box is not None:
             row[f"{method}_heart_psnr"], row[f"{method}_heart_ssim"] = slice_scores(real[removed], estimate, real, box)
+    if want_uncertainty:
+        low, high = np.percentile(real, [1, 99])
+        predicted = geometry.to_stack(sitk.GetArrayFromImage(result.uncertainty), axis)[removed]
+        row["_calibration"] = (predicted, real[removed] - estimates["calid"], max(high - low, 1e-12), box)
     row["_montage"] = (unit_scale(real[removed][len(removed) // 2], real),
                        {k: unit_scale(v[len(removed) // 2], real) for k, v in estimates.items()})
     return row
@@ -131,6 +144,7 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     options = UpsampleOptions(steps=cfg.steps, seed=cfg.seed, samples=cfg.samples, plus=cfg.plus, device=str(device))
     factors = cfg.factors or [2]
     rows, montages = [], []
+    pools: dict[tuple, dict[str, CalibrationPool]] = defaultdict(lambda: defaultdict(CalibrationPool))
     overall = Progress(progress_mode, len(entries) * len(factors), "evaluating")
     for patient, path in entries:
         image = validate_volume(read_image(path), str(path))
@@ -141,12 +155,18 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
         label_path = find_labels(path)
         labels = read_image(label_path) if label_path else None
         for factor in factors:
-            row = evaluate_volume(image, labels, factor, options, model, Progress("none"))
+            row = evaluate_volume(image, labels, factor, options, model, Progress("none"), cfg.uncertainty)
             overall.advance(1)
             if row is None:
                 continue
             preview = row.pop("_montage")
             row.update(patient=patient, file=str(path), spacing_mm=round(spacing, 3))
+            if cfg.uncertainty:
+                predicted, error, scale, box = row.pop("_calibration")
+                setting = (factor, row["spacing_mm"])
+                pools[setting]["slice"].add(predicted, error, scale)
+                if box is not None:
+                    pools[setting]["heart"].add(predicted[(slice(None), *box)], error[(slice(None), *box)], scale)
             rows.append(row)
             montages.append((row, preview))
     overall.close()
@@ -158,8 +178,15 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     report = {"model": card.get("name"), "model_sha256": card.get("sha256"), "device": str(device),
               "steps": cfg.steps or default_steps(model), "samples": cfg.samples, "plus": cfg.plus,
               "summary": summary, "volumes": rows, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(summary)
+    if cfg.uncertainty:
+        calibration = {setting_name(*setting): {region: pool.report() for region, pool in regions.items()}
+                       for setting, regions in sorted(pools.items())}
+        report["calibration"] = calibration
+        table += "\n\nUncertainty map against the actual |error| of the removed slices:\n\n" + \
+            calibration_markdown(calibration)
+        save_reliability_diagram(calibration, out / "reliability.png")
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(table + "\n", encoding="utf-8")
     if cfg.montage:
         save_montage(montages, out / "montage.png")
@@ -185,11 +212,15 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def setting_name(factor: int, spacing_mm: float) -> str:
+    return f"K={factor}, {spacing_mm:g} mm stacks ({spacing_mm * factor:g} mm gaps)"
+
+
 def markdown_table(summary: list[dict]) -> str:
     lines = ["| setting | vols | method | PSNR dB | SSIM | heart PSNR dB | heart SSIM | s/vol |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        setting = f"K={s['factor']}, {s['spacing_mm']:g} mm stacks ({s['gap_mm']:g} mm gaps)"
+        setting = setting_name(s["factor"], s["spacing_mm"])
         for method in METHODS:
             heart = (f"{s[f'{method}_heart_psnr']:.2f} ± {s[f'{method}_heart_psnr_sd']:.2f} | "
                      f"{s[f'{method}_heart_ssim']:.3f}") if f"{method}_heart_psnr" in s else "– | –"

@@ -93,6 +93,44 @@ def _initial_noise(seed: int, samples: int, phases: int, missing: int, shape: tu
     return noise.expand(samples, phases, missing, *shape).reshape(samples * phases * missing, *shape)
 
 
+class _Gaps:
+    """Every item to generate (sample, phase, missing slice) and the padded grid the flows and networks work on.
+
+    ``below``/``above`` index the acquired slices of all phases flattened; ``flows`` (motion-aware models) hold one
+    flow per gap, ``gap_of`` maps an item's lower acquired slice to its gap.
+    """
+
+    def __init__(self, model: CaLID, stacks: np.ndarray, factor: int, samples: int):
+        phases, n, self.h, self.w = stacks.shape
+        self.padded, self.ph, self.pw = pad_to_multiple(stacks, model.spatial_multiple)
+        self.below, self.above, self.alpha = _gap_items(phases, n, factor, samples)
+        self.images = torch.from_numpy(self.padded.reshape(phases * n, 1, *self.padded.shape[2:]))
+        self.flows = self.gap_of = None
+        if model.motion is not None:
+            self.flows = torch.from_numpy(motion.stack_flows(self.padded, model.motion["flow"]))
+            self.gap_of = self.below - self.below // n  # acquired slice (phase * n + i) -> gap (phase * (n - 1) + i)
+
+    def __len__(self) -> int:
+        return len(self.alpha)
+
+    def warped(self, part: slice | torch.Tensor, images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both acquired neighbours (of ``images``, default the padded slices) of the items in ``part``, warped
+        along their flow to the items' positions."""
+        images = self.images if images is None else images
+        return motion.warped_neighbours(images[self.below[part]], images[self.above[part]],
+                                        self.flows[self.gap_of[part]], self.alpha[part])
+
+    def pad(self, x: np.ndarray, value: float = 0.0) -> torch.Tensor:
+        """Slices (N, h, w) onto the padded grid (N, 1, H, W)."""
+        ph, pw = self.ph, self.pw
+        return torch.nn.functional.pad(torch.from_numpy(x)[:, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2),
+                                       value=value)
+
+    def crop(self, x: torch.Tensor) -> np.ndarray:
+        """Inverse of ``pad``: (N, 1, H, W) -> (N, h, w) on the input's grid."""
+        return x[:, 0, self.ph // 2: self.ph // 2 + self.h, self.pw // 2: self.pw // 2 + self.w].cpu().numpy()
+
+
 @torch.no_grad()
 def generate_missing_phases(
     model: CaLID,
@@ -117,19 +155,18 @@ def generate_missing_phases(
     device = torch.device(device)
     phases, n, h, w = stacks.shape
     acquired = phases * n
-    padded, ph, pw = pad_to_multiple(stacks, model.spatial_multiple)
-    below_t, above_t, alpha_t = _gap_items(phases, n, factor, samples)
     missing = (n - 1) * (factor - 1)
-    items = len(alpha_t)
-    latent_hw = (padded.shape[2] // 4, padded.shape[3] // 4)
-    batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
     progress = progress or Progress("none")
-    progress.total = (acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
-                      + (acquired if model.motion is not None else 0))
+    progress.set_stage("estimating motion" if model.motion is not None else "preparing")
+    gaps = _Gaps(model, stacks, factor, samples)
+    items = len(gaps)
+    below_t, above_t, alpha_t, images = gaps.below, gaps.above, gaps.alpha, gaps.images
+    latent_hw = (gaps.padded.shape[2] // model.vae_downsampling, gaps.padded.shape[3] // model.vae_downsampling)
+    batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
+    progress.total = acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
     scheduler = make_scheduler(model.config["diffusion"])
 
     progress.set_stage("encoding acquired slices")
-    images = torch.from_numpy(padded.reshape(acquired, 1, *padded.shape[2:]))
     latents = torch.empty((acquired, model.config["vae"]["latent_channels"], *latent_hw), device=device)
 
     def encode(part: slice) -> None:
@@ -158,34 +195,13 @@ def generate_missing_phases(
     else:
         z_init = _initial_noise(seed, samples, phases, missing, tuple(latents.shape[1:]), shared_noise).to(device)
 
-    flows = gap_of = None
-    if model.motion is not None:
-        progress.set_stage("estimating motion")
-        flows = torch.from_numpy(motion.stack_flows(padded, model.motion["flow"]))
-        progress.advance(acquired)
-        gap_of = below_t - below_t // n  # acquired slice (phase * n + i) -> its gap (phase * (n - 1) + i)
-
-    def warped_images(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both acquired neighbours of the items in ``part``, warped along their flow to the items' positions."""
-        return motion.warped_neighbours(images[below_t[part]], images[above_t[part]], flows[gap_of[part]],
-                                        alpha_t[part])
-
-    def pad(x: np.ndarray, value: float = 0.0) -> torch.Tensor:
-        """Slices (N, h, w) onto the padded grid (N, 1, H, W) the flows and the networks work on."""
-        return torch.nn.functional.pad(torch.from_numpy(x)[:, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2),
-                                       value=value)
-
-    def crop(x: torch.Tensor) -> np.ndarray:
-        """Inverse of ``pad``: (N, 1, H, W) -> (N, h, w) on the input's grid."""
-        return x[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w].cpu().numpy()
-
     def neighbours(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """What the denoiser is conditioned on: the acquired neighbours' latents, or (motion-aware models) the
         latents of both neighbours warped along their flow to the new slice's position."""
-        if flows is None:
+        if gaps.flows is None:
             return latents[below_t[part]], latents[above_t[part]]
         with autocast(device):
-            return tuple(model.encode(w.to(device)).float() for w in warped_images(part))
+            return tuple(model.encode(w.to(device)).float() for w in gaps.warped(part))
 
     progress.set_stage("generating missing slices")
     z_final = torch.empty_like(z_init)
@@ -206,7 +222,7 @@ def generate_missing_phases(
     def decoder(latent_source: torch.Tensor, target: np.ndarray):
         def decode(part: slice) -> None:
             with autocast(device):
-                target[part] = crop(model.decode(latent_source[part]).float())
+                target[part] = gaps.crop(model.decode(latent_source[part]).float())
             progress.advance(part.stop - part.start)
         return decode
 
@@ -216,24 +232,51 @@ def generate_missing_phases(
     # added back, interpolated by alpha (and carried along the flow by motion-aware models), so generated slices
     # match the acquired ones they sit between.
     lost = stacks.reshape(acquired, h, w) - reconstructed
-    if flows is None:
+    if gaps.flows is None:
         a = alpha_t.numpy()[:, None, None]
         out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
     else:
-        lost_t = pad(lost)
-        out += crop(motion.blend(*motion.warped_neighbours(lost_t[below_t], lost_t[above_t], flows[gap_of], alpha_t),
-                                 alpha_t))
+        out += gaps.crop(motion.blend(*gaps.warped(slice(None), gaps.pad(lost)), alpha_t))
     if refine and model.refiner is not None:
         progress.set_stage("refining")
 
         def refine_part(part: slice) -> None:
-            estimate = pad(out[part], float(padded.min()))
+            estimate = gaps.pad(out[part], float(gaps.padded.min()))
             with autocast(device):
-                out[part] = crop(model.refiner(estimate.to(device), *(w.to(device) for w in warped_images(part)),
-                                               alpha_t[part].to(device)).float())
+                out[part] = gaps.crop(model.refiner(estimate.to(device), *(w.to(device) for w in gaps.warped(part)),
+                                                    alpha_t[part].to(device)).float())
 
         run_batched(refine_part, items, batch)
     return out.reshape(samples, phases, missing, h, w)
+
+
+@torch.no_grad()
+def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, factor: int,
+                   device: torch.device | str = "cpu", batch_size: int | None = None) -> np.ndarray:
+    """The model's error head on generated slices: expected absolute error (phases, missing, h, w), network units.
+
+    ``generated`` (phases, missing, h, w) is the estimate for ``stacks`` (phases, n, h, w) in the same range, as
+    ``generate_missing_phases`` (averaged over samples) returns it. The flows are estimated again (DIS: ~5 ms a gap)
+    so that the map can be asked of any estimate, the refined one included.
+    """
+    if model.error_head is None:
+        raise CalidError("this model has no error head, so it gives no calibrated uncertainty: use a bundled model, "
+                         "or train one with calid train --init MODEL --error-head-steps N")
+    device = torch.device(device)
+    phases, missing, h, w = generated.shape
+    gaps = _Gaps(model, stacks, factor, 1)
+    flat = np.ascontiguousarray(generated.reshape(phases * missing, h, w), dtype=np.float32)
+    out = np.empty_like(flat)
+    batch = batch_size or choose_batch_size(device, gaps.padded.shape[2] * gaps.padded.shape[3] // 16)
+
+    def predict(part: slice) -> None:
+        estimate = gaps.pad(flat[part], float(gaps.padded.min())).to(device)
+        with autocast(device):
+            log_scale = model.error_head(estimate, *(w.to(device) for w in gaps.warped(part)), gaps.alpha[part].to(device))
+            out[part] = gaps.crop(log_scale.float().exp())
+
+    run_batched(predict, len(gaps), batch)
+    return out.reshape(phases, missing, h, w)
 
 
 def default_steps(model: CaLID) -> int:

@@ -33,3 +33,7 @@ class IntensityMap:
 
     def from_network(self, values: np.ndarray) -> np.ndarray:
         return (values.astype(np.float64) + 1.0) / 2.0 * (self.high - self.low) + self.low
+
+    def size_from_network(self, sizes: np.ndarray) -> np.ndarray:
+        """Differences or error sizes in network units -> the same in the input's units (no offset)."""
+        return sizes.astype(np.float64) * ((self.high - self.low) / 2.0)

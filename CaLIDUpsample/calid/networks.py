@@ -186,8 +186,49 @@ class Refiner(nn.Module):
 
     def forward(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
                 alpha: torch.Tensor) -> torch.Tensor:
-        plane = alpha.reshape(-1, 1, 1, 1).to(estimate.dtype).expand_as(estimate)
-        return estimate + self.gain * self.net(torch.cat([estimate, warped_below, warped_above, plane], dim=1))
+        return estimate + self.gain * self.net(_pixel_inputs(estimate, warped_below, warped_above, alpha))
+
+
+def _pixel_inputs(estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
+                  alpha: torch.Tensor, disagreement: bool = False) -> torch.Tensor:
+    """What the pixel-space stages see: the estimate, both warped neighbours (optionally their absolute
+    difference) and an alpha plane, as channels (N, 4 or 5, H, W)."""
+    plane = alpha.reshape(-1, 1, 1, 1).to(estimate.dtype).expand_as(estimate)
+    extra = [(warped_above - warped_below).abs()] if disagreement else []
+    return torch.cat([estimate, warped_below, warped_above, *extra, plane], dim=1)
+
+
+ERROR_HEAD_CONFIG: dict[str, Any] = {"channels": [16, 32, 64], "num_res_units": 1}
+MIN_LOG_SCALE, MAX_LOG_SCALE = -9.0, 2.0  # 1e-4 to 7 network units (the range is about [-1, 1])
+
+
+class ErrorHead(nn.Module):
+    """How far off a generated slice is, per pixel: the scale b of a Laplace distribution of its error.
+
+    b is the expected absolute error, so the map it gives is calibrated in intensity units (network units here;
+    ``calid.engine`` maps them to the input's). Trained on the model's own output for slices removed from the
+    training stacks with the Laplace negative log-likelihood (``laplace_nll``). It sees what the refiner sees plus
+    the warped neighbours' disagreement, which is large where the flow could not explain the change between them.
+    """
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        channels = tuple(cfg["channels"])
+        self.net = UNet(spatial_dims=2, in_channels=5, out_channels=1, channels=channels,
+                        strides=(2,) * (len(channels) - 1), num_res_units=cfg["num_res_units"])
+        self.multiple = 2 ** (len(channels) - 1)
+
+    def forward(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
+                alpha: torch.Tensor) -> torch.Tensor:
+        """log b (N, 1, H, W): the Laplace scale's logarithm, which the loss takes; ``exp`` gives the expected
+        absolute error of ``estimate`` in network units."""
+        inputs = _pixel_inputs(estimate, warped_below, warped_above, alpha, disagreement=True)
+        return self.net(inputs).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
+
+
+def laplace_nll(log_scale: torch.Tensor, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``target`` under Laplace(estimate, exp(log_scale)), up to log 2."""
+    return (log_scale + (target - estimate).abs() * torch.exp(-log_scale)).mean()
 
 
 class CaLID(nn.Module):
@@ -214,6 +255,18 @@ class CaLID(nn.Module):
         self.refiner = None
         if config.get("refiner") is not None:
             self.add_refiner(config["refiner"])
+        self.error_head = None
+        if config.get("error_head") is not None:
+            self.add_error_head(config["error_head"])
+
+    def add_error_head(self, cfg: dict[str, Any] | None = None) -> None:
+        """Give a motion-aware model the ``ErrorHead`` behind its calibrated uncertainty map (untrained until
+        ``calid train --error-head-steps``)."""
+        if self.motion is None:
+            raise ValueError("the error head sees the warped neighbours: it needs a motion-aware model")
+        cfg = copy.deepcopy(cfg or ERROR_HEAD_CONFIG)
+        self.error_head = ErrorHead(cfg)
+        self.config["error_head"] = cfg
 
     def add_refiner(self, cfg: dict[str, Any] | None = None) -> None:
         """Give a motion-aware model the pixel-space ``Refiner`` (untrained: it changes nothing until trained)."""

@@ -33,6 +33,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def error_head_model_dir(tmp_path_factory) -> Path:
+    """A tiny random motion-aware model with an (untrained) error head: the calibrated uncertainty map's plumbing."""
+    torch.manual_seed(0)
+    model = CaLID(TINY_CONFIG)
+    model.make_motion_aware("dis")
+    model.add_error_head()
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny-error-head", {"name": "tiny-error-head"})
+
+
+@pytest.fixture(scope="session")
 def sample_image() -> sitk.Image:
     return sitk.ReadImage(str(SAMPLE))
 

@@ -137,14 +137,15 @@ def test_one_progress_over_the_whole_cine(cine, tiny_model_dir):
     assert progress.total == 3 * 6 + 3 * 5 * 2 + 3 * 5 + 3 * 6  # encode, 2 steps, decode, reconstruct
 
 
-def test_cine_uncertainty_is_zero_on_acquired_slices(cine, tmp_path, tiny_model_dir):
+def test_cine_uncertainty_is_a_map_per_phase_zero_on_acquired_slices(cine, tmp_path, error_head_model_dir):
     source = tmp_path / "cine.nii.gz"
     sitk.WriteImage(cine, str(source))
-    assert upsample(source, tmp_path / "dense.nii.gz", "--samples", "2", "--uncertainty", tmp_path / "sd.nii.gz",
-                    model=tiny_model_dir) == 0
-    spread = stacks(sitk.ReadImage(str(tmp_path / "sd.nii.gz")))
-    assert spread.shape == (3, 11, 64, 64)
-    assert not spread[:, ::2].any() and spread[:, 1::2].mean() > 0
+    assert upsample(source, tmp_path / "dense.nii.gz", "--uncertainty", tmp_path / "u.nii.gz",
+                    model=error_head_model_dir) == 0
+    expected = stacks(sitk.ReadImage(str(tmp_path / "u.nii.gz")))
+    assert expected.shape == (3, 11, 64, 64)
+    assert not expected[:, ::2].any() and (expected[:, 1::2] > 0).all()
+    assert not np.allclose(expected[0, 1::2], expected[1, 1::2])  # each phase its own map
 
 
 def sequence_file(path: Path, volume: sitk.Image, values: str, index_type: str = "numeric") -> Path:

@@ -134,7 +134,7 @@ def good_input(tmp_path, small_image):
     (["--spacing", "-1"], "must be positive"),
     (["--steps", "0"], "--steps"),
     (["--samples", "0"], "--samples"),
-    (["--uncertainty", "UNC"], "at least 2 samples"),
+    (["--uncertainty", "UNC"], "has no error head"),
     (["--device", "tpu"], "unknown device"),
     (["--threads", "0"], "--threads"),
 ])

@@ -17,6 +17,7 @@ class TrainConfig:
     refiner_steps: int = 0  # > 0: then train the pixel-space refiner (motion-aware models) for this many steps
     refiner_loss: str = "mse"  # or "l1"
     refiner_thin_weight: float = 1.0  # draw thin-slice stacks' examples this many times as often
+    error_head_steps: int = 0  # > 0: then train the error head behind the calibrated uncertainty map (motion-aware)
     vae_batch: int = 16
     denoiser_batch: int = 32
     vae_crop: int = 96

@@ -277,21 +277,22 @@ class MotionTripletSampler:
         return below, target, above, torch.tensor(alphas)
 
 
-class RefinerSampler:
-    """Random (estimate, warped below, warped above, target) image crops (N, 1, crop, crop) and alpha, for the
-    pixel-space refiner (``networks.Refiner``).
+class EstimateSampler:
+    """Random (estimate, warped below, warped above, target) image crops (N, 1, crop, crop) and alpha: the examples of
+    the pixel-space stages after generation, the refiner (``networks.Refiner``) and the error head (``ErrorHead``).
 
-    The estimates are the model's own unrefined output for slices removed from each training stack (every other
-    slice, both parities, K=2; every third from the first, K=3: 10-30 mm gaps), made once when the stage starts,
-    with the warped neighbours exactly as ``generation.generate_missing_phases`` makes them. Examples from thin-slice
-    stacks (<= ``THIN_SLICE_MM``: the only 10 mm gaps, the clinical case, but 8 of ACDC's 85 training patients) are
-    drawn ``thin_weight`` times as often.
+    The estimates are the model's own output for slices removed from each training stack (every other slice, both
+    parities, K=2; every third from the first, K=3: 10-30 mm gaps), made once when the stage starts, unrefined for
+    the refiner (``refine=False``: its training data is what it will see) and final for the error head, with the
+    warped neighbours exactly as ``generation.generate_missing_phases`` makes them. Examples from thin-slice stacks
+    (<= ``THIN_SLICE_MM``: the only 10 mm gaps, the clinical case, but 8 of ACDC's 85 training patients) are drawn
+    ``thin_weight`` times as often.
     """
 
     REMOVALS = ((2, 0), (2, 1), (3, 0))  # (K, first kept slice)
 
     def __init__(self, model, volumes: list[Volume], crop: int, generator: torch.Generator, device, steps: int,
-                 thin_weight: float = 1.0):
+                 thin_weight: float = 1.0, refine: bool = False):
         from ..generation import pad_to_multiple, generate_missing
         from ..geometry import dense_positions
         from ..motion import stack_flows, warped_neighbours
@@ -305,7 +306,7 @@ class RefinerSampler:
                 kept = np.ascontiguousarray(v.stack[first::factor])
                 if len(kept) < 2:
                     continue
-                estimate = generate_missing(model, kept, factor, steps, device=device, refine=False)[0]
+                estimate = generate_missing(model, kept, factor, steps, device=device, refine=refine)[0]
                 padded, ph, pw = pad_to_multiple(kept[None], model.spatial_multiple)
                 below, above, alpha = dense_positions(len(kept), factor)
                 images = torch.from_numpy(padded[0])[:, None]

@@ -1,8 +1,8 @@
 """``calid train``: the VAE, then the conditional latent denoiser (tau_theta1, tau_theta2, epsilon_theta jointly), then,
-for motion-aware models, the optional pixel-space refiner.
+for motion-aware models, the optional pixel-space refiner and the error head of the uncertainty map.
 
-One run goes through the stages with a single global step counter (``vae_steps``, ``denoiser_steps``, then
-``refiner_steps``), writes an atomic checkpoint every ``checkpoint_every`` steps and at the end of each
+One run goes through the stages with a single global step counter (``vae_steps``, ``denoiser_steps``,
+``refiner_steps``, then ``error_head_steps``), writes an atomic checkpoint every ``checkpoint_every`` steps and at the end of each
 stage, and can be resumed exactly (weights, EMA, optimizer, LR position, sampler RNG). Under ``torchrun``
 the trained network is wrapped in DistributedDataParallel; each rank draws its own batches.
 Fine-tuning (``init``) starts from an existing model and, by default, trains only the denoiser.
@@ -26,10 +26,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..devices import autocast, resolve_device
 from ..errors import CalidError
-from ..generation import default_steps, generate_missing
+from ..generation import default_steps, expected_error, generate_missing
 from ..metrics import linear_missing, slice_scores
 from ..modelstore import inherited_provenance, load_model, save_model
-from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID
+from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID, laplace_nll
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
@@ -43,7 +43,7 @@ CHECKPOINT = "checkpoint.safetensors"
 KL_WEIGHT = 1e-6
 REFINER_LOSSES = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
-                 "val_ssim_model", "val_ssim_linear"]
+                 "val_ssim_model", "val_ssim_linear", "val_error_ratio"]
 
 
 def _distributed() -> tuple[int, int]:
@@ -90,14 +90,19 @@ class Trainer:
             if self.model.motion is None:
                 raise CalidError("--refiner-steps needs a motion-aware model (--motion, or an --init model that is one)")
             self.model.add_refiner()
+        if cfg.error_head_steps > 0 and self.model.error_head is None:
+            if self.model.motion is None:
+                raise CalidError("--error-head-steps needs a motion-aware model (--motion, or an --init model that is one)")
+            self.model.add_error_head()
         self.model.to(self.device)
         self.min_timestep = self._keep_sampling_on_trained_timesteps()
         self.vae_steps = 0 if cfg.init else cfg.vae_steps
         vae_end, denoiser_end = self.vae_steps, self.vae_steps + cfg.denoiser_steps
-        # Each stage's global step range: one counter runs through the VAE, the denoiser and the refiner.
-        self.stages = {"vae": (0, vae_end), "denoiser": (vae_end, denoiser_end),
-                       "refiner": (denoiser_end, denoiser_end + cfg.refiner_steps)}
-        self.total_steps = denoiser_end + cfg.refiner_steps
+        refiner_end = denoiser_end + cfg.refiner_steps
+        # Each stage's global step range: one counter runs through the VAE, the denoiser, the refiner, the error head.
+        self.stages = {"vae": (0, vae_end), "denoiser": (vae_end, denoiser_end), "refiner": (denoiser_end, refiner_end),
+                       "error_head": (refiner_end, refiner_end + cfg.error_head_steps)}
+        self.total_steps = refiner_end + cfg.error_head_steps
         self.history: list[dict[str, Any]] = []
         self.last_validation: dict[str, float] = {}
 
@@ -192,7 +197,8 @@ class Trainer:
     def _stage(self, stage: str, step: int, progress: Progress) -> int:
         cfg = self.cfg
         start, end = self.stages[stage]
-        trained = {"vae": self.model.vae, "denoiser": self.model.interpolator, "refiner": self.model.refiner}[stage]
+        trained = {"vae": self.model.vae, "denoiser": self.model.interpolator, "refiner": self.model.refiner,
+                   "error_head": self.model.error_head}[stage]
         for p in self.model.parameters():
             p.requires_grad_(False)
         for p in trained.parameters():
@@ -219,12 +225,12 @@ class Trainer:
         net = DistributedDataParallel(trained) if self.world > 1 else trained
         if stage == "vae":
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
-        elif stage == "refiner":
-            progress.set_stage("making the refiner's examples")  # the model's own output on removed training slices
+        elif stage in ("refiner", "error_head"):
+            progress.set_stage(f"making the {stage.replace('_', ' ')}'s examples")  # the model's output on removed slices
             self.model.eval()
-            sampler = data.RefinerSampler(self.model, self.train_volumes, cfg.latent_crop * self.model.vae_downsampling,
-                                          self.generator, self.device, default_steps(self.model),
-                                          cfg.refiner_thin_weight)
+            sampler = data.EstimateSampler(self.model, self.train_volumes, cfg.latent_crop * self.model.vae_downsampling,
+                                           self.generator, self.device, default_steps(self.model),
+                                           cfg.refiner_thin_weight, refine=stage == "error_head")
         else:
             latents = None
             if self.model.motion is None:
@@ -248,6 +254,9 @@ class Trainer:
                 elif stage == "refiner":
                     estimate, below, above, target, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
                     loss = REFINER_LOSSES[cfg.refiner_loss](net(estimate, below, above, alpha).float(), target)
+                elif stage == "error_head":
+                    estimate, below, above, target, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
+                    loss = laplace_nll(net(estimate, below, above, alpha).float(), estimate, target)
                 else:
                     below, target, above, alpha = self._latent_triplets(sampler, cfg.denoiser_batch)
                     clean = self.model.to_diffusion(target, below, above, alpha)
@@ -332,9 +341,11 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self, model: CaLID, step: int, progress: Progress) -> None:
-        """Removed-slice protocol, K=2, model default steps, a few validation stacks: model vs linear."""
+        """Removed-slice protocol, K=2, model default steps, a few validation stacks: model vs linear, and (models
+        with an error head) the ratio of the mean predicted to the mean actual absolute error."""
         model.eval()
         scores = {"model": [], "linear": []}
+        predicted, actual = [], []
         for v in self.val_volumes:
             n = (v.stack.shape[0] - 1) // 2 * 2 + 1
             real = v.stack[:n]
@@ -342,10 +353,15 @@ class Trainer:
             generated = generate_missing(model, kept, 2, default_steps(model), device=self.device)[0]
             scores["model"].append(slice_scores(real[1::2], generated, real))
             scores["linear"].append(slice_scores(real[1::2], linear_missing(kept, 2), real))
+            if model.error_head is not None:
+                predicted.append(float(expected_error(model, kept[None], generated[None], 2, self.device).mean()))
+                actual.append(float(np.abs(real[1::2] - generated).mean()))
         row = {"step": step, "stage": "validation"}
         for name, values in scores.items():
             row[f"val_psnr_{name}"] = float(np.mean([s[0] for s in values]))
             row[f"val_ssim_{name}"] = float(np.mean([s[1] for s in values]))
+        if predicted:
+            row["val_error_ratio"] = float(np.sum(predicted) / max(np.sum(actual), 1e-12))
         self.last_validation = {k: v for k, v in row.items() if k.startswith("val_")}
         self._log(row, progress)
 
@@ -365,6 +381,7 @@ class Trainer:
                 "vae_steps": self.vae_steps,
                 "denoiser_steps": cfg.denoiser_steps,
                 "refiner_steps": cfg.refiner_steps,
+                "error_head_steps": cfg.error_head_steps,
                 "base_model": self.base_card.get("name") if cfg.init else None,
                 "base_model_sha256": self.base_card.get("sha256") if cfg.init else None,
                 "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "extra")},

@@ -1,0 +1,149 @@
+"""The calibrated uncertainty map (issue 16): the error head's loss, the map's units and geometry, the per-slice
+figures in the command line's JSON, training the head, and the calibration report of ``calid evaluate``.
+
+The models here are tiny and random (``conftest``): these tests check what the map means and where it lies, not
+how well it is calibrated, which ``calid evaluate --uncertainty`` measures on real patients.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from calid import UpsampleOptions, upsample_image
+from calid.calibration import calibration_report
+from calid.cli import main
+from calid.modelstore import load_model
+from calid.networks import laplace_nll
+from calid.uncertainty import slice_summaries
+
+OBLIQUE = (0.8, -0.6, 0.0, 0.36, 0.48, -0.8, 0.48, 0.64, 0.6)
+
+
+def test_laplace_loss_is_lowest_where_the_scale_is_the_mean_absolute_error():
+    torch.manual_seed(0)
+    estimate, target = torch.zeros(1, 1, 64, 64), torch.randn(1, 1, 64, 64) * 0.3
+    mean_abs = float(target.abs().mean())
+    scales = torch.linspace(0.05, 1.0, 96)
+    losses = [float(laplace_nll(torch.full_like(target, float(b)).log(), estimate, target)) for b in scales]
+    assert abs(float(scales[int(np.argmin(losses))]) - mean_abs) < 0.012
+
+
+def test_calibration_report_of_a_calibrated_map_is_one_and_of_a_doubled_map_is_two():
+    rng = np.random.default_rng(0)
+    scale = rng.uniform(0.01, 0.2, 400_000)
+    error = rng.laplace(0.0, scale)
+    right, doubled = calibration_report(scale, np.abs(error)), calibration_report(2 * scale, np.abs(error))
+    assert right["ratio"] == pytest.approx(1.0, abs=0.01) and doubled["ratio"] == pytest.approx(2.0, abs=0.02)
+    low, high = right["worst_bin_ratios"]
+    assert 0.95 < low <= high < 1.05  # every judged bin, not only the mean
+    assert sum(b["share"] for b in right["bins"]) == pytest.approx(1.0)
+    assert right["spearman"] > 0.3 and calibration_report(rng.permutation(scale), np.abs(error))["spearman"] < 0.02
+
+
+def test_map_is_in_the_inputs_units_zero_on_acquired_slices_and_on_the_dense_grid(small_image, error_head_model_dir):
+    model, _ = load_model(error_head_model_dir)
+    image = sitk.Cast(small_image, sitk.sitkFloat32)
+    image.SetDirection(OBLIQUE)
+    options = UpsampleOptions(factor=2, steps=1, device="cpu")
+    result = upsample_image(image, options, model, want_uncertainty=True)
+    tripled = upsample_image(image * 3.0, options, model, want_uncertainty=True)
+    expected = sitk.GetArrayFromImage(result.uncertainty)
+    for field in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(result.uncertainty, field)() == getattr(result.image, field)()
+    assert not expected[::2].any() and (expected[1::2] > 0).all()
+    # Intensities three times larger: the same slices three times further off, so the map triples.
+    np.testing.assert_allclose(sitk.GetArrayFromImage(tripled.uncertainty), 3 * expected, rtol=1e-4)
+    assert [s["slice"] for s in result.uncertainty_slices] == [1, 3, 5, 7, 9]
+    np.testing.assert_allclose([s["expected_error"] for s in result.uncertainty_slices],
+                               expected[1::2].mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_map_does_not_need_samples_and_samples_do_not_change_its_meaning(small_image, error_head_model_dir):
+    model, _ = load_model(error_head_model_dir)
+    one = upsample_image(small_image, UpsampleOptions(factor=2, steps=1, device="cpu"), model, want_uncertainty=True)
+    four = upsample_image(small_image, UpsampleOptions(factor=2, steps=1, samples=4, device="cpu"), model,
+                          want_uncertainty=True)
+    a, b = (sitk.GetArrayFromImage(r.uncertainty)[1::2] for r in (one, four))
+    assert not np.array_equal(a, b) and 0.5 < b.mean() / a.mean() < 2  # the head judges the averaged estimate
+
+
+def test_slice_summaries_average_inside_the_labels_of_each_generated_slice():
+    values = np.zeros((5, 4, 6), np.float32)  # dense stack along z (numpy axis 0): acquired 0, 2, 4
+    values[1], values[3] = 2.0, 4.0
+    values[3, :2] = 10.0
+    labels = np.zeros((5, 4, 6), np.uint8)
+    labels[3, :2, :3] = 2
+    summaries = slice_summaries(sitk.GetImageFromArray(values), 2, 2, sitk.GetImageFromArray(labels))
+    assert summaries == [{"slice": 1, "expected_error": 2.0, "heart_expected_error": None},
+                         {"slice": 3, "expected_error": 7.0, "heart_expected_error": 10.0}]
+
+
+def test_upsample_json_names_the_unit_and_every_generated_slice_with_its_heart_figure(tmp_path, small_image,
+                                                                                    error_head_model_dir, capsys):
+    source = tmp_path / "in.nrrd"
+    sitk.WriteImage(small_image, str(source))
+    code = main(["upsample", str(source), str(tmp_path / "out.nrrd"), "--model", str(error_head_model_dir),
+                 "--uncertainty", str(tmp_path / "u.nrrd"), "--segmentation", str(tmp_path / "labels.nrrd"),
+                 "--steps", "1", "--progress", "json"])
+    assert code == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert done["event"] == "done" and done["uncertainty_unit"] == "expected |error|, input intensity units"
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "u.nrrd")))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels.nrrd")))
+    assert [s["slice"] for s in done["uncertainty_slices"]] == [1, 3, 5, 7, 9]
+    for entry in done["uncertainty_slices"]:
+        k, heart = entry["slice"], labels[entry["slice"]] > 0
+        assert entry["expected_error"] == pytest.approx(float(expected[k].mean()), rel=1e-5)
+        assert entry["heart_expected_error"] == (pytest.approx(float(expected[k][heart].mean()), rel=1e-5)
+                                                 if heart.any() else None)
+
+
+def test_error_head_stage_trains_the_head_only_and_its_model_gives_a_map(dataset, tmp_path, error_head_model_dir,
+                                                                         small_image):
+    from calid.training.config import TrainConfig
+    from calid.training.trainer import train
+
+    model_dir = train(TrainConfig(data=[str(dataset)], output=str(tmp_path / "head"), init=str(error_head_model_dir),
+                                  denoiser_steps=0, error_head_steps=4, denoiser_batch=2, lr=1e-2, warmup=1,
+                                  val_every=4, val_volumes=1, log_every=2, val_fraction=0.25, device="cpu"), "none")
+    trained, card = load_model(model_dir)
+    base, _ = load_model(error_head_model_dir)
+    assert card["config"]["error_head"] and card["training"]["error_head_steps"] == 4
+    kept = {k: v for k, v in trained.state_dict().items() if not k.startswith("error_head.")}
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in kept.items())  # the rest of the model is untouched
+    rows = [json.loads(line) for line in (tmp_path / "head" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("val_error_ratio", 0) > 0 for r in rows)  # validation reports predicted / actual error
+    result = upsample_image(small_image, UpsampleOptions(factor=2, steps=1, device="cpu"), trained,
+                            want_uncertainty=True)
+    assert sitk.GetArrayFromImage(result.uncertainty)[1::2].min() > 0
+
+
+def test_error_head_needs_a_motion_aware_model(dataset, tmp_path, tiny_model_dir):
+    from calid.errors import CalidError
+    from calid.training.config import TrainConfig
+    from calid.training.trainer import Trainer
+
+    with pytest.raises(CalidError, match="motion-aware"):
+        Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "e"), init=str(tiny_model_dir),
+                            error_head_steps=2))
+
+
+@pytest.mark.slow
+def test_evaluate_reports_calibration_per_setting_and_region_with_a_diagram(dataset, tmp_path, error_head_model_dir,
+                                                                            capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(dataset), "--output", str(out), "--model", str(error_head_model_dir), "--factor", "2",
+                 "--steps", "1", "--patients", "patient000,patient003", "--uncertainty", "--progress", "none"]) == 0
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    regions = report["calibration"]["K=2, 10 mm stacks (20 mm gaps)"]
+    assert set(regions) == {"slice", "heart"}  # the sample is a crop of the heart: its box is the whole slice
+    for r in regions.values():
+        assert r["ratio"] == pytest.approx(r["mean_predicted"] / r["mean_actual"])
+        assert sum(b["share"] for b in r["bins"]) == pytest.approx(1.0) and -1 <= r["spearman"] <= 1
+    assert "Uncertainty map against the actual |error|" in capsys.readouterr().out
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
