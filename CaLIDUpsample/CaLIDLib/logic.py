@@ -6,6 +6,9 @@ run leaves the scene unchanged). Starting, polling, cancelling and cleaning up a
 
 A cine (the proxy volume of a sequence browser) goes to the worker as one ``.seq.nrrd``; its result becomes a
 new sequence synchronized in the same browser, so the dense frames play with the input (``sequences.py``).
+
+An uncertainty output (the model's expected absolute error per voxel) is overlaid on the result in the slice
+views, and the per-slice figures of the worker's ``done`` event become a table (``uncertainty.py``).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .background import ProgressCallback, WorkerError, WorkerLogic
+from .protocol import WorkerEvent
 from .segmentations import load_labels_into_segmentation, volumes_table, write_segmentation_labels
 from .sequences import add_to_browser, find_sequence, read_sequence_like, write_sequence
+from .uncertainty import per_slice, show_uncertainty, uncertainty_table
 from .volumes import update_node_from_file, write_node
 
 __all__ = ["CaLIDUpsampleLogic", "WorkerError"]
@@ -28,15 +33,24 @@ def _output_name(input_name: str, method: str, factor: int, spacing) -> str:
 class CaLIDUpsampleLogic(WorkerLogic):
     lastVolumesTable = None
     """The table node of structure volumes written by the last run with a segmentation output."""
+    lastUncertaintyTable = None
+    """The table node of per-slice expected errors of the last run with an uncertainty output (None when its
+    worker gave no per-slice figures)."""
+    lastUncertaintySlices: list = []
+    """Those figures as dicts: ``slice``, ``position_mm``, ``expected_error``, ``heart_expected_error``."""
+    _done: dict = {}
+    """The ``done`` event of the current run (its summary: slice axis, per-slice figures)."""
 
     # ------------------------------------------------------------------ command
     def workerCommand(self, inputPath: Path, outputPath: Path, factor=2, spacing=None, device="auto", steps=None, seed=0,
                       model=None, samples=1, uncertaintyPath=None, segmentationPath=None,
                       inputSegmentationPath=None, method="calid") -> list[str]:
         """``steps`` None (or 0, the panel's "model default") leaves the choice to the model's card; ``method`` is
-        ``calid upsample --method`` (the model, or a peer to compare with: "morph", "linear")."""
+        ``calid upsample --method`` (the model, or a peer to compare with: "morph", "linear"). ``--samples`` only
+        when averaging: the uncertainty map comes from the model's error head, not from samples."""
         cmd = [self.python, "-m", "calid", "upsample", str(inputPath), str(outputPath), "--progress", "json",
-               "--device", device, "--seed", str(seed), "--samples", str(samples), "--method", method]
+               "--device", device, "--seed", str(seed), "--method", method]
+        cmd += ["--samples", str(samples)] if samples > 1 else []
         cmd += ["--steps", str(steps)] if steps else []
         cmd += ["--spacing", str(spacing)] if spacing else ["--factor", str(factor)]
         if model:
@@ -67,6 +81,13 @@ class CaLIDUpsampleLogic(WorkerLogic):
         from ``inputSegmentation`` (the user's segments on the acquired slices, kept exactly) when given;
         the structure volumes go to ``outputTable`` (created when None). Non-blocking: call ``poll()`` until it
         returns False; ``onFinished(outputVolume, error)`` is called.
+
+        ``uncertaintyVolume`` (method "calid"): filled with the expected absolute error of each voxel, in the
+        input's intensity units, predicted by the model's error head (0 on acquired slices), and overlaid on the
+        output in the slice views. Its per-slice figures (dense slice index, position along the slice normal,
+        expected error, and inside the heart when segmenting) are the table ``lastUncertaintyTable``, named
+        "<uncertainty> per slice", and ``lastUncertaintySlices``: with the uncertainty node, what a console user
+        reads after the run.
         """
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("input volume is empty")
@@ -82,6 +103,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
                                          method=method)
 
         def prepare(folder: Path):
+            self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None  # this run's only
             write_node(inputVolume, folder / "input.nrrd")
             uncertaintyPath = folder / "uncertainty.nrrd" if uncertaintyVolume is not None else None
             labelsPath = folder / "labels.nrrd" if outputSegmentation is not None else None
@@ -131,9 +153,9 @@ class CaLIDUpsampleLogic(WorkerLogic):
                      outputSegmentation=None, outputTable=None):
         output = outputVolume or self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         update_node_from_file(output, folder / "output.nrrd")
-        if uncertaintyVolume is not None:
-            update_node_from_file(uncertaintyVolume, folder / "uncertainty.nrrd")
         self._showLikeInput(inputVolume, output)
+        if uncertaintyVolume is not None:
+            self._loadUncertainty(folder / "uncertainty.nrrd", inputVolume, output, uncertaintyVolume)
         if outputSegmentation is not None:
             load_labels_into_segmentation(self.scene, folder / "labels.nrrd", outputSegmentation, output)
             self.lastVolumesTable = volumes_table(self.scene, folder / "labels.nrrd",
@@ -141,6 +163,21 @@ class CaLIDUpsampleLogic(WorkerLogic):
             self._placeBeside(inputVolume, outputSegmentation)
             self._placeBeside(inputVolume, self.lastVolumesTable)
         return output
+
+    def _onEvent(self, event: WorkerEvent) -> None:
+        if event.kind == "done":
+            self._done = event.data
+
+    def _loadUncertainty(self, path: Path, inputVolume, output, uncertainty) -> None:
+        """The map on the output's grid, overlaid on it, and its per-slice table beside the input."""
+        update_node_from_file(uncertainty, path)
+        show_uncertainty(self.scene, uncertainty, output)
+        self._placeBeside(inputVolume, uncertainty)
+        self.lastUncertaintySlices = per_slice(self._done.get("uncertainty_slices") or [], output,
+                                               self._done.get("slice_axis", 2))
+        if self.lastUncertaintySlices:
+            self.lastUncertaintyTable = uncertainty_table(self.scene, self.lastUncertaintySlices, uncertainty)
+            self._placeBeside(inputVolume, self.lastUncertaintyTable)
 
     def _showLikeInput(self, inputVolume, outputVolume) -> None:
         """Same window/level as the input, and the same place (study) in the subject hierarchy."""
