@@ -38,6 +38,7 @@ from CaLIDLib.dependencies import (  # noqa: E402
     missing_requirements,
     self_test_skip_reason,
 )
+from CaLIDLib.uncertainty import largest_error_sentence  # noqa: E402
 from CaLIDLib.views import show_table  # noqa: E402
 from calid.modelindex import DEFAULT_MODEL, import_model, list_models, user_models_dir  # noqa: E402
 
@@ -341,6 +342,7 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         self.ui.applyButton.toolTip = _("Upsample the input volume") if ready else _("Select an input volume")
         self.ui.targetSpacingSpinBox.enabled = bool(p and p.useTargetSpacing)
         self.ui.factorSpinBox.enabled = not (p and p.useTargetSpacing)
+        self.ui.uncertaintySelector.enabled = bool(p and p.method == "calid")  # the model's error head: no peer has one
 
     # -------------------------------------------------------------- models
     def onImportModel(self):
@@ -373,7 +375,8 @@ class CaLIDUpsampleWidget(CaLIDPanel):
                 p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,
                 spacing=p.targetSpacing if p.useTargetSpacing else None,
                 device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model, method=p.method,
-                uncertaintyVolume=p.uncertaintyVolume if p.samples > 1 else None, outputSegmentation=p.outputSegmentation,
+                uncertaintyVolume=p.uncertaintyVolume if p.method == "calid" else None,
+                outputSegmentation=p.outputSegmentation,
                 inputSegmentation=p.inputSegmentation if p.outputSegmentation else None, waitForCompletion=False,
                 progressCallback=self._onProgress, onFinished=self._onFinished,
             )
@@ -389,6 +392,9 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             self._parameterNode.outputVolume = outputVolume
             slicer.util.setSliceViewerLayers(background=outputVolume, fit=True)
             self._log(_("Done: ") + outputVolume.GetName())
+            sentence = largest_error_sentence(self.logic.lastUncertaintySlices)
+            if sentence:
+                self._log(sentence)
             if self._parameterNode.outputSegmentation is not None and self.logic.lastVolumesTable is not None:
                 show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastVolumesTable)
         self.updateButtons()
