@@ -1,7 +1,7 @@
 """Cine upsampling on the 5 Sunnybrook cines: removed-slice quality over all phases, temporal flicker, speed.
 
     python Testing/Benchmarks/cine_sunnybrook.py [--data ../shared/data/sunnybrook] [--threads 2] [--model NAME]
-        [--held-out-models DIR] [--skip-timing]
+        [--held-out-models DIR] [--skip-timing] [--uncertainty]
 
 Protocol (``shared/docs/evaluation.md``, K=2, every phase): keep slices 0, 2, 4, ... of each 4D cine, upsample
 the kept cine by 2 with ``calid-acdc``'s default options (the ACDC-only model: the default, ``calid-acdc-scd``,
@@ -14,7 +14,10 @@ across phases (the default) and independent per-phase noise. Speed: wall time of
 process (start, imports, model load, read, generate, write) on a 20-phase cine with >= 12 slices, x2, CPU.
 ``--held-out-models DIR`` scores each cine with the model fine-tuned without it (leave-one-patient-out, written by
 ``finetune_sunnybrook.py --keep-models DIR``): what a site gets after fine-tuning on its own cines.
-Not a test: it prints a Markdown table.
+``--uncertainty``: the shared-noise run also writes the model's uncertainty map (every phase), judged against the
+actual errors of the removed slices as ``calid evaluate --uncertainty`` does (``calid.calibration``, all cines
+pooled), with its cost: seconds of the same upsampling with and without the map.
+Not a test: it prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
 from calid import geometry  # noqa: E402
+from calid.calibration import CalibrationPool, markdown as calibration_markdown  # noqa: E402
 from calid.cine import cine_from_4d  # noqa: E402
 from calid.engine import UpsampleOptions, upsample_cine  # noqa: E402
 from calid.evaluation import PEER_FLOW  # noqa: E402
@@ -78,7 +82,8 @@ def phase_scores(real: np.ndarray, estimate: np.ndarray, box) -> np.ndarray:
     return np.asarray(rows)
 
 
-def evaluate_case(path: Path, model) -> dict:
+def evaluate_case(path: Path, model, pools: dict[str, CalibrationPool] | None = None) -> dict:
+    """Scores of one cine; with ``pools`` ({"slice": ..., "heart": ...}) the map's calibration data go there too."""
     kept_image, real, kept, box = removed_slice_case(path)
     removed = real[:, 1::FACTOR]
     linear = np.stack([linear_missing(k, FACTOR) for k in kept])
@@ -89,14 +94,26 @@ def evaluate_case(path: Path, model) -> dict:
            "morph": phase_scores(real, morph, box).mean(axis=0), "flicker_morph": flicker(morph) / flicker(removed)}
     for noise in NOISES:
         started = time.perf_counter()
-        result = upsample_cine(cine_from_4d(kept_image), UpsampleOptions(factor=FACTOR, device="cpu", cine_noise=noise),
-                               model=model)
+        options = UpsampleOptions(factor=FACTOR, device="cpu", cine_noise=noise)
+        result = upsample_cine(cine_from_4d(kept_image), options, model=model)
         dense = np.stack([geometry.to_stack(a, 2) for a in sitk.GetArrayFromImage(result.image)])
         assert dense.shape == real.shape and np.array_equal(dense[:, ::FACTOR], kept), "acquired slices changed"
         estimate = dense[:, 1::FACTOR]
         row[noise] = phase_scores(real, estimate, box).mean(axis=0)
         row[f"flicker_{noise}"] = flicker(estimate) / flicker(removed)
         row[f"seconds_{noise}"] = time.perf_counter() - started
+    if pools is not None:
+        started = time.perf_counter()
+        result = upsample_cine(cine_from_4d(kept_image), UpsampleOptions(factor=FACTOR, device="cpu"), model=model,
+                               want_uncertainty=True)
+        row["seconds_with_map"] = time.perf_counter() - started
+        predicted = np.stack([geometry.to_stack(a, 2) for a in sitk.GetArrayFromImage(result.uncertainty)])[:, 1::FACTOR]
+        estimate = np.stack([geometry.to_stack(a, 2) for a in sitk.GetArrayFromImage(result.image)])[:, 1::FACTOR]
+        low, high = np.percentile(real, [1, 99])
+        error = removed.astype(np.float64) - estimate
+        pools["slice"].add(predicted, error, high - low)
+        if box is not None:
+            pools["heart"].add(predicted[..., box[0], box[1]], error[..., box[0], box[1]], high - low)
     return row
 
 
@@ -153,22 +170,30 @@ def main() -> None:
                         help="score each cine with DIR/<patient>, a model fine-tuned without that patient "
                              "(finetune_sunnybrook.py --keep-models DIR) instead of --model")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--uncertainty", action="store_true", help="also judge the model's uncertainty map")
     args = parser.parse_args()
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     torch.set_num_threads(args.threads)
     cases = sorted(args.data.glob("SCD*_sa_cine.nii.gz"))
     model, _ = load_model(args.model, torch.device("cpu"))
     rows = []
+    pools = {"slice": CalibrationPool(), "heart": CalibrationPool()} if args.uncertainty else None
     for path in cases:
         if args.held_out_models:
             model, _ = load_model(args.held_out_models / path.name.split("_")[0], torch.device("cpu"))
-        rows.append(evaluate_case(path, model))
+        rows.append(evaluate_case(path, model, pools))
         print(f"{path.name}: done", file=sys.stderr, flush=True)
     big = next(p for p in cases if sitk.ReadImage(str(p)).GetSize()[2] >= 12)
     size = "x".join(str(s) for s in sitk.ReadImage(str(big)).GetSize())
     speed = (f"{big.name.split('_')[0]} ({size})", float("nan") if args.skip_timing else time_cli(big, args.threads,
                                                                                                     args.model))
     print(table(rows, speed, args.threads))
+    if pools is not None:
+        plain = np.mean([r["seconds_shared"] for r in rows])
+        with_map = np.mean([r["seconds_with_map"] for r in rows])
+        print(f"\nUncertainty map, all phases of all cines pooled (K=2, removed slices; map cost: {with_map:.1f} s "
+              f"per cine with it, {plain:.1f} s without, in-process):\n")
+        print(calibration_markdown({"Sunnybrook K=2": {region: pool.report() for region, pool in pools.items()}}))
 
 
 if __name__ == "__main__":
