@@ -171,8 +171,8 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
     if want_uncertainty:
         if progress is not None:
             progress.set_stage("predicting the expected error")
-        error = intensity.size_from_network(expected_error(model, network_stacks, generated, factor, device,
-                                                           options.batch_size))
+        error = intensity.size_from_network(expected_error(model, network_stacks, generated, factor,
+                                                           image.GetSpacing()[axis], device, options.batch_size))
     generated = intensity.from_network(generated)
 
     def dense_image(acquired: np.ndarray, new: np.ndarray, dtype: np.dtype) -> sitk.Image:

@@ -251,10 +251,11 @@ def generate_missing_phases(
 
 
 @torch.no_grad()
-def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, factor: int,
+def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, factor: int, gap_mm: float,
                    device: torch.device | str = "cpu", batch_size: int | None = None) -> np.ndarray:
     """The model's error head on generated slices: expected absolute error (phases, missing, h, w), network units.
 
+    ``gap_mm``: the distance between neighbouring acquired slices (the input's slice spacing).
     ``generated`` (phases, missing, h, w) is the estimate for ``stacks`` (phases, n, h, w) in the same range, as
     ``generate_missing_phases`` (averaged over samples) returns it. The flows are estimated again (DIS: ~5 ms a gap)
     so that the map can be asked of any estimate, the refined one included.
@@ -268,11 +269,13 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
     flat = np.ascontiguousarray(generated.reshape(phases * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)
     batch = batch_size or choose_batch_size(device, gaps.padded.shape[2] * gaps.padded.shape[3] // 16)
+    gap = torch.full((len(gaps),), float(gap_mm), device=device)
 
     def predict(part: slice) -> None:
         estimate = gaps.pad(flat[part], float(gaps.padded.min())).to(device)
         with autocast(device):
-            log_scale = model.error_head(estimate, *(w.to(device) for w in gaps.warped(part)), gaps.alpha[part].to(device))
+            log_scale = model.error_head(estimate, *(w.to(device) for w in gaps.warped(part)), gaps.alpha[part].to(device),
+                                         gap[part])
             out[part] = gaps.crop(log_scale.float().exp())
 
     run_batched(predict, len(gaps), batch)

@@ -189,16 +189,19 @@ class Refiner(nn.Module):
         return estimate + self.gain * self.net(_pixel_inputs(estimate, warped_below, warped_above, alpha))
 
 
+def _plane(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per item (N,) as a constant channel shaped like ``like`` (N, 1, H, W)."""
+    return values.reshape(-1, 1, 1, 1).to(like.dtype).expand_as(like)
+
+
 def _pixel_inputs(estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
-                  alpha: torch.Tensor, disagreement: bool = False) -> torch.Tensor:
-    """What the pixel-space stages see: the estimate, both warped neighbours (optionally their absolute
-    difference) and an alpha plane, as channels (N, 4 or 5, H, W)."""
-    plane = alpha.reshape(-1, 1, 1, 1).to(estimate.dtype).expand_as(estimate)
-    extra = [(warped_above - warped_below).abs()] if disagreement else []
-    return torch.cat([estimate, warped_below, warped_above, *extra, plane], dim=1)
+                  alpha: torch.Tensor) -> torch.Tensor:
+    """What the pixel-space stages see: the estimate, both warped neighbours and an alpha plane (N, 4, H, W)."""
+    return torch.cat([estimate, warped_below, warped_above, _plane(alpha, estimate)], dim=1)
 
 
 ERROR_HEAD_CONFIG: dict[str, Any] = {"channels": [16, 32, 64], "num_res_units": 1}
+GAP_UNIT_MM = 10.0  # the gap plane is the distance between the two acquired neighbours in units of 10 mm
 MIN_LOG_SCALE, MAX_LOG_SCALE = -9.0, 2.0  # 1e-4 to 7 network units (the range is about [-1, 1])
 INITIAL_LOG_SCALE = -2.5  # about the bundled models' mean |error| (0.08-0.13 network units): Adam moves a bias
 # ~lr a step, so starting at 0 (b = 1) cost ~1000 steps of the budget just to get there
@@ -209,23 +212,26 @@ class ErrorHead(nn.Module):
 
     b is the expected absolute error, so the map it gives is calibrated in intensity units (network units here;
     ``calid.engine`` maps them to the input's). Trained on the model's own output for slices removed from the
-    training stacks with the Laplace negative log-likelihood (``laplace_nll``). It sees what the refiner sees plus
-    the warped neighbours' disagreement, which is large where the flow could not explain the change between them.
+    training stacks with the Laplace negative log-likelihood (``laplace_nll``). It sees what the refiner sees, the
+    warped neighbours' disagreement (large where the flow could not explain the change between them), and the gap
+    in mm between them: without it, a head trained on 10 and 20 mm gaps over-predicted the error of every 10 mm
+    gap by 10-20 % (up to 1.68x in the lowest bin) on the ACDC validation patients.
     """
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
         channels = tuple(cfg["channels"])
-        self.net = UNet(spatial_dims=2, in_channels=5, out_channels=1, channels=channels,
+        self.net = UNet(spatial_dims=2, in_channels=6, out_channels=1, channels=channels,
                         strides=(2,) * (len(channels) - 1), num_res_units=cfg["num_res_units"])
         self.offset = nn.Parameter(torch.tensor(INITIAL_LOG_SCALE))
         self.multiple = 2 ** (len(channels) - 1)
 
     def forward(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
-                alpha: torch.Tensor) -> torch.Tensor:
+                alpha: torch.Tensor, gap_mm: torch.Tensor) -> torch.Tensor:
         """log b (N, 1, H, W): the Laplace scale's logarithm, which the loss takes; ``exp`` gives the expected
-        absolute error of ``estimate`` in network units."""
-        inputs = _pixel_inputs(estimate, warped_below, warped_above, alpha, disagreement=True)
+        absolute error of ``estimate`` in network units. ``gap_mm`` (N,): distance between the two neighbours."""
+        inputs = torch.cat([_pixel_inputs(estimate, warped_below, warped_above, alpha),
+                            (warped_above - warped_below).abs(), _plane(gap_mm / GAP_UNIT_MM, estimate)], dim=1)
         return (self.offset + self.net(inputs)).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
 
 

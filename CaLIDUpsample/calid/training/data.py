@@ -278,8 +278,8 @@ class MotionTripletSampler:
 
 
 class EstimateSampler:
-    """Random (estimate, warped below, warped above, target) image crops (N, 1, crop, crop) and alpha: the examples of
-    the pixel-space stages after generation, the refiner (``networks.Refiner``) and the error head (``ErrorHead``).
+    """Random (estimate, warped below, warped above, target) image crops (N, 1, crop, crop), alpha and the gap in mm
+    between the neighbours (N,): the examples of the pixel-space stages after generation, the refiner (``networks.Refiner``) and the error head (``ErrorHead``).
 
     The estimates are the model's own output for slices removed from each training stack (every other slice, both
     parities, K=2; every third from the first, K=3: 10-30 mm gaps), made once when the stage starts, unrefined for
@@ -299,7 +299,7 @@ class EstimateSampler:
 
         self.crop = crop
         self.generator = generator
-        self.items: list[tuple[torch.Tensor, float]] = []
+        self.items: list[tuple[torch.Tensor, float, float]] = []
         weights = []
         for v in volumes:
             for factor, first in self.REMOVALS:
@@ -316,16 +316,18 @@ class EstimateSampler:
                 wb, wa = (x[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w] for x in warped)
                 for i, (b, a) in enumerate(zip(below, alpha)):
                     target = torch.from_numpy(v.stack[first + b * factor + round(a * factor)])
-                    self.items.append((torch.stack([torch.from_numpy(estimate[i]), wb[i], wa[i], target]).half(), float(a)))
+                    self.items.append((torch.stack([torch.from_numpy(estimate[i]), wb[i], wa[i], target]).half(), float(a),
+                                       v.slice_spacing * factor))
                     weights.append(thin_weight if v.slice_spacing <= THIN_SLICE_MM else 1.0)
         self.weights = torch.tensor(weights, dtype=torch.float64)
 
     def batch(self, size: int) -> tuple[torch.Tensor, ...]:
         g = self.generator
-        crops, alphas = [], []
+        crops, alphas, gaps = [], [], []
         for i in torch.multinomial(self.weights, size, replacement=True, generator=g).tolist():
-            item, alpha = self.items[i]
+            item, alpha, gap_mm = self.items[i]
             crops.append(dihedral(crop_centred(item.float(), self.crop, g, -1.0), g))
             alphas.append(alpha)
+            gaps.append(gap_mm)
         estimate, below, above, target = torch.stack(crops)[:, :, None].unbind(1)
-        return estimate, below, above, target, torch.tensor(alphas)
+        return estimate, below, above, target, torch.tensor(alphas), torch.tensor(gaps)

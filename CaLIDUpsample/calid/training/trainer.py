@@ -252,11 +252,12 @@ class Trainer:
                     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum((1, 2, 3)).mean()
                     loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
                 elif stage == "refiner":
-                    estimate, below, above, target, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
+                    estimate, below, above, target, alpha, _ = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
                     loss = REFINER_LOSSES[cfg.refiner_loss](net(estimate, below, above, alpha).float(), target)
                 elif stage == "error_head":
-                    estimate, below, above, target, alpha = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
-                    loss = laplace_nll(net(estimate, below, above, alpha).float(), estimate, target)
+                    estimate, below, above, target, alpha, gap_mm = (t.to(self.device)
+                                                                     for t in sampler.batch(cfg.denoiser_batch))
+                    loss = laplace_nll(net(estimate, below, above, alpha, gap_mm).float(), estimate, target)
                 else:
                     below, target, above, alpha = self._latent_triplets(sampler, cfg.denoiser_batch)
                     clean = self.model.to_diffusion(target, below, above, alpha)
@@ -354,7 +355,8 @@ class Trainer:
             scores["model"].append(slice_scores(real[1::2], generated, real))
             scores["linear"].append(slice_scores(real[1::2], linear_missing(kept, 2), real))
             if model.error_head is not None:
-                predicted.append(float(expected_error(model, kept[None], generated[None], 2, self.device).mean()))
+                predicted.append(float(expected_error(model, kept[None], generated[None], 2, 2 * v.slice_spacing,
+                                                      self.device).mean()))
                 actual.append(float(np.abs(real[1::2] - generated).mean()))
         row = {"step": step, "stage": "validation"}
         for name, values in scores.items():
