@@ -1,7 +1,7 @@
 """Cine upsampling on the 5 Sunnybrook cines: removed-slice quality over all phases, temporal flicker, speed.
 
     python Testing/Benchmarks/cine_sunnybrook.py [--data ../shared/data/sunnybrook] [--threads 2] [--model NAME]
-        [--held-out-models DIR] [--skip-timing] [--uncertainty]
+        [--held-out-models DIR] [--skip-timing] [--uncertainty [--uncertainty-json FILE]]
 
 Protocol (``shared/docs/evaluation.md``, K=2, every phase): keep slices 0, 2, 4, ... of each 4D cine, upsample
 the kept cine by 2 with ``calid-acdc``'s default options (the ACDC-only model: the default, ``calid-acdc-scd``,
@@ -23,6 +23,7 @@ Not a test: it prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -171,6 +172,7 @@ def main() -> None:
                              "(finetune_sunnybrook.py --keep-models DIR) instead of --model")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--uncertainty", action="store_true", help="also judge the model's uncertainty map")
+    parser.add_argument("--uncertainty-json", type=Path, help="with --uncertainty: also write its report here (JSON)")
     args = parser.parse_args()
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     torch.set_num_threads(args.threads)
@@ -193,7 +195,11 @@ def main() -> None:
         with_map = np.mean([r["seconds_with_map"] for r in rows])
         print(f"\nUncertainty map, all phases of all cines pooled (K=2, removed slices; map cost: {with_map:.1f} s "
               f"per cine with it, {plain:.1f} s without, in-process):\n")
-        print(calibration_markdown({"Sunnybrook K=2": {region: pool.report() for region, pool in pools.items()}}))
+        reports = {region: pool.report() for region, pool in pools.items()}
+        print(calibration_markdown({"Sunnybrook K=2": reports}))
+        if args.uncertainty_json:
+            args.uncertainty_json.write_text(json.dumps({"seconds_with_map": with_map, "seconds_without": plain,
+                                                         **reports}, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
