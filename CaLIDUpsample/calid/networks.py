@@ -165,7 +165,9 @@ class LatentInterpolator(nn.Module):
         )
 
 
-REFINER_CONFIG: dict[str, Any] = {"channels": [16, 32, 64], "num_res_units": 1}
+REFINER_CONFIG: dict[str, Any] = {"channels": [16, 32, 64], "num_res_units": 1, "norm": "batch"}
+"""Batch norm for new refiners, as for the error head (``ERROR_HEAD_CONFIG``); configs without "norm" (the first
+refiners) keep MONAI's instance norm."""
 
 
 class Refiner(nn.Module):
@@ -180,7 +182,8 @@ class Refiner(nn.Module):
         super().__init__()
         channels = tuple(cfg["channels"])
         self.net = UNet(spatial_dims=2, in_channels=4, out_channels=1, channels=channels,
-                        strides=(2,) * (len(channels) - 1), num_res_units=cfg["num_res_units"])
+                        strides=(2,) * (len(channels) - 1), num_res_units=cfg["num_res_units"],
+                        norm=cfg.get("norm", "instance"))
         self.gain = nn.Parameter(torch.zeros(()))
         self.multiple = 2 ** (len(channels) - 1)
 
