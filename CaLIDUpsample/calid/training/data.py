@@ -321,6 +321,14 @@ class EstimateSampler:
                     weights.append(thin_weight if v.slice_spacing <= THIN_SLICE_MM else 1.0)
         self.weights = torch.tensor(weights, dtype=torch.float64)
 
+    def whole_slices(self, multiple: int):
+        """Every example uncropped, cut to a multiple of ``multiple`` in-plane (at most ``multiple - 1`` edge pixels
+        lost, no padding to distort sums): (estimate, below, above, target) (1, 1, H, W), alpha, gap (1,)."""
+        for item, alpha, gap_mm in self.items:
+            h, w = item.shape[-2:]
+            x = item.float()[:, None, None, : h - h % multiple, : w - w % multiple]
+            yield (*x.unbind(0), torch.tensor([alpha]), torch.tensor([gap_mm]))
+
     def batch(self, size: int) -> tuple[torch.Tensor, ...]:
         g = self.generator
         crops, alphas, gaps = [], [], []
