@@ -231,6 +231,8 @@ class ErrorHead(nn.Module):
                         strides=(2,) * (len(channels) - 1), num_res_units=cfg["num_res_units"], norm=cfg["norm"])
         self.offset = nn.Parameter(torch.tensor(INITIAL_LOG_SCALE))
         self.multiple = 2 ** (len(channels) - 1)
+        # Set after training by ``training.trainer.calibrate_error_head``: log b += log_factor + per_10mm * gap / 10.
+        self.calibration = dict(cfg.get("calibration") or {"log_factor": 0.0, "log_factor_per_10mm": 0.0})
 
     def forward(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
                 alpha: torch.Tensor, gap_mm: torch.Tensor) -> torch.Tensor:
@@ -238,7 +240,9 @@ class ErrorHead(nn.Module):
         absolute error of ``estimate`` in network units. ``gap_mm`` (N,): distance between the two neighbours."""
         inputs = torch.cat([_pixel_inputs(estimate, warped_below, warped_above, alpha),
                             (warped_above - warped_below).abs(), _plane(gap_mm / GAP_UNIT_MM, estimate)], dim=1)
-        return (self.offset + self.net(inputs)).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
+        c = self.calibration
+        shift = c["log_factor"] + c["log_factor_per_10mm"] * gap_mm.reshape(-1, 1, 1, 1).to(inputs.dtype) / GAP_UNIT_MM
+        return (self.offset + self.net(inputs) + shift).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
 
 
 def laplace_nll(log_scale: torch.Tensor, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,7 @@ def test_error_head_stage_trains_the_head_only_and_its_model_gives_a_map(dataset
     assert card["config"]["error_head"] and card["training"]["error_head_steps"] == 4
     kept = {k: v for k, v in trained.state_dict().items() if not k.startswith("error_head.")}
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in kept.items())  # the rest of the model is untouched
-    assert card["config"]["error_head"]["recalibration"] > 0  # recalibrated at the end of the stage (below)
+    assert card["config"]["error_head"]["calibration"]["log_factor"] != 0  # recalibrated at the end of the stage
     rows = [json.loads(line) for line in (tmp_path / "head" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("val_error_ratio", 0) > 0 for r in rows)  # validation reports predicted / actual error
     result = upsample_image(small_image, UpsampleOptions(factor=2, steps=1, device="cpu"), trained,
@@ -124,7 +124,7 @@ def test_error_head_stage_trains_the_head_only_and_its_model_gives_a_map(dataset
     assert sitk.GetArrayFromImage(result.uncertainty)[1::2].min() > 0
 
 
-def test_recalibration_makes_the_mean_predicted_error_the_mean_actual_error(dataset, error_head_model_dir):
+def test_recalibration_brings_each_gap_sizes_mean_prediction_to_its_mean_error(dataset, error_head_model_dir):
     from calid.training.data import EstimateSampler, find_volumes, load_volumes
     from calid.training.trainer import calibrate_error_head
 
@@ -132,18 +132,23 @@ def test_recalibration_makes_the_mean_predicted_error_the_mean_actual_error(data
     sampler = EstimateSampler(model, load_volumes(find_volumes([str(dataset)])), 32, torch.Generator().manual_seed(0),
                               "cpu", 1, refine=True)
 
-    def means():
-        pairs = [(float(model.error_head(e, b, a, alpha, gap).exp().sum()), float((t - e).abs().sum()))
-                 for e, b, a, t, alpha, gap in sampler.whole_slices(model.error_head.multiple)]
-        return sum(p for p, _ in pairs), sum(a for _, a in pairs)
+    def ratios() -> dict[float, float]:
+        sums: dict[float, list[float]] = {}
+        for e, b, a, t, alpha, gap in sampler.whole_slices(model.error_head.multiple):
+            group = sums.setdefault(float(gap), [0.0, 0.0])
+            group[0] += float(model.error_head(e, b, a, alpha, gap).exp().sum())
+            group[1] += float((t - e).abs().sum())
+        return {g: p / a for g, (p, a) in sums.items()}
 
     with torch.no_grad():
-        predicted, actual = means()
-        factor = calibrate_error_head(model, sampler, torch.device("cpu"))
-        assert factor == pytest.approx(actual / predicted, rel=1e-3) and abs(factor - 1) > 0.05  # random: far off
-        recalibrated, _ = means()
-    assert recalibrated == pytest.approx(actual, rel=1e-3)
-    assert calibrate_error_head(model, sampler, torch.device("cpu")) == pytest.approx(1.0, abs=1e-3)
+        before = ratios()
+        calibration = calibrate_error_head(model, sampler, torch.device("cpu"))
+        after = ratios()
+    assert len(before) == 2 and all(abs(np.log(r)) > 0.05 for r in before.values())  # random head: far off
+    assert all(abs(np.log(r)) < 0.01 for r in after.values())  # two gap sizes, a line through both: exact
+    assert model.config["error_head"]["calibration"] == calibration == model.error_head.calibration
+    again = calibrate_error_head(model, sampler, torch.device("cpu"))
+    assert again == pytest.approx(calibration, abs=1e-4)  # nothing left to correct
 
 
 def test_error_head_needs_a_motion_aware_model(dataset, tmp_path, tiny_model_dir):
