@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import vtk
-import vtk.util.numpy_support
 
-from .volumes import ijk_to_ras
+from .volumes import ijk_to_ras, voxels
 
 UNIT = "input intensity units"
 LEGEND_TITLE = f"expected |error| ({UNIT})"
@@ -29,10 +28,6 @@ HIGH_PERCENTILE = 99.0
 TABLE_REFERENCE = "CaLIDPerSliceTable"
 """Node reference from an uncertainty volume to its table, so a run into the same volume refills that table."""
 COLUMNS = ("slice", "position (mm)", "expected |error|", "heart expected |error|")
-
-
-def voxels(node) -> np.ndarray:
-    return vtk.util.numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
 
 
 def show_uncertainty(scene, uncertainty, background) -> None:

@@ -23,8 +23,13 @@ def ijk_to_ras(node) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def voxels(node) -> np.ndarray:
+    """The node's voxel values, flat (a view of its image data)."""
+    return vtk.util.numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
+
+
 def image_from_node(node) -> sitk.Image:
-    array = vtk.util.numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
+    array = voxels(node)
     dims = node.GetImageData().GetDimensions()
     image = sitk.GetImageFromArray(array.reshape(dims[2], dims[1], dims[0]).copy())
     m = ijk_to_ras(node)

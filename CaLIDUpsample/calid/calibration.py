@@ -4,7 +4,7 @@ A map is calibrated when its value is the expected size of the error where it sa
 a setting, mean predicted / mean actual absolute error is 1, and so it is in every bin of voxels grouped by their
 predicted error (the reliability table; its diagram is ``save_reliability_diagram``). The Spearman correlation
 says whether it also ranks the voxels (where). Volumes are pooled after dividing both by the volume's 1st-99th
-percentile range, the scale of the image metrics (``metrics.unit_scale``), so that no scanner's units dominate.
+percentile range, the scale of the image metrics (``metrics.unit_range``), so that no scanner's units dominate.
 """
 
 from __future__ import annotations

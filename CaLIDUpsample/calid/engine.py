@@ -21,7 +21,7 @@ from . import geometry, motion
 from .cine import Cine, read_input, write_cine
 from .devices import resolve_device
 from .errors import CalidError
-from .generation import MAX_SAMPLES, MAX_STEPS, default_steps, expected_error, generate_missing_phases
+from .generation import MAX_SAMPLES, MAX_STEPS, default_steps, expected_error, generate_missing_phases, require_error_head
 from .imageio import check_pixels, read_image, validate_volume, write_image
 from .intensity import IntensityMap
 from .metrics import linear_missing
@@ -111,9 +111,8 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
     if model is None:
         model, _ = load_model(options.model, device)
     model = model.to(device).eval()
-    if want_uncertainty and model.error_head is None:
-        raise CalidError("this model has no error head, so it gives no calibrated uncertainty map: use a bundled "
-                         "model, or train one with calid train --init MODEL --error-head-steps N")
+    if want_uncertainty:
+        require_error_head(model)  # before the generation it would come after
     if options.plus and model.diffusion_target != "latent":
         # The acquired slices are the alpha=0/1 ends of their gaps, where the residual is zero by definition:
         # their inversions carry no information (measured: 13.2 dB instead of 17.5 dB on two ACDC 5 mm stacks).

@@ -27,7 +27,7 @@ from .engine import UpsampleOptions, upsample_image
 from .errors import CalidError
 from .generation import default_steps
 from .imageio import FILE_SUFFIXES, read_image, validate_volume
-from .metrics import heart_box, linear_missing, slice_scores, unit_scale
+from .metrics import heart_box, linear_missing, slice_scores, unit_range, unit_scale
 from .modelstore import load_model
 from .motion import morph_missing
 from .progress import Progress
@@ -126,9 +126,8 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
         if box is not None:
             row[f"{method}_heart_psnr"], row[f"{method}_heart_ssim"] = slice_scores(real[removed], estimate, real, box)
     if want_uncertainty:
-        low, high = np.percentile(real, [1, 99])
         predicted = geometry.to_stack(sitk.GetArrayFromImage(result.uncertainty), axis)[removed]
-        row["_calibration"] = (predicted, real[removed] - estimates["calid"], max(high - low, 1e-12), box)
+        row["_calibration"] = (predicted, real[removed] - estimates["calid"], unit_range(real)[1], box)
     row["_montage"] = (unit_scale(real[removed][len(removed) // 2], real),
                        {k: unit_scale(v[len(removed) // 2], real) for k, v in estimates.items()})
     return row

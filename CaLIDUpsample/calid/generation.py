@@ -250,6 +250,13 @@ def generate_missing_phases(
     return out.reshape(samples, phases, missing, h, w)
 
 
+def require_error_head(model: CaLID) -> None:
+    """The one-line refusal of an uncertainty map by a model that cannot make one."""
+    if model.error_head is None:
+        raise CalidError("this model has no error head, so it gives no calibrated uncertainty map: use a bundled "
+                         "model, or train one with calid train --init MODEL --error-head-steps N")
+
+
 @torch.no_grad()
 def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, factor: int, gap_mm: float,
                    device: torch.device | str = "cpu", batch_size: int | None = None) -> np.ndarray:
@@ -260,9 +267,7 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
     ``generate_missing_phases`` (averaged over samples) returns it. The flows are estimated again (DIS: ~5 ms a gap)
     so that the map can be asked of any estimate, the refined one included.
     """
-    if model.error_head is None:
-        raise CalidError("this model has no error head, so it gives no calibrated uncertainty: use a bundled model, "
-                         "or train one with calid train --init MODEL --error-head-steps N")
+    require_error_head(model)
     device = torch.device(device)
     phases, missing, h, w = generated.shape
     gaps = _Gaps(model, stacks, factor, 1)

@@ -10,9 +10,15 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
-def unit_scale(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def unit_range(reference: np.ndarray) -> tuple[float, float]:
+    """(1st percentile, its distance to the 99th) of a real volume: the scale every image metric is on."""
     low, high = np.percentile(reference, [1, 99])
-    return np.clip((values.astype(np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
+    return float(low), max(float(high - low), 1e-12)
+
+
+def unit_scale(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    low, scale = unit_range(reference)
+    return np.clip((values.astype(np.float64) - low) / scale, 0.0, 1.0)
 
 
 def slice_scores(real: np.ndarray, estimate: np.ndarray, reference: np.ndarray,

@@ -43,7 +43,7 @@ from calid.calibration import CalibrationPool, markdown as calibration_markdown 
 from calid.cine import cine_from_4d  # noqa: E402
 from calid.engine import UpsampleOptions, upsample_cine  # noqa: E402
 from calid.evaluation import PEER_FLOW  # noqa: E402
-from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402
+from calid.metrics import heart_box, linear_missing, slice_scores, unit_range  # noqa: E402
 from calid.modelindex import ACDC_MODEL  # noqa: E402
 from calid.modelstore import load_model  # noqa: E402
 from calid.motion import morph_missing  # noqa: E402
@@ -110,11 +110,11 @@ def evaluate_case(path: Path, model, pools: dict[str, CalibrationPool] | None = 
         row["seconds_with_map"] = time.perf_counter() - started
         predicted = np.stack([geometry.to_stack(a, 2) for a in sitk.GetArrayFromImage(result.uncertainty)])[:, 1::FACTOR]
         estimate = np.stack([geometry.to_stack(a, 2) for a in sitk.GetArrayFromImage(result.image)])[:, 1::FACTOR]
-        low, high = np.percentile(real, [1, 99])
+        scale = unit_range(real)[1]
         error = removed.astype(np.float64) - estimate
-        pools["slice"].add(predicted, error, high - low)
+        pools["slice"].add(predicted, error, scale)
         if box is not None:
-            pools["heart"].add(predicted[..., box[0], box[1]], error[..., box[0], box[1]], high - low)
+            pools["heart"].add(predicted[..., box[0], box[1]], error[..., box[0], box[1]], scale)
     return row
 
 

@@ -29,7 +29,7 @@ from ..errors import CalidError
 from ..generation import default_steps, expected_error, generate_missing
 from ..metrics import linear_missing, slice_scores
 from ..modelstore import inherited_provenance, load_model, save_model
-from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID, laplace_nll
+from ..networks import DEFAULT_CONFIG, GAP_UNIT_MM, TINY_CONFIG, CaLID, laplace_nll
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
@@ -416,7 +416,7 @@ def calibrate_error_head(model: CaLID, sampler: data.EstimateSampler, device: to
         group = sums.setdefault(float(gap_mm), [0.0, 0.0])
         group[0] += float(b.sum())
         group[1] += float((target - estimate).abs().sum())
-    x = np.array(list(sums)) / 10.0
+    x = np.array(list(sums)) / GAP_UNIT_MM
     y = np.log([a / max(p, 1e-12) for p, a in sums.values()])
     w = np.array([a for _, a in sums.values()])
     slope = 0.0
