@@ -115,7 +115,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})")
     p.add_argument("--split", help="JSON file with 'train' and 'validation' patient lists")
-    p.add_argument("--refiner-loss", choices=("mse", "l1"), default="mse", help="the refiner's loss (default mse)")
+    p.add_argument("--refiner-loss", choices=("mse", "l1", "l1+ssim"), default="mse",
+                   help="the refiner's loss (default mse; l1+ssim adds 0.5 x (1 - SSIM))")
     p.add_argument("--refiner-thin-weight", type=float, default=1.0,
                    help="draw the refiner's and the error head's examples from thin-slice stacks (<= 6 mm) this many "
                         "times as often")

@@ -23,6 +23,7 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, UNet
 from torch import nn
 
+from .error_calibration import ErrorCalibration
 from .motion import FLOW_METHODS
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -230,18 +231,29 @@ class ErrorHead(nn.Module):
                         strides=(2,) * (len(channels) - 1), num_res_units=cfg["num_res_units"], norm=cfg["norm"])
         self.offset = nn.Parameter(torch.tensor(INITIAL_LOG_SCALE))
         self.multiple = 2 ** (len(channels) - 1)
-        # Set after training by ``training.trainer.calibrate_error_head``: log b += log_factor + per_10mm * gap / 10.
-        self.calibration = dict(cfg.get("calibration") or {"log_factor": 0.0, "log_factor_per_10mm": 0.0})
+        self.calibration = _calibration(cfg.get("calibration"))  # fitted after training (``calid.error_calibration``)
+
+    def uncalibrated(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
+                     alpha: torch.Tensor, gap_mm: torch.Tensor) -> torch.Tensor:
+        """log b (N, 1, H, W) as trained (the Laplace loss takes this): what the calibration is fitted on."""
+        inputs = torch.cat([_pixel_inputs(estimate, warped_below, warped_above, alpha),
+                            (warped_above - warped_below).abs(), _plane(gap_mm / GAP_UNIT_MM, estimate)], dim=1)
+        return (self.offset + self.net(inputs)).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
 
     def forward(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
                 alpha: torch.Tensor, gap_mm: torch.Tensor) -> torch.Tensor:
-        """log b (N, 1, H, W): the Laplace scale's logarithm, which the loss takes; ``exp`` gives the expected
-        absolute error of ``estimate`` in network units. ``gap_mm`` (N,): distance between the two neighbours."""
-        inputs = torch.cat([_pixel_inputs(estimate, warped_below, warped_above, alpha),
-                            (warped_above - warped_below).abs(), _plane(gap_mm / GAP_UNIT_MM, estimate)], dim=1)
-        c = self.calibration
-        shift = c["log_factor"] + c["log_factor_per_10mm"] * gap_mm.reshape(-1, 1, 1, 1).to(inputs.dtype) / GAP_UNIT_MM
-        return (self.offset + self.net(inputs) + shift).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
+        """Calibrated log b (N, 1, H, W): ``exp`` gives the expected absolute error of ``estimate`` in network units.
+        ``gap_mm`` (N,): distance between the two neighbours."""
+        raw = self.uncalibrated(estimate, warped_below, warped_above, alpha, gap_mm)
+        return self.calibration(raw, gap_mm).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
+
+
+def _calibration(cfg: dict[str, Any] | None) -> ErrorCalibration:
+    """The config's calibration; that of the first heads (a factor per gap: ``log_factor``, ``log_factor_per_10mm``)
+    is converted."""
+    if cfg and "log_factor" in cfg:
+        return ErrorCalibration.from_line(cfg["log_factor"], cfg["log_factor_per_10mm"])
+    return ErrorCalibration(cfg)
 
 
 def laplace_nll(log_scale: torch.Tensor, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

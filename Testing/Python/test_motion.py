@@ -167,8 +167,8 @@ def test_refiner_stage_trains_after_the_denoiser_and_is_used_at_inference(datase
 
     run = tmp_path / "refine"
     model_dir = train(TrainConfig(data=[str(dataset)], output=str(run), init=str(motion_model_dir), denoiser_steps=0,
-                                  refiner_steps=4, denoiser_batch=2, lr=1e-2, warmup=1, val_every=4, val_volumes=1,
-                                  log_every=2, val_fraction=0.25, device="cpu"), "none")
+                                  refiner_steps=4, refiner_loss="l1+ssim", denoiser_batch=2, lr=1e-2, warmup=1,
+                                  val_every=4, val_volumes=1, log_every=2, val_fraction=0.25, device="cpu"), "none")
     refined, card = load_model(model_dir)
     assert card["config"]["refiner"] and card["training"]["refiner_steps"] == 4
     assert float(refined.refiner.gain.detach()) != 0  # trained: the correction is switched on
@@ -177,6 +177,19 @@ def test_refiner_stage_trains_after_the_denoiser_and_is_used_at_inference(datase
     assert with_refiner.shape == without.shape and not np.allclose(with_refiner, without)
     base, _ = load_model(motion_model_dir)
     np.testing.assert_allclose(without, generate_missing(base, stack, 2, 1), atol=1e-5)  # the denoiser was kept
+
+
+def test_refiner_ssim_term_asks_for_the_contrast_that_l1_alone_would_trade_for_a_bias(small_image):
+    from calid.training.trainer import l1_ssim_loss
+
+    stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
+    target = torch.from_numpy(stack[:, None]).clamp(-1, 1)
+    flattened = target.mean() + 0.5 * (target - target.mean())  # what a blurring refiner does: half the contrast
+    shifted = target + float((flattened - target).abs().mean())  # every structure kept, a constant bias
+    l1 = torch.nn.functional.l1_loss
+    assert float(l1(flattened, target)) == pytest.approx(float(l1(shifted, target)), rel=1e-4)  # L1 cannot tell
+    assert float(l1_ssim_loss(target, target)) == pytest.approx(0.0, abs=1e-5)
+    assert float(l1_ssim_loss(flattened, target)) > float(l1_ssim_loss(shifted, target)) + 0.03
 
 
 def test_refiner_needs_a_motion_aware_model(dataset, tmp_path, tiny_model_dir):

@@ -25,11 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..devices import autocast, resolve_device
+from ..error_calibration import ErrorCalibration
 from ..errors import CalidError
 from ..generation import default_steps, expected_error, generate_missing
 from ..metrics import linear_missing, slice_scores
 from ..modelstore import inherited_provenance, load_model, save_model
-from ..networks import DEFAULT_CONFIG, GAP_UNIT_MM, TINY_CONFIG, CaLID, laplace_nll
+from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID, laplace_nll
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
@@ -41,7 +42,20 @@ from .plots import plot_curves
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 CHECKPOINT = "checkpoint.safetensors"
 KL_WEIGHT = 1e-6
-REFINER_LOSSES = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
+SSIM_WEIGHT = 0.5
+
+
+def l1_ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 plus SSIM_WEIGHT x (1 - SSIM), the SSIM as ``calid.metrics`` scores it (7 x 7 uniform window) over the
+    network's range, shifted to [0, 2] as SSIM's luminance term expects non-negative images. Why: the MSE- or L1-optimal refiner blurs, which costs SSIM against the morph, whose
+    warped real images keep their contrast; the SSIM term asks for that contrast back (Zhao et al., IEEE TCI 2017)."""
+    from monai.losses import SSIMLoss
+
+    ssim = SSIMLoss(spatial_dims=2, data_range=2.0, kernel_type="uniform", win_size=7)
+    return torch.nn.functional.l1_loss(estimate, target) + SSIM_WEIGHT * ssim(estimate + 1, target + 1)
+
+
+REFINER_LOSSES = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss, "l1+ssim": l1_ssim_loss}
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
                  "val_ssim_model", "val_ssim_linear", "val_error_ratio"]
 
@@ -208,6 +222,9 @@ class Trainer:
         info: dict[str, Any] = {}
         if step == start and step > 0 and checkpoint.is_file():  # resuming at a stage boundary: weights only
             info = load_checkpoint(checkpoint, {"model": self.model}, None, self.generator)
+        if stage == "error_head":  # trained uncalibrated; its calibration is fitted anew at the end of the stage
+            self.model.error_head.calibration = ErrorCalibration()
+            self.model.config["error_head"].pop("calibration", None)
         if stage == "denoiser" and self.vae_steps > 0 and step == start:
             self._set_latent_scale()  # before the EMA copy is made: the EMA must never see another scale
         ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -398,38 +415,21 @@ class Trainer:
 
 
 @torch.no_grad()
-def calibrate_error_head(model: CaLID, sampler: data.EstimateSampler, device: torch.device) -> dict[str, float]:
-    """Make the trained error head's mean equal the mean actual |error| over whole training slices, per gap size.
-
-    The Laplace loss makes E[|error| / b] = 1, which is not E[b] = E[|error|] when b cannot follow the error
-    exactly: the first head trained here predicted 0.90 of its own training slices' mean error with 10 mm gaps and
-    0.85 with 20 mm gaps, and about the same on unseen patients. log(actual / predicted) of each gap size present
-    in the examples is fitted by a line in the gap (weighted by the error) and added to the head's calibration,
-    which the config records (``ErrorHead.calibration``); training examples only, no validation patient.
-    """
+def calibrate_error_head(model: CaLID, sampler: data.EstimateSampler, device: torch.device) -> dict[str, Any]:
+    """Fit the trained error head's calibration (``calid.error_calibration``) on whole training slices and record it
+    in the config; training examples only, no validation patient. Returns the calibration's config."""
     model.eval()
     head = model.error_head
-    sums: dict[float, list[float]] = {}
-    for estimate, below, above, target, alpha, gap_mm in sampler.whole_slices(head.multiple):
-        with autocast(device):
-            b = head(*(t.to(device) for t in (estimate, below, above, alpha, gap_mm))).float().exp()
-        group = sums.setdefault(float(gap_mm), [0.0, 0.0])
-        group[0] += float(b.sum())
-        group[1] += float((target - estimate).abs().sum())
-    x = np.array(list(sums)) / GAP_UNIT_MM
-    y = np.log([a / max(p, 1e-12) for p, a in sums.values()])
-    w = np.array([a for _, a in sums.values()])
-    slope = 0.0
-    if len(x) > 1:
-        xm, ym = np.average(x, weights=w), np.average(y, weights=w)
-        slope = float(np.sum(w * (x - xm) * (y - ym)) / np.sum(w * (x - xm) ** 2))
-    intercept = float(np.average(y - slope * x, weights=w))
-    head.calibration["log_factor"] += intercept
-    head.calibration["log_factor_per_10mm"] += slope
-    calibration = {k: round(v, 5) for k, v in head.calibration.items()}
-    head.calibration.update(calibration)
-    model.config["error_head"]["calibration"] = dict(calibration)
-    return calibration
+
+    def pairs():
+        for estimate, below, above, target, alpha, gap_mm in sampler.whole_slices(head.multiple):
+            with autocast(device):
+                raw = head.uncalibrated(*(t.to(device) for t in (estimate, below, above, alpha, gap_mm))).float()
+            yield raw.cpu(), (target - estimate).abs(), gap_mm
+
+    head.calibration = ErrorCalibration.fit(pairs())
+    model.config["error_head"]["calibration"] = head.calibration.to_config()
+    return model.config["error_head"]["calibration"]
 
 
 def train(cfg: TrainConfig, progress_mode: str = "bar") -> Path:
