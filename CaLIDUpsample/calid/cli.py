@@ -20,7 +20,7 @@ from . import __version__
 from .errors import CalidError
 from .modelindex import DEFAULT_MODEL
 from .segmentation.config import SegTrainConfig
-from .training.config import TrainConfig
+from .training.config import REFINER_LOSSES, TrainConfig
 
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
@@ -115,8 +115,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})")
     p.add_argument("--split", help="JSON file with 'train' and 'validation' patient lists")
-    p.add_argument("--refiner-loss", choices=("mse", "l1", "l1+ssim"), default="mse",
-                   help="the refiner's loss (default mse; l1+ssim adds 0.5 x (1 - SSIM))")
+    p.add_argument("--refiner-loss", choices=REFINER_LOSSES, default="mse",
+                   help="the refiner's loss (default mse; l1+ssim adds 0.5 x (1 - SSIM); l1+ssim+seg also the bundled "
+                        "segmenter's consistency between refined and real slices)")
     p.add_argument("--refiner-thin-weight", type=float, default=1.0,
                    help="draw the refiner's and the error head's examples from thin-slice stacks (<= 6 mm) this many "
                         "times as often")

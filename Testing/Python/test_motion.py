@@ -180,7 +180,7 @@ def test_refiner_stage_trains_after_the_denoiser_and_is_used_at_inference(datase
 
 
 def test_refiner_ssim_term_asks_for_the_contrast_that_l1_alone_would_trade_for_a_bias(small_image):
-    from calid.training.trainer import l1_ssim_loss
+    from calid.training.losses import l1_ssim_loss
 
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
     target = torch.from_numpy(stack[:, None]).clamp(-1, 1)
@@ -190,6 +190,23 @@ def test_refiner_ssim_term_asks_for_the_contrast_that_l1_alone_would_trade_for_a
     assert float(l1(flattened, target)) == pytest.approx(float(l1(shifted, target)), rel=1e-4)  # L1 cannot tell
     assert float(l1_ssim_loss(target, target)) == pytest.approx(0.0, abs=1e-5)
     assert float(l1_ssim_loss(flattened, target)) > float(l1_ssim_loss(shifted, target)) + 0.03
+
+
+def test_refiner_segmentation_term_is_least_where_the_bundled_segmenter_sees_the_real_slice(small_image):
+    from calid.training.losses import SEGMENTATION_WEIGHT, l1_ssim_loss, refiner_loss
+
+    loss = refiner_loss("l1+ssim+seg", torch.device("cpu"))
+    assert not any(p.requires_grad for p in loss.segmenter.parameters())  # the segmenter is not trained
+    stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
+    target = torch.from_numpy(stack[:, None]).clamp(-1, 1)
+    flattened = (target.mean() + 0.5 * (target - target.mean())).requires_grad_()
+
+    def consistency(estimate):
+        return (loss(estimate, target) - l1_ssim_loss(estimate, target)) / SEGMENTATION_WEIGHT
+
+    assert float(consistency(flattened)) > float(consistency(target)) + 1e-3  # cross-entropy >= its entropy
+    loss(flattened, target).backward()
+    assert flattened.grad is not None and float(flattened.grad.abs().sum()) > 0
 
 
 def test_refiner_needs_a_motion_aware_model(dataset, tmp_path, tiny_model_dir):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+REFINER_LOSSES = ("mse", "l1", "l1+ssim", "l1+ssim+seg")  # ``calid.training.losses.refiner_loss``
+
 
 @dataclass
 class TrainConfig:
@@ -15,7 +17,7 @@ class TrainConfig:
     vae_steps: int = 2000
     denoiser_steps: int = 2200
     refiner_steps: int = 0  # > 0: then train the pixel-space refiner (motion-aware models) for this many steps
-    refiner_loss: str = "mse"  # or "l1"
+    refiner_loss: str = "mse"  # one of REFINER_LOSSES (calid.training.losses)
     refiner_thin_weight: float = 1.0  # draw thin-slice stacks' examples this many times as often
     error_head_steps: int = 0  # > 0: then train the error head behind the calibrated uncertainty map (motion-aware)
     vae_batch: int = 16

@@ -35,27 +35,14 @@ from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from .config import TrainConfig
+from .config import REFINER_LOSSES, TrainConfig
+from .losses import refiner_loss
 from .metrics_log import append_metrics
 from .plots import plot_curves
 
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 CHECKPOINT = "checkpoint.safetensors"
 KL_WEIGHT = 1e-6
-SSIM_WEIGHT = 0.5
-
-
-def l1_ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 plus SSIM_WEIGHT x (1 - SSIM), the SSIM as ``calid.metrics`` scores it (7 x 7 uniform window) over the
-    network's range, shifted to [0, 2] as SSIM's luminance term expects non-negative images. Why: the MSE- or L1-optimal refiner blurs, which costs SSIM against the morph, whose
-    warped real images keep their contrast; the SSIM term asks for that contrast back (Zhao et al., IEEE TCI 2017)."""
-    from monai.losses import SSIMLoss
-
-    ssim = SSIMLoss(spatial_dims=2, data_range=2.0, kernel_type="uniform", win_size=7)
-    return torch.nn.functional.l1_loss(estimate, target) + SSIM_WEIGHT * ssim(estimate + 1, target + 1)
-
-
-REFINER_LOSSES = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss, "l1+ssim": l1_ssim_loss}
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
                  "val_ssim_model", "val_ssim_linear", "val_error_ratio"]
 
@@ -248,6 +235,7 @@ class Trainer:
             sampler = data.EstimateSampler(self.model, self.train_volumes, cfg.latent_crop * self.model.vae_downsampling,
                                            self.generator, self.device, default_steps(self.model),
                                            cfg.refiner_thin_weight, refine=stage == "error_head")
+            loss_fn = refiner_loss(cfg.refiner_loss, self.device) if stage == "refiner" else None
         else:
             latents = None
             if self.model.motion is None:
@@ -270,7 +258,7 @@ class Trainer:
                     loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
                 elif stage == "refiner":
                     estimate, below, above, target, alpha, _ = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
-                    loss = REFINER_LOSSES[cfg.refiner_loss](net(estimate, below, above, alpha).float(), target)
+                    loss = loss_fn(net(estimate, below, above, alpha).float(), target)
                 elif stage == "error_head":
                     estimate, below, above, target, alpha, gap_mm = (t.to(self.device)
                                                                      for t in sampler.batch(cfg.denoiser_batch))
