@@ -395,8 +395,11 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             sentence = largest_error_sentence(self.logic.lastUncertaintySlices)
             if sentence:
                 self._log(sentence)
+            # One table view: the volumes when a segmentation was asked for, else the uncertainty's per-slice figures.
             if self._parameterNode.outputSegmentation is not None and self.logic.lastVolumesTable is not None:
                 show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastVolumesTable)
+            elif self.logic.lastUncertaintyTable is not None:
+                show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastUncertaintyTable)
         self.updateButtons()
 
 
