@@ -88,7 +88,7 @@ def test_default_model_states_both_datasets_its_base_and_both_validations():
     assert "CC0" in training["terms"] and "non-commercial" in training["terms"]
     assert "Radau" in training["citation"] and "Bernard" in training["citation"]
     assert sorted(training["split"]["train"]) == [f"SCD0000{i}01" for i in range(1, 6)]
-    def network(config: dict) -> dict:  # the error head's calibration line is fitted on each model's own output
+    def network(config: dict) -> dict:  # the error head's calibration is fitted on each model's own output
         return {**config, "error_head": {k: v for k, v in config["error_head"].items() if k != "calibration"}}
 
     assert card["weights_dtype"] == "float16" and network(card["config"]) == network(base["config"])  # one step
