@@ -4,7 +4,9 @@ Top row, the removed-slice test on INPUT itself: every other acquired slice is d
 interpolation, by the optical-flow morph (``calid.motion``, as ``--method morph``) and by CaLID (factor 2), each
 shown beside the real removed slice in the same window and titled with its PSNR/SSIM against it
 (``metrics.slice_scores``, the real volume as reference). Linear interpolation and the morph are what a user
-has without CaLID; only a slice that was really acquired can say which is closer. Bottom row, a through-plane
+has without CaLID; only a slice that was really acquired can say which is closer. When the model has an error
+head, two more: CaLID's actual |error| on that slice and the uncertainty map's expected |error| (``--uncertainty``),
+in one colour scale, so a user sees whether the map points where the errors are. Bottom row, a through-plane
 (long-axis-like) cut of DENSE, the upsampled result: input drawn with its real slice thickness | linear
 interpolation on the same dense grid | CaLID, where slice interpolation shows as a whole.
 """
@@ -24,11 +26,13 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from . import geometry  # noqa: E402
+from .devices import resolve_device  # noqa: E402
 from .engine import UpsampleOptions, upsample_image  # noqa: E402
 from .errors import CalidError  # noqa: E402
 from .imageio import read_image  # noqa: E402
 from .metrics import linear_missing, slice_scores, unit_scale  # noqa: E402
 from .modelindex import DEFAULT_MODEL  # noqa: E402
+from .modelstore import load_model  # noqa: E402
 from .motion import morph_missing  # noqa: E402
 
 
@@ -40,6 +44,7 @@ class Panel:
     row: str  # "removed slice" or "through-plane"
     psnr: float | None = None
     ssim: float | None = None
+    error_map: bool = False  # an absolute error in intensity units (colour, from 0), not an image
 
 
 def through_plane(stack: np.ndarray, row: int, factor: int) -> np.ndarray:
@@ -65,7 +70,10 @@ def removed_slice_panels(image: sitk.Image, axis: int, options: UpsampleOptions
     kept_image = every_other_slice(image, axis)
     kept = geometry.to_stack(sitk.GetArrayFromImage(kept_image), axis).astype(np.float64)
     removed = geometry.generated_slices(kept.shape[0], 2)  # slices 1, 3, 5, ... of the input
-    dense = geometry.to_stack(sitk.GetArrayFromImage(upsample_image(kept_image, options).image), axis)
+    model, _ = load_model(options.model, resolve_device(options.device))
+    with_map = model.error_head is not None
+    result = upsample_image(kept_image, options, model, want_uncertainty=with_map)
+    dense = geometry.to_stack(sitk.GetArrayFromImage(result.image), axis)
     estimates = {"linear interpolation": linear_missing(kept, 2),
                  "optical-flow morph": morph_missing(kept, 2),
                  f"CaLID ({Path(options.model or DEFAULT_MODEL).name})": dense[removed].astype(np.float64)}
@@ -76,8 +84,14 @@ def removed_slice_panels(image: sitk.Image, axis: int, options: UpsampleOptions
         psnr, ssim = slice_scores(real[None], estimate[shown][None], stack)
         mean_psnr, mean_ssim = slice_scores(stack[removed], estimate, stack)
         title = (f"{name}\nPSNR {psnr:.2f} dB, SSIM {ssim:.3f}\n"
-                 f"(all {len(removed)} removed: {mean_psnr:.2f} dB, {mean_ssim:.3f})")
+                 f"(all {len(removed)} removed:\n{mean_psnr:.2f} dB, {mean_ssim:.3f})")
         panels.append((Panel(title, "removed slice", psnr, ssim), estimate[shown]))
+    if with_map:
+        actual = np.abs(dense[removed[shown]].astype(np.float64) - real)
+        expected = geometry.to_stack(sitk.GetArrayFromImage(result.uncertainty), axis)[removed[shown]]
+        panels += [(Panel(f"CaLID's\nactual |error|\nmean {actual.mean():.1f}", "removed slice", error_map=True), actual),
+                   (Panel(f"expected |error|\n(uncertainty map)\nmean {expected.mean():.1f}", "removed slice",
+                          error_map=True), expected.astype(np.float64))]
     return panels, int(removed[shown])
 
 
@@ -116,12 +130,16 @@ def save_preview(input_path: str, dense_path: str, png_path: str, options: Upsam
     low, high = np.percentile(sitk.GetArrayViewFromImage(image), [1, 99.5])
     fig = plt.figure(figsize=(13, 7.8))
     grid = fig.add_gridspec(2, 12, height_ratios=[1.25, 1])
-    cells = [grid[0, 3 * i: 3 * i + 3] for i in range(4)] + [grid[1, 4 * i: 4 * i + 4] for i in range(3)]
+    width = 12 // len(top)
+    cells = [grid[0, width * i: width * (i + 1)] for i in range(len(top))] + [grid[1, 4 * i: 4 * i + 4] for i in range(3)]
+    errors = [picture for panel, picture in top if panel.error_map]
+    error_top = float(np.percentile(np.concatenate([e.ravel() for e in errors]), 99)) if errors else 1.0
     axes = []
     for cell, (panel, picture) in zip(cells, top + bottom):
         axes.append(fig.add_subplot(cell))
-        axes[-1].imshow(picture, cmap="gray", vmin=low, vmax=high, aspect="equal", interpolation="nearest")
-        axes[-1].set_title(panel.title, fontsize=10)
+        window = dict(cmap="inferno", vmin=0, vmax=error_top) if panel.error_map else dict(cmap="gray", vmin=low, vmax=high)
+        axes[-1].imshow(picture, aspect="equal", interpolation="nearest", **window)
+        axes[-1].set_title(panel.title, fontsize=10 if len(top) <= 4 or panel.row != "removed slice" else 9)
         axes[-1].axis("off")
     gap = 2 * image.GetSpacing()[axis]
     fig.suptitle(f"Removed-slice test: every other slice dropped ({gap:g} mm gaps), slice {shown} rebuilt from "

@@ -35,6 +35,21 @@ def test_demo_picture_has_the_removed_slice_panels_with_scores_and_the_through_p
         assert picture.size == (1300, 780)
 
 
+def test_demo_picture_shows_actual_and_expected_error_when_the_model_has_an_error_head(tmp_path, small_image,
+                                                                                        error_head_model_dir):
+    source, dense, png = tmp_path / "in.nrrd", tmp_path / "dense.nrrd", tmp_path / "demo.png"
+    sitk.WriteImage(small_image, str(source))
+    options = UpsampleOptions(factor=2, steps=1, model=str(error_head_model_dir), device="cpu")
+    upsample_file(source, dense, options)
+    removed = [p for p in save_preview(str(source), str(dense), str(png), options) if p.row == "removed slice"]
+    assert [p.error_map for p in removed] == [False] * 4 + [True, True]
+    assert removed[4].title.startswith("CaLID's\nactual |error|")
+    assert removed[5].title.startswith("expected |error|\n(uncertainty map)")
+    assert float(removed[5].title.split("mean ")[1]) > 0  # in intensity units, on a generated slice
+    with Image.open(png) as picture:
+        assert picture.size == (1300, 780)
+
+
 def test_demo_command_says_what_is_wrong_in_one_line(tmp_path, sample_image):
     with pytest.raises(SystemExit, match=r"^calid.preview: error: input not found: .*missing.nrrd$"):
         main([str(tmp_path / "missing.nrrd"), str(tmp_path / "dense.nrrd"), str(tmp_path / "demo.png")])
