@@ -13,13 +13,18 @@ from calid.metrics import slice_scores
 from calid.preview import main, save_preview
 
 
+def _demo(tmp_path, image, model_dir, factor: int):
+    """Upsample ``image`` by ``factor`` with the model and draw its demo picture: (panels, PNG path)."""
+    source, dense, png = tmp_path / "in.nrrd", tmp_path / "dense.nrrd", tmp_path / "demo.png"
+    sitk.WriteImage(image, str(source))
+    options = UpsampleOptions(factor=factor, steps=1, model=str(model_dir), device="cpu")
+    upsample_file(source, dense, options)
+    return save_preview(str(source), str(dense), str(png), options), png  # the removed-slice test runs at factor 2
+
+
 def test_demo_picture_has_the_removed_slice_panels_with_scores_and_the_through_plane_cut(tmp_path, small_image,
                                                                                         tiny_model_dir):
-    source, dense, png = tmp_path / "in.nrrd", tmp_path / "dense.nrrd", tmp_path / "demo.png"
-    sitk.WriteImage(small_image, str(source))
-    options = UpsampleOptions(factor=4, steps=1, model=str(tiny_model_dir), device="cpu")
-    upsample_file(source, dense, options)
-    panels = save_preview(str(source), str(dense), str(png), options)  # the removed-slice test runs at factor 2
+    panels, png = _demo(tmp_path, small_image, tiny_model_dir, 4)
 
     removed = [p for p in panels if p.row == "removed slice"]
     assert [p.title.split("\n")[0] for p in removed] == ["real slice 3 (removed)", "linear interpolation",
@@ -37,11 +42,8 @@ def test_demo_picture_has_the_removed_slice_panels_with_scores_and_the_through_p
 
 def test_demo_picture_shows_actual_and_expected_error_when_the_model_has_an_error_head(tmp_path, small_image,
                                                                                         error_head_model_dir):
-    source, dense, png = tmp_path / "in.nrrd", tmp_path / "dense.nrrd", tmp_path / "demo.png"
-    sitk.WriteImage(small_image, str(source))
-    options = UpsampleOptions(factor=2, steps=1, model=str(error_head_model_dir), device="cpu")
-    upsample_file(source, dense, options)
-    removed = [p for p in save_preview(str(source), str(dense), str(png), options) if p.row == "removed slice"]
+    panels, png = _demo(tmp_path, small_image, error_head_model_dir, 2)
+    removed = [p for p in panels if p.row == "removed slice"]
     assert [p.error_map for p in removed] == [False] * 4 + [True, True]
     assert removed[4].title.startswith("CaLID's\nactual |error|")
     assert removed[5].title.startswith("expected |error|\n(uncertainty map)")
