@@ -96,7 +96,10 @@ class WorkerLogic:
             self.job.worker.cancel()
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
-        self.cancel()
+        # At interpreter exit VTK may close a scene after Python has already torn this object down (its attributes
+        # gone): nothing can be running then, and a traceback there would only alarm.
+        if hasattr(self, "job"):
+            self.cancel()
 
     @property
     def isRunning(self) -> bool:

@@ -74,8 +74,9 @@ class CaLIDUpsampleLogic(WorkerLogic):
 
         When ``inputVolume`` is the proxy of a sequence browser (``sequenceBrowser``, or found in the scene),
         every frame is upsampled: the result is a new sequence (same index name, unit and values) added to that
-        browser, and the returned volume is its proxy (``outputVolume`` when given). Segmentation and
-        uncertainty outputs apply to single volumes only.
+        browser, and the returned volume is its proxy (``outputVolume`` when given); ``uncertaintyVolume`` becomes
+        the proxy of a second new sequence there, one map per frame. Segmentation outputs apply to single volumes
+        only.
 
         ``outputSegmentation``: also segment the dense volume into it (RV cavity, LV myocardium, LV cavity),
         from ``inputSegmentation`` (the user's segments on the acquired slices, kept exactly) when given;
@@ -99,8 +100,8 @@ class CaLIDUpsampleLogic(WorkerLogic):
         if cine is not None:
             return self._processSequence(inputVolume, *cine, outputVolume, factor, spacing, device, steps, seed, model,
                                          samples, progressCallback, onFinished, waitForCompletion,
-                                         unsupported=(outputSegmentation, inputSegmentation, uncertaintyVolume),
-                                         method=method)
+                                         unsupported=(outputSegmentation, inputSegmentation), method=method,
+                                         uncertaintyVolume=uncertaintyVolume)
 
         def prepare(folder: Path):
             self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None  # this run's only
@@ -121,32 +122,49 @@ class CaLIDUpsampleLogic(WorkerLogic):
 
     # ------------------------------------------------------------------ internals
     def _processSequence(self, inputVolume, browser, sequence, outputVolume, factor, spacing, device, steps, seed,
-                         model, samples, progressCallback, onFinished, waitForCompletion, unsupported, method):
-        """The cine run: the whole sequence in one worker call (one intensity map, phases batched)."""
+                         model, samples, progressCallback, onFinished, waitForCompletion, unsupported, method,
+                         uncertaintyVolume=None):
+        """The cine run: the whole sequence in one worker call (one intensity map, phases batched). An uncertainty
+        volume becomes the proxy of a second new sequence in the same browser, one map per phase, overlaid."""
         if any(node is not None for node in unsupported):
-            raise ValueError("segmentation and uncertainty outputs are for single volumes, not for sequences")
+            raise ValueError("segmentation outputs are for single volumes, not for sequences")
         name = _output_name(sequence.GetName(), method, factor, spacing)
 
         def prepare(folder: Path):
+            self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None
             write_sequence(sequence, folder / "input.seq.nrrd")
+            uncertaintyPath = folder / "uncertainty.seq.nrrd" if uncertaintyVolume is not None else None
             command = self.workerCommand(folder / "input.seq.nrrd", folder / "output.seq.nrrd", factor, spacing,
-                                         device, steps, seed, model, samples, method=method)
-            return command, lambda: self._loadSequence(folder / "output.seq.nrrd", inputVolume, browser, sequence,
-                                                       outputVolume, name)
+                                         device, steps, seed, model, samples, uncertaintyPath, method=method)
+            return command, lambda: self._loadSequence(folder, inputVolume, browser, sequence, outputVolume, name,
+                                                       uncertaintyVolume)
 
         return self._runWorker(prepare, progressCallback, onFinished, waitForCompletion)
 
-    def _loadSequence(self, path: Path, inputVolume, browser, sequence, outputVolume, name: str):
-        """Output sequence into the input's browser; on any failure the new sequence is removed again."""
-        output = read_sequence_like(self.scene, path, sequence, name)
+    def _loadSequence(self, folder: Path, inputVolume, browser, sequence, outputVolume, name: str,
+                      uncertaintyVolume=None):
+        """Output sequence (and uncertainty sequence) into the input's browser; on any failure the new sequences
+        are removed again."""
+        added = []
         try:
+            output = read_sequence_like(self.scene, folder / "output.seq.nrrd", sequence, name)
+            added.append(output)
             proxy = add_to_browser(self.scene, browser, output, outputVolume)
+            if uncertaintyVolume is not None:
+                maps = read_sequence_like(self.scene, folder / "uncertainty.seq.nrrd", sequence,
+                                          f"{name} expected error")
+                added.append(maps)
+                add_to_browser(self.scene, browser, maps, uncertaintyVolume)
         except Exception:
-            browser.RemoveSynchronizedSequenceNode(output.GetID())
-            self.scene.RemoveNode(output)
+            for node in added:
+                browser.RemoveSynchronizedSequenceNode(node.GetID())
+                self.scene.RemoveNode(node)
             raise
         self._showLikeInput(inputVolume, proxy)
         self._placeBeside(inputVolume, output)
+        if uncertaintyVolume is not None:
+            show_uncertainty(self.scene, uncertaintyVolume, proxy)
+            self._placeBeside(inputVolume, maps)
         return proxy
 
     def _loadOutputs(self, folder: Path, inputVolume, outputVolume, uncertaintyVolume, name: str,

@@ -288,12 +288,24 @@ def test_run_through_the_logic_passes_uncertainty_without_samples(tmp_path, priv
     assert "--uncertainty" in command and "--samples" not in command
 
 
-def test_sequences_still_refuse_an_uncertainty_output(cine):
-    scene, browser, _sequence, proxy = cine
+@pytest.mark.slow
+def test_cine_uncertainty_is_a_second_sequence_in_the_browser_overlaid_on_the_output(cine, error_head_model_dir,
+                                                                                     private_tmp):
+    scene, browser, sequence, proxy = cine
     uncertainty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "U")
-    with pytest.raises(ValueError, match="uncertainty outputs are for single volumes, not for sequences"):
-        CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, uncertaintyVolume=uncertainty,
-                                                                 sequenceBrowser=browser)
+    out = CaLIDUpsampleLogic(scene, python=sys.executable).process(
+        proxy, factor=2, device="cpu", steps=1, model=str(error_head_model_dir), uncertaintyVolume=uncertainty,
+        sequenceBrowser=browser)
+    maps = browser.GetSequenceNode(uncertainty)
+    assert maps is not None and maps is not browser.GetSequenceNode(out) and browser.IsProxyNode(uncertainty.GetID())
+    assert maps.GetNumberOfDataNodes() == sequence.GetNumberOfDataNodes()
+    for t in range(maps.GetNumberOfDataNodes()):
+        frame = node_array(maps.GetNthDataNode(t))
+        assert frame.shape == node_array(browser.GetSequenceNode(out).GetNthDataNode(t)).shape
+        assert not frame[::2].any() and frame[1::2].min() > 0  # 0 on acquired slices, an error on generated ones
+    display = uncertainty.GetDisplayNode()  # overlaid as for a volume: 0 (acquired slices) hidden by the threshold
+    assert display is not None and display.GetApplyThreshold() and 0 < display.GetLowerThreshold() < 1e-30
+    assert list(private_tmp.iterdir()) == []
 
 
 @pytest.mark.slow
