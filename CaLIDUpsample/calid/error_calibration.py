@@ -27,13 +27,20 @@ LOG_SCALE_EDGES = np.linspace(-7.0, 1.0, 65)  # bins of log b 0.125 wide: b from
 MIN_BIN_WEIGHT = 500.0  # voxels (gap-weighted) a bin needs for its own correction; emptier bins are interpolated
 
 
+def _bracket(values: torch.Tensor, knots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each value, the knot interval it lies in and its place there: (upper knot index i >= 1, t in [0, 1]),
+    so that linear interpolation is ``f[i - 1] * (1 - t) + f[i] * t``, constant beyond the first and last knot.
+    Needs at least two knots."""
+    i = torch.searchsorted(knots, values.contiguous(), right=True).clamp(1, len(knots) - 1)
+    return i, ((values - knots[i - 1]) / (knots[i] - knots[i - 1])).clamp(0, 1)
+
+
 def gap_weights(gap_mm: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
     """(N, len(knots)): hat weights of each gap on the gap knots, clamped beyond the first and last knot."""
-    g = gap_mm.reshape(-1, 1).to(knots.dtype).clamp(knots[0], knots[-1])
+    g = gap_mm.reshape(-1).to(knots.dtype)
     if len(knots) == 1:
-        return torch.ones_like(g)
-    i = torch.searchsorted(knots, g.squeeze(1).contiguous(), right=True).clamp(1, len(knots) - 1)
-    t = (g.squeeze(1) - knots[i - 1]) / (knots[i] - knots[i - 1])
+        return torch.ones(len(g), 1, dtype=knots.dtype, device=g.device)
+    i, t = _bracket(g, knots)
     w = torch.zeros(len(g), len(knots), dtype=knots.dtype, device=g.device)
     w.scatter_(1, (i - 1)[:, None], (1 - t)[:, None])
     w.scatter_add_(1, i[:, None], t[:, None])
@@ -61,8 +68,7 @@ class ErrorCalibration:
         if len(knots) == 1:
             per_gap = corr[:, 0].reshape(1, -1, 1, 1, 1).expand(x.shape[0], -1, *x.shape[1:])
         else:
-            i = torch.searchsorted(knots, x.contiguous(), right=True).clamp(1, len(knots) - 1)
-            t = ((x - knots[i - 1]) / (knots[i] - knots[i - 1])).clamp(0, 1)
+            i, t = _bracket(x, knots)
             per_gap = torch.stack([row[i - 1] * (1 - t) + row[i] * t for row in corr], dim=1)  # (N, G, 1, H, W)
         w = gap_weights(gap_mm, self.gaps_mm.to(log_scale.device))
         return (x + (per_gap * w.reshape(*w.shape, 1, 1, 1)).sum(1)).to(log_scale.dtype)
@@ -77,13 +83,13 @@ class ErrorCalibration:
         bins = len(edges) - 1
         weight, predicted, actual = (torch.zeros(len(knots), bins, dtype=torch.float64) for _ in range(3))
         for log_scale, error, gap_mm in pairs:
-            index = (torch.bucketize(log_scale.double().flatten(1), edges[1:-1]))  # (N, voxels)
+            index = torch.bucketize(log_scale.double().flatten(1), edges[1:-1]).flatten()  # per voxel, items first
             b, e = log_scale.double().exp().flatten(1), error.double().flatten(1)
             for k, wk in enumerate(gap_weights(gap_mm, knots).unbind(1)):
                 scale = wk[:, None].expand_as(b)
-                weight[k] += torch.bincount(index.flatten(), scale.flatten(), bins)
-                predicted[k] += torch.bincount(index.flatten(), (scale * b).flatten(), bins)
-                actual[k] += torch.bincount(index.flatten(), (scale * e).flatten(), bins)
+                weight[k] += torch.bincount(index, scale.flatten(), bins)
+                predicted[k] += torch.bincount(index, (scale * b).flatten(), bins)
+                actual[k] += torch.bincount(index, (scale * e).flatten(), bins)
         pooled = weight.sum(0)
         used = (pooled >= MIN_BIN_WEIGHT).numpy()
         if not used.any():

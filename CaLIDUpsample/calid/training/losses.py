@@ -15,9 +15,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from monai.losses import SSIMLoss
 
 SSIM_WEIGHT = 0.5
 SEGMENTATION_WEIGHT = 1.0
+_SSIM = SSIMLoss(spatial_dims=2, data_range=2.0, kernel_type="uniform", win_size=7)  # calid.metrics' SSIM window
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,10 +27,7 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def l1_ssim_loss(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 plus SSIM_WEIGHT x (1 - SSIM), the SSIM as ``calid.metrics`` scores it (7 x 7 uniform window) over the
     network's range, shifted to [0, 2] as SSIM's luminance term expects non-negative images."""
-    from monai.losses import SSIMLoss
-
-    ssim = SSIMLoss(spatial_dims=2, data_range=2.0, kernel_type="uniform", win_size=7)
-    return F.l1_loss(estimate, target) + SSIM_WEIGHT * ssim(estimate + 1, target + 1)
+    return F.l1_loss(estimate, target) + SSIM_WEIGHT * _SSIM(estimate + 1, target + 1)
 
 
 class SegmentationConsistencyLoss:
