@@ -20,7 +20,7 @@ from . import __version__
 from .errors import CalidError
 from .modelindex import DEFAULT_MODEL
 from .segmentation.config import SegTrainConfig
-from .training.config import REFINER_LOSSES, TrainConfig
+from .training.config import REFINER_KINDS, REFINER_LOSSES, TrainConfig
 
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
@@ -118,6 +118,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refiner-loss", choices=REFINER_LOSSES, default="mse",
                    help="the refiner's loss (default mse; l1+ssim adds 0.5 x (1 - SSIM); l1+ssim+seg also the bundled "
                         "segmenter's consistency between refined and real slices)")
+    p.add_argument("--refiner-kind", choices=REFINER_KINDS, default="residual",
+                   help="a new refiner's design: residual (a correction added to the estimate) or synthesis (the "
+                        "slice rebuilt from the neighbours' pixels along corrected flows, mixed with the estimate)")
     p.add_argument("--refiner-thin-weight", type=float, default=1.0,
                    help="draw the refiner's and the error head's examples from thin-slice stacks (<= 6 mm) this many "
                         "times as often")
@@ -333,7 +336,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
         denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
-        denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_thin_weight=args.refiner_thin_weight,
+        denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_kind=args.refiner_kind,
+        refiner_thin_weight=args.refiner_thin_weight,
         error_head_steps=args.error_head_steps,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,

@@ -161,22 +161,51 @@ def test_method_refuses_options_that_need_the_model(tmp_path, small_image, capsy
     assert len(err) == 1 and "--method calid" in err[0]
 
 
-def test_refiner_stage_trains_after_the_denoiser_and_is_used_at_inference(dataset, tmp_path, motion_model_dir, small_image):
+@pytest.mark.parametrize("kind", ["residual", "synthesis"])
+def test_refiner_stage_trains_after_the_denoiser_and_is_used_at_inference(dataset, tmp_path, motion_model_dir, small_image,
+                                                                          kind):
+    from calid.networks import REFINERS
     from calid.training.config import TrainConfig
     from calid.training.trainer import train
 
     run = tmp_path / "refine"
     model_dir = train(TrainConfig(data=[str(dataset)], output=str(run), init=str(motion_model_dir), denoiser_steps=0,
-                                  refiner_steps=4, refiner_loss="l1+ssim", denoiser_batch=2, lr=1e-2, warmup=1,
-                                  val_every=4, val_volumes=1, log_every=2, val_fraction=0.25, device="cpu"), "none")
+                                  refiner_steps=4, refiner_loss="l1+ssim", refiner_kind=kind, denoiser_batch=2, lr=1e-2,
+                                  warmup=1, val_every=4, val_volumes=1, log_every=2, val_fraction=0.25, device="cpu"),
+                      "none")
     refined, card = load_model(model_dir)
-    assert card["config"]["refiner"] and card["training"]["refiner_steps"] == 4
+    assert card["config"]["refiner"]["kind"] == kind and card["training"]["refiner_steps"] == 4
+    assert type(refined.refiner) is REFINERS[kind]
     assert float(refined.refiner.gain.detach()) != 0  # trained: the correction is switched on
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
     with_refiner, without = generate_missing(refined, stack, 2, 1), generate_missing(refined, stack, 2, 1, refine=False)
     assert with_refiner.shape == without.shape and not np.allclose(with_refiner, without)
     base, _ = load_model(motion_model_dir)
     np.testing.assert_allclose(without, generate_missing(base, stack, 2, 1), atol=1e-5)  # the denoiser was kept
+
+
+def test_synthesis_refiner_starts_as_the_even_mix_and_moves_pixels_along_its_flow_correction():
+    from calid.motion import blend
+    from calid.networks import REFINER_CONFIG, REFINERS, SynthesisRefiner
+    from calid.training.config import REFINER_KINDS
+
+    assert tuple(REFINERS) == REFINER_KINDS  # the command line offers exactly the kinds a config may name
+    refiner = SynthesisRefiner({**REFINER_CONFIG, "kind": "synthesis"}).eval()
+    g = torch.Generator().manual_seed(0)
+    estimate, below, above = (torch.rand((2, 1, 32, 32), generator=g) for _ in range(3))
+    alpha = torch.tensor([0.5, 0.25])
+    with torch.no_grad():
+        np.testing.assert_allclose(refiner(estimate, below, above, alpha), 0.5 * estimate + 0.5 * blend(below, above, alpha),
+                                   atol=1e-5)  # untrained: the estimate and the morph, evenly
+        # Test double for the U-Net only: a fixed output that says "take the below neighbour, one row further down".
+        out = torch.zeros((2, SynthesisRefiner.OUTPUTS, 32, 32))
+        out[:, 0] = 1.0  # d_below: one row
+        out[:, 4] = -20.0  # m -> 0: all below
+        out[:, 5] = 20.0  # s -> 1: all sharp
+        refiner.net.forward = lambda x: out
+        refiner.gain.fill_(1.0)
+        moved = refiner(estimate, below, above, alpha)
+    np.testing.assert_allclose(moved[:, :, :-1], below[:, :, 1:], atol=1e-5)  # below(p + one row)
 
 
 def test_refiner_ssim_term_asks_for_the_contrast_that_l1_alone_would_trade_for_a_bias(small_image):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REFINER_LOSSES = ("mse", "l1", "l1+ssim", "l1+ssim+seg")  # ``calid.training.losses.refiner_loss``
+REFINER_KINDS = ("residual", "synthesis")  # ``calid.networks.REFINERS``
 
 
 @dataclass
@@ -18,6 +19,7 @@ class TrainConfig:
     denoiser_steps: int = 2200
     refiner_steps: int = 0  # > 0: then train the pixel-space refiner (motion-aware models) for this many steps
     refiner_loss: str = "mse"  # one of REFINER_LOSSES (calid.training.losses)
+    refiner_kind: str = "residual"  # one of REFINER_KINDS: a new refiner's design (calid.networks.REFINERS)
     refiner_thin_weight: float = 1.0  # draw thin-slice stacks' examples this many times as often
     error_head_steps: int = 0  # > 0: then train the error head behind the calibrated uncertainty map (motion-aware)
     vae_batch: int = 16

@@ -30,12 +30,12 @@ from ..errors import CalidError
 from ..generation import default_steps, expected_error, generate_missing
 from ..metrics import linear_missing, slice_scores
 from ..modelstore import inherited_provenance, load_model, save_model
-from ..networks import DEFAULT_CONFIG, TINY_CONFIG, CaLID, laplace_nll
+from ..networks import DEFAULT_CONFIG, REFINER_CONFIG, TINY_CONFIG, CaLID, laplace_nll
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from .config import REFINER_LOSSES, TrainConfig
+from .config import REFINER_KINDS, REFINER_LOSSES, TrainConfig
 from .losses import refiner_loss
 from .metrics_log import append_metrics
 from .plots import plot_curves
@@ -87,10 +87,12 @@ class Trainer:
             self.model.make_motion_aware(cfg.motion)
         if cfg.refiner_loss not in REFINER_LOSSES:
             raise CalidError(f"--refiner-loss must be one of {', '.join(REFINER_LOSSES)}, not {cfg.refiner_loss}")
+        if cfg.refiner_kind not in REFINER_KINDS:
+            raise CalidError(f"--refiner-kind must be one of {', '.join(REFINER_KINDS)}, not {cfg.refiner_kind}")
         if cfg.refiner_steps > 0 and self.model.refiner is None:
             if self.model.motion is None:
                 raise CalidError("--refiner-steps needs a motion-aware model (--motion, or an --init model that is one)")
-            self.model.add_refiner()
+            self.model.add_refiner({**REFINER_CONFIG, "kind": cfg.refiner_kind})
         if cfg.error_head_steps > 0 and self.model.error_head is None:
             if self.model.motion is None:
                 raise CalidError("--error-head-steps needs a motion-aware model (--motion, or an --init model that is one)")
