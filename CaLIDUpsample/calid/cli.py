@@ -121,6 +121,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refiner-kind", choices=REFINER_KINDS, default="residual",
                    help="a new refiner's design: residual (a correction added to the estimate) or synthesis (the "
                         "slice rebuilt from the neighbours' pixels along corrected flows, mixed with the estimate)")
+    p.add_argument("--morph-mix", type=float,
+                   help="average the final slices with the optical-flow morph by this weight in [0, 1] (motion-aware "
+                        "models; default: as the --init model). An error head not retrained is recalibrated")
     p.add_argument("--refiner-thin-weight", type=float, default=1.0,
                    help="draw the refiner's and the error head's examples from thin-slice stacks (<= 6 mm) this many "
                         "times as often")
@@ -337,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
         denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
         denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_kind=args.refiner_kind,
-        refiner_thin_weight=args.refiner_thin_weight,
+        refiner_thin_weight=args.refiner_thin_weight, morph_mix=args.morph_mix,
         error_head_steps=args.error_head_steps,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,

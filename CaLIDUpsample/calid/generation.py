@@ -150,7 +150,8 @@ def generate_missing_phases(
 
     All phases go through the same batched passes (one progress over the whole cine); per phase the result is what
     ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see ``_initial_noise``).
-    ``refine=False`` leaves out a model's pixel-space refiner (its training data is the unrefined output).
+    ``refine=False`` leaves out a model's pixel-space refiner and its morph mix (the refiner's training data is the
+    unrefined output).
     """
     device = torch.device(device)
     phases, n, h, w = stacks.shape
@@ -247,6 +248,8 @@ def generate_missing_phases(
                                                     alpha_t[part].to(device)).float())
 
         run_batched(refine_part, items, batch)
+    if refine and model.morph_mix:  # averaged with the morph (``CaLID.set_morph_mix``)
+        out += model.morph_mix * (gaps.crop(motion.blend(*gaps.warped(slice(None)), alpha_t)) - out)
     return out.reshape(samples, phases, missing, h, w)
 
 

@@ -329,6 +329,25 @@ class CaLID(nn.Module):
         self.error_head = None
         if config.get("error_head") is not None:
             self.add_error_head(config["error_head"])
+        self.morph_mix = 0.0
+        if config.get("morph_mix"):
+            self.set_morph_mix(config["morph_mix"])
+
+    def set_morph_mix(self, weight: float) -> None:
+        """Average a motion-aware model's final slices with the morph, ``(1 - weight) * model + weight * morph``.
+
+        The latent estimate and the morph are about equally good on unseen patients and wrong in different ways (the
+        estimate's walls are soft, the morph's are sharp but misplaced where the flow fails), so their average beats
+        both. Why a fixed weight and not a learned one: every network after the denoiser is trained on the denoiser's
+        own training patients, where its estimate is better than on a new patient, so a learned mix trusts it too
+        much (the trained refiners raised the pixels and lowered the segmenter's Dice).
+        """
+        if self.motion is None:
+            raise ValueError("the morph mix needs the warped neighbours: it needs a motion-aware model")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"the morph mix weight must lie in [0, 1], not {weight}")
+        self.morph_mix = float(weight)
+        self.config["morph_mix"] = self.morph_mix
 
     def add_error_head(self, cfg: dict[str, Any] | None = None) -> None:
         """Give a motion-aware model the ``ErrorHead`` behind its calibrated uncertainty map (untrained until

@@ -245,3 +245,33 @@ def test_refiner_needs_a_motion_aware_model(dataset, tmp_path, tiny_model_dir):
 
     with pytest.raises(CalidError, match="motion-aware"):
         Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "r"), init=str(tiny_model_dir), refiner_steps=2))
+
+
+def test_morph_mix_averages_the_final_slices_with_the_morph(motion_model_dir, small_image):
+    stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
+    model, _ = load_model(motion_model_dir)
+    unmixed = generate_missing(model, stack, 2, 1)
+    model.set_morph_mix(1.0)
+    morph = generate_missing(model, stack, 2, 1)
+    assert not np.allclose(morph, unmixed)
+    assert 64 % model.spatial_multiple == 0  # 64 x 64 slices: no padding, so the flows are those of morph_missing
+    np.testing.assert_allclose(morph[0], morph_missing(stack, 2), atol=1e-5)  # weight 1: the product's DIS morph
+    model.set_morph_mix(0.3)
+    np.testing.assert_allclose(generate_missing(model, stack, 2, 1), 0.7 * unmixed + 0.3 * morph, atol=1e-5)
+    np.testing.assert_allclose(generate_missing(model, stack, 2, 1, refine=False), unmixed, atol=1e-6)
+    assert CaLID(model.config).morph_mix == 0.3  # the card carries it
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.set_morph_mix(1.5)
+
+
+def test_setting_a_morph_mix_recalibrates_an_error_head_it_does_not_retrain(dataset, tmp_path, error_head_model_dir):
+    from calid.training.config import TrainConfig
+    from calid.training.trainer import train
+
+    model_dir = train(TrainConfig(data=[str(dataset)], output=str(tmp_path / "mix"), init=str(error_head_model_dir),
+                                  denoiser_steps=0, morph_mix=0.5, val_fraction=0.25, device="cpu"), "none")
+    mixed, card = load_model(model_dir)
+    base, base_card = load_model(error_head_model_dir)
+    assert card["config"]["morph_mix"] == 0.5 and mixed.morph_mix == 0.5
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in mixed.state_dict().items())  # no weight changed
+    assert card["config"]["error_head"]["calibration"] != base_card["config"]["error_head"].get("calibration")

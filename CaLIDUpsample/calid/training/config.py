@@ -21,6 +21,7 @@ class TrainConfig:
     refiner_loss: str = "mse"  # one of REFINER_LOSSES (calid.training.losses)
     refiner_kind: str = "residual"  # one of REFINER_KINDS: a new refiner's design (calid.networks.REFINERS)
     refiner_thin_weight: float = 1.0  # draw thin-slice stacks' examples this many times as often
+    morph_mix: float | None = None  # set the model's morph mix (calid.networks.CaLID.set_morph_mix); None: keep it
     error_head_steps: int = 0  # > 0: then train the error head behind the calibrated uncertainty map (motion-aware)
     vae_batch: int = 16
     denoiser_batch: int = 32

@@ -93,6 +93,11 @@ class Trainer:
             if self.model.motion is None:
                 raise CalidError("--refiner-steps needs a motion-aware model (--motion, or an --init model that is one)")
             self.model.add_refiner({**REFINER_CONFIG, "kind": cfg.refiner_kind})
+        if cfg.morph_mix is not None:
+            try:
+                self.model.set_morph_mix(cfg.morph_mix)
+            except ValueError as error:
+                raise CalidError(f"--morph-mix: {error}") from None
         if cfg.error_head_steps > 0 and self.model.error_head is None:
             if self.model.motion is None:
                 raise CalidError("--error-head-steps needs a motion-aware model (--motion, or an --init model that is one)")
@@ -190,6 +195,9 @@ class Trainer:
         for stage, (start, end) in self.stages.items():
             if start < end and step < end:
                 step, ran = self._stage(stage, step, progress), True
+        if self.rank == 0 and self._calibration_is_stale():
+            self._recalibrate_error_head(progress)
+            ran = True
         if self.rank == 0 and (ran or not (self.out / "model").is_dir()):
             self._export()
         progress.close()
@@ -302,6 +310,22 @@ class Trainer:
         if self.rank == 0:
             self._save(checkpoint, ema, optimizer, step, stage)
         return step
+
+    def _calibration_is_stale(self) -> bool:
+        """The slices the error head describes were changed (a new refiner or morph mix) but the head not retrained."""
+        cfg = self.cfg
+        return (self.model.error_head is not None and cfg.error_head_steps == 0
+                and (cfg.refiner_steps > 0 or cfg.morph_mix is not None))
+
+    def _recalibrate_error_head(self, progress: Progress) -> None:
+        """Refit the head's calibration on the model's new final output (its weights stay): the map must describe
+        the slices the model now makes."""
+        progress.set_stage("recalibrating the error head on the new output")
+        self.model.eval()
+        sampler = data.EstimateSampler(self.model, self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
+                                       self.generator, self.device, default_steps(self.model),
+                                       self.cfg.refiner_thin_weight, refine=True)
+        calibrate_error_head(self.model, sampler, self.device)
 
     def _save(self, path: Path, ema: AveragedModel, optimizer: torch.optim.Optimizer, step: int, stage: str) -> None:
         info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation}
