@@ -221,9 +221,7 @@ class SynthesisRefiner(nn.Module):
 
     def forward(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
                 alpha: torch.Tensor) -> torch.Tensor:
-        inputs = torch.cat([_pixel_inputs(estimate, warped_below, warped_above, alpha),
-                            (warped_above - warped_below).abs()], dim=1)
-        o = self.gain * self.net(inputs)
+        o = self.gain * self.net(_pixel_inputs_and_disagreement(estimate, warped_below, warped_above, alpha))
         below, above = warp(warped_below, o[:, 0:2]), warp(warped_above, o[:, 2:4])
         m = torch.sigmoid(o[:, 4:5] + torch.logit(_plane(alpha, estimate), eps=1e-3))
         s = torch.sigmoid(o[:, 5:6])
@@ -243,6 +241,14 @@ def _pixel_inputs(estimate: torch.Tensor, warped_below: torch.Tensor, warped_abo
                   alpha: torch.Tensor) -> torch.Tensor:
     """What the pixel-space stages see: the estimate, both warped neighbours and an alpha plane (N, 4, H, W)."""
     return torch.cat([estimate, warped_below, warped_above, _plane(alpha, estimate)], dim=1)
+
+
+def _pixel_inputs_and_disagreement(estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
+                                   alpha: torch.Tensor) -> torch.Tensor:
+    """``_pixel_inputs`` and the warped neighbours' disagreement, large where the flow could not explain the change
+    between them (N, 5, H, W)."""
+    return torch.cat([_pixel_inputs(estimate, warped_below, warped_above, alpha), (warped_above - warped_below).abs()],
+                     dim=1)
 
 
 ERROR_HEAD_CONFIG: dict[str, Any] = {"channels": [16, 32, 64], "num_res_units": 1, "norm": "batch"}
@@ -277,8 +283,8 @@ class ErrorHead(nn.Module):
     def uncalibrated(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
                      alpha: torch.Tensor, gap_mm: torch.Tensor) -> torch.Tensor:
         """log b (N, 1, H, W) as trained (the Laplace loss takes this): what the calibration is fitted on."""
-        inputs = torch.cat([_pixel_inputs(estimate, warped_below, warped_above, alpha),
-                            (warped_above - warped_below).abs(), _plane(gap_mm / GAP_UNIT_MM, estimate)], dim=1)
+        inputs = torch.cat([_pixel_inputs_and_disagreement(estimate, warped_below, warped_above, alpha),
+                            _plane(gap_mm / GAP_UNIT_MM, estimate)], dim=1)
         return (self.offset + self.net(inputs)).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
 
     def forward(self, estimate: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,

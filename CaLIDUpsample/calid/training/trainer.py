@@ -241,10 +241,7 @@ class Trainer:
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
         elif stage in ("refiner", "error_head"):
             progress.set_stage(f"making the {stage.replace('_', ' ')}'s examples")  # the model's output on removed slices
-            self.model.eval()
-            sampler = data.EstimateSampler(self.model, self.train_volumes, cfg.latent_crop * self.model.vae_downsampling,
-                                           self.generator, self.device, default_steps(self.model),
-                                           cfg.refiner_thin_weight, refine=stage == "error_head")
+            sampler = self._estimate_sampler(refine=stage == "error_head")
             loss_fn = refiner_loss(cfg.refiner_loss, self.device) if stage == "refiner" else None
         else:
             latents = None
@@ -321,11 +318,15 @@ class Trainer:
         """Refit the head's calibration on the model's new final output (its weights stay): the map must describe
         the slices the model now makes."""
         progress.set_stage("recalibrating the error head on the new output")
+        calibrate_error_head(self.model, self._estimate_sampler(refine=True), self.device)
+
+    def _estimate_sampler(self, refine: bool) -> data.EstimateSampler:
+        """The model's own output on slices removed from the training stacks (``data.EstimateSampler``): the examples
+        of the refiner (``refine=False``) and of the error head and its calibration (``refine=True``)."""
         self.model.eval()
-        sampler = data.EstimateSampler(self.model, self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
-                                       self.generator, self.device, default_steps(self.model),
-                                       self.cfg.refiner_thin_weight, refine=True)
-        calibrate_error_head(self.model, sampler, self.device)
+        return data.EstimateSampler(self.model, self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
+                                    self.generator, self.device, default_steps(self.model), self.cfg.refiner_thin_weight,
+                                    refine=refine)
 
     def _save(self, path: Path, ema: AveragedModel, optimizer: torch.optim.Optimizer, step: int, stage: str) -> None:
         info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation}
