@@ -130,6 +130,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--motion", choices=("dis", "tvl1"),
                    help="make the model motion-aware: condition on the neighbours warped along this optical flow "
                         "(default: as the --init model, else not)")
+    p.add_argument("--flow-views", type=int,
+                   help="average each gap's optical flow over this many in-plane orientations of the pair, 1 to 8 "
+                        "(motion-aware models; default: as the --init model, else 1). An error head not retrained is "
+                        "recalibrated")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
@@ -340,7 +344,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
         denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
         denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_kind=args.refiner_kind,
-        refiner_thin_weight=args.refiner_thin_weight, morph_mix=args.morph_mix,
+        refiner_thin_weight=args.refiner_thin_weight, morph_mix=args.morph_mix, flow_views=args.flow_views,
         error_head_steps=args.error_head_steps,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,

@@ -107,7 +107,7 @@ class _Gaps:
         self.images = torch.from_numpy(self.padded.reshape(phases * n, 1, *self.padded.shape[2:]))
         self.flows = self.gap_of = None
         if model.motion is not None:
-            self.flows = torch.from_numpy(motion.stack_flows(self.padded, model.motion["flow"]))
+            self.flows = torch.from_numpy(motion.stack_flows(self.padded, model.motion["flow"], model.motion["views"]))
             self.gap_of = self.below - self.below // n  # acquired slice (phase * n + i) -> gap (phase * (n - 1) + i)
 
     def __len__(self) -> int:

@@ -16,6 +16,13 @@ Flows are symmetric, ``(f_ab - f_ba) / 2``, so swapping the neighbours gives the
 Two estimators: ``"dis"`` (OpenCV's dense inverse search, ~5 ms a pair on a CPU: what the product runs) and
 ``"tvl1"`` (scikit-image's TV-L1 with the evaluation protocol's settings, ~100 ms a pair: the peer the tables
 report). On the 15 ACDC validation patients both give the same morph within 0.01 dB heart PSNR (K=2).
+
+``views``: DIS is not equivariant to rotating or flipping the slices (its patch grid and coarse-to-fine search are
+tied to the image axes), so each of the 8 in-plane orientations of a pair gives a somewhat different flow, each
+wrong in its own places. The flow of ``views > 1`` is the mean of the flows estimated in that many orientations,
+each brought back to the slice's own frame: one flow, one warp, as sharp as a single one. With 8 views the DIS morph
+gained +0.06 dB heart PSNR with 10 mm gaps and +0.09 dB with 20 mm gaps on the ACDC validation patients, and the
+bundled model conditioned on it +0.05 / +0.09 dB (README, motion-aware CaLID), for 8x the flow time (~50 ms a pair).
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 FLOW_METHODS = ("dis", "tvl1")
+# In-plane orientations (quarter turns, column flip) in the order ``views`` takes them: the identity first, so one
+# view is the plain flow.
+VIEWS = ((0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True))
 TVL1_SETTINGS = dict(attachment=10, tightness=0.3, num_warp=5, num_iter=10)  # evaluation.md's settings
 
 
@@ -50,19 +60,47 @@ def _tvl1_flow(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return optical_flow_tvl1(reference, moving, **TVL1_SETTINGS).astype(np.float32)
 
 
-def pair_flow(below: np.ndarray, above: np.ndarray, method: str = "dis") -> np.ndarray:
-    """Symmetric flow (2, h, w) from ``below`` to ``above`` (see the module's convention)."""
+def _in_view(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    image = np.rot90(image, turns)
+    return np.ascontiguousarray(image[:, ::-1] if flip else image)
+
+
+def _flow_from_view(flow: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """A flow (2, h', w') estimated on ``_in_view`` images, as a flow (2, h, w) of the original images: the field is
+    turned back with the images, and its (rows, cols) components with it."""
+    rows, cols = flow
+    if flip:
+        rows, cols = rows[:, ::-1], -cols[:, ::-1]
+    for _ in range(turns):  # one quarter turn back: (rows, cols) of the view are (-cols, rows) of the slice
+        rows, cols = np.rot90(cols, -1), -np.rot90(rows, -1)
+    return np.stack([rows, cols])
+
+
+def pair_flow(below: np.ndarray, above: np.ndarray, method: str = "dis", views: int = 1) -> np.ndarray:
+    """Symmetric flow (2, h, w) from ``below`` to ``above`` (see the module's convention), averaged over ``views``
+    in-plane orientations (``VIEWS``)."""
     if method not in FLOW_METHODS:
         raise ValueError(f"flow method must be one of {FLOW_METHODS}, not {method!r}")
+    check_views(views)
     estimate = _dis_flow if method == "dis" else _tvl1_flow
     b, a = _unit_pair(np.asarray(below, np.float32), np.asarray(above, np.float32))
-    return (estimate(b, a) - estimate(a, b)) / 2
+    flows = []
+    for turns, flip in VIEWS[:views]:
+        vb, va = _in_view(b, turns, flip), _in_view(a, turns, flip)
+        flows.append(_flow_from_view((estimate(vb, va) - estimate(va, vb)) / 2, turns, flip))
+    return np.mean(flows, axis=0, dtype=np.float32)
 
 
-def stack_flows(stacks: np.ndarray, method: str = "dis") -> np.ndarray:
+def check_views(views: int) -> None:
+    if not isinstance(views, int) or not 1 <= views <= len(VIEWS):
+        raise ValueError(f"flow views must be a whole number from 1 to {len(VIEWS)}, not {views!r}")
+
+
+def stack_flows(stacks: np.ndarray, method: str = "dis", views: int = 1) -> np.ndarray:
     """Flows of every gap of every phase: stacks (phases, n, h, w) -> (phases * (n - 1), 2, h, w), phase-major."""
     phases, n = stacks.shape[:2]
-    return np.stack([pair_flow(stacks[p, i], stacks[p, i + 1], method) for p in range(phases) for i in range(n - 1)])
+    return np.stack([pair_flow(stacks[p, i], stacks[p, i + 1], method, views)
+                     for p in range(phases) for i in range(n - 1)])
 
 
 def warp(images: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -88,13 +126,13 @@ def blend(warped_below: torch.Tensor, warped_above: torch.Tensor, alpha: torch.T
     return (1 - a) * warped_below + a * warped_above
 
 
-def morph_missing(kept: np.ndarray, factor: int, method: str = "dis") -> np.ndarray:
+def morph_missing(kept: np.ndarray, factor: int, method: str = "dis", views: int = 1) -> np.ndarray:
     """The optical-flow morph of a stack (n, h, w): its missing slices at factor K, in ``dense_positions`` order."""
     from .geometry import dense_positions
 
     below, above, alpha = dense_positions(kept.shape[0], factor)
     stack = np.asarray(kept, np.float32)
-    flows = torch.from_numpy(stack_flows(stack[None], method))[below]
+    flows = torch.from_numpy(stack_flows(stack[None], method, views))[below]
     images = torch.from_numpy(stack)[:, None]
     alpha_t = torch.as_tensor(alpha, dtype=torch.float32)
     wb, wa = warped_neighbours(images[below], images[above], flows, alpha_t)

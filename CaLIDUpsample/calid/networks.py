@@ -24,7 +24,7 @@ from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, U
 from torch import nn
 
 from .error_calibration import ErrorCalibration
-from .motion import FLOW_METHODS, warp
+from .motion import FLOW_METHODS, check_views, warp
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "vae": {
@@ -328,7 +328,7 @@ class CaLID(nn.Module):
         # the flow failed). Same networks and weights layout as a model without it.
         self.motion = None
         if config.get("motion") is not None:
-            self.make_motion_aware(config["motion"].get("flow"))
+            self.make_motion_aware(config["motion"].get("flow"), config["motion"].get("views", 1))
         self.refiner = None
         if config.get("refiner") is not None:
             self.add_refiner(config["refiner"])
@@ -376,7 +376,7 @@ class CaLID(nn.Module):
         self.refiner = REFINERS[kind](cfg)
         self.config["refiner"] = cfg
 
-    def make_motion_aware(self, flow: str) -> None:
+    def make_motion_aware(self, flow: str, views: int = 1) -> None:
         """Condition on (and build the residual on) the neighbours warped along their flow: see ``motion``.
 
         Turning a model of the older design into one keeps every weight: fine-tuning then teaches it the new base.
@@ -384,6 +384,18 @@ class CaLID(nn.Module):
         if self.diffusion_target != "residual" or flow not in FLOW_METHODS:
             raise ValueError(f"a motion-aware model diffuses residuals and names a flow in {FLOW_METHODS}, not {flow!r}")
         self.motion = {"flow": flow}
+        self.set_flow_views(views)
+
+    def set_flow_views(self, views: int) -> None:
+        """Average each gap's flow over this many in-plane orientations of the pair (``motion.pair_flow``).
+
+        The networks do not change: a better flow gives them better-aligned neighbours (the bundled models took 8
+        views without retraining; README, motion-aware CaLID). Old configs without ``views`` mean one.
+        """
+        if self.motion is None:
+            raise ValueError("flow views belong to a motion-aware model")
+        check_views(views)
+        self.motion["views"] = views
         self.config["motion"] = dict(self.motion)
 
     @property

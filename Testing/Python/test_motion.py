@@ -16,7 +16,8 @@ from calid.errors import CalidError
 from calid.generation import generate_missing
 from calid.metrics import linear_missing
 from calid.modelstore import load_model, save_model
-from calid.motion import morph_missing, pair_flow, warp
+from calid import motion
+from calid.motion import VIEWS, morph_missing, pair_flow, warp
 from calid.networks import TINY_CONFIG, CaLID
 from calid.training.data import MotionTripletSampler, TripletSampler, Volume
 
@@ -78,6 +79,50 @@ def test_flow_follows_a_moving_wall_and_is_symmetric(method):
     np.testing.assert_allclose(pair_flow(above, below, method), -flow, atol=1e-4)
 
 
+@pytest.mark.parametrize("view", VIEWS)
+def test_a_flow_estimated_in_any_orientation_comes_back_in_the_slice_frame(monkeypatch, view):
+    """A disc moved 8 pixels along columns and 4 along rows: the flow estimated on the turned or flipped pair, brought
+    back, is that displacement, signs and axes included (a wrong turn would swap or negate them)."""
+    rows, cols = np.mgrid[0:64, 0:64]
+    below, above = (200.0 * ((rows - r) ** 2 + (cols - c) ** 2 <= 81) + 20.0 for r, c in ((28, 26), (32, 34)))
+    monkeypatch.setattr(motion, "VIEWS", (view,))
+    flow = pair_flow(below, above, "dis", 1)
+    inside = ((rows - 28) ** 2 + (cols - 26) ** 2) <= 49
+    assert np.median(flow[0][inside]) == pytest.approx(4.0, abs=1.5)
+    assert np.median(flow[1][inside]) == pytest.approx(8.0, abs=1.5)
+
+
+def test_flow_views_average_orientations_into_one_flow_that_still_follows_the_wall():
+    below, above = disc_stack([26.0, 34.0])
+    one, eight = pair_flow(below, above, "dis"), pair_flow(below, above, "dis", 8)
+    inside = disc_stack([26.0])[0] > 100
+    assert np.median(eight[1][inside]) == pytest.approx(8.0, abs=2.0) and not np.allclose(one, eight)
+    np.testing.assert_allclose(pair_flow(above, below, "dis", 8), -eight, atol=1e-4)  # still symmetric
+    for bad in (0, 9, 2.5):
+        with pytest.raises(ValueError, match="1 to 8"):
+            pair_flow(below, above, "dis", bad)
+
+
+def test_flow_views_change_the_model_output_and_travel_in_its_card(tmp_path, motion_model_dir, small_image):
+    stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
+    model, card = load_model(motion_model_dir)
+    one = generate_missing(model, stack, 2, 1)
+    model.set_flow_views(8)
+    assert model.config["motion"] == {"flow": "dis", "views": 8} and CaLID(model.config).motion["views"] == 8
+    assert not np.allclose(generate_missing(model, stack, 2, 1), one, atol=1e-3)
+    with pytest.raises(ValueError, match="1 to 8"):
+        model.set_flow_views(0)
+    older = tmp_path / "older"  # a card written before views existed: one view, the same slices as before
+    older.mkdir()
+    for f in motion_model_dir.iterdir():
+        (older / f.name).write_bytes(f.read_bytes())
+    card["config"]["motion"] = {"flow": "dis"}
+    (older / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    old_model, _ = load_model(older)
+    assert old_model.motion["views"] == 1
+    np.testing.assert_array_equal(generate_missing(old_model, stack, 2, 1), one)
+
+
 def test_morph_moves_the_wall_where_linear_interpolation_cross_fades():
     stack = disc_stack([24.0, 36.0], radius=10.0)
     truth = disc_stack([30.0], radius=10.0)[0]
@@ -102,7 +147,7 @@ def test_motion_sampler_warps_neighbours_towards_the_target():
 
 def test_motion_aware_model_round_trips_keeps_acquired_slices_and_oblique_geometry(small_image, motion_model_dir):
     model, card = load_model(motion_model_dir)
-    assert model.motion == {"flow": "dis"} and card["config"]["motion"] == {"flow": "dis"}
+    assert model.motion == {"flow": "dis", "views": 1} and card["config"]["motion"] == {"flow": "dis", "views": 1}
     oblique = sitk.Image(small_image)
     oblique.SetDirection((0.8, -0.6, 0.0, 0.36, 0.48, -0.8, 0.48, 0.64, 0.6))
     result = upsample_image(oblique, UpsampleOptions(factor=3, steps=1, device="cpu"), model)
@@ -123,15 +168,16 @@ def test_motion_changes_what_the_model_is_conditioned_on(small_image, motion_mod
     assert with_motion.shape == without.shape and not np.allclose(with_motion, without, atol=1e-3)
 
 
-def test_a_card_naming_an_unknown_flow_is_refused_in_one_line(tmp_path, motion_model_dir):
+@pytest.mark.parametrize("motion_config, message", [({"flow": "magic"}, "magic"), ({"flow": "dis", "views": 9}, "1 to 8")])
+def test_a_card_naming_an_unknown_flow_is_refused_in_one_line(tmp_path, motion_model_dir, motion_config, message):
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in motion_model_dir.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     card = json.loads((broken / "model.json").read_text(encoding="utf-8"))
-    card["config"]["motion"] = {"flow": "magic"}
+    card["config"]["motion"] = motion_config
     (broken / "model.json").write_text(json.dumps(card), encoding="utf-8")
-    with pytest.raises(CalidError, match="invalid config.*magic"):
+    with pytest.raises(CalidError, match=f"invalid config.*{message}"):
         load_model(broken)
 
 
@@ -264,14 +310,19 @@ def test_morph_mix_averages_the_final_slices_with_the_morph(motion_model_dir, sm
         model.set_morph_mix(1.5)
 
 
-def test_setting_a_morph_mix_recalibrates_an_error_head_it_does_not_retrain(dataset, tmp_path, error_head_model_dir):
+@pytest.mark.parametrize("change", [{"morph_mix": 0.5}, {"flow_views": 2}])
+def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(dataset, tmp_path, error_head_model_dir,
+                                                                                change):
     from calid.training.config import TrainConfig
     from calid.training.trainer import train
 
     model_dir = train(TrainConfig(data=[str(dataset)], output=str(tmp_path / "mix"), init=str(error_head_model_dir),
-                                  denoiser_steps=0, morph_mix=0.5, val_fraction=0.25, device="cpu"), "none")
+                                  denoiser_steps=0, val_fraction=0.25, device="cpu", **change), "none")
     mixed, card = load_model(model_dir)
     base, base_card = load_model(error_head_model_dir)
-    assert card["config"]["morph_mix"] == 0.5 and mixed.morph_mix == 0.5
+    if "morph_mix" in change:
+        assert card["config"]["morph_mix"] == 0.5 and mixed.morph_mix == 0.5
+    else:
+        assert card["config"]["motion"]["views"] == 2 and mixed.motion["views"] == 2
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in mixed.state_dict().items())  # no weight changed
     assert card["config"]["error_head"]["calibration"] != base_card["config"]["error_head"].get("calibration")

@@ -31,6 +31,7 @@ class TrainConfig:
     warmup: int = 100
     ema_decay: float = 0.998
     motion: str | None = None  # "dis" or "tvl1": make the model motion-aware (calid.motion) before training
+    flow_views: int | None = None  # average each flow over this many in-plane views (calid.motion); None: keep it
     min_timestep: int = 0  # > 0: train the denoiser only where a few-step sampler asks it (see sampling)
     val_fraction: float = 0.15
     split: str | None = None

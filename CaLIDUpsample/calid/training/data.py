@@ -245,11 +245,11 @@ class MotionTripletSampler:
     flows eight times. The trainer encodes the crops with the frozen VAE.
     """
 
-    def __init__(self, volumes: list[Volume], crop: int, generator: torch.Generator, flow: str):
+    def __init__(self, volumes: list[Volume], crop: int, generator: torch.Generator, flow: str, views: int = 1):
         self.stacks = [torch.from_numpy(v.stack) for v in volumes if v.stack.shape[0] >= 3]
         self.crop = crop
         self.generator = generator
-        self.flow = flow
+        self.flow, self.views = flow, views
         self._flows: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def _pair_flow(self, v: int, lo: int, hi: int) -> torch.Tensor:
@@ -257,7 +257,7 @@ class MotionTripletSampler:
 
         if (v, lo, hi) not in self._flows:
             stack = self.stacks[v].numpy()
-            self._flows[(v, lo, hi)] = torch.from_numpy(pair_flow(stack[lo], stack[hi], self.flow)).half()
+            self._flows[(v, lo, hi)] = torch.from_numpy(pair_flow(stack[lo], stack[hi], self.flow, self.views)).half()
         return self._flows[(v, lo, hi)].float()
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,7 +310,7 @@ class EstimateSampler:
                 padded, ph, pw = pad_to_multiple(kept[None], model.spatial_multiple)
                 below, above, alpha = dense_positions(len(kept), factor)
                 images = torch.from_numpy(padded[0])[:, None]
-                flows = torch.from_numpy(stack_flows(padded, model.motion["flow"]))[below]
+                flows = torch.from_numpy(stack_flows(padded, model.motion["flow"], model.motion["views"]))[below]
                 warped = warped_neighbours(images[below], images[above], flows, torch.as_tensor(alpha, dtype=torch.float32))
                 h, w = kept.shape[1:]
                 wb, wa = (x[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w] for x in warped)

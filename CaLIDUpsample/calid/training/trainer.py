@@ -84,7 +84,12 @@ class Trainer:
                 raise CalidError(f"unknown preset {cfg.preset} (use {', '.join(PRESETS)})")
             self.model = CaLID(PRESETS[cfg.preset])
         if cfg.motion:
-            self.model.make_motion_aware(cfg.motion)
+            self.model.make_motion_aware(cfg.motion, (self.model.motion or {}).get("views", 1))
+        if cfg.flow_views is not None:
+            try:
+                self.model.set_flow_views(cfg.flow_views)
+            except ValueError as error:
+                raise CalidError(f"--flow-views: {error}") from None
         if cfg.refiner_loss not in REFINER_LOSSES:
             raise CalidError(f"--refiner-loss must be one of {', '.join(REFINER_LOSSES)}, not {cfg.refiner_loss}")
         if cfg.refiner_kind not in REFINER_KINDS:
@@ -309,10 +314,11 @@ class Trainer:
         return step
 
     def _calibration_is_stale(self) -> bool:
-        """The slices the error head describes were changed (a new refiner or morph mix) but the head not retrained."""
+        """The slices the error head describes were changed (a new refiner, morph mix or flow) but the head not
+        retrained."""
         cfg = self.cfg
         return (self.model.error_head is not None and cfg.error_head_steps == 0
-                and (cfg.refiner_steps > 0 or cfg.morph_mix is not None))
+                and (cfg.refiner_steps > 0 or cfg.morph_mix is not None or cfg.flow_views is not None))
 
     def _recalibrate_error_head(self, progress: Progress) -> None:
         """Refit the head's calibration on the model's new final output (its weights stay): the map must describe
@@ -346,7 +352,7 @@ class Trainer:
         if self.model.motion is None:
             return data.TripletSampler(latents, self.cfg.latent_crop, generator)
         return data.MotionTripletSampler(self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
-                                         generator, self.model.motion["flow"])
+                                         generator, self.model.motion["flow"], self.model.motion["views"])
 
     @torch.no_grad()
     def _latent_triplets(self, sampler, size: int) -> tuple[torch.Tensor, ...]:
