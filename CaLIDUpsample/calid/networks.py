@@ -322,10 +322,11 @@ class CaLID(nn.Module):
             raise ValueError(f"diffusion_target must be one of {DIFFUSION_TARGETS}, not {self.diffusion_target!r}")
         # Residuals are divided by this so that they have roughly unit variance (set by the trainer).
         self.register_buffer("residual_scale", torch.tensor(1.0))
-        # {"flow": "dis"}: a motion-aware model. Its "neighbours" are the acquired neighbours warped along their
-        # optical flow to the new slice's position (``calid.motion``), so its residual base is the optical-flow
-        # morph instead of the cross-fade, and tau_theta1 sees the two warped slices (their disagreement shows where
-        # the flow failed). Same networks and weights layout as a model without it.
+        # {"flow": "dis", "views": 8}: a motion-aware model. Its "neighbours" are the acquired neighbours warped
+        # along their optical flow (averaged over "views" in-plane orientations) to the new slice's position
+        # (``calid.motion``), so its residual base is the optical-flow morph instead of the cross-fade, and
+        # tau_theta1 sees the two warped slices (their disagreement shows where the flow failed). Same networks and
+        # weights layout as a model without it.
         self.motion = None
         if config.get("motion") is not None:
             self.make_motion_aware(config["motion"].get("flow"), config["motion"].get("views", 1))

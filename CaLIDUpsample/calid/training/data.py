@@ -243,13 +243,18 @@ class MotionTripletSampler:
     to the target's position before cropping, as ``generation.generate_missing_phases`` does at inference; the
     three crops then share one random 90-degree rotation/flip, so every orientation is seen without estimating
     flows eight times. The trainer encodes the crops with the frozen VAE.
+
+    The flows here are one-view DIS even for a model that averages 8 views at inference (``motion.pair_flow``): a
+    fine-tuning run draws thousands of different pairs (with 8 views the first fold of the Sunnybrook fine-tuning
+    benchmark had not ended after 13 minutes on 2 shared cores, against 4-5 minutes a fold with one view). The
+    bundled weights were trained on one-view warps and gain on 8-view ones (README, motion-aware CaLID).
     """
 
-    def __init__(self, volumes: list[Volume], crop: int, generator: torch.Generator, flow: str, views: int = 1):
+    def __init__(self, volumes: list[Volume], crop: int, generator: torch.Generator, flow: str):
         self.stacks = [torch.from_numpy(v.stack) for v in volumes if v.stack.shape[0] >= 3]
         self.crop = crop
         self.generator = generator
-        self.flow, self.views = flow, views
+        self.flow = flow
         self._flows: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def _pair_flow(self, v: int, lo: int, hi: int) -> torch.Tensor:
@@ -257,7 +262,7 @@ class MotionTripletSampler:
 
         if (v, lo, hi) not in self._flows:
             stack = self.stacks[v].numpy()
-            self._flows[(v, lo, hi)] = torch.from_numpy(pair_flow(stack[lo], stack[hi], self.flow, self.views)).half()
+            self._flows[(v, lo, hi)] = torch.from_numpy(pair_flow(stack[lo], stack[hi], self.flow)).half()
         return self._flows[(v, lo, hi)].float()
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

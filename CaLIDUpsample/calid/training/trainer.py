@@ -352,7 +352,7 @@ class Trainer:
         if self.model.motion is None:
             return data.TripletSampler(latents, self.cfg.latent_crop, generator)
         return data.MotionTripletSampler(self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
-                                         generator, self.model.motion["flow"], self.model.motion["views"])
+                                         generator, self.model.motion["flow"])
 
     @torch.no_grad()
     def _latent_triplets(self, sampler, size: int) -> tuple[torch.Tensor, ...]:
