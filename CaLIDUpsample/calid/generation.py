@@ -267,8 +267,8 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
 
     ``gap_mm``: the distance between neighbouring acquired slices (the input's slice spacing).
     ``generated`` (phases, missing, h, w) is the estimate for ``stacks`` (phases, n, h, w) in the same range, as
-    ``generate_missing_phases`` (averaged over samples) returns it. The flows are estimated again (DIS: ~5 ms a gap and view)
-    so that the map can be asked of any estimate, the refined one included.
+    ``generate_missing_phases`` (averaged over samples) returns it. The flows are estimated again (DIS: ~5 ms a gap
+    and view) so that the map can be asked of any estimate, the refined one included.
     """
     require_error_head(model)
     device = torch.device(device)
