@@ -168,7 +168,8 @@ def test_motion_changes_what_the_model_is_conditioned_on(small_image, motion_mod
     assert with_motion.shape == without.shape and not np.allclose(with_motion, without, atol=1e-3)
 
 
-@pytest.mark.parametrize("motion_config, message", [({"flow": "magic"}, "magic"), ({"flow": "dis", "views": 9}, "1 to 8")])
+@pytest.mark.parametrize("motion_config, message",
+                         [({"flow": "magic"}, "magic"), ({"flow": "dis", "views": 9}, "1 to 8")])
 def test_a_card_naming_an_unknown_flow_is_refused_in_one_line(tmp_path, motion_model_dir, motion_config, message):
     broken = tmp_path / "broken"
     broken.mkdir()
