@@ -21,7 +21,8 @@ from . import geometry, motion
 from .cine import Cine, read_input, write_cine
 from .devices import resolve_device
 from .errors import CalidError
-from .generation import MAX_SAMPLES, MAX_STEPS, default_steps, expected_error, generate_missing_phases, require_error_head
+from .generation import (MAX_SAMPLES, MAX_STEPS, default_steps, expected_error, gap_flows, generate_missing_phases,
+                         require_error_head)
 from .imageio import check_pixels, read_image, validate_volume, write_image
 from .intensity import IntensityMap
 from .metrics import linear_missing
@@ -127,12 +128,14 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
 
 
 def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.ndarray, factor: int, steps: int,
-                   device: torch.device, progress: Progress | None = None) -> np.ndarray:
-    """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: (samples, phases, missing, h, w)."""
+                   device: torch.device, progress: Progress | None = None,
+                   flows: torch.Tensor | None = None) -> np.ndarray:
+    """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: (samples, phases, missing, h, w).
+    ``flows``: the model's ``gap_flows`` of the stacks, if already estimated."""
     if options.method == "calid":
         return generate_missing_phases(model, stacks, factor, steps, options.seed, options.samples, options.plus,
                                        device, options.batch_size, progress,
-                                       shared_noise=options.cine_noise == "shared")
+                                       shared_noise=options.cine_noise == "shared", flows=flows)
     progress = progress or Progress("none")
     progress.total = len(stacks)
     progress.set_stage(f"{options.method} interpolation")
@@ -165,13 +168,18 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
     stacks = np.stack([geometry.to_stack(phase, axis) for phase in phases])
     intensity = IntensityMap.fit(stacks)
     network_stacks = intensity.to_network(stacks)
-    generated = missing_slices(options, model, network_stacks, factor, steps, device, progress).mean(axis=0)
+    flows = None
+    if want_uncertainty:  # the slices and their map are made on the same flows: estimated once
+        if progress is not None:
+            progress.set_stage("estimating motion")
+        flows = gap_flows(model, network_stacks)
+    generated = missing_slices(options, model, network_stacks, factor, steps, device, progress, flows).mean(axis=0)
     error = None
     if want_uncertainty:
         if progress is not None:
             progress.set_stage("predicting the expected error")
         error = intensity.size_from_network(expected_error(model, network_stacks, generated, factor,
-                                                           image.GetSpacing()[axis], device, options.batch_size))
+                                                           image.GetSpacing()[axis], device, options.batch_size, flows))
     generated = intensity.from_network(generated)
 
     def dense_image(acquired: np.ndarray, new: np.ndarray, dtype: np.dtype) -> sitk.Image:

@@ -93,21 +93,39 @@ def _initial_noise(seed: int, samples: int, phases: int, missing: int, shape: tu
     return noise.expand(samples, phases, missing, *shape).reshape(samples * phases * missing, *shape)
 
 
+def gap_flows(model: CaLID, stacks: np.ndarray) -> torch.Tensor | None:
+    """The optical flow of every gap of every phase of stacks (phases, n, h, w), on the padded grid the model works
+    on: (phases * (n - 1), 2, H, W), or None for a model without motion.
+
+    ``generate_missing_phases`` and ``expected_error`` estimate them when not given; a caller that needs both (an
+    upsample with its uncertainty map, the error head's training examples) estimates them once here and passes
+    them to each: with 8 views they are 8 DIS flows a gap, most of the map's cost.
+    """
+    if model.motion is None:
+        return None
+    padded = pad_to_multiple(stacks, model.spatial_multiple)[0]
+    return torch.from_numpy(motion.stack_flows(padded, model.motion["flow"], model.motion["views"]))
+
+
 class _Gaps:
     """Every item to generate (sample, phase, missing slice) and the padded grid the flows and networks work on.
 
     ``below``/``above`` index the acquired slices of all phases flattened; ``flows`` (motion-aware models) hold one
-    flow per gap, ``gap_of`` maps an item's lower acquired slice to its gap.
+    flow per gap (``gap_flows``: estimated here unless given), ``gap_of`` maps an item's lower acquired slice to its
+    gap.
     """
 
-    def __init__(self, model: CaLID, stacks: np.ndarray, factor: int, samples: int):
+    def __init__(self, model: CaLID, stacks: np.ndarray, factor: int, samples: int,
+                 flows: torch.Tensor | None = None):
         phases, n, self.h, self.w = stacks.shape
         self.padded, self.ph, self.pw = pad_to_multiple(stacks, model.spatial_multiple)
         self.below, self.above, self.alpha = _gap_items(phases, n, factor, samples)
         self.images = torch.from_numpy(self.padded.reshape(phases * n, 1, *self.padded.shape[2:]))
         self.flows = self.gap_of = None
         if model.motion is not None:
-            self.flows = torch.from_numpy(motion.stack_flows(self.padded, model.motion["flow"], model.motion["views"]))
+            self.flows = gap_flows(model, stacks) if flows is None else flows
+            if self.flows.shape != (phases * (n - 1), 2, *self.padded.shape[2:]):
+                raise ValueError(f"flows of shape {tuple(self.flows.shape)} do not belong to stacks {stacks.shape}")
             self.gap_of = self.below - self.below // n  # acquired slice (phase * n + i) -> gap (phase * (n - 1) + i)
 
     def __len__(self) -> int:
@@ -145,21 +163,22 @@ def generate_missing_phases(
     progress: Progress | None = None,
     shared_noise: bool = True,
     refine: bool = True,
+    flows: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Missing slices of every phase of normalised stacks (phases, n, h, w) -> (samples, phases, missing, h, w).
 
     All phases go through the same batched passes (one progress over the whole cine); per phase the result is what
     ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see ``_initial_noise``).
     ``refine=False`` leaves out a model's pixel-space refiner and its morph mix (the refiner's training data is the
-    unrefined output).
+    unrefined output). ``flows``: the stacks' ``gap_flows``, when the caller has them already.
     """
     device = torch.device(device)
     phases, n, h, w = stacks.shape
     acquired = phases * n
     missing = (n - 1) * (factor - 1)
     progress = progress or Progress("none")
-    progress.set_stage("estimating motion" if model.motion is not None else "preparing")
-    gaps = _Gaps(model, stacks, factor, samples)
+    progress.set_stage("estimating motion" if model.motion is not None and flows is None else "preparing")
+    gaps = _Gaps(model, stacks, factor, samples, flows)
     items = len(gaps)
     below_t, above_t, alpha_t, images = gaps.below, gaps.above, gaps.alpha, gaps.images
     latent_hw = (gaps.padded.shape[2] // model.vae_downsampling, gaps.padded.shape[3] // model.vae_downsampling)
@@ -262,18 +281,20 @@ def require_error_head(model: CaLID) -> None:
 
 @torch.no_grad()
 def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, factor: int, gap_mm: float,
-                   device: torch.device | str = "cpu", batch_size: int | None = None) -> np.ndarray:
+                   device: torch.device | str = "cpu", batch_size: int | None = None,
+                   flows: torch.Tensor | None = None) -> np.ndarray:
     """The model's error head on generated slices: expected absolute error (phases, missing, h, w), network units.
 
     ``gap_mm``: the distance between neighbouring acquired slices (the input's slice spacing).
     ``generated`` (phases, missing, h, w) is the estimate for ``stacks`` (phases, n, h, w) in the same range, as
-    ``generate_missing_phases`` (averaged over samples) returns it. The flows are estimated again (DIS: ~5 ms a gap
-    and view) so that the map can be asked of any estimate, the refined one included.
+    ``generate_missing_phases`` (averaged over samples) returns it, so the map can be asked of any estimate, the
+    refined one included. ``flows``: the stacks' ``gap_flows`` if the caller has them (estimated here otherwise:
+    DIS, ~5 ms a gap and view).
     """
     require_error_head(model)
     device = torch.device(device)
     phases, missing, h, w = generated.shape
-    gaps = _Gaps(model, stacks, factor, 1)
+    gaps = _Gaps(model, stacks, factor, 1, flows)
     flat = np.ascontiguousarray(generated.reshape(phases * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)
     batch = batch_size or choose_batch_size(device, gaps.padded.shape[2] * gaps.padded.shape[3] // 16)

@@ -72,6 +72,24 @@ def test_map_does_not_need_samples_and_samples_do_not_change_its_meaning(small_i
     assert not np.array_equal(a, b) and 0.5 < b.mean() / a.mean() < 2  # the head judges the averaged estimate
 
 
+def test_map_and_slices_share_one_estimate_of_the_flows_and_the_map_is_the_same(small_image, error_head_model_dir,
+                                                                              monkeypatch):
+    from calid import engine, motion
+
+    model, _ = load_model(error_head_model_dir)
+    options = UpsampleOptions(factor=2, steps=1, device="cpu")
+    calls = []
+    estimate_flows = motion.stack_flows
+    monkeypatch.setattr(motion, "stack_flows", lambda *a, **k: calls.append(1) or estimate_flows(*a, **k))
+    shared = upsample_image(small_image, options, model, want_uncertainty=True)
+    assert len(calls) == 1  # the slices' flows serve the map: no second estimate
+    monkeypatch.setattr(engine, "gap_flows", lambda *a: None)  # each stage estimates its own, as before
+    apart = upsample_image(small_image, options, model, want_uncertainty=True)
+    assert len(calls) == 3
+    for a, b in ((shared.image, apart.image), (shared.uncertainty, apart.uncertainty)):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+
+
 def test_slice_summaries_average_inside_the_labels_of_each_generated_slice():
     values = np.zeros((5, 4, 6), np.float32)  # dense stack along z (numpy axis 0): acquired 0, 2, 4
     values[1], values[3] = 2.0, 4.0

@@ -298,9 +298,9 @@ class EstimateSampler:
 
     def __init__(self, model, volumes: list[Volume], crop: int, generator: torch.Generator, device, steps: int,
                  thin_weight: float = 1.0, refine: bool = False):
-        from ..generation import pad_to_multiple, generate_missing
+        from ..generation import gap_flows, generate_missing, pad_to_multiple
         from ..geometry import dense_positions
-        from ..motion import stack_flows, warped_neighbours
+        from ..motion import warped_neighbours
 
         self.crop = crop
         self.generator = generator
@@ -311,12 +311,13 @@ class EstimateSampler:
                 kept = np.ascontiguousarray(v.stack[first::factor])
                 if len(kept) < 2:
                     continue
-                estimate = generate_missing(model, kept, factor, steps, device=device, refine=refine)[0]
+                flows = gap_flows(model, kept[None])  # once, for the estimate and its warped neighbours
+                estimate = generate_missing(model, kept, factor, steps, device=device, refine=refine, flows=flows)[0]
                 padded, ph, pw = pad_to_multiple(kept[None], model.spatial_multiple)
                 below, above, alpha = dense_positions(len(kept), factor)
                 images = torch.from_numpy(padded[0])[:, None]
-                flows = torch.from_numpy(stack_flows(padded, model.motion["flow"], model.motion["views"]))[below]
-                warped = warped_neighbours(images[below], images[above], flows, torch.as_tensor(alpha, dtype=torch.float32))
+                warped = warped_neighbours(images[below], images[above], flows[below],
+                                           torch.as_tensor(alpha, dtype=torch.float32))
                 h, w = kept.shape[1:]
                 wb, wa = (x[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w] for x in warped)
                 for i, (b, a) in enumerate(zip(below, alpha)):
