@@ -27,6 +27,8 @@ bundled model conditioned on it +0.05 / +0.09 dB (README, motion-aware CaLID), f
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -101,10 +103,16 @@ def check_views(views: int) -> None:
 
 
 def stack_flows(stacks: np.ndarray, method: str = "dis", views: int = 1) -> np.ndarray:
-    """Flows of every gap of every phase: stacks (phases, n, h, w) -> (phases * (n - 1), 2, h, w), phase-major."""
+    """Flows of every gap of every phase: stacks (phases, n, h, w) -> (phases * (n - 1), 2, h, w), phase-major.
+
+    The gaps are estimated in parallel by as many threads as torch may use (``--threads``): OpenCV and
+    scikit-image release the GIL, and each gap's flow is independent of the others, so the result is the same.
+    """
     phases, n = stacks.shape[:2]
-    return np.stack([pair_flow(stacks[p, i], stacks[p, i + 1], method, views)
-                     for p in range(phases) for i in range(n - 1)])
+    gaps = [(p, i) for p in range(phases) for i in range(n - 1)]
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        return np.stack(list(pool.map(lambda g: pair_flow(stacks[g[0], g[1]], stacks[g[0], g[1] + 1], method, views),
+                                      gaps)))
 
 
 def warp(images: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
