@@ -330,3 +330,18 @@ def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(
         assert card["config"]["motion"]["views"] == 2 and mixed.motion["views"] == 2
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in mixed.state_dict().items())  # no weight changed
     assert card["config"]["error_head"]["calibration"] != base_card["config"]["error_head"].get("calibration")
+
+
+def test_fine_tuning_the_denoiser_recalibrates_the_error_head_it_carries(dataset, tmp_path, error_head_model_dir):
+    """A site fine-tune (``--init M --denoiser-steps N``) changes the slices the map describes: the head is kept,
+    its calibration refitted on the tuned model's output."""
+    from calid.training.config import TrainConfig
+    from calid.training.trainer import train
+
+    model_dir = train(TrainConfig(data=[str(dataset)], output=str(tmp_path / "tuned"), init=str(error_head_model_dir),
+                                  denoiser_steps=2, val_fraction=0.25, device="cpu"), "none")
+    tuned, card = load_model(model_dir)
+    base, base_card = load_model(error_head_model_dir)
+    assert not all(torch.equal(v, base.interpolator.state_dict()[k]) for k, v in tuned.interpolator.state_dict().items())
+    assert all(torch.equal(v, base.error_head.state_dict()[k]) for k, v in tuned.error_head.state_dict().items())
+    assert card["config"]["error_head"]["calibration"] != base_card["config"]["error_head"].get("calibration")

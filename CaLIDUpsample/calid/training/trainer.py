@@ -314,11 +314,12 @@ class Trainer:
         return step
 
     def _calibration_is_stale(self) -> bool:
-        """The slices the error head describes were changed (a new refiner, morph mix or flow) but the head not
-        retrained."""
+        """The slices the error head describes were changed (a tuned denoiser, a new refiner, morph mix or flow) but
+        the head not retrained."""
         cfg = self.cfg
-        return (self.model.error_head is not None and cfg.error_head_steps == 0
-                and (cfg.refiner_steps > 0 or cfg.morph_mix is not None or cfg.flow_views is not None))
+        changed = (cfg.denoiser_steps > 0 or cfg.refiner_steps > 0 or cfg.morph_mix is not None
+                   or cfg.flow_views is not None)
+        return self.model.error_head is not None and cfg.error_head_steps == 0 and changed
 
     def _recalibrate_error_head(self, progress: Progress) -> None:
         """Refit the head's calibration on the model's new final output (its weights stay): the map must describe
