@@ -141,7 +141,10 @@ def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.nda
     progress.set_stage(f"{options.method} interpolation")
     out = []
     for stack in stacks:
-        out.append(motion.morph_missing(stack, factor, "dis", motion.MORPH_VIEWS) if options.method == "morph" else linear_missing(stack, factor))
+        if options.method == "morph":
+            out.append(motion.morph_missing(stack, factor, "dis", motion.MORPH_VIEWS))
+        else:
+            out.append(linear_missing(stack, factor))
         progress.advance(1)
     return np.stack(out)[None].astype(np.float32)
 

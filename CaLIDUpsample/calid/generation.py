@@ -107,8 +107,9 @@ def gap_flows(model: CaLID, stacks: np.ndarray) -> torch.Tensor | None:
     return torch.from_numpy(motion.stack_flows(padded, model.motion["flow"], model.motion["views"]))
 
 
-class _Gaps:
-    """Every item to generate (sample, phase, missing slice) and the padded grid the flows and networks work on.
+class GapItems:
+    """Every item to generate (sample, phase, missing slice) and the padded grid the flows and networks work on;
+    also what the error head's and refiner's examples are made of (``training.data.EstimateSampler``).
 
     ``below``/``above`` index the acquired slices of all phases flattened; ``flows`` (motion-aware models) hold one
     flow per gap (``gap_flows``: estimated here unless given), ``gap_of`` maps an item's lower acquired slice to its
@@ -178,7 +179,7 @@ def generate_missing_phases(
     missing = (n - 1) * (factor - 1)
     progress = progress or Progress("none")
     progress.set_stage("estimating motion" if model.motion is not None and flows is None else "preparing")
-    gaps = _Gaps(model, stacks, factor, samples, flows)
+    gaps = GapItems(model, stacks, factor, samples, flows)
     items = len(gaps)
     below_t, above_t, alpha_t, images = gaps.below, gaps.above, gaps.alpha, gaps.images
     latent_hw = (gaps.padded.shape[2] // model.vae_downsampling, gaps.padded.shape[3] // model.vae_downsampling)
@@ -294,7 +295,7 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
     require_error_head(model)
     device = torch.device(device)
     phases, missing, h, w = generated.shape
-    gaps = _Gaps(model, stacks, factor, 1, flows)
+    gaps = GapItems(model, stacks, factor, 1, flows)
     flat = np.ascontiguousarray(generated.reshape(phases * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)
     batch = batch_size or choose_batch_size(device, gaps.padded.shape[2] * gaps.padded.shape[3] // 16)

@@ -300,9 +300,7 @@ class EstimateSampler:
 
     def __init__(self, model, volumes: list[Volume], crop: int, generator: torch.Generator, device, steps: int,
                  thin_weight: float = 1.0, refine: bool = False):
-        from ..generation import gap_flows, generate_missing, pad_to_multiple
-        from ..geometry import dense_positions
-        from ..motion import warped_neighbours
+        from ..generation import GapItems, generate_missing
 
         self.crop = crop
         self.generator = generator
@@ -313,16 +311,11 @@ class EstimateSampler:
                 kept = np.ascontiguousarray(v.stack[first::factor])
                 if len(kept) < 2:
                     continue
-                flows = gap_flows(model, kept[None])  # once, for the estimate and its warped neighbours
-                estimate = generate_missing(model, kept, factor, steps, device=device, refine=refine, flows=flows)[0]
-                padded, ph, pw = pad_to_multiple(kept[None], model.spatial_multiple)
-                below, above, alpha = dense_positions(len(kept), factor)
-                images = torch.from_numpy(padded[0])[:, None]
-                warped = warped_neighbours(images[below], images[above], flows[below],
-                                           torch.as_tensor(alpha, dtype=torch.float32))
-                h, w = kept.shape[1:]
-                wb, wa = (x[:, 0, ph // 2: ph // 2 + h, pw // 2: pw // 2 + w] for x in warped)
-                for i, (b, a) in enumerate(zip(below, alpha)):
+                gaps = GapItems(model, kept[None], factor, 1)  # its flows serve the estimate and the warped neighbours
+                estimate = generate_missing(model, kept, factor, steps, device=device, refine=refine,
+                                            flows=gaps.flows)[0]
+                wb, wa = (torch.from_numpy(gaps.crop(x)) for x in gaps.warped(slice(None)))
+                for i, (b, a) in enumerate(zip(gaps.below.tolist(), gaps.alpha.tolist())):
                     target = torch.from_numpy(v.stack[first + b * factor + round(a * factor)])
                     self.items.append((torch.stack([torch.from_numpy(estimate[i]), wb[i], wa[i], target]).half(), float(a),
                                        v.slice_spacing * factor))
