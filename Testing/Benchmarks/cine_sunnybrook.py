@@ -177,6 +177,8 @@ def main() -> None:
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     torch.set_num_threads(args.threads)
     cases = sorted(args.data.glob("SCD*_sa_cine.nii.gz"))
+    if not cases:
+        parser.error(f"no SCD*_sa_cine.nii.gz in {args.data}")
     model, _ = load_model(args.model, torch.device("cpu"))
     rows = []
     pools = {"slice": CalibrationPool(), "heart": CalibrationPool()} if args.uncertainty else None
@@ -185,8 +187,9 @@ def main() -> None:
             model, _ = load_model(args.held_out_models / path.name.split("_")[0], torch.device("cpu"))
         rows.append(evaluate_case(path, model, pools))
         print(f"{path.name}: done", file=sys.stderr, flush=True)
-    big = next(p for p in cases if sitk.ReadImage(str(p)).GetSize()[2] >= 12)
-    size = "x".join(str(s) for s in sitk.ReadImage(str(big)).GetSize())
+    sizes = {p: sitk.ReadImage(str(p)).GetSize() for p in cases}  # timed: the first of >= 12 slices, else the largest
+    big = next((p for p in cases if sizes[p][2] >= 12), max(cases, key=lambda p: sizes[p][2]))
+    size = "x".join(str(s) for s in sizes[big])
     speed = (f"{big.name.split('_')[0]} ({size})", float("nan") if args.skip_timing else time_cli(big, args.threads,
                                                                                                     args.model))
     print(table(rows, speed, args.threads))
