@@ -20,7 +20,7 @@ from . import __version__
 from .errors import CalidError
 from .modelindex import DEFAULT_MODEL
 from .segmentation.config import SegTrainConfig
-from .training.config import REFINER_KINDS, REFINER_LOSSES, TrainConfig
+from .training.config import MORPH_MIX_SPACES, REFINER_KINDS, REFINER_LOSSES, TrainConfig
 
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
@@ -130,6 +130,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--motion", choices=("dis", "tvl1"),
                    help="make the model motion-aware: condition on the neighbours warped along this optical flow "
                         "(default: as the --init model, else not)")
+    p.add_argument("--flow-smooth", type=float,
+                   help="average each gap's optical flow with its neighbouring gaps' along the stack by this weight "
+                        "in [0, 0.5) (motion-aware models; default: as the --init model, else 0). An error head not "
+                        "retrained is recalibrated")
+    p.add_argument("--morph-mix-space", choices=MORPH_MIX_SPACES,
+                   help="average with the morph pixel by pixel, or in shape space along a flow between the two "
+                        "(default: as the --init model, else pixel). An error head not retrained is recalibrated")
     p.add_argument("--flow-views", type=int,
                    help="average each gap's optical flow over this many in-plane orientations of the pair, 1 to 8 "
                         "(motion-aware models; default: as the --init model, else 1). An error head not retrained is "
@@ -345,6 +352,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
         denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_kind=args.refiner_kind,
         refiner_thin_weight=args.refiner_thin_weight, morph_mix=args.morph_mix, flow_views=args.flow_views,
+        flow_smooth=args.flow_smooth, morph_mix_space=args.morph_mix_space,
         error_head_steps=args.error_head_steps,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,

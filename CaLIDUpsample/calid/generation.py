@@ -104,7 +104,8 @@ def gap_flows(model: CaLID, stacks: np.ndarray) -> torch.Tensor | None:
     if model.motion is None:
         return None
     padded = pad_to_multiple(stacks, model.spatial_multiple)[0]
-    return torch.from_numpy(motion.stack_flows(padded, model.motion["flow"], model.motion["views"]))
+    flows = torch.from_numpy(motion.stack_flows(padded, model.motion["flow"], model.motion["views"]))
+    return motion.smooth_along_stack(flows, stacks.shape[0], model.motion.get("smooth", 0.0))
 
 
 class GapItems:
@@ -269,7 +270,11 @@ def generate_missing_phases(
 
         run_batched(refine_part, items, batch)
     if refine and model.morph_mix:  # averaged with the morph (``CaLID.set_morph_mix``)
-        out += model.morph_mix * (gaps.crop(motion.blend(*gaps.warped(slice(None)), alpha_t)) - out)
+        morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), alpha_t))
+        if model.morph_mix_space == "shape":
+            out = motion.shape_average(out, morph, model.morph_mix, model.motion["flow"])
+        else:
+            out += model.morph_mix * (morph - out)
     return out.reshape(samples, phases, missing, h, w)
 
 

@@ -115,6 +115,52 @@ def stack_flows(stacks: np.ndarray, method: str = "dis", views: int = 1) -> np.n
                                       gaps)))
 
 
+def check_smoothing(weight: float) -> None:
+    if not 0.0 <= weight < 0.5:
+        raise ValueError(f"the flow smoothing weight must lie in [0, 0.5), not {weight}")
+
+
+def smooth_along_stack(flows: torch.Tensor, phases: int, weight: float) -> torch.Tensor:
+    """Each gap's flow averaged with the flows of the gaps below and above it in the same phase, weights
+    ``[weight, 1 - 2 * weight, weight]`` (renormalised at the stack's ends); ``flows`` (phases * gaps, 2, H, W) as
+    ``stack_flows`` orders them.
+
+    Why: the heart's in-plane motion changes smoothly from one gap to the next, while the estimator's errors do not
+    carry over from gap to gap, so a little of the neighbouring gaps' flows averages some of them away. Weight 0.15
+    gained +0.05 dB heart PSNR with 10 and 20 mm gaps on the ACDC validation patients; 0.3 lowered the SSIM (README).
+    """
+    check_smoothing(weight)
+    f = flows.reshape(phases, -1, *flows.shape[1:])
+    gaps = f.shape[1]
+    if weight == 0 or gaps < 2:
+        return flows
+    total = f * (1 - 2 * weight)
+    norm = torch.full((gaps,), 1 - 2 * weight, dtype=flows.dtype)
+    total[:, 1:] += weight * f[:, :-1]
+    total[:, :-1] += weight * f[:, 1:]
+    norm[1:] += weight
+    norm[:-1] += weight
+    return (total / norm.view(1, gaps, 1, 1, 1)).reshape(flows.shape)
+
+
+def shape_average(first: np.ndarray, second: np.ndarray, weight: float, method: str = "dis",
+                  views: int = 1) -> np.ndarray:
+    """``(1 - weight) * first + weight * second`` in shape space: slices (N, h, w) carried toward each other along
+    the flow between them (``pair_flow``) to fraction ``weight``, then blended, so that where the two put a wall in
+    different places the result has one wall between them, not two faint ones (the morph of ``first`` and
+    ``second``). Pairs run in parallel threads like ``stack_flows``."""
+    def one(i: int) -> np.ndarray:
+        flow = torch.from_numpy(pair_flow(first[i], second[i], method, views))[None]
+        alpha = torch.tensor([float(weight)])
+        wf, ws = warped_neighbours(torch.from_numpy(np.ascontiguousarray(first[i], np.float32))[None, None],
+                                   torch.from_numpy(np.ascontiguousarray(second[i], np.float32))[None, None],
+                                   flow, alpha)
+        return blend(wf, ws, alpha)[0, 0].numpy()
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        return np.stack(list(pool.map(one, range(len(first))))) if len(first) else np.empty_like(first)
+
+
 def warp(images: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Sample ``images`` (N, C, H, W) at ``p + flow(p)``, bilinear, edges repeated; ``flow`` (N, 2, H, W) in pixels."""
     n, _, h, w = images.shape

@@ -24,7 +24,8 @@ from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, U
 from torch import nn
 
 from .error_calibration import ErrorCalibration
-from .motion import FLOW_METHODS, check_views, warp
+from .motion import FLOW_METHODS, check_smoothing, check_views, warp
+from .training.config import MORPH_MIX_SPACES
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "vae": {
@@ -330,6 +331,8 @@ class CaLID(nn.Module):
         self.motion = None
         if config.get("motion") is not None:
             self.make_motion_aware(config["motion"].get("flow"), config["motion"].get("views", 1))
+            if config["motion"].get("smooth"):
+                self.set_flow_smoothing(config["motion"]["smooth"])
         self.refiner = None
         if config.get("refiner") is not None:
             self.add_refiner(config["refiner"])
@@ -337,10 +340,11 @@ class CaLID(nn.Module):
         if config.get("error_head") is not None:
             self.add_error_head(config["error_head"])
         self.morph_mix = 0.0
+        self.morph_mix_space = "pixel"
         if config.get("morph_mix"):
-            self.set_morph_mix(config["morph_mix"])
+            self.set_morph_mix(config["morph_mix"], config.get("morph_mix_space", "pixel"))
 
-    def set_morph_mix(self, weight: float) -> None:
+    def set_morph_mix(self, weight: float, space: str | None = None) -> None:
         """Average a motion-aware model's final slices with the morph, ``(1 - weight) * model + weight * morph``.
 
         The latent estimate and the morph are about equally good on unseen patients and wrong in different ways (the
@@ -348,13 +352,24 @@ class CaLID(nn.Module):
         both. Why a fixed weight and not a learned one: every network after the denoiser is trained on the denoiser's
         own training patients, where its estimate is better than on a new patient, and no trained refiner beat the
         fixed mix on the segmenter's Dice of unseen patients (README, motion-aware CaLID).
+
+        ``space`` (default: as set before, first ``"pixel"``): ``"pixel"`` averages pixel by pixel; ``"shape"``
+        averages the two in shape space (``motion.shape_average``: each carried toward the other along a DIS flow
+        between them), one wall where the two put it in different places.
         """
         if self.motion is None:
             raise ValueError("the morph mix needs the warped neighbours: it needs a motion-aware model")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"the morph mix weight must lie in [0, 1], not {weight}")
-        self.morph_mix = float(weight)
+        space = space or self.morph_mix_space
+        if space not in MORPH_MIX_SPACES:
+            raise ValueError(f"the morph mix space must be one of {MORPH_MIX_SPACES}, not {space!r}")
+        self.morph_mix, self.morph_mix_space = float(weight), space
         self.config["morph_mix"] = self.morph_mix
+        if space != "pixel":
+            self.config["morph_mix_space"] = space
+        else:
+            self.config.pop("morph_mix_space", None)
 
     def add_error_head(self, cfg: dict[str, Any] | None = None) -> None:
         """Give a motion-aware model the ``ErrorHead`` behind its calibrated uncertainty map (untrained until
@@ -397,6 +412,17 @@ class CaLID(nn.Module):
             raise ValueError("flow views belong to a motion-aware model")
         check_views(views)
         self.motion["views"] = views
+        self.config["motion"] = dict(self.motion)
+
+    def set_flow_smoothing(self, weight: float) -> None:
+        """Average each gap's flow with its neighbouring gaps' along the stack (``motion.smooth_along_stack``);
+        like the views, no network changes. 0 turns it off."""
+        if self.motion is None:
+            raise ValueError("flow smoothing belongs to a motion-aware model")
+        check_smoothing(weight)
+        self.motion.pop("smooth", None)
+        if weight:
+            self.motion["smooth"] = float(weight)
         self.config["motion"] = dict(self.motion)
 
     @property

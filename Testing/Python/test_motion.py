@@ -314,7 +314,54 @@ def test_morph_mix_averages_the_final_slices_with_the_morph(motion_model_dir, sm
         model.set_morph_mix(1.5)
 
 
-@pytest.mark.parametrize("change", [{"morph_mix": 0.5}, {"flow_views": 2}])
+def test_flow_smoothing_averages_each_gap_with_its_neighbours_within_a_phase():
+    flows = torch.zeros((2 * 4, 2, 3, 3))  # 2 phases of 4 gaps
+    flows[1] = 1.0  # phase 0, gap 1: a lone outlier
+    flows[4:] = 5.0  # phase 1: constant
+    smooth = motion.smooth_along_stack(flows, 2, 0.2)
+    np.testing.assert_allclose(smooth[:4, 0, 0, 0], [0.2 / 0.8, 0.6, 0.2, 0.0], atol=1e-6)  # ends renormalised
+    np.testing.assert_allclose(smooth[4:], flows[4:], atol=1e-6)  # a constant field stays; phases do not mix
+    assert motion.smooth_along_stack(flows, 2, 0.0) is flows
+    for bad in (-0.1, 0.5):
+        with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+            motion.smooth_along_stack(flows, 2, bad)
+
+
+def test_shape_average_moves_one_wall_halfway_where_a_pixel_average_shows_two():
+    first, second = disc_stack([26.0, 34.0])
+    shape = motion.shape_average(first[None], second[None], 0.5)[0]
+    pixel = (first + second) / 2
+    rows, cols = np.mgrid[0:64, 0:64]
+    mass = lambda image: float(((image - 20) * cols).sum() / (image - 20).sum())
+    assert mass(shape) == pytest.approx(30.0, abs=1.0)  # the disc halfway, as in the pixel average
+    halfway = disc_stack([30.0])[0]
+    assert np.abs(shape - halfway).mean() < 0.5 * np.abs(pixel - halfway).mean()  # but one disc, not two faint
+    np.testing.assert_allclose(motion.shape_average(first[None], second[None], 0.0)[0], first, atol=1e-3)
+    np.testing.assert_allclose(motion.shape_average(first[None], second[None], 1.0)[0], second, atol=1e-3)
+
+
+def test_flow_smoothing_and_shape_mix_change_the_slices_and_travel_in_the_card(motion_model_dir, small_image):
+    stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
+    model, _ = load_model(motion_model_dir)
+    model.set_morph_mix(0.5)
+    plain = generate_missing(model, stack, 3, 1)
+    model.set_flow_smoothing(0.15)
+    smoothed = generate_missing(model, stack, 3, 1)
+    model.set_morph_mix(0.5, "shape")
+    both = generate_missing(model, stack, 3, 1)
+    assert not np.allclose(smoothed, plain, atol=1e-4) and not np.allclose(both, smoothed, atol=1e-4)
+    rebuilt = CaLID(model.config)
+    assert rebuilt.motion["smooth"] == 0.15 and (rebuilt.morph_mix, rebuilt.morph_mix_space) == (0.5, "shape")
+    model.set_flow_smoothing(0.0)
+    model.set_morph_mix(0.5, "pixel")
+    assert "smooth" not in model.config["motion"] and "morph_mix_space" not in model.config  # the old cards' form
+    np.testing.assert_array_equal(generate_missing(model, stack, 3, 1), plain)
+    with pytest.raises(ValueError, match="pixel"):
+        model.set_morph_mix(0.5, "latent")
+
+
+@pytest.mark.parametrize("change", [{"morph_mix": 0.5}, {"flow_views": 2}, {"flow_smooth": 0.2},
+                                    {"morph_mix": 0.5, "morph_mix_space": "shape"}])
 def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(dataset, tmp_path, error_head_model_dir,
                                                                                 change):
     from calid.training.config import TrainConfig
@@ -326,6 +373,9 @@ def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(
     base, base_card = load_model(error_head_model_dir)
     if "morph_mix" in change:
         assert card["config"]["morph_mix"] == 0.5 and mixed.morph_mix == 0.5
+        assert mixed.morph_mix_space == change.get("morph_mix_space", "pixel")
+    elif "flow_smooth" in change:
+        assert card["config"]["motion"]["smooth"] == 0.2 and mixed.motion["smooth"] == 0.2
     else:
         assert card["config"]["motion"]["views"] == 2 and mixed.motion["views"] == 2
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in mixed.state_dict().items())  # no weight changed

@@ -7,6 +7,7 @@ from typing import Any
 
 REFINER_LOSSES = ("mse", "l1", "l1+ssim", "l1+ssim+seg")  # ``calid.training.losses.refiner_loss``
 REFINER_KINDS = ("residual", "synthesis")  # ``calid.networks.REFINERS``
+MORPH_MIX_SPACES = ("pixel", "shape")  # how final slices are averaged with the morph (``CaLID.set_morph_mix``)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class TrainConfig:
     ema_decay: float = 0.998
     motion: str | None = None  # "dis" or "tvl1": make the model motion-aware (calid.motion) before training
     flow_views: int | None = None  # average each flow over this many in-plane views (calid.motion); None: keep it
+    flow_smooth: float | None = None  # smooth each gap's flow along the stack by this weight (calid.motion); None: keep
+    morph_mix_space: str | None = None  # "pixel" or "shape" (calid.networks.CaLID.set_morph_mix); None: keep it
     min_timestep: int = 0  # > 0: train the denoiser only where a few-step sampler asks it (see sampling)
     val_fraction: float = 0.15
     split: str | None = None

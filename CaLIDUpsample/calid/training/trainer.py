@@ -90,6 +90,11 @@ class Trainer:
                 self.model.set_flow_views(cfg.flow_views)
             except ValueError as error:
                 raise CalidError(f"--flow-views: {error}") from None
+        if cfg.flow_smooth is not None:
+            try:
+                self.model.set_flow_smoothing(cfg.flow_smooth)
+            except ValueError as error:
+                raise CalidError(f"--flow-smooth: {error}") from None
         if cfg.refiner_loss not in REFINER_LOSSES:
             raise CalidError(f"--refiner-loss must be one of {', '.join(REFINER_LOSSES)}, not {cfg.refiner_loss}")
         if cfg.refiner_kind not in REFINER_KINDS:
@@ -98,11 +103,12 @@ class Trainer:
             if self.model.motion is None:
                 raise CalidError("--refiner-steps needs a motion-aware model (--motion, or an --init model that is one)")
             self.model.add_refiner({**REFINER_CONFIG, "kind": cfg.refiner_kind})
-        if cfg.morph_mix is not None:
+        if cfg.morph_mix is not None or cfg.morph_mix_space is not None:
             try:
-                self.model.set_morph_mix(cfg.morph_mix)
+                weight = self.model.morph_mix if cfg.morph_mix is None else cfg.morph_mix
+                self.model.set_morph_mix(weight, cfg.morph_mix_space)
             except ValueError as error:
-                raise CalidError(f"--morph-mix: {error}") from None
+                raise CalidError(f"--morph-mix / --morph-mix-space: {error}") from None
         if cfg.error_head_steps > 0 and self.model.error_head is None:
             if self.model.motion is None:
                 raise CalidError("--error-head-steps needs a motion-aware model (--motion, or an --init model that is one)")
@@ -318,7 +324,7 @@ class Trainer:
         the head not retrained."""
         cfg = self.cfg
         changed = (cfg.denoiser_steps > 0 or cfg.refiner_steps > 0 or cfg.morph_mix is not None
-                   or cfg.flow_views is not None)
+                   or cfg.flow_views is not None or cfg.flow_smooth is not None or cfg.morph_mix_space is not None)
         return self.model.error_head is not None and cfg.error_head_steps == 0 and changed
 
     def _recalibrate_error_head(self, progress: Progress) -> None:
