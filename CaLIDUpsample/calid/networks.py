@@ -349,9 +349,8 @@ class CaLID(nn.Module):
 
         The latent estimate and the morph are about equally good on unseen patients and wrong in different ways (the
         estimate's walls are soft, the morph's are sharp but misplaced where the flow fails), so their average beats
-        both. Why a fixed weight and not a learned one: every network after the denoiser is trained on the denoiser's
-        own training patients, where its estimate is better than on a new patient, and no trained refiner beat the
-        fixed mix on the segmenter's Dice of unseen patients (README, motion-aware CaLID).
+        both. Why a fixed weight and not a learned one: no trained refiner beat the fixed mix on the segmenter's Dice
+        of unseen patients (README, motion-aware CaLID).
 
         ``space`` (default: as set before, first ``"pixel"``): ``"pixel"`` averages pixel by pixel; ``"shape"``
         averages the two in shape space (``motion.shape_average``: each carried toward the other along a DIS flow
