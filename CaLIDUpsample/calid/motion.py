@@ -103,16 +103,18 @@ def check_views(views: int) -> None:
 
 
 def stack_flows(stacks: np.ndarray, method: str = "dis", views: int = 1) -> np.ndarray:
-    """Flows of every gap of every phase: stacks (phases, n, h, w) -> (phases * (n - 1), 2, h, w), phase-major.
-
-    The gaps are estimated in parallel by as many threads as torch may use (``--threads``): OpenCV and
-    scikit-image release the GIL, and each gap's flow is independent of the others, so the result is the same.
-    """
+    """Flows of every gap of every phase: stacks (phases, n, h, w) -> (phases * (n - 1), 2, h, w), phase-major,
+    the gaps estimated in parallel (``pair_flows``)."""
     phases, n = stacks.shape[:2]
-    gaps = [(p, i) for p in range(phases) for i in range(n - 1)]
+    return pair_flows([(stacks[p, i], stacks[p, i + 1]) for p in range(phases) for i in range(n - 1)], method, views)
+
+
+def pair_flows(pairs: list[tuple[np.ndarray, np.ndarray]], method: str = "dis", views: int = 1) -> np.ndarray:
+    """``pair_flow`` of each (below, above) pair -> (N, 2, h, w), estimated in parallel by as many threads as torch
+    may use (``--threads``): OpenCV and scikit-image release the GIL, and each pair's flow is independent of the
+    others, so the result is the same."""
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        return np.stack(list(pool.map(lambda g: pair_flow(stacks[g[0], g[1]], stacks[g[0], g[1] + 1], method, views),
-                                      gaps)))
+        return np.stack(list(pool.map(lambda pair: pair_flow(*pair, method, views), pairs)))
 
 
 def check_smoothing(weight: float) -> None:
@@ -148,17 +150,11 @@ def shape_average(first: np.ndarray, second: np.ndarray, weight: float, method: 
     """``(1 - weight) * first + weight * second`` in shape space: slices (N, h, w) carried toward each other along
     the flow between them (``pair_flow``) to fraction ``weight``, then blended, so that where the two put a wall in
     different places the result has one wall between them, not two faint ones (the morph of ``first`` and
-    ``second``). Pairs run in parallel threads like ``stack_flows``."""
-    def one(i: int) -> np.ndarray:
-        flow = torch.from_numpy(pair_flow(first[i], second[i], method, views))[None]
-        alpha = torch.tensor([float(weight)])
-        wf, ws = warped_neighbours(torch.from_numpy(np.ascontiguousarray(first[i], np.float32))[None, None],
-                                   torch.from_numpy(np.ascontiguousarray(second[i], np.float32))[None, None],
-                                   flow, alpha)
-        return blend(wf, ws, alpha)[0, 0].numpy()
-
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        return np.stack(list(pool.map(one, range(len(first))))) if len(first) else np.empty_like(first)
+    ``second``)."""
+    flows = torch.from_numpy(pair_flows(list(zip(first, second)), method, views))
+    alpha = torch.full((len(first),), float(weight))
+    first_t, second_t = (torch.from_numpy(np.ascontiguousarray(x, np.float32))[:, None] for x in (first, second))
+    return blend(*warped_neighbours(first_t, second_t, flows, alpha), alpha)[:, 0].numpy()
 
 
 def warp(images: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
