@@ -20,7 +20,8 @@ from . import __version__
 from .errors import CalidError
 from .modelindex import DEFAULT_MODEL
 from .segmentation.config import SegTrainConfig
-from .training.config import MORPH_MIX_SPACES, REFINER_KINDS, REFINER_LOSSES, TrainConfig
+from .choices import FLOW_METHODS, MORPH_MIX_SPACES, REFINER_KINDS, REFINER_LOSSES
+from .training.config import TrainConfig
 
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
@@ -127,7 +128,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refiner-thin-weight", type=float, default=1.0,
                    help="draw the refiner's and the error head's examples from thin-slice stacks (<= 6 mm) this many "
                         "times as often")
-    p.add_argument("--motion", choices=("dis", "tvl1"),
+    p.add_argument("--motion", choices=FLOW_METHODS,
                    help="make the model motion-aware: condition on the neighbours warped along this optical flow "
                         "(default: as the --init model, else not)")
     p.add_argument("--flow-smooth", type=float,

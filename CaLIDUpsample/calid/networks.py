@@ -24,8 +24,8 @@ from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, U
 from torch import nn
 
 from .error_calibration import ErrorCalibration
-from .motion import FLOW_METHODS, check_smoothing, check_views, warp
-from .training.config import MORPH_MIX_SPACES
+from .choices import FLOW_METHODS, MORPH_MIX_SPACES
+from .motion import check_smoothing, check_views, warp
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "vae": {

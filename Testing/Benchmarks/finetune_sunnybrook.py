@@ -2,12 +2,13 @@
 """Does fine-tuning help on another vendor's scans? Leave-one-patient-out on the 5 Sunnybrook cine stacks.
 
     python Testing/Benchmarks/finetune_sunnybrook.py [--base calid-acdc] [--steps 300] [--batch 16] [--threads 2]
-        [--keep-models DIR]
+        [--keep-models DIR] [--base-only]
 
 For each Sunnybrook patient in turn: fine-tune the base model (``calid train --init``, denoiser only) on the
-other four patients' cine stacks (every phase is a training stack), then score base, fine-tuned and linear
-interpolation on the held-out patient with the removed-slice protocol at K=2 (``calid evaluate``; 8-10 mm
-stacks, so 16-20 mm gaps), on every ``--phase-stride``-th cardiac phase. The Sunnybrook data (CC0) is read from
+other four patients' cine stacks (every phase is a training stack), then score base and fine-tuned model on the
+held-out patient with the removed-slice protocol at K=2 (``calid evaluate``, which scores linear, cubic B-spline and
+the optical-flow morph in the same run; 8-10 mm stacks, so 16-20 mm gaps), on every ``--phase-stride``-th cardiac
+phase. ``--base-only`` scores the base and the peers and stops (minutes instead of five fine-tuning runs). The Sunnybrook data (CC0) is read from
 ``../shared/data/sunnybrook``; everything written goes to a temporary folder. Not a test: it prints a table
 and the JSON of every figure, with the wall time of each fine-tuning run.
 """
@@ -32,6 +33,7 @@ from calid.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
 SUNNYBROOK = REPO.parent / "shared" / "data" / "sunnybrook"
+PEERS = {"linear": "linear", "bspline": "B-spline", "morph": "morph"}
 
 
 def split_phases(folder: Path, stride: int) -> list[str]:
@@ -61,8 +63,8 @@ def per_patient(report_dir: Path) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for patient in sorted({r["patient"] for r in rows}):
         mine = [r for r in rows if r["patient"] == patient]
-        out[patient] = {k: float(np.mean([r[k] for r in mine])) for k in ("calid_psnr", "calid_ssim", "linear_psnr",
-                                                                           "linear_ssim", "morph_psnr", "morph_ssim")}
+        out[patient] = {f"{method}_{metric}": float(np.mean([r[f"{method}_{metric}"] for r in mine]))
+                        for method in ("calid", *PEERS) for metric in ("psnr", "ssim")}
         out[patient]["volumes"] = len(mine)
     return out
 
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep-models", type=Path,
                         help="copy each fine-tuned model to DIR/<held-out patient> (for cine_sunnybrook.py --held-out-models)")
+    parser.add_argument("--base-only", action="store_true",
+                        help="score the base model and the peers only, without fine-tuning")
     args = parser.parse_args()
     import torch
 
@@ -92,7 +96,7 @@ def main() -> None:
                                 device="cpu"), "none")
         base = per_patient(folder / "eval-base")
         results = []
-        for held_out in patients:
+        for held_out in [] if args.base_only else patients:
             fold = folder / "folds" / held_out
             fold.mkdir(parents=True)
             for p in patients:
@@ -112,24 +116,43 @@ def main() -> None:
                                     factors=[2], patients=held_out, device="cpu"), "none")
             tuned = per_patient(folder / "eval" / held_out)[held_out]
             results.append({"patient": held_out, "phases": tuned["volumes"], "finetune_minutes": round(minutes, 1),
-                            "linear_psnr": base[held_out]["linear_psnr"], "morph_psnr": base[held_out]["morph_psnr"],
-                            "morph_ssim": base[held_out]["morph_ssim"], "base_psnr": base[held_out]["calid_psnr"],
-                            "tuned_psnr": tuned["calid_psnr"], "linear_ssim": base[held_out]["linear_ssim"],
-                            "base_ssim": base[held_out]["calid_ssim"], "tuned_ssim": tuned["calid_ssim"],
+                            **base_scores(base[held_out]), "tuned_psnr": tuned["calid_psnr"],
+                            "tuned_ssim": tuned["calid_ssim"],
                             "trained_timesteps_from": card["config"]["diffusion"].get("min_timestep", 0)})
             print(json.dumps(results[-1]), flush=True)
-    print(f"\nbase {args.base}; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
-          f"timesteps >= {results[0]['trained_timesteps_from']} (as trained: the base model's bound or higher), "
-          f"{args.threads} CPU threads; "
-          f"K=2 removed-slice protocol on phases 0, {args.phase_stride}, {2 * args.phase_stride}, ...\n")
-    print("| held-out patient | phases | linear PSNR / SSIM | morph PSNR / SSIM | base PSNR / SSIM | fine-tuned PSNR / SSIM "
-          "| gain dB | fine-tuning min |\n|---|---|---|---|---|---|---|---|")
-    for r in results + [{"patient": "mean", "phases": sum(r["phases"] for r in results),
-                         **{k: float(np.mean([r[k] for r in results])) for k in results[0] if k.endswith(("psnr", "ssim", "minutes"))}}]:
-        print(f"| {r['patient']} | {r['phases']} | {r['linear_psnr']:.2f} / {r['linear_ssim']:.3f} | "
-              f"{r['morph_psnr']:.2f} / {r['morph_ssim']:.3f} | "
-              f"{r['base_psnr']:.2f} / {r['base_ssim']:.3f} | {r['tuned_psnr']:.2f} / {r['tuned_ssim']:.3f} | "
-              f"{r['tuned_psnr'] - r['base_psnr']:+.2f} | {r['finetune_minutes']:.1f} |")
+    if args.base_only:
+        results = [{"patient": p, "phases": base[p]["volumes"], **base_scores(base[p])} for p in patients]
+        print(f"\nbase {args.base}, no fine-tuning; ", end="")
+    else:
+        print(f"\nbase {args.base}; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
+              f"timesteps >= {results[0]['trained_timesteps_from']} (as trained: the base model's bound or higher), ",
+              end="")
+    print(f"{args.threads} CPU threads; K=2 removed-slice protocol on phases 0, {args.phase_stride}, "
+          f"{2 * args.phase_stride}, ...\n")
+    print(results_table(results, tuned=not args.base_only))
+
+
+def base_scores(scores: dict[str, float]) -> dict[str, float]:
+    """One held-out patient's peer and base-model figures from ``per_patient``, as the table's columns name them."""
+    out = {f"{peer}_{metric}": scores[f"{peer}_{metric}"] for peer in PEERS for metric in ("psnr", "ssim")}
+    return {**out, "base_psnr": scores["calid_psnr"], "base_ssim": scores["calid_ssim"]}
+
+
+def results_table(results: list[dict], tuned: bool) -> str:
+    """Markdown: per held-out patient and their mean, the peers, the base and (``tuned``) the fine-tuned model."""
+    columns = [*(f"{title} PSNR / SSIM" for title in PEERS.values()), "base PSNR / SSIM"]
+    if tuned:
+        columns += ["fine-tuned PSNR / SSIM", "gain dB", "fine-tuning min"]
+    lines = ["| held-out patient | phases | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    mean = {"patient": "mean", "phases": sum(r["phases"] for r in results),
+            **{k: float(np.mean([r[k] for r in results])) for k in results[0] if k.endswith(("psnr", "ssim", "minutes"))}}
+    for r in results + [mean]:
+        cells = [f"{r[f'{m}_psnr']:.2f} / {r[f'{m}_ssim']:.3f}" for m in (*PEERS, "base")]
+        if tuned:
+            cells += [f"{r['tuned_psnr']:.2f} / {r['tuned_ssim']:.3f}", f"{r['tuned_psnr'] - r['base_psnr']:+.2f}",
+                      f"{r['finetune_minutes']:.1f}"]
+        lines.append(f"| {r['patient']} | {r['phases']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

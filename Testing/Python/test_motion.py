@@ -237,7 +237,7 @@ def test_refiner_stage_trains_after_the_denoiser_and_is_used_at_inference(datase
 def test_synthesis_refiner_starts_as_the_even_mix_and_moves_pixels_along_its_flow_correction():
     from calid.motion import blend
     from calid.networks import REFINER_CONFIG, REFINERS, SynthesisRefiner
-    from calid.training.config import REFINER_KINDS
+    from calid.choices import REFINER_KINDS
 
     assert tuple(REFINERS) == REFINER_KINDS  # the command line offers exactly the kinds a config may name
     refiner = SynthesisRefiner({**REFINER_CONFIG, "kind": "synthesis"}).eval()

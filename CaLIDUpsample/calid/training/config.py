@@ -5,10 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-REFINER_LOSSES = ("mse", "l1", "l1+ssim", "l1+ssim+seg")  # ``calid.training.losses.refiner_loss``
-REFINER_KINDS = ("residual", "synthesis")  # ``calid.networks.REFINERS``
-MORPH_MIX_SPACES = ("pixel", "shape")  # how final slices are averaged with the morph (``CaLID.set_morph_mix``)
-
 
 @dataclass
 class TrainConfig:
@@ -19,8 +15,8 @@ class TrainConfig:
     vae_steps: int = 2000
     denoiser_steps: int = 2200
     refiner_steps: int = 0  # > 0: then train the pixel-space refiner (motion-aware models) for this many steps
-    refiner_loss: str = "mse"  # one of REFINER_LOSSES (calid.training.losses)
-    refiner_kind: str = "residual"  # one of REFINER_KINDS: a new refiner's design (calid.networks.REFINERS)
+    refiner_loss: str = "mse"  # one of calid.choices.REFINER_LOSSES (calid.training.losses)
+    refiner_kind: str = "residual"  # one of calid.choices.REFINER_KINDS: a new refiner's design (calid.networks.REFINERS)
     refiner_thin_weight: float = 1.0  # draw thin-slice stacks' examples this many times as often
     morph_mix: float | None = None  # set the model's morph mix (calid.networks.CaLID.set_morph_mix); None: keep it
     error_head_steps: int = 0  # > 0: then train the error head behind the calibrated uncertainty map (motion-aware)

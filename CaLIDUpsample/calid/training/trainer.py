@@ -35,7 +35,8 @@ from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from .config import REFINER_KINDS, REFINER_LOSSES, TrainConfig
+from ..choices import REFINER_KINDS, REFINER_LOSSES
+from .config import TrainConfig
 from .losses import refiner_loss
 from .metrics_log import append_metrics
 from .plots import plot_curves

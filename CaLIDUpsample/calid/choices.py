@@ -1,0 +1,11 @@
+"""The names a model's config or a training run may choose from, in one module with no imports.
+
+Why apart: the command line offers them as ``choices`` without importing torch (``calid --help`` stays fast), and
+the modules that act on them (``motion``, ``networks``, ``training``) check against the same tuples, so the two
+cannot drift apart.
+"""
+
+FLOW_METHODS = ("dis", "tvl1")  # optical-flow estimators (``calid.motion``)
+MORPH_MIX_SPACES = ("pixel", "shape")  # how final slices are averaged with the morph (``CaLID.set_morph_mix``)
+REFINER_KINDS = ("residual", "synthesis")  # a new refiner's design (``calid.networks.REFINERS``, same keys)
+REFINER_LOSSES = ("mse", "l1", "l1+ssim", "l1+ssim+seg")  # ``calid.training.losses.refiner_loss``

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""What the clinical 10 mm gap trades: heart PSNR against the segmenter's Dice, for ways of combining the slices the
+bundled model already makes.
+
+    python Testing/Benchmarks/thin_gap_tradeoff.py [--data ../shared/data/acdc/training] [--model calid-acdc]
+        [--threads 2]
+
+Every ACDC patient with 5 mm slices that the model's card names, in two groups: its validation patients and its
+training patients (choose on the second, report on the first). Per stack, K=2 (10 mm gaps, the removed-slice
+protocol of ``calid evaluate``): the model's slices with its bundled settings, its latent estimate before the morph
+mix, its own morph (``GapItems``: the flow it conditions on), the TV-L1 morph and linear interpolation, and
+variants of the final step:
+
+- the shape-space mix with the morph at another weight (``motion.shape_average``);
+- a share of the linear cross-fade blended in, whole or only its detail (above a Gaussian of 1.5 px);
+- a slight Gaussian blur of the model's slices.
+
+Scores: heart-box PSNR and SSIM (``calid.metrics.slice_scores``) and the mean Dice of the bundled segmenter on the
+removed slices of the stack in which they are replaced (``calid evaluate-segmentation``'s "network on ..." rows).
+The model's slices are made in process exactly as ``upsample_image`` makes them (one intensity map per stack,
+rounded to the input's integers). Not a test: it prints one Markdown table per group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy.ndimage import gaussian_filter
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "CaLIDUpsample"))
+
+from calid import geometry, motion  # noqa: E402
+from calid.evaluation import PEER_FLOW, find_labels  # noqa: E402
+from calid.generation import GapItems, default_steps, generate_missing_phases  # noqa: E402
+from calid.intensity import IntensityMap  # noqa: E402
+from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402
+from calid.modelindex import ACDC_MODEL  # noqa: E402
+from calid.modelstore import load_model  # noqa: E402
+from calid.segmentation.inference import labels_from_probabilities, predict_probabilities  # noqa: E402
+from calid.segmentation.scores import label_scores  # noqa: E402
+from calid.segmentation.store import load_segmenter  # noqa: E402
+from calid.training.data import find_volumes  # noqa: E402
+
+FACTOR = 2
+THIN_MM = 5.5  # stacks at most this far apart: the 5 mm ACDC stacks, whose removed slices lie 10 mm apart
+
+
+def components(model, kept: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's slices for the missing positions of ``kept`` (n, h, w), scanner units: ``final`` (bundled
+    settings), ``estimate`` (before the morph mix) and ``morph`` (its own flow, the mix's other half)."""
+    intensity = IntensityMap.fit(kept[None])
+    stacks = intensity.to_network(kept[None])
+    steps = default_steps(model)
+    gaps = GapItems(model, stacks, FACTOR, 1)
+    final = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows)[0, 0]
+    estimate = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, refine=False)[0, 0]
+    morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), gaps.alpha))
+    return {name: intensity.from_network(x) for name, x in
+            (("final", final), ("estimate", estimate), ("morph", morph))}
+
+
+def variants(kept: np.ndarray, parts: dict[str, np.ndarray], mix: float, flow: str) -> dict[str, np.ndarray]:
+    """Every row of the table for one stack: the peers, the model's parts and the variants of its last step."""
+    final, linear = parts["final"], linear_missing(kept, FACTOR)
+    crossfade_detail = (linear - final) - gaussian_filter(linear - final, (0, 1.5, 1.5))
+    rows = {
+        "linear": linear,
+        "TV-L1 morph (the protocol's peer)": motion.morph_missing(kept, FACTOR, PEER_FLOW),
+        "the model's own morph": parts["morph"],
+        "the model's latent estimate, before the mix": parts["estimate"],
+        f"bundled: shape-space mix with the morph, weight {mix:g}": final,
+    }
+    for weight in (0.65, 0.8):
+        rows[f"shape-space mix, weight {weight:g}"] = motion.shape_average(
+            parts["estimate"].astype(np.float32), parts["morph"].astype(np.float32), weight, flow)
+    for share in (0.1, 0.2):
+        rows[f"bundled + linear cross-fade, share {share:g}"] = (1 - share) * final + share * linear
+    rows["bundled + the cross-fade's detail (above 1.5 px), share 0.2"] = final + 0.2 * crossfade_detail
+    rows["bundled, Gaussian blur 0.5 px"] = gaussian_filter(final, (0, 0.5, 0.5))
+    return {name: np.rint(x) for name, x in rows.items()}  # the product writes the input's integer type
+
+
+def dice(segmenter, real: np.ndarray, missing: np.ndarray, truth: np.ndarray, inplane) -> float:
+    """The segmenter's mean Dice (RV, myocardium, LV cavity) on the removed slices of ``real`` replaced by
+    ``missing``."""
+    network, card = segmenter
+    stack = real.copy()
+    stack[1::FACTOR] = missing
+    labels = labels_from_probabilities(predict_probabilities(network, card["config"], stack, inplane, "cpu"))
+    return label_scores(labels[1::FACTOR], truth[1::FACTOR], None, hd95=False)["dice_mean"]
+
+
+def score_stack(path: Path, model, segmenter, mix: float, flow: str) -> dict[str, tuple[float, float, float]]:
+    image = sitk.ReadImage(str(path))
+    axis = geometry.find_slice_axis(image)
+    real = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float32)
+    truth = geometry.to_stack(sitk.GetArrayFromImage(sitk.ReadImage(str(find_labels(path)))), axis)
+    m = (real.shape[0] - 1) // FACTOR * FACTOR + 1
+    real, truth = real[:m], truth[:m]
+    kept, removed, box = real[::FACTOR], real[1::FACTOR], heart_box(truth > 0)
+    inplane = geometry.inplane_spacing(image, axis)
+    with torch.no_grad():
+        rows = variants(kept, components(model, kept), mix, flow)
+    return {name: (*slice_scores(removed, x, real, box), dice(segmenter, real, x, truth, inplane))
+            for name, x in rows.items()}
+
+
+def table(title: str, scores: dict[str, list[tuple[float, float, float]]], stacks: int) -> str:
+    lines = [f"{title} ({stacks} stacks, K=2, 10 mm gaps)", "",
+             "| slices | heart PSNR dB | heart SSIM | segmenter Dice |", "|---|---|---|---|"]
+    for name, values in scores.items():
+        psnr, ssim, dice_mean = np.mean(values, axis=0)
+        lines.append(f"| {name} | {psnr:.3f} | {ssim:.4f} | {dice_mean:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "acdc" / "training")
+    parser.add_argument("--model", default=ACDC_MODEL)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    model, card = load_model(args.model, torch.device("cpu"))
+    model.eval()
+    if not model.morph_mix:
+        parser.error(f"{args.model} does not mix with the morph: this benchmark varies that mix")
+    split = card["training"]["split"]
+    validation = set(split["validation"])
+    segmenter = load_segmenter(None, "cpu")
+    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    counts: dict[str, int] = defaultdict(int)
+    for patient, path in find_volumes([str(args.data)]):
+        image = sitk.ReadImage(str(path))
+        if image.GetSpacing()[geometry.find_slice_axis(image)] > THIN_MM or find_labels(Path(path)) is None:
+            continue
+        group = "validation" if patient in validation else "training"
+        for name, values in score_stack(Path(path), model, segmenter, model.morph_mix,
+                                        model.motion["flow"]).items():
+            groups[group][name].append(values)
+        counts[group] += 1
+        print(f"{Path(path).name}: done", file=sys.stderr, flush=True)
+    for group in ("training", "validation"):
+        if counts[group]:
+            print(table(f"{args.model}, its {group} patients with 5 mm slices", groups[group], counts[group]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
