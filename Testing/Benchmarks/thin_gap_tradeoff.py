@@ -12,7 +12,8 @@ mix, its own morph (``GapItems``: the flow it conditions on), the TV-L1 morph an
 variants of the final step:
 
 - the shape-space mix with the morph at another weight (``motion.shape_average``);
-- a share of the linear cross-fade blended in, whole or only its detail (above a Gaussian of 1.5 px);
+- a share of the linear cross-fade blended in, whole or only its detail (above a Gaussian of 1.5 px), also on the
+  mix at another weight;
 - a slight Gaussian blur of the model's slices.
 
 Scores: heart-box PSNR and SSIM (``calid.metrics.slice_scores``) and the mean Dice of the bundled segmenter on the
@@ -82,6 +83,8 @@ def variants(kept: np.ndarray, parts: dict[str, np.ndarray], mix: float, flow: s
             parts["estimate"].astype(np.float32), parts["morph"].astype(np.float32), weight, flow)
     for share in (0.1, 0.2):
         rows[f"bundled + linear cross-fade, share {share:g}"] = (1 - share) * final + share * linear
+    # Both directions at once: the mix toward the morph (Dice up) and a share of the cross-fade (PSNR up).
+    rows["shape-space mix 0.8 + linear cross-fade, share 0.2"] = 0.8 * rows["shape-space mix, weight 0.8"] + 0.2 * linear
     rows["bundled + the cross-fade's detail (above 1.5 px), share 0.2"] = final + 0.2 * crossfade_detail
     rows["bundled, Gaussian blur 0.5 px"] = gaussian_filter(final, (0, 0.5, 0.5))
     return {name: np.rint(x) for name, x in rows.items()}  # the product writes the input's integer type
