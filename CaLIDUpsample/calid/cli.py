@@ -17,10 +17,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
+from .choices import FLOW_METHODS, MORPH_MIX_SPACES, REFINER_KINDS, REFINER_LOSSES
 from .errors import CalidError
 from .modelindex import DEFAULT_MODEL
 from .segmentation.config import SegTrainConfig
-from .choices import FLOW_METHODS, MORPH_MIX_SPACES, REFINER_KINDS, REFINER_LOSSES
 from .training.config import TrainConfig
 
 EXIT_ERROR = 2

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import FLOW_METHODS
+
 # In-plane orientations (quarter turns, column flip) in the order ``views`` takes them: the identity first, so one
 # view is the plain flow.
 VIEWS = ((0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True))

@@ -23,8 +23,8 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, UNet
 from torch import nn
 
-from .error_calibration import ErrorCalibration
 from .choices import FLOW_METHODS, MORPH_MIX_SPACES
+from .error_calibration import ErrorCalibration
 from .motion import check_smoothing, check_views, warp
 
 DEFAULT_CONFIG: dict[str, Any] = {

@@ -55,7 +55,8 @@ NOISES = ("shared", "independent")
 PEERS = {"linear": "linear", "bspline": "cubic B-spline", "morph": "optical-flow morph"}
 
 
-def removed_slice_case(path: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray, np.ndarray, tuple[slice, slice] | None]:
+def removed_slice_case(path: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray, np.ndarray,
+                                             tuple[slice, slice] | None]:
     """(kept 4D cine, real stacks (t, n, h, w) truncated to the last kept slice, kept stacks, the removed slices'
     cubic B-spline estimate (t, removed, h, w), heart box)."""
     image = sitk.ReadImage(str(path))
@@ -64,8 +65,8 @@ def removed_slice_case(path: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray, 
     last = (image.GetSize()[2] - 1) // FACTOR * FACTOR
     kept = image[:, :, 0:last + 1:FACTOR, :]
     real = np.stack([geometry.to_stack(a, axis) for a in sitk.GetArrayFromImage(image)])[:, :last + 1]
-    bspline = np.stack([geometry.to_stack(bspline_on_grid(kept[:, :, :, t], image[:, :, 0:last + 1, t]), axis)[1::FACTOR]
-                        for t in range(image.GetSize()[3])])
+    bspline = np.stack([geometry.to_stack(bspline_on_grid(kept[:, :, :, t], image[:, :, 0:last + 1, t]),
+                                          axis)[1::FACTOR] for t in range(image.GetSize()[3])])
     labels_path = path.with_name(path.name.replace("_sa_cine.nii.gz", "_sa_cine_contours.nii.gz"))
     box = None
     if labels_path.is_file():

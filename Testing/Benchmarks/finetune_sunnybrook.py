@@ -144,8 +144,9 @@ def results_table(results: list[dict], tuned: bool) -> str:
     if tuned:
         columns += ["fine-tuned PSNR / SSIM", "gain dB", "fine-tuning min"]
     lines = ["| held-out patient | phases | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    averaged = [k for k in results[0] if k.endswith(("psnr", "ssim", "minutes"))]
     mean = {"patient": "mean", "phases": sum(r["phases"] for r in results),
-            **{k: float(np.mean([r[k] for r in results])) for k in results[0] if k.endswith(("psnr", "ssim", "minutes"))}}
+            **{k: float(np.mean([r[k] for r in results])) for k in averaged}}
     for r in results + [mean]:
         cells = [f"{r[f'{m}_psnr']:.2f} / {r[f'{m}_ssim']:.3f}" for m in (*PEERS, "base")]
         if tuned:

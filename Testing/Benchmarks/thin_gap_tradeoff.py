@@ -78,13 +78,14 @@ def variants(kept: np.ndarray, parts: dict[str, np.ndarray], mix: float, flow: s
         "the model's latent estimate, before the mix": parts["estimate"],
         f"bundled: shape-space mix with the morph, weight {mix:g}": final,
     }
-    for weight in (0.65, 0.8):
-        rows[f"shape-space mix, weight {weight:g}"] = motion.shape_average(
-            parts["estimate"].astype(np.float32), parts["morph"].astype(np.float32), weight, flow)
+    mixes = {weight: motion.shape_average(parts["estimate"].astype(np.float32), parts["morph"].astype(np.float32),
+                                          weight, flow) for weight in (0.65, 0.8)}
+    for weight, mixed in mixes.items():
+        rows[f"shape-space mix, weight {weight:g}"] = mixed
     for share in (0.1, 0.2):
         rows[f"bundled + linear cross-fade, share {share:g}"] = (1 - share) * final + share * linear
     # Both directions at once: the mix toward the morph (Dice up) and a share of the cross-fade (PSNR up).
-    rows["shape-space mix 0.8 + linear cross-fade, share 0.2"] = 0.8 * rows["shape-space mix, weight 0.8"] + 0.2 * linear
+    rows["shape-space mix 0.8 + linear cross-fade, share 0.2"] = 0.8 * mixes[0.8] + 0.2 * linear
     rows["bundled + the cross-fade's detail (above 1.5 px), share 0.2"] = final + 0.2 * crossfade_detail
     rows["bundled, Gaussian blur 0.5 px"] = gaussian_filter(final, (0, 0.5, 0.5))
     return {name: np.rint(x) for name, x in rows.items()}  # the product writes the input's integer type
@@ -100,11 +101,11 @@ def dice(segmenter, real: np.ndarray, missing: np.ndarray, truth: np.ndarray, in
     return label_scores(labels[1::FACTOR], truth[1::FACTOR], None, hd95=False)["dice_mean"]
 
 
-def score_stack(path: Path, model, segmenter, mix: float, flow: str) -> dict[str, tuple[float, float, float]]:
-    image = sitk.ReadImage(str(path))
+def score_stack(image: sitk.Image, labels_path: Path, model, segmenter, mix: float,
+                flow: str) -> dict[str, tuple[float, float, float]]:
     axis = geometry.find_slice_axis(image)
     real = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float32)
-    truth = geometry.to_stack(sitk.GetArrayFromImage(sitk.ReadImage(str(find_labels(path)))), axis)
+    truth = geometry.to_stack(sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path))), axis)
     m = (real.shape[0] - 1) // FACTOR * FACTOR + 1
     real, truth = real[:m], truth[:m]
     kept, removed, box = real[::FACTOR], real[1::FACTOR], heart_box(truth > 0)
@@ -134,19 +135,19 @@ def main() -> None:
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     model, card = load_model(args.model, torch.device("cpu"))
     model.eval()
-    if not model.morph_mix:
-        parser.error(f"{args.model} does not mix with the morph: this benchmark varies that mix")
+    if not model.morph_mix or model.morph_mix_space != "shape":
+        parser.error(f"{args.model} does not mix with the morph in shape space: this benchmark varies that mix")
     split = card["training"]["split"]
     validation = set(split["validation"])
     segmenter = load_segmenter(None, "cpu")
     groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     counts: dict[str, int] = defaultdict(int)
     for patient, path in find_volumes([str(args.data)]):
-        image = sitk.ReadImage(str(path))
-        if image.GetSpacing()[geometry.find_slice_axis(image)] > THIN_MM or find_labels(Path(path)) is None:
+        image, labels_path = sitk.ReadImage(str(path)), find_labels(Path(path))
+        if image.GetSpacing()[geometry.find_slice_axis(image)] > THIN_MM or labels_path is None:
             continue
         group = "validation" if patient in validation else "training"
-        for name, values in score_stack(Path(path), model, segmenter, model.morph_mix,
+        for name, values in score_stack(image, labels_path, model, segmenter, model.morph_mix,
                                         model.motion["flow"]).items():
             groups[group][name].append(values)
         counts[group] += 1

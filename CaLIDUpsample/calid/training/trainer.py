@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..choices import REFINER_KINDS, REFINER_LOSSES
 from ..devices import autocast, resolve_device
 from ..error_calibration import ErrorCalibration
 from ..errors import CalidError
@@ -35,7 +36,6 @@ from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from ..choices import REFINER_KINDS, REFINER_LOSSES
 from .config import TrainConfig
 from .losses import refiner_loss
 from .metrics_log import append_metrics
