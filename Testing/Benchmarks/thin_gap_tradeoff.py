@@ -8,7 +8,8 @@ bundled model already makes.
 Every ACDC patient with 5 mm slices that the model's card names, in two groups: its validation patients and its
 training patients (choose on the second, report on the first). Per stack, K=2 (10 mm gaps, the removed-slice
 protocol of ``calid evaluate``): the model's slices with its bundled settings, its latent estimate before the morph
-mix, its own morph (``GapItems``: the flow it conditions on), the TV-L1 morph and linear interpolation, and
+mix, its own morph (``GapItems``: the flow it conditions on), the TV-L1 morph, linear and cubic B-spline
+interpolation (``calid evaluate``'s peers), and
 variants of the final step:
 
 - the shape-space mix with the morph at another weight (``motion.shape_average``);
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
 from calid import geometry, motion  # noqa: E402
-from calid.evaluation import PEER_FLOW, find_labels  # noqa: E402
+from calid.evaluation import PEER_FLOW, bspline_on_grid, find_labels  # noqa: E402
 from calid.generation import GapItems, default_steps, generate_missing_phases  # noqa: E402
 from calid.intensity import IntensityMap  # noqa: E402
 from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402
@@ -67,12 +68,15 @@ def components(model, kept: np.ndarray) -> dict[str, np.ndarray]:
             (("final", final), ("estimate", estimate), ("morph", morph))}
 
 
-def variants(kept: np.ndarray, parts: dict[str, np.ndarray], mix: float, flow: str) -> dict[str, np.ndarray]:
-    """Every row of the table for one stack: the peers, the model's parts and the variants of its last step."""
+def variants(kept: np.ndarray, bspline: np.ndarray, parts: dict[str, np.ndarray], mix: float,
+             flow: str) -> dict[str, np.ndarray]:
+    """Every row of the table for one stack: the peers (``bspline``: its removed slices, made on the image grid), the
+    model's parts and the variants of its last step."""
     final, linear = parts["final"], linear_missing(kept, FACTOR)
     crossfade_detail = (linear - final) - gaussian_filter(linear - final, (0, 1.5, 1.5))
     rows = {
         "linear": linear,
+        "cubic B-spline": bspline,
         "TV-L1 morph (the protocol's peer)": motion.morph_missing(kept, FACTOR, PEER_FLOW),
         "the model's own morph": parts["morph"],
         "the model's latent estimate, before the mix": parts["estimate"],
@@ -110,8 +114,13 @@ def score_stack(image: sitk.Image, labels_path: Path, model, segmenter, mix: flo
     real, truth = real[:m], truth[:m]
     kept, removed, box = real[::FACTOR], real[1::FACTOR], heart_box(truth > 0)
     inplane = geometry.inplane_spacing(image, axis)
+    index = [slice(None)] * 3
+    index[axis] = slice(0, m)
+    reference = image[tuple(index)]
+    index[axis] = slice(0, m, FACTOR)
+    bspline = geometry.to_stack(bspline_on_grid(image[tuple(index)], reference), axis)[1::FACTOR]
     with torch.no_grad():
-        rows = variants(kept, components(model, kept), mix, flow)
+        rows = variants(kept, bspline, components(model, kept), mix, flow)
     return {name: (*slice_scores(removed, x, real, box), dice(segmenter, real, x, truth, inplane))
             for name, x in rows.items()}
 
