@@ -138,6 +138,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--morph-mix-space", choices=MORPH_MIX_SPACES,
                    help="average with the morph pixel by pixel, or in shape space along a flow between the two "
                         "(default: as the --init model, else pixel). An error head not retrained is recalibrated")
+    p.add_argument("--gap-mix", metavar="GAP_MM:MORPH:LINEAR,...",
+                   help="set the last step per gap between acquired slices (motion-aware models; default: as the "
+                        "--init model): at each gap knot, the morph mix weight and the share of the linear cross-fade, "
+                        "both in [0, 1], linear in the gap between knots, e.g. 10:0.8:0.2,20:0.5:0. --morph-mix "
+                        "replaces it with one weight. An error head not retrained is recalibrated")
     p.add_argument("--flow-views", type=int,
                    help="average each gap's optical flow over this many in-plane orientations of the pair, 1 to 8 "
                         "(motion-aware models; default: as the --init model, else 1). An error head not retrained is "
@@ -353,7 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
         denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_kind=args.refiner_kind,
         refiner_thin_weight=args.refiner_thin_weight, morph_mix=args.morph_mix, flow_views=args.flow_views,
-        flow_smooth=args.flow_smooth, morph_mix_space=args.morph_mix_space,
+        flow_smooth=args.flow_smooth, morph_mix_space=args.morph_mix_space, gap_mix=args.gap_mix,
         error_head_steps=args.error_head_steps,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
         val_fraction=args.val_fraction, split=args.split,

@@ -128,14 +128,14 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
 
 
 def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.ndarray, factor: int, steps: int,
-                   device: torch.device, progress: Progress | None = None,
+                   device: torch.device, gap_mm: float, progress: Progress | None = None,
                    flows: torch.Tensor | None = None) -> np.ndarray:
     """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: (samples, phases, missing, h, w).
-    ``flows``: the model's ``gap_flows`` of the stacks, if already estimated."""
+    ``gap_mm``: the stacks' slice spacing. ``flows``: the model's ``gap_flows`` of the stacks, if already estimated."""
     if options.method == "calid":
         return generate_missing_phases(model, stacks, factor, steps, options.seed, options.samples, options.plus,
                                        device, options.batch_size, progress,
-                                       shared_noise=options.cine_noise == "shared", flows=flows)
+                                       shared_noise=options.cine_noise == "shared", flows=flows, gap_mm=gap_mm)
     progress = progress or Progress("none")
     progress.total = len(stacks)
     progress.set_stage(f"{options.method} interpolation")
@@ -176,13 +176,15 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
         if progress is not None:
             progress.set_stage("estimating motion")
         flows = gap_flows(model, network_stacks)
-    generated = missing_slices(options, model, network_stacks, factor, steps, device, progress, flows).mean(axis=0)
+    gap_mm = image.GetSpacing()[axis]
+    generated = missing_slices(options, model, network_stacks, factor, steps, device, gap_mm, progress,
+                               flows).mean(axis=0)
     error = None
     if want_uncertainty:
         if progress is not None:
             progress.set_stage("predicting the expected error")
-        error = intensity.size_from_network(expected_error(model, network_stacks, generated, factor,
-                                                           image.GetSpacing()[axis], device, options.batch_size, flows))
+        error = intensity.size_from_network(expected_error(model, network_stacks, generated, factor, gap_mm, device,
+                                                           options.batch_size, flows))
     generated = intensity.from_network(generated)
 
     def dense_image(acquired: np.ndarray, new: np.ndarray, dtype: np.dtype) -> sitk.Image:

@@ -166,14 +166,19 @@ def generate_missing_phases(
     shared_noise: bool = True,
     refine: bool = True,
     flows: torch.Tensor | None = None,
+    gap_mm: float | None = None,
 ) -> np.ndarray:
     """Missing slices of every phase of normalised stacks (phases, n, h, w) -> (samples, phases, missing, h, w).
 
     All phases go through the same batched passes (one progress over the whole cine); per phase the result is what
     ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see ``_initial_noise``).
     ``refine=False`` leaves out a model's pixel-space refiner and its morph mix (the refiner's training data is the
-    unrefined output). ``flows``: the stacks' ``gap_flows``, when the caller has them already.
+    unrefined output). ``flows``: the stacks' ``gap_flows``, when the caller has them already. ``gap_mm``: the
+    distance between neighbouring acquired slices (the input's slice spacing), which a model with a per-gap last
+    step (``CaLID.set_gap_mix``) needs.
     """
+    if refine and model.gap_mix is not None and gap_mm is None:
+        raise ValueError("this model's last step depends on the gap between acquired slices: pass gap_mm")
     device = torch.device(device)
     phases, n, h, w = stacks.shape
     acquired = phases * n
@@ -269,13 +274,25 @@ def generate_missing_phases(
                                                     alpha_t[part].to(device)).float())
 
         run_batched(refine_part, items, batch)
-    if refine and model.morph_mix:  # averaged with the morph (``CaLID.set_morph_mix``)
-        morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), alpha_t))
-        if model.morph_mix_space == "shape":
-            out = motion.shape_average(out, morph, model.morph_mix, model.motion["flow"])
-        else:
-            out += model.morph_mix * (morph - out)
+    if refine:
+        out = _last_step(model, out, gaps, stacks.reshape(acquired, h, w), gap_mm)
     return out.reshape(samples, phases, missing, h, w)
+
+
+def _last_step(model: CaLID, out: np.ndarray, gaps: GapItems, acquired: np.ndarray, gap_mm: float | None) -> np.ndarray:
+    """The model's slices averaged with the morph (``CaLID.set_morph_mix``), then with the linear cross-fade of
+    the acquired neighbours, by the weights the model sets for this gap (``CaLID.final_mix``)."""
+    weight, linear = model.final_mix(gap_mm)
+    if weight:
+        morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), gaps.alpha))
+        if model.morph_mix_space == "shape":
+            out = motion.shape_average(out, morph, weight, model.motion["flow"])
+        else:
+            out += weight * (morph - out)
+    if linear:
+        a = gaps.alpha.numpy()[:, None, None]
+        out += linear * ((1 - a) * acquired[gaps.below.numpy()] + a * acquired[gaps.above.numpy()] - out)
+    return out
 
 
 def require_error_head(model: CaLID) -> None:

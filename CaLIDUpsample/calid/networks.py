@@ -25,6 +25,7 @@ from torch import nn
 
 from .choices import FLOW_METHODS, MORPH_MIX_SPACES
 from .error_calibration import ErrorCalibration
+from .gap_mix import GapMix
 from .motion import check_smoothing, check_views, warp
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -341,10 +342,13 @@ class CaLID(nn.Module):
             self.add_error_head(config["error_head"])
         self.morph_mix = 0.0
         self.morph_mix_space = "pixel"
+        self.gap_mix = None
         if config.get("morph_mix"):
             self.set_morph_mix(config["morph_mix"], config.get("morph_mix_space", "pixel"))
+        if config.get("gap_mix") is not None:
+            self.set_gap_mix(GapMix.from_config(config["gap_mix"]))
 
-    def set_morph_mix(self, weight: float, space: str | None = None) -> None:
+    def set_morph_mix(self, weight: float | None, space: str | None = None) -> None:
         """Average a motion-aware model's final slices with the morph, ``(1 - weight) * model + weight * morph``.
 
         The latent estimate and the morph are about equally good on unseen patients and wrong in different ways (the
@@ -355,20 +359,41 @@ class CaLID(nn.Module):
         ``space`` (default: as set before, first ``"pixel"``): ``"pixel"`` averages pixel by pixel; ``"shape"``
         averages the two in shape space (``motion.shape_average``: each carried toward the other along a DIS flow
         between them), one wall where the two put it in different places.
+
+        A ``weight`` is the same at every gap: it replaces a per-gap table (``set_gap_mix``). ``None`` keeps the
+        weights and changes only the space.
         """
         if self.motion is None:
             raise ValueError("the morph mix needs the warped neighbours: it needs a motion-aware model")
-        if not 0.0 <= weight <= 1.0:
+        if weight is not None and not 0.0 <= weight <= 1.0:
             raise ValueError(f"the morph mix weight must lie in [0, 1], not {weight}")
         space = space or self.morph_mix_space
         if space not in MORPH_MIX_SPACES:
             raise ValueError(f"the morph mix space must be one of {MORPH_MIX_SPACES}, not {space!r}")
-        self.morph_mix, self.morph_mix_space = float(weight), space
+        if weight is not None:
+            self.morph_mix = float(weight)
+            self.set_gap_mix(None)
+        self.morph_mix_space = space
         self.config["morph_mix"] = self.morph_mix
         if space != "pixel":
             self.config["morph_mix_space"] = space
         else:
             self.config.pop("morph_mix_space", None)
+
+    def set_gap_mix(self, gap_mix: GapMix | None) -> None:
+        """Set the last step per gap size (``calid.gap_mix``): the morph weight and the linear share at each gap
+        knot, in the morph mix's space. ``None``: the one morph weight at every gap, no linear share."""
+        if gap_mix is not None and self.motion is None:
+            raise ValueError("the gap mix needs the warped neighbours: it needs a motion-aware model")
+        self.gap_mix = gap_mix
+        if gap_mix is None:
+            self.config.pop("gap_mix", None)
+        else:
+            self.config["gap_mix"] = gap_mix.to_config()
+
+    def final_mix(self, gap_mm: float) -> tuple[float, float]:
+        """(morph weight, linear share) of the last step at a gap of ``gap_mm`` between the acquired neighbours."""
+        return (self.morph_mix, 0.0) if self.gap_mix is None else self.gap_mix.at(gap_mm)
 
     def add_error_head(self, cfg: dict[str, Any] | None = None) -> None:
         """Give a motion-aware model the ``ErrorHead`` behind its calibrated uncertainty map (untrained until

@@ -7,15 +7,15 @@ bundled model already makes.
 
 Every ACDC patient with 5 mm slices that the model's card names, in two groups: its validation patients and its
 training patients (choose on the second, report on the first). Per stack, K=2 (10 mm gaps, the removed-slice
-protocol of ``calid evaluate``): the model's slices with its bundled settings, its latent estimate before the morph
-mix, its own morph (``GapItems``: the flow it conditions on), the TV-L1 morph, linear and cubic B-spline
-interpolation (``calid evaluate``'s peers), and
-variants of the final step:
+protocol of ``calid evaluate``): the model's slices with its bundled settings (its last step at a 10 mm gap,
+``CaLID.final_mix``), its latent estimate before that step, its own morph (``GapItems``: the flow it conditions
+on), the TV-L1 morph, linear and cubic B-spline interpolation (``calid evaluate``'s peers), and variants of the last
+step made of the same parts:
 
-- the shape-space mix with the morph at another weight (``motion.shape_average``);
-- a share of the linear cross-fade blended in, whole or only its detail (above a Gaussian of 1.5 px), also on the
-  mix at another weight;
-- a slight Gaussian blur of the model's slices.
+- the shape-space mix with the morph at several weights (``motion.shape_average``; 0.5 was the bundled step before
+  it was set per gap, ``calid.gap_mix``);
+- a share of the linear cross-fade blended in, whole or only its detail (above a Gaussian of 1.5 px);
+- a slight Gaussian blur of the mix.
 
 Scores: heart-box PSNR and SSIM (``calid.metrics.slice_scores``) and the mean Dice of the bundled segmenter on the
 removed slices of the stack in which they are replaced (``calid evaluate-segmentation``'s "network on ..." rows).
@@ -52,46 +52,47 @@ from calid.training.data import find_volumes  # noqa: E402
 
 FACTOR = 2
 THIN_MM = 5.5  # stacks at most this far apart: the 5 mm ACDC stacks, whose removed slices lie 10 mm apart
+GAP_MM = 10.0  # the gap between the kept slices: what the model's last step is set by
 
 
 def components(model, kept: np.ndarray) -> dict[str, np.ndarray]:
     """The model's slices for the missing positions of ``kept`` (n, h, w), scanner units: ``final`` (bundled
-    settings), ``estimate`` (before the morph mix) and ``morph`` (its own flow, the mix's other half)."""
+    settings), ``estimate`` (before the last step) and ``morph`` (its own flow, the mix's other half)."""
     intensity = IntensityMap.fit(kept[None])
     stacks = intensity.to_network(kept[None])
     steps = default_steps(model)
     gaps = GapItems(model, stacks, FACTOR, 1)
-    final = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows)[0, 0]
+    final = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, gap_mm=GAP_MM)[0, 0]
     estimate = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, refine=False)[0, 0]
     morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), gaps.alpha))
     return {name: intensity.from_network(x) for name, x in
             (("final", final), ("estimate", estimate), ("morph", morph))}
 
 
-def variants(kept: np.ndarray, bspline: np.ndarray, parts: dict[str, np.ndarray], mix: float,
+def variants(kept: np.ndarray, bspline: np.ndarray, parts: dict[str, np.ndarray], bundled: str,
              flow: str) -> dict[str, np.ndarray]:
     """Every row of the table for one stack: the peers (``bspline``: its removed slices, made on the image grid), the
-    model's parts and the variants of its last step."""
-    final, linear = parts["final"], linear_missing(kept, FACTOR)
-    crossfade_detail = (linear - final) - gaussian_filter(linear - final, (0, 1.5, 1.5))
+    model's parts and the variants of its last step (``bundled``: the title of the model's own)."""
+    linear = linear_missing(kept, FACTOR)
     rows = {
         "linear": linear,
         "cubic B-spline": bspline,
         "TV-L1 morph (the protocol's peer)": motion.morph_missing(kept, FACTOR, PEER_FLOW),
         "the model's own morph": parts["morph"],
-        "the model's latent estimate, before the mix": parts["estimate"],
-        f"bundled: shape-space mix with the morph, weight {mix:g}": final,
+        "the model's latent estimate, before the last step": parts["estimate"],
     }
     mixes = {weight: motion.shape_average(parts["estimate"].astype(np.float32), parts["morph"].astype(np.float32),
-                                          weight, flow) for weight in (0.65, 0.8)}
+                                          weight, flow) for weight in (0.5, 0.65, 0.8)}
     for weight, mixed in mixes.items():
         rows[f"shape-space mix, weight {weight:g}"] = mixed
     for share in (0.1, 0.2):
-        rows[f"bundled + linear cross-fade, share {share:g}"] = (1 - share) * final + share * linear
+        rows[f"mix 0.5 + linear cross-fade, share {share:g}"] = (1 - share) * mixes[0.5] + share * linear
     # Both directions at once: the mix toward the morph (Dice up) and a share of the cross-fade (PSNR up).
-    rows["shape-space mix 0.8 + linear cross-fade, share 0.2"] = 0.8 * mixes[0.8] + 0.2 * linear
-    rows["bundled + the cross-fade's detail (above 1.5 px), share 0.2"] = final + 0.2 * crossfade_detail
-    rows["bundled, Gaussian blur 0.5 px"] = gaussian_filter(final, (0, 0.5, 0.5))
+    rows["mix 0.8 + linear cross-fade, share 0.2"] = 0.8 * mixes[0.8] + 0.2 * linear
+    crossfade_detail = (linear - mixes[0.5]) - gaussian_filter(linear - mixes[0.5], (0, 1.5, 1.5))
+    rows["mix 0.5 + the cross-fade's detail (above 1.5 px), share 0.2"] = mixes[0.5] + 0.2 * crossfade_detail
+    rows["mix 0.5, Gaussian blur 0.5 px"] = gaussian_filter(mixes[0.5], (0, 0.5, 0.5))
+    rows[bundled] = parts["final"]
     return {name: np.rint(x) for name, x in rows.items()}  # the product writes the input's integer type
 
 
@@ -105,7 +106,7 @@ def dice(segmenter, real: np.ndarray, missing: np.ndarray, truth: np.ndarray, in
     return label_scores(labels[1::FACTOR], truth[1::FACTOR], None, hd95=False)["dice_mean"]
 
 
-def score_stack(image: sitk.Image, labels_path: Path, model, segmenter, mix: float,
+def score_stack(image: sitk.Image, labels_path: Path, model, segmenter, bundled: str,
                 flow: str) -> dict[str, tuple[float, float, float]]:
     axis = geometry.find_slice_axis(image)
     real = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float32)
@@ -120,7 +121,7 @@ def score_stack(image: sitk.Image, labels_path: Path, model, segmenter, mix: flo
     index[axis] = slice(0, m, FACTOR)
     bspline = geometry.to_stack(bspline_on_grid(image[tuple(index)], reference), axis)[1::FACTOR]
     with torch.no_grad():
-        rows = variants(kept, bspline, components(model, kept), mix, flow)
+        rows = variants(kept, bspline, components(model, kept), bundled, flow)
     return {name: (*slice_scores(removed, x, real, box), dice(segmenter, real, x, truth, inplane))
             for name, x in rows.items()}
 
@@ -144,8 +145,10 @@ def main() -> None:
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     model, card = load_model(args.model, torch.device("cpu"))
     model.eval()
-    if not model.morph_mix or model.morph_mix_space != "shape":
+    if model.motion is None or model.morph_mix_space != "shape":
         parser.error(f"{args.model} does not mix with the morph in shape space: this benchmark varies that mix")
+    weight, share = model.final_mix(GAP_MM)
+    bundled = f"bundled: shape-space mix {weight:g} + linear cross-fade, share {share:g} (its 10 mm setting)"
     split = card["training"]["split"]
     validation = set(split["validation"])
     segmenter = load_segmenter(None, "cpu")
@@ -156,7 +159,7 @@ def main() -> None:
         if image.GetSpacing()[geometry.find_slice_axis(image)] > THIN_MM or labels_path is None:
             continue
         group = "validation" if patient in validation else "training"
-        for name, values in score_stack(image, labels_path, model, segmenter, model.morph_mix,
+        for name, values in score_stack(image, labels_path, model, segmenter, bundled,
                                         model.motion["flow"]).items():
             groups[group][name].append(values)
         counts[group] += 1

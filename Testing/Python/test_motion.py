@@ -361,7 +361,8 @@ def test_flow_smoothing_and_shape_mix_change_the_slices_and_travel_in_the_card(m
 
 
 @pytest.mark.parametrize("change", [{"morph_mix": 0.5}, {"flow_views": 2}, {"flow_smooth": 0.2},
-                                    {"morph_mix": 0.5, "morph_mix_space": "shape"}])
+                                    {"morph_mix": 0.5, "morph_mix_space": "shape"},
+                                    {"gap_mix": "10:0.8:0.2,20:0.5:0"}])
 def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(dataset, tmp_path, error_head_model_dir,
                                                                                 change):
     from calid.training.config import TrainConfig
@@ -374,6 +375,9 @@ def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(
     if "morph_mix" in change:
         assert card["config"]["morph_mix"] == 0.5 and mixed.morph_mix == 0.5
         assert mixed.morph_mix_space == change.get("morph_mix_space", "pixel")
+    elif "gap_mix" in change:
+        assert card["config"]["gap_mix"] == {"gaps_mm": [10.0, 20.0], "morph": [0.8, 0.5], "linear": [0.2, 0.0]}
+        assert mixed.final_mix(15.0) == pytest.approx((0.65, 0.1))
     elif "flow_smooth" in change:
         assert card["config"]["motion"]["smooth"] == 0.2 and mixed.motion["smooth"] == 0.2
     else:

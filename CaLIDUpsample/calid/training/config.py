@@ -31,6 +31,7 @@ class TrainConfig:
     flow_views: int | None = None  # average each flow over this many in-plane views (calid.motion); None: keep it
     flow_smooth: float | None = None  # smooth each gap's flow along the stack by this weight (calid.motion); None: keep
     morph_mix_space: str | None = None  # "pixel" or "shape" (calid.networks.CaLID.set_morph_mix); None: keep it
+    gap_mix: str | None = None  # per-gap last step "GAP_MM:MORPH:LINEAR,..." (calid.gap_mix); None: keep it
     min_timestep: int = 0  # > 0: train the denoiser only where a few-step sampler asks it (see sampling)
     val_fraction: float = 0.15
     split: str | None = None

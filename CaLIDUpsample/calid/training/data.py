@@ -313,7 +313,7 @@ class EstimateSampler:
                     continue
                 gaps = GapItems(model, kept[None], factor, 1)  # its flows serve the estimate and the warped neighbours
                 estimate = generate_missing(model, kept, factor, steps, device=device, refine=refine,
-                                            flows=gaps.flows)[0]
+                                            flows=gaps.flows, gap_mm=v.slice_spacing * factor)[0]
                 wb, wa = (torch.from_numpy(gaps.crop(x)) for x in gaps.warped(slice(None)))
                 for i, (b, a) in enumerate(zip(gaps.below.tolist(), gaps.alpha.tolist())):
                     target = torch.from_numpy(v.stack[first + b * factor + round(a * factor)])

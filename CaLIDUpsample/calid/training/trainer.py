@@ -28,6 +28,7 @@ from ..choices import REFINER_KINDS, REFINER_LOSSES
 from ..devices import autocast, resolve_device
 from ..error_calibration import ErrorCalibration
 from ..errors import CalidError
+from ..gap_mix import GapMix
 from ..generation import default_steps, expected_error, generate_missing
 from ..metrics import linear_missing, slice_scores
 from ..modelstore import inherited_provenance, load_model, save_model
@@ -106,10 +107,14 @@ class Trainer:
             self.model.add_refiner({**REFINER_CONFIG, "kind": cfg.refiner_kind})
         if cfg.morph_mix is not None or cfg.morph_mix_space is not None:
             try:
-                weight = self.model.morph_mix if cfg.morph_mix is None else cfg.morph_mix
-                self.model.set_morph_mix(weight, cfg.morph_mix_space)
+                self.model.set_morph_mix(cfg.morph_mix, cfg.morph_mix_space)
             except ValueError as error:
                 raise CalidError(f"--morph-mix / --morph-mix-space: {error}") from None
+        if cfg.gap_mix is not None:
+            try:
+                self.model.set_gap_mix(GapMix.parse(cfg.gap_mix))
+            except ValueError as error:
+                raise CalidError(f"--gap-mix: {error}") from None
         if cfg.error_head_steps > 0 and self.model.error_head is None:
             if self.model.motion is None:
                 raise CalidError("--error-head-steps needs a motion-aware model (--motion, or an --init model that is one)")
@@ -321,11 +326,12 @@ class Trainer:
         return step
 
     def _calibration_is_stale(self) -> bool:
-        """The slices the error head describes were changed (a tuned denoiser, a new refiner, morph mix or flow) but
+        """The slices the error head describes were changed (a tuned denoiser, a new refiner, morph or gap mix, flow) but
         the head not retrained."""
         cfg = self.cfg
         changed = (cfg.denoiser_steps > 0 or cfg.refiner_steps > 0 or cfg.morph_mix is not None
-                   or cfg.flow_views is not None or cfg.flow_smooth is not None or cfg.morph_mix_space is not None)
+                   or cfg.flow_views is not None or cfg.flow_smooth is not None or cfg.morph_mix_space is not None
+                   or cfg.gap_mix is not None)
         return self.model.error_head is not None and cfg.error_head_steps == 0 and changed
 
     def _recalibrate_error_head(self, progress: Progress) -> None:
@@ -399,7 +405,8 @@ class Trainer:
             n = (v.stack.shape[0] - 1) // 2 * 2 + 1
             real = v.stack[:n]
             kept = real[::2]
-            generated = generate_missing(model, kept, 2, default_steps(model), device=self.device)[0]
+            generated = generate_missing(model, kept, 2, default_steps(model), device=self.device,
+                                         gap_mm=2 * v.slice_spacing)[0]
             scores["model"].append(slice_scores(real[1::2], generated, real))
             scores["linear"].append(slice_scores(real[1::2], linear_missing(kept, 2), real))
             if model.error_head is not None:
