@@ -140,6 +140,12 @@ class GapItems:
         return motion.warped_neighbours(images[self.below[part]], images[self.above[part]],
                                         self.flows[self.gap_of[part]], self.alpha[part])
 
+    def cross_fade(self, acquired: np.ndarray) -> np.ndarray:
+        """Every item's two acquired neighbours in ``acquired`` (all phases' slices flattened, (phases * n, h, w)),
+        blended linearly by its alpha, without motion: (items, h, w)."""
+        a = self.alpha.numpy()[:, None, None]
+        return (1 - a) * acquired[self.below.numpy()] + a * acquired[self.above.numpy()]
+
     def pad(self, x: np.ndarray, value: float = 0.0) -> torch.Tensor:
         """Slices (N, h, w) onto the padded grid (N, 1, H, W)."""
         ph, pw = self.ph, self.pw
@@ -260,8 +266,7 @@ def generate_missing_phases(
     # match the acquired ones they sit between.
     lost = stacks.reshape(acquired, h, w) - reconstructed
     if gaps.flows is None:
-        a = alpha_t.numpy()[:, None, None]
-        out += (1 - a) * lost[below_t.numpy()] + a * lost[above_t.numpy()]
+        out += gaps.cross_fade(lost)
     else:
         out += gaps.crop(motion.blend(*gaps.warped(slice(None), gaps.pad(lost)), alpha_t))
     if refine and model.refiner is not None:
@@ -290,8 +295,7 @@ def _last_step(model: CaLID, out: np.ndarray, gaps: GapItems, acquired: np.ndarr
         else:
             out += weight * (morph - out)
     if linear:
-        a = gaps.alpha.numpy()[:, None, None]
-        out += linear * ((1 - a) * acquired[gaps.below.numpy()] + a * acquired[gaps.above.numpy()] - out)
+        out += linear * (gaps.cross_fade(acquired) - out)
     return out
 
 

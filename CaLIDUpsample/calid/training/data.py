@@ -312,13 +312,14 @@ class EstimateSampler:
                 if len(kept) < 2:
                     continue
                 gaps = GapItems(model, kept[None], factor, 1)  # its flows serve the estimate and the warped neighbours
+                gap_mm = v.slice_spacing * factor
                 estimate = generate_missing(model, kept, factor, steps, device=device, refine=refine,
-                                            flows=gaps.flows, gap_mm=v.slice_spacing * factor)[0]
+                                            flows=gaps.flows, gap_mm=gap_mm)[0]
                 wb, wa = (torch.from_numpy(gaps.crop(x)) for x in gaps.warped(slice(None)))
                 for i, (b, a) in enumerate(zip(gaps.below.tolist(), gaps.alpha.tolist())):
                     target = torch.from_numpy(v.stack[first + b * factor + round(a * factor)])
                     self.items.append((torch.stack([torch.from_numpy(estimate[i]), wb[i], wa[i], target]).half(), float(a),
-                                       v.slice_spacing * factor))
+                                       gap_mm))
                     weights.append(thin_weight if v.slice_spacing <= THIN_SLICE_MM else 1.0)
         self.weights = torch.tensor(weights, dtype=torch.float64)
 
