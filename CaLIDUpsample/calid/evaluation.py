@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from .modelstore import load_model
 from .motion import morph_missing
 from .progress import Progress
 from .training.data import find_volumes, load_split
+from .training.duplicates import leaked
 
 LABEL_TAGS = ("_gt", "_seg", "_label", "_labels", "_contours")
 METHODS = ("calid", "morph", "linear", "bspline")
@@ -68,12 +69,32 @@ def find_labels(image_path: Path) -> Path | None:
     return None
 
 
-def _patient_filter(spec: str | None) -> set[str] | None:
+@dataclass
+class PatientSelection:
+    """The patients an evaluation scores (None: all), and the validation patients of a split it leaves out because
+    they share a scan with one of its training patients (``training.duplicates``) -> those training patients."""
+
+    wanted: set[str] | None
+    left_out: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self) -> str:
+        """One line for the report, or "" when nothing was left out."""
+        if not self.left_out:
+            return ""
+        named = "; ".join(f"{p} (its scans are {', '.join(t)}'s)" for p, t in self.left_out.items())
+        return f"Left out, a training patient's scans under another name: {named}."
+
+
+def select_patients(spec: str | None, data: list[str]) -> PatientSelection:
+    """``--patients``: a split file or model card (its validation patients, less any that duplicate a training
+    patient's scans in ``data``), or a comma-separated list of patients, or nothing (every patient)."""
     if not spec:
-        return None
+        return PatientSelection(None)
     if Path(spec).is_file():
-        return set(load_split(Path(spec))["validation"])
-    return {p.strip() for p in spec.split(",") if p.strip()}
+        split = load_split(Path(spec))
+        left_out = leaked(split, find_volumes(data))
+        return PatientSelection(set(split["validation"]) - set(left_out), left_out)
+    return PatientSelection({p.strip() for p in spec.split(",") if p.strip()})
 
 
 def bspline_on_grid(kept: sitk.Image, reference: sitk.Image) -> np.ndarray:
@@ -134,7 +155,8 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
 
 
 def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
-    wanted = _patient_filter(cfg.patients)
+    selection = select_patients(cfg.patients, cfg.data)
+    wanted = selection.wanted
     entries = [(p, f) for p, f in find_volumes(cfg.data) if wanted is None or p in wanted]
     if not entries:
         raise CalidError("no volumes to evaluate (check the data folders and --patients)")
@@ -178,6 +200,9 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
               "steps": cfg.steps or default_steps(model), "samples": cfg.samples, "plus": cfg.plus,
               "summary": summary, "volumes": rows, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     table = markdown_table(summary)
+    if selection.left_out:
+        report["left_out"] = selection.left_out
+        table += "\n\n" + selection.note()
     if cfg.uncertainty:
         calibration = {setting_name(*setting): {region: pool.report() for region, pool in regions.items()}
                        for setting, regions in sorted(pools.items())}

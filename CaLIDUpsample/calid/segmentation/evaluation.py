@@ -22,7 +22,7 @@ from .. import geometry
 from ..devices import resolve_device
 from ..engine import UpsampleOptions, upsample_image
 from ..errors import CalidError
-from ..evaluation import PEER_FLOW, _patient_filter
+from ..evaluation import PEER_FLOW, select_patients
 from ..metrics import linear_missing
 from ..modelstore import load_model
 from ..motion import morph_missing
@@ -130,8 +130,8 @@ def markdown_table(summary: list[dict]) -> str:
 
 
 def evaluate_segmentation(cfg: SegEvaluateConfig, progress_mode: str = "bar") -> str:
-    wanted = _patient_filter(cfg.patients)
-    entries = find_labelled(cfg.data, wanted)
+    selection = select_patients(cfg.patients, cfg.data)
+    entries = find_labelled(cfg.data, selection.wanted)
     if not entries:
         raise CalidError("no labelled volumes to evaluate (check the data folders and --patients)")
     device = resolve_device(cfg.device)
@@ -146,10 +146,10 @@ def evaluate_segmentation(cfg: SegEvaluateConfig, progress_mode: str = "bar") ->
             rows += [{"patient": patient, "file": image_path.name, **r} for r in stack_rows]
     progress.close()
     summary = summarise(rows)
-    table = markdown_table(summary)
+    table = markdown_table(summary) + (f"\n\n{selection.note()}" if selection.left_out else "")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "segmentation_results.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n",
-                                                   encoding="utf-8")
+    report = {"summary": summary, "rows": rows, **({"left_out": selection.left_out} if selection.left_out else {})}
+    (out / "segmentation_results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "segmentation_results.md").write_text(table + "\n", encoding="utf-8")
     return table

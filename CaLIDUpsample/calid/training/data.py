@@ -21,6 +21,7 @@ from ..errors import CalidError
 from ..geometry import find_slice_axis, to_stack
 from ..imageio import FILE_SUFFIXES, has_image_suffix, read_image
 from ..intensity import IntensityMap
+from . import duplicates
 
 LABEL_NAME = re.compile(r"(_gt|_seg|_label|_labels|_mask|_contours)(\.|$)", re.IGNORECASE)
 THIN_SLICE_MM = 6.0
@@ -77,11 +78,22 @@ def patient_group(path: Path) -> str:
 
 def split_patients(volumes: list[tuple[str, Path]], val_fraction: float, seed: int,
                    thin_spacings: dict[str, bool]) -> dict[str, list[str]]:
-    """Stratified by group; at least 3 (or all but one) thin-slice patients go to validation."""
-    patients = sorted({p for p, _ in volumes})
+    """Stratified by group; at least 3 (or all but one) thin-slice patients go to validation. Patients that share a
+    scan (``duplicates``: ACDC files one scan twice) are split as one, on the side of the first of them."""
+    follows = {p: min(group) for group in duplicates.same_scan_groups(volumes) for p in group if p != min(group)}
+    split = _split_distinct(volumes, val_fraction, seed, thin_spacings, set(follows))
+    for patient, first in follows.items():
+        split["validation" if first in split["validation"] else "train"].append(patient)
+    return {side: sorted(patients) for side, patients in split.items()}
+
+
+def _split_distinct(volumes: list[tuple[str, Path]], val_fraction: float, seed: int, thin_spacings: dict[str, bool],
+                    left_out: set[str]) -> dict[str, list[str]]:
+    """``split_patients`` of the patients not ``left_out``."""
+    patients = sorted({p for p, _ in volumes} - left_out)
     if len(patients) < 2 or val_fraction <= 0:
         return {"train": patients, "validation": []}
-    group_of = {p: patient_group(path) for p, path in volumes}
+    group_of = {p: patient_group(path) for p, path in volumes if p not in left_out}
     rng = np.random.default_rng(seed)
     by_group: dict[str, list[str]] = defaultdict(list)
     for p in rng.permutation(patients).tolist():
