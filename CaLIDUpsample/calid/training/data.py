@@ -88,12 +88,12 @@ def split_patients(volumes: list[tuple[str, Path]], val_fraction: float, seed: i
 
 
 def _split_distinct(volumes: list[tuple[str, Path]], val_fraction: float, seed: int, thin_spacings: dict[str, bool],
-                    left_out: set[str]) -> dict[str, list[str]]:
-    """``split_patients`` of the patients not ``left_out``."""
-    patients = sorted({p for p, _ in volumes} - left_out)
+                    copies: set[str]) -> dict[str, list[str]]:
+    """``split_patients`` of the patients other than ``copies`` (those whose scans another patient holds too)."""
+    patients = sorted({p for p, _ in volumes} - copies)
     if len(patients) < 2 or val_fraction <= 0:
         return {"train": patients, "validation": []}
-    group_of = {p: patient_group(path) for p, path in volumes if p not in left_out}
+    group_of = {p: patient_group(path) for p, path in volumes if p not in copies}
     rng = np.random.default_rng(seed)
     by_group: dict[str, list[str]] = defaultdict(list)
     for p in rng.permutation(patients).tolist():
