@@ -22,7 +22,7 @@ tied to the image axes), so each of the 8 in-plane orientations of a pair gives 
 wrong in its own places. The flow of ``views > 1`` is the mean of the flows estimated in that many orientations,
 each brought back to the slice's own frame: one flow, one warp, as sharp as a single one. With 8 views the DIS morph
 gained +0.07 dB heart PSNR with 10 mm gaps and +0.09 dB with 20 mm gaps on the ACDC validation patients, and the
-bundled model conditioned on it +0.05 / +0.09 dB (README, motion-aware CaLID), for 8x the flow time (~50 ms a pair).
+bundled model conditioned on it +0.05 / +0.09 dB (docs/measurements.md), for 8x the flow time (~50 ms a pair).
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def smooth_along_stack(flows: torch.Tensor, phases: int, weight: float) -> torch
 
     Why: the heart's in-plane motion changes smoothly from one gap to the next, while the estimator's errors do not
     carry over from gap to gap, so a little of the neighbouring gaps' flows averages some of them away. Weight 0.15
-    gained +0.05 dB heart PSNR with 10 and 20 mm gaps on the ACDC validation patients; 0.3 lowered the SSIM (README).
+    gained +0.05 dB heart PSNR with 10 and 20 mm gaps on the ACDC validation patients; 0.3 lowered the SSIM
+    (docs/measurements.md).
     """
     check_smoothing(weight)
     f = flows.reshape(phases, -1, *flows.shape[1:])

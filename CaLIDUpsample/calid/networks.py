@@ -202,8 +202,8 @@ class SynthesisRefiner(nn.Module):
     was built to keep the neighbours' sharp walls: the net says, per pixel, how to move each warped neighbour a little
     further (a flow correction in pixels), how to mix the two (``m``, starting at alpha: the morph), how much of that
     sharp mix to take over the estimate (``s``, starting at 1/2) and a small residual (IFRNet and RIFE end the same
-    way: two flows, a fusion mask, a residual). Measured on unseen patients (README): the best pixels of any refiner,
-    but a lower Dice still, so no bundled model carries it.
+    way: two flows, a fusion mask, a residual). Measured on unseen patients (docs/measurements.md): the best pixels
+    of any refiner, but a lower Dice still, so no bundled model carries it.
 
         out = estimate + s * ((1 - m) * below(p + d_below) + m * above(p + d_above) - estimate) + r
 
@@ -354,7 +354,7 @@ class CaLID(nn.Module):
         The latent estimate and the morph are about equally good on unseen patients and wrong in different ways (the
         estimate's walls are soft, the morph's are sharp but misplaced where the flow fails), so their average beats
         both. Why a fixed weight and not a learned one: no trained refiner beat the fixed mix on the segmenter's Dice
-        of unseen patients (README, motion-aware CaLID).
+        of unseen patients (docs/measurements.md).
 
         ``space`` (default: as set before, first ``"pixel"``): ``"pixel"`` averages pixel by pixel; ``"shape"``
         averages the two in shape space (``motion.shape_average``: each carried toward the other along a DIS flow
@@ -430,7 +430,7 @@ class CaLID(nn.Module):
         """Average each gap's flow over this many in-plane orientations of the pair (``motion.pair_flow``).
 
         The networks do not change: a better flow gives them better-aligned neighbours (the bundled models took 8
-        views without retraining; README, motion-aware CaLID). Old configs without ``views`` mean one.
+        views without retraining; docs/measurements.md). Old configs without ``views`` mean one.
         """
         if self.motion is None:
             raise ValueError("flow views belong to a motion-aware model")

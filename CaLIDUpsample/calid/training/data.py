@@ -259,7 +259,7 @@ class MotionTripletSampler:
     The flows here are one-view DIS even for a model that averages 8 views at inference (``motion.pair_flow``): a
     fine-tuning run draws thousands of different pairs (with 8 views the first fold of the Sunnybrook fine-tuning
     benchmark had not ended after 13 minutes on 2 shared cores, against 4-5 minutes a fold with one view). The
-    bundled weights were trained on one-view warps and gain on 8-view ones (README, motion-aware CaLID); 900 more
+    bundled weights were trained on one-view warps and gain on 8-view ones (docs/measurements.md); 900 more
     steps on 8-view triplets scored the same as 900 more on one-view ones (heart PSNR 19.55 / 18.59 against
     19.55 / 18.60 with 10 / 20 mm gaps).
     """
