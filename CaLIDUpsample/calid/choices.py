@@ -5,7 +5,7 @@ the modules that act on them (``motion``, ``networks``, ``training``) check agai
 cannot drift apart.
 """
 
-FLOW_METHODS = ("dis", "tvl1")  # optical-flow estimators (``calid.motion``)
+FLOW_METHODS = ("dis", "dis-fine", "tvl1")  # optical-flow estimators (``calid.motion``)
 MORPH_MIX_SPACES = ("pixel", "shape")  # how final slices are averaged with the morph (``CaLID.set_morph_mix``)
 REFINER_KINDS = ("residual", "synthesis")  # a new refiner's design (``calid.networks.REFINERS``, same keys)
 REFINER_LOSSES = ("mse", "l1", "l1+ssim", "l1+ssim+seg")  # ``calid.training.losses.refiner_loss``

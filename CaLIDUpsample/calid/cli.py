@@ -130,7 +130,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "times as often")
     p.add_argument("--motion", choices=FLOW_METHODS,
                    help="make the model motion-aware: condition on the neighbours warped along this optical flow "
-                        "(default: as the --init model, else not)")
+                        "(dis-fine: DIS refined to full resolution; default: as the --init model, else not). A "
+                        "motion-aware --init model keeps its flow views and smoothing; an error head not retrained "
+                        "is recalibrated")
     p.add_argument("--flow-smooth", type=float,
                    help="average each gap's optical flow with its neighbouring gaps' along the stack by this weight "
                         "in [0, 0.5) (motion-aware models; default: as the --init model, else 0). An error head not "

@@ -419,11 +419,12 @@ class CaLID(nn.Module):
     def make_motion_aware(self, flow: str, views: int = 1) -> None:
         """Condition on (and build the residual on) the neighbours warped along their flow: see ``motion``.
 
-        Turning a model of the older design into one keeps every weight: fine-tuning then teaches it the new base.
+        Turning a model of the older design into one keeps every weight: fine-tuning then teaches it the new base. A
+        motion-aware model given another flow keeps its other flow settings (views, smoothing).
         """
         if self.diffusion_target != "residual" or flow not in FLOW_METHODS:
             raise ValueError(f"a motion-aware model diffuses residuals and names a flow in {FLOW_METHODS}, not {flow!r}")
-        self.motion = {"flow": flow}
+        self.motion = {**(self.motion or {}), "flow": flow}
         self.set_flow_views(views)
 
     def set_flow_views(self, views: int) -> None:

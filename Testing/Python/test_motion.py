@@ -17,6 +17,7 @@ from calid.generation import generate_missing
 from calid.metrics import linear_missing
 from calid.modelstore import load_model, save_model
 from calid import motion
+from calid.choices import FLOW_METHODS
 from calid.motion import MORPH_VIEWS, VIEWS, morph_missing, pair_flow, warp
 from calid.networks import TINY_CONFIG, CaLID
 from calid.training.data import MotionTripletSampler, TripletSampler, Volume
@@ -33,7 +34,7 @@ def real_slice(sample_image) -> np.ndarray:
     return sitk.GetArrayFromImage(sample_image)[5].astype(np.float64)
 
 
-@pytest.mark.parametrize("method", ["dis", "tvl1"])
+@pytest.mark.parametrize("method", ["dis", "dis-fine", "tvl1"])
 def test_morph_moves_a_real_slice_part_of_the_way_where_linear_blends(real_slice, method):
     """Above = the slice moved 6 pixels: the morph's slices at 1/3 and 2/3 are it moved 2 and 4 pixels."""
     moved = np.stack([real_slice, np.roll(real_slice, 6, axis=1)])
@@ -69,7 +70,7 @@ def test_warp_is_bilinear_sampling_with_repeated_edges():
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["dis", "tvl1"])
+@pytest.mark.parametrize("method", ["dis", "dis-fine", "tvl1"])
 def test_flow_follows_a_moving_wall_and_is_symmetric(method):
     below, above = disc_stack([26.0, 34.0])
     flow = pair_flow(below, above, method)
@@ -101,6 +102,20 @@ def test_flow_views_average_orientations_into_one_flow_that_still_follows_the_wa
     for bad in (0, 9, 2.5):
         with pytest.raises(ValueError, match="1 to 8"):
             pair_flow(below, above, "dis", bad)
+
+
+def test_every_flow_method_has_an_estimator_and_fine_dis_is_another_flow():
+    assert tuple(motion.ESTIMATORS) == FLOW_METHODS
+    below, above = disc_stack([26.0, 31.0])
+    assert not np.allclose(pair_flow(below, above, "dis"), pair_flow(below, above, "dis-fine"), atol=1e-3)
+
+
+def test_another_flow_keeps_a_motion_aware_models_views_and_smoothing(motion_model_dir):
+    model, _ = load_model(motion_model_dir)
+    model.set_flow_views(8)
+    model.set_flow_smoothing(0.15)
+    model.make_motion_aware("dis-fine", model.motion["views"])
+    assert model.config["motion"] == {"flow": "dis-fine", "views": 8, "smooth": 0.15}
 
 
 def test_flow_views_change_the_model_output_and_travel_in_its_card(tmp_path, motion_model_dir, small_image):
@@ -362,7 +377,7 @@ def test_flow_smoothing_and_shape_mix_change_the_slices_and_travel_in_the_card(m
 
 @pytest.mark.parametrize("change", [{"morph_mix": 0.5}, {"flow_views": 2}, {"flow_smooth": 0.2},
                                     {"morph_mix": 0.5, "morph_mix_space": "shape"},
-                                    {"gap_mix": "10:0.8:0.2,20:0.5:0"}])
+                                    {"gap_mix": "10:0.8:0.2,20:0.5:0"}, {"motion": "dis-fine"}])
 def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(dataset, tmp_path, error_head_model_dir,
                                                                                 change):
     from calid.training.config import TrainConfig
@@ -378,6 +393,9 @@ def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(
     elif "gap_mix" in change:
         assert card["config"]["gap_mix"] == {"gaps_mm": [10.0, 20.0], "morph": [0.8, 0.5], "linear": [0.2, 0.0]}
         assert mixed.final_mix(15.0) == pytest.approx((0.65, 0.1))
+    elif "motion" in change:
+        assert card["config"]["motion"]["flow"] == "dis-fine" == mixed.motion["flow"]
+        assert mixed.motion["views"] == base.motion["views"]  # the other flow settings are kept
     elif "flow_smooth" in change:
         assert card["config"]["motion"]["smooth"] == 0.2 and mixed.motion["smooth"] == 0.2
     else:

@@ -27,7 +27,7 @@ class TrainConfig:
     lr: float = 2e-4
     warmup: int = 100
     ema_decay: float = 0.998
-    motion: str | None = None  # "dis" or "tvl1": make the model motion-aware (calid.motion) before training
+    motion: str | None = None  # "dis", "dis-fine" or "tvl1": make the model motion-aware (calid.motion) before training
     flow_views: int | None = None  # average each flow over this many in-plane views (calid.motion); None: keep it
     flow_smooth: float | None = None  # smooth each gap's flow along the stack by this weight (calid.motion); None: keep
     morph_mix_space: str | None = None  # "pixel" or "shape" (calid.networks.CaLID.set_morph_mix); None: keep it
