@@ -330,8 +330,8 @@ class Trainer:
         the head not retrained."""
         cfg = self.cfg
         changed = (cfg.denoiser_steps > 0 or cfg.refiner_steps > 0 or cfg.morph_mix is not None
-                   or cfg.motion is not None or cfg.flow_views is not None or cfg.flow_smooth is not None or cfg.morph_mix_space is not None
-                   or cfg.gap_mix is not None)
+                   or cfg.motion is not None or cfg.flow_views is not None or cfg.flow_smooth is not None
+                   or cfg.morph_mix_space is not None or cfg.gap_mix is not None)
         return self.model.error_head is not None and cfg.error_head_steps == 0 and changed
 
     def _recalibrate_error_head(self, progress: Progress) -> None:
