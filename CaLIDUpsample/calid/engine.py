@@ -142,7 +142,7 @@ def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.nda
     out = []
     for stack in stacks:
         if options.method == "morph":
-            out.append(motion.morph_missing(stack, factor, "dis", motion.MORPH_VIEWS))
+            out.append(motion.product_morph(stack, factor))
         else:
             out.append(linear_missing(stack, factor))
         progress.advance(1)

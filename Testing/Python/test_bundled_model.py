@@ -18,6 +18,7 @@ import torch
 from calid.engine import UpsampleOptions, upsample_image
 from calid.modelindex import ACDC_MODEL, BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models
 from calid.modelstore import load_model
+from calid.motion import PRODUCT_MORPH
 
 ACDC = BUNDLED_DIR / ACDC_MODEL
 
@@ -38,6 +39,13 @@ def test_bundled_weights_are_small_fp16_safetensors(name):
     assert card["weights_dtype"] == "float16"
     header_length = int.from_bytes((folder / WEIGHTS_FILE).read_bytes()[:8], "little")
     assert header_length < 10**6  # a safetensors header length, not a pickle or zip signature
+
+
+@pytest.mark.parametrize("name", [ACDC_MODEL, DEFAULT_MODEL])
+def test_bundled_models_build_on_the_morph_the_user_can_compare_with(name):
+    card = json.loads((BUNDLED_DIR / name / CARD_FILE).read_text(encoding="utf-8"))
+    assert card["config"]["motion"] == PRODUCT_MORPH  # ``--method morph`` shows the morph the model starts from
+    assert card["config"]["error_head"]["calibration"], "an error head recalibrated on this flow's output"
 
 
 def test_model_card_states_acdc_provenance_terms_and_split():

@@ -18,7 +18,7 @@ from calid.metrics import linear_missing
 from calid.modelstore import load_model, save_model
 from calid import motion
 from calid.choices import FLOW_METHODS
-from calid.motion import MORPH_VIEWS, VIEWS, morph_missing, pair_flow, warp
+from calid.motion import PRODUCT_MORPH, VIEWS, morph_missing, pair_flow, product_morph, warp
 from calid.networks import TINY_CONFIG, CaLID
 from calid.training.data import MotionTripletSampler, TripletSampler, Volume
 
@@ -211,9 +211,9 @@ def test_method_option_gives_the_peers_through_the_same_geometry(tmp_path, small
     if method == "linear":
         expected = np.rint(linear_missing(acquired.astype(np.float64), 2))
         np.testing.assert_allclose(array[1::2], expected, atol=1)
-    else:  # the product's morph is the one the bundled models build on: the flow of all 8 views, not one
-        eight, one = (morph_missing(acquired.astype(np.float64), 2, "dis", views) for views in (MORPH_VIEWS, 1))
-        assert np.abs(array[1::2] - np.rint(eight)).mean() < 0.1 * np.abs(array[1::2] - np.rint(one)).mean()
+    else:  # the product's morph is the one the bundled models build on (PRODUCT_MORPH), not the plain one-view DIS
+        product, plain = np.rint(product_morph(acquired.astype(np.float64), 2)), np.rint(morph_missing(acquired, 2))
+        assert np.abs(array[1::2] - product).mean() < 0.1 * np.abs(array[1::2] - plain).mean()
 
 
 def test_method_refuses_options_that_need_the_model(tmp_path, small_image, capsys):
@@ -320,7 +320,7 @@ def test_morph_mix_averages_the_final_slices_with_the_morph(motion_model_dir, sm
     morph = generate_missing(model, stack, 2, 1)
     assert not np.allclose(morph, unmixed)
     assert 64 % model.spatial_multiple == 0  # 64 x 64 slices: no padding, so the flows are those of morph_missing
-    np.testing.assert_allclose(morph[0], morph_missing(stack, 2), atol=1e-5)  # weight 1: the product's DIS morph
+    np.testing.assert_allclose(morph[0], morph_missing(stack, 2), atol=1e-5)  # weight 1: the model's own DIS morph
     model.set_morph_mix(0.3)
     np.testing.assert_allclose(generate_missing(model, stack, 2, 1), 0.7 * unmixed + 0.3 * morph, atol=1e-5)
     np.testing.assert_allclose(generate_missing(model, stack, 2, 1, refine=False), unmixed, atol=1e-6)
@@ -340,6 +340,18 @@ def test_flow_smoothing_averages_each_gap_with_its_neighbours_within_a_phase():
     for bad in (-0.1, 0.5):
         with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
             motion.smooth_along_stack(flows, 2, bad)
+
+
+def test_the_product_morph_is_the_morph_a_model_with_its_settings_builds_on(motion_model_dir, small_image):
+    stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
+    model, _ = load_model(motion_model_dir)
+    model.make_motion_aware(PRODUCT_MORPH["flow"], PRODUCT_MORPH["views"])
+    model.set_flow_smoothing(PRODUCT_MORPH["smooth"])
+    model.set_morph_mix(1.0)  # the model's slices are its morph alone
+    assert model.config["motion"] == PRODUCT_MORPH
+    np.testing.assert_allclose(generate_missing(model, stack, 3, 1)[0], product_morph(stack, 3), atol=1e-5)
+    unsmoothed = morph_missing(stack, 3, PRODUCT_MORPH["flow"], PRODUCT_MORPH["views"])
+    assert not np.allclose(product_morph(stack, 3), unsmoothed, atol=1e-4)
 
 
 def test_shape_average_moves_one_wall_halfway_where_a_pixel_average_shows_two():
