@@ -40,7 +40,7 @@ benchmark: install
 ACDC ?= ../shared/data/acdc/training
 MODEL_CARD := CaLIDUpsample/calid/models/calid-acdc/model.json
 evaluate: install
-	$(VENV)/bin/calid evaluate $(ACDC) --output $(OUT)/evaluation --patients $(MODEL_CARD) --factor 2 --factor 4 \
+	$(VENV)/bin/calid evaluate $(ACDC) --output $(OUT)/evaluation --patients $(MODEL_CARD) --factor 2 --factor 4 --uncertainty \
 		--device auto --threads 2 --montage --progress none
 
 # The segmentation table (README): same validation patients, K=2, against morphological contour interpolation.
