@@ -13,13 +13,16 @@ Convention: ``flow`` maps ``below`` onto ``above``: ``above(p + flow(p)) ~ below
 The slice at ``alpha`` is ``(1 - alpha) * below(p - alpha * flow) + alpha * above(p + (1 - alpha) * flow)``.
 Flows are symmetric, ``(f_ab - f_ba) / 2``, so swapping the neighbours gives the same slices.
 
-Estimators: ``"dis"`` (OpenCV's dense inverse search, medium preset, ~5 ms a pair on a CPU: what the bundled models
-run), ``"dis-fine"`` (the same search refined down to full resolution, the preset's finest scale 1 -> 0: with 8 views
-about +1.5 s on the whole upsampling of a 10-slice ACDC stack x2 on 2 CPU threads) and ``"tvl1"`` (scikit-image's TV-L1 with the evaluation protocol's settings, ~100 ms a pair: the peer the
-tables report). On the 15 ACDC validation patients ``"dis"`` and ``"tvl1"`` give the same morph within 0.03 dB heart
-PSNR (K=2, one view). With 8 views ``"dis-fine"`` raised the bundled model's slices by +0.03 dB heart PSNR, SSIM
-+0.004 and the segmenter's Dice +0.003 with 10 mm gaps (validation and training patients alike) and SSIM and Dice a
-little with 20 mm gaps (stop 30, in process, the model's weights and calibration unchanged; docs/measurements.md).
+Estimators: ``"dis"`` (OpenCV's dense inverse search, medium preset, ~5 ms a pair on a CPU; the bundled models ran it
+until stop 31), ``"dis-fine"`` (the same search refined down to full resolution, the preset's finest scale 1 -> 0: what
+the bundled models run; in 8 views ~0.5 s a 256x216 pair on one thread, 4x ``"dis"``, about +1.5 s on the whole
+upsampling of a 10-slice ACDC stack x2 on 2 CPU threads) and ``"tvl1"`` (scikit-image's TV-L1 with the evaluation
+protocol's settings, ~100 ms a pair: the peer the tables report). On the 15 ACDC validation patients ``"dis"`` and
+``"tvl1"`` give the same morph within 0.03 dB heart PSNR (K=2, one view). With 8 views ``"dis-fine"`` raised the
+bundled model's slices by +0.03 dB heart PSNR, SSIM +0.004 and the segmenter's Dice +0.003 with 10 mm gaps (validation
+and training patients alike) and SSIM and Dice a little with 20 mm gaps (stop 30, in process, the model's weights and
+calibration unchanged; docs/measurements.md); on the Sunnybrook cines it was level (heart -0.03 dB) and flickered
+a little more (stop 31).
 
 ``views``: DIS is not equivariant to rotating or flipping the slices (its patch grid and coarse-to-fine search are
 tied to the image axes), so each of the 8 in-plane orientations of a pair gives a somewhat different flow, each
