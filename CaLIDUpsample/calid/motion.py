@@ -213,5 +213,4 @@ def morph_missing(kept: np.ndarray, factor: int, method: str = "dis", views: int
 
 def product_morph(kept: np.ndarray, factor: int) -> np.ndarray:
     """``morph_missing`` with ``PRODUCT_MORPH``'s settings."""
-    settings = PRODUCT_MORPH
-    return morph_missing(kept, factor, settings["flow"], settings["views"], settings["smooth"])
+    return morph_missing(kept, factor, PRODUCT_MORPH["flow"], PRODUCT_MORPH["views"], PRODUCT_MORPH["smooth"])
