@@ -104,8 +104,7 @@ def gap_flows(model: CaLID, stacks: np.ndarray) -> torch.Tensor | None:
     if model.motion is None:
         return None
     padded = pad_to_multiple(stacks, model.spatial_multiple)[0]
-    flows = torch.from_numpy(motion.stack_flows(padded, model.motion["flow"], model.motion["views"]))
-    return motion.smooth_along_stack(flows, stacks.shape[0], model.motion.get("smooth", 0.0))
+    return motion.motion_flows(padded, model.motion)
 
 
 class GapItems:

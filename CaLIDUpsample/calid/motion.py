@@ -161,6 +161,14 @@ def smooth_along_stack(flows: torch.Tensor, phases: int, weight: float) -> torch
     return (total / norm.view(1, gaps, 1, 1, 1)).reshape(flows.shape)
 
 
+def motion_flows(stacks: np.ndarray, settings: dict) -> torch.Tensor:
+    """The flows a model config's ``"motion"`` settings ({"flow", "views", "smooth"}) give every gap of stacks
+    (phases, n, h, w): ``stack_flows`` smoothed along each stack. One place for the models' flows and the product's
+    morph (``PRODUCT_MORPH``), so that the two cannot drift apart."""
+    flows = torch.from_numpy(stack_flows(stacks, settings["flow"], settings["views"]))
+    return smooth_along_stack(flows, stacks.shape[0], settings.get("smooth", 0.0))
+
+
 def shape_average(first: np.ndarray, second: np.ndarray, weight: float, method: str = "dis",
                   views: int = 1) -> np.ndarray:
     """``(1 - weight) * first + weight * second`` in shape space: slices (N, h, w) carried toward each other along
@@ -204,7 +212,7 @@ def morph_missing(kept: np.ndarray, factor: int, method: str = "dis", views: int
 
     below, above, alpha = dense_positions(kept.shape[0], factor)
     stack = np.asarray(kept, np.float32)
-    flows = smooth_along_stack(torch.from_numpy(stack_flows(stack[None], method, views)), 1, smooth)[below]
+    flows = motion_flows(stack[None], {"flow": method, "views": views, "smooth": smooth})[below]
     images = torch.from_numpy(stack)[:, None]
     alpha_t = torch.as_tensor(alpha, dtype=torch.float32)
     wb, wa = warped_neighbours(images[below], images[above], flows, alpha_t)
