@@ -6,6 +6,7 @@ cannot drift apart.
 """
 
 FLOW_METHODS = ("dis", "dis-fine", "tvl1")  # optical-flow estimators (``calid.motion``)
-MORPH_MIX_SPACES = ("pixel", "shape")  # how final slices are averaged with the morph (``CaLID.set_morph_mix``)
+# How final slices are averaged with the morph (``CaLID.set_morph_mix``).
+MORPH_MIX_SPACES = ("pixel", "shape", "aligned")
 REFINER_KINDS = ("residual", "synthesis")  # a new refiner's design (``calid.networks.REFINERS``, same keys)
 REFINER_LOSSES = ("mse", "l1", "l1+ssim", "l1+ssim+seg")  # ``calid.training.losses.refiner_loss``

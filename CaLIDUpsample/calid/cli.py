@@ -138,8 +138,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "in [0, 0.5) (motion-aware models; default: as the --init model, else 0). An error head not "
                         "retrained is recalibrated")
     p.add_argument("--morph-mix-space", choices=MORPH_MIX_SPACES,
-                   help="average with the morph pixel by pixel, or in shape space along a flow between the two "
-                        "(default: as the --init model, else pixel). An error head not retrained is recalibrated")
+                   help="average with the morph pixel by pixel, in shape space along a flow between the two, or "
+                        "(aligned) with the warped neighbours carried onto the model's slices (default: as the --init "
+                        "model, else pixel). An error head not retrained is recalibrated")
     p.add_argument("--gap-mix", metavar="GAP_MM:MORPH:LINEAR,...",
                    help="set the last step per gap between acquired slices (motion-aware models; default: as the "
                         "--init model): at each gap knot, the morph mix weight and the share of the linear cross-fade, "

@@ -284,10 +284,15 @@ def generate_missing_phases(
 
 
 def _last_step(model: CaLID, out: np.ndarray, gaps: GapItems, acquired: np.ndarray, gap_mm: float | None) -> np.ndarray:
-    """The model's slices averaged with the morph (``CaLID.set_morph_mix``), then with the linear cross-fade of
-    the acquired neighbours, by the weights the model sets for this gap (``CaLID.final_mix``)."""
+    """The model's slices averaged with the morph (``CaLID.set_morph_mix``; in the ``"aligned"`` space with the
+    warped neighbours carried onto the slices, ``motion.carried_onto``), then with the linear cross-fade of the
+    acquired neighbours, by the weights the model sets for this gap (``CaLID.final_mix``)."""
     weight, linear = model.final_mix(gap_mm)
-    if weight:
+    if weight and model.morph_mix_space == "aligned":
+        estimate = gaps.pad(out, float(gaps.padded.min()))
+        aligned = motion.carried_onto(estimate, *gaps.warped(slice(None)), gaps.alpha)
+        out += weight * (gaps.crop(aligned) - out)
+    elif weight:
         morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), gaps.alpha))
         if model.morph_mix_space == "shape":
             out = motion.shape_average(out, morph, weight, model.motion["flow"])

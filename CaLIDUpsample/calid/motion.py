@@ -181,6 +181,25 @@ def shape_average(first: np.ndarray, second: np.ndarray, weight: float, method: 
     return blend(*warped_neighbours(first_t, second_t, flows, alpha), alpha)[:, 0].numpy()
 
 
+ALIGN_FLOW = "dis"
+"""The flow ``carried_onto`` aligns with: the medium preset, whatever the model's gap flow. The displacements left
+between an estimate and a warped neighbour are small; on 36 ACDC training stacks (10 and 20 mm gaps) the medium
+preset's alignment scored +0.01 to +0.03 dB heart PSNR and the same SSIM as the full-resolution one, the segmenter's
+Dice within ±0.004, for a quarter of the time (stop 32, docs/measurements.md)."""
+
+
+def carried_onto(reference: torch.Tensor, warped_below: torch.Tensor, warped_above: torch.Tensor,
+                 alpha: torch.Tensor, method: str = ALIGN_FLOW) -> torch.Tensor:
+    """Both neighbours (N, 1, H, W), already warped to the new slices' positions, carried onto ``reference`` (N, 1,
+    H, W; the model's estimate) along a one-view flow from it to each, and blended by ``alpha``: the acquired
+    slices' own sharp pixels, with the walls where the estimate puts them (the ``"aligned"`` morph mix)."""
+    ref = [r[0].numpy() for r in reference]
+    flows = torch.from_numpy(pair_flows([(r, n[0].numpy()) for r, n in zip(ref * 2, [*warped_below, *warped_above])],
+                                        method))
+    below_flow, above_flow = flows.chunk(2)
+    return blend(warp(warped_below, below_flow), warp(warped_above, above_flow), alpha)
+
+
 def warp(images: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Sample ``images`` (N, C, H, W) at ``p + flow(p)``, bilinear, edges repeated; ``flow`` (N, 2, H, W) in pixels."""
     n, _, h, w = images.shape

@@ -14,6 +14,8 @@ step made of the same parts:
 
 - the shape-space mix with the morph at several weights (``motion.shape_average``; 0.5 was the bundled step before
   it was set per gap, ``calid.gap_mix``);
+- the aligned mix: the estimate averaged with the warped neighbours carried onto it (``motion.carried_onto``; the
+  bundled step since stop 32), at a few weights and shares of the cross-fade;
 - a share of the linear cross-fade blended in, whole or only its detail (above a Gaussian of 1.5 px);
 - a slight Gaussian blur of the mix.
 
@@ -57,7 +59,8 @@ GAP_MM = 10.0  # the gap between the kept slices: what the model's last step is 
 
 def components(model, kept: np.ndarray) -> dict[str, np.ndarray]:
     """The model's slices for the missing positions of ``kept`` (n, h, w), scanner units: ``final`` (bundled
-    settings), ``estimate`` (before the last step) and ``morph`` (its own flow, the mix's other half)."""
+    settings), ``estimate`` (before the last step), ``morph`` (its own flow, the shape mix's other half) and
+    ``aligned`` (the warped neighbours carried onto the estimate, the aligned mix's other half)."""
     intensity = IntensityMap.fit(kept[None])
     stacks = intensity.to_network(kept[None])
     steps = default_steps(model)
@@ -65,8 +68,10 @@ def components(model, kept: np.ndarray) -> dict[str, np.ndarray]:
     final = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, gap_mm=GAP_MM)[0, 0]
     estimate = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, refine=False)[0, 0]
     morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), gaps.alpha))
+    aligned = gaps.crop(motion.carried_onto(gaps.pad(estimate, float(gaps.padded.min())), *gaps.warped(slice(None)),
+                                            gaps.alpha))
     return {name: intensity.from_network(x) for name, x in
-            (("final", final), ("estimate", estimate), ("morph", morph))}
+            (("final", final), ("estimate", estimate), ("morph", morph), ("aligned", aligned))}
 
 
 def variants(kept: np.ndarray, bspline: np.ndarray, parts: dict[str, np.ndarray], bundled: str,
@@ -92,6 +97,10 @@ def variants(kept: np.ndarray, bspline: np.ndarray, parts: dict[str, np.ndarray]
     crossfade_detail = (linear - mixes[0.5]) - gaussian_filter(linear - mixes[0.5], (0, 1.5, 1.5))
     rows["mix 0.5 + the cross-fade's detail (above 1.5 px), share 0.2"] = mixes[0.5] + 0.2 * crossfade_detail
     rows["mix 0.5, Gaussian blur 0.5 px"] = gaussian_filter(mixes[0.5], (0, 0.5, 0.5))
+    for weight, share in ((1.0, 0.0), (0.8, 0.0), (0.8, 0.1), (0.8, 0.2), (0.5, 0.1)):
+        aligned = parts["estimate"] + weight * (parts["aligned"] - parts["estimate"])
+        name = f"aligned mix, weight {weight:g} + linear cross-fade, share {share:g}"
+        rows[name] = aligned + share * (linear - aligned)
     rows[bundled] = parts["final"]
     return {name: np.rint(x) for name, x in rows.items()}  # the product writes the input's integer type
 
@@ -145,10 +154,12 @@ def main() -> None:
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     model, card = load_model(args.model, torch.device("cpu"))
     model.eval()
-    if model.motion is None or model.morph_mix_space != "shape":
-        parser.error(f"{args.model} does not mix with the morph in shape space: this benchmark varies that mix")
+    if model.motion is None or model.morph_mix_space == "pixel":
+        parser.error(f"{args.model} does not mix with the morph in shape or aligned space: this benchmark varies "
+                     "that mix")
     weight, share = model.final_mix(GAP_MM)
-    bundled = f"bundled: shape-space mix {weight:g} + linear cross-fade, share {share:g} (its 10 mm setting)"
+    bundled = (f"bundled: {model.morph_mix_space} mix {weight:g} + linear cross-fade, share {share:g} "
+               "(its 10 mm setting)")
     split = card["training"]["split"]
     validation = set(split["validation"])
     segmenter = load_segmenter(None, "cpu")
