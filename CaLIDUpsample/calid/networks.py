@@ -360,8 +360,9 @@ class CaLID(nn.Module):
         averages the two in shape space (``motion.shape_average``: each carried toward the other along a DIS flow
         between them), one wall where the two put it in different places; ``"aligned"`` averages the estimate with
         the warped neighbours carried onto it along a flow from it to each (``motion.carried_onto``): the acquired
-        slices' own sharp pixels where the estimate puts the walls, a better partner than the morph on training
-        and validation patients alike (higher PSNR, SSIM and segmenter Dice; docs/measurements.md, stop 32).
+        slices' own sharp pixels where the estimate puts the walls (taken alone, above the morph in PSNR and SSIM
+        with 10 and 20 mm gaps on training and validation patients, the segmenter's Dice level or above; what both
+        bundled models use since stop 32, docs/measurements.md).
 
         A ``weight`` is the same at every gap: it replaces a per-gap table (``set_gap_mix``). ``None`` keeps the
         weights and changes only the space.
