@@ -139,6 +139,16 @@ class GapItems:
         return motion.warped_neighbours(images[self.below[part]], images[self.above[part]],
                                         self.flows[self.gap_of[part]], self.alpha[part])
 
+    def morph(self) -> np.ndarray:
+        """Every item's optical-flow morph: both warped neighbours blended by its alpha, (items, h, w)."""
+        return self.crop(motion.blend(*self.warped(slice(None)), self.alpha))
+
+    def carried_onto(self, estimate: np.ndarray) -> np.ndarray:
+        """Every item's warped neighbours carried onto its ``estimate`` (items, h, w) and blended by its alpha
+        (``motion.carried_onto``; the ``"aligned"`` morph mix's partner), (items, h, w)."""
+        padded = self.pad(estimate, float(self.padded.min()))
+        return self.crop(motion.carried_onto(padded, *self.warped(slice(None)), self.alpha))
+
     def cross_fade(self, acquired: np.ndarray) -> np.ndarray:
         """Every item's two acquired neighbours in ``acquired`` (all phases' slices flattened, (phases * n, h, w)),
         blended linearly by its alpha, without motion: (items, h, w)."""
@@ -289,15 +299,11 @@ def _last_step(model: CaLID, out: np.ndarray, gaps: GapItems, acquired: np.ndarr
     acquired neighbours, by the weights the model sets for this gap (``CaLID.final_mix``)."""
     weight, linear = model.final_mix(gap_mm)
     if weight and model.morph_mix_space == "aligned":
-        estimate = gaps.pad(out, float(gaps.padded.min()))
-        aligned = motion.carried_onto(estimate, *gaps.warped(slice(None)), gaps.alpha)
-        out += weight * (gaps.crop(aligned) - out)
+        out += weight * (gaps.carried_onto(out) - out)
+    elif weight and model.morph_mix_space == "shape":
+        out = motion.shape_average(out, gaps.morph(), weight, model.motion["flow"])
     elif weight:
-        morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), gaps.alpha))
-        if model.morph_mix_space == "shape":
-            out = motion.shape_average(out, morph, weight, model.motion["flow"])
-        else:
-            out += weight * (morph - out)
+        out += weight * (gaps.morph() - out)
     if linear:
         out += linear * (gaps.cross_fade(acquired) - out)
     return out

@@ -67,11 +67,8 @@ def components(model, kept: np.ndarray) -> dict[str, np.ndarray]:
     gaps = GapItems(model, stacks, FACTOR, 1)
     final = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, gap_mm=GAP_MM)[0, 0]
     estimate = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, refine=False)[0, 0]
-    morph = gaps.crop(motion.blend(*gaps.warped(slice(None)), gaps.alpha))
-    aligned = gaps.crop(motion.carried_onto(gaps.pad(estimate, float(gaps.padded.min())), *gaps.warped(slice(None)),
-                                            gaps.alpha))
-    return {name: intensity.from_network(x) for name, x in
-            (("final", final), ("estimate", estimate), ("morph", morph), ("aligned", aligned))}
+    parts = {"final": final, "estimate": estimate, "morph": gaps.morph(), "aligned": gaps.carried_onto(estimate)}
+    return {name: intensity.from_network(x) for name, x in parts.items()}
 
 
 def variants(kept: np.ndarray, bspline: np.ndarray, parts: dict[str, np.ndarray], bundled: str,
