@@ -46,6 +46,18 @@ def describe_devices() -> dict[str, Any]:
             "cpu_threads": torch.get_num_threads()}
 
 
+def for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device`` in eval mode; on the CPU with its convolution weights in channels-last layout.
+
+    Why: oneDNN's convolutions run faster on channels-last weights (the VAE's encoding and decoding of 16 slices of
+    256 x 256 on 2 threads: 0.49 -> 0.31 s and 0.95 -> 0.62 s, outputs equal within 2e-5 of a range of 2.7), and
+    they are most of an upsample's network time. Saving is unaffected (weights are written contiguous). On CUDA the
+    layout is left as it is: not measured here.
+    """
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+
+
 def autocast(device: torch.device):
     """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op context elsewhere."""
     if device.type == "cuda":

@@ -19,7 +19,7 @@ import torch
 
 from . import geometry, motion
 from .cine import Cine, read_input, write_cine
-from .devices import resolve_device
+from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import (MAX_SAMPLES, MAX_STEPS, default_steps, expected_error, gap_flows, generate_missing_phases,
                          require_error_head)
@@ -111,7 +111,7 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
         return axis, factor, device, None, 0
     if model is None:
         model, _ = load_model(options.model, device)
-    model = model.to(device).eval()
+    model = for_inference(model, device)
     if want_uncertainty:
         require_error_head(model)  # before the generation it would come after
     if options.plus and model.diffusion_target != "latent":

@@ -15,9 +15,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from calid.devices import for_inference
 from calid.engine import UpsampleOptions, upsample_image
 from calid.modelindex import ACDC_MODEL, BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models
-from calid.modelstore import load_model
+from calid.modelstore import load_model, save_model
 from calid.motion import PRODUCT_MORPH
 
 ACDC = BUNDLED_DIR / ACDC_MODEL
@@ -70,6 +71,20 @@ def test_bundled_model_upsamples_the_sample_keeping_acquired_slices(sample_image
     new = dense[1::2].astype(np.float64)
     low, high = np.percentile(sitk.GetArrayFromImage(image), [1, 99])
     assert low - 1 <= new.mean() <= high + 1 and new.std() > 0
+
+
+def test_a_model_made_ready_for_the_cpu_gives_the_same_slices_and_saves_the_same_weights(tmp_path):
+    model, card = load_model(DEFAULT_MODEL, "cpu")
+    slices = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 1, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        before = model.decode(model.encode(slices))
+        ready = for_inference(model, torch.device("cpu"))
+        conv = next(m for m in ready.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+                    and m.kernel_size != (1, 1))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        torch.testing.assert_close(ready.decode(ready.encode(slices)), before, atol=1e-4, rtol=0)
+    saved = save_model(ready, tmp_path / "again", card)
+    assert json.loads((saved / CARD_FILE).read_text())["sha256"] == card["sha256"]
 
 
 def test_bundled_segmentation_model_shares_the_split_and_states_its_terms():

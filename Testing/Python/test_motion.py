@@ -104,6 +104,19 @@ def test_flow_views_average_orientations_into_one_flow_that_still_follows_the_wa
             pair_flow(below, above, "dis", bad)
 
 
+def test_pairs_estimated_in_parallel_are_each_pairs_own_flow_and_leave_opencv_threads_as_found():
+    import cv2
+
+    stacks = disc_stack([26.0, 30.0, 35.0, 33.0])
+    pairs = list(zip(stacks[:-1], stacks[1:]))
+    before = cv2.getNumThreads()
+    torch.set_num_threads(2)
+    together = motion.pair_flows(pairs, "dis-fine", 2)
+    assert cv2.getNumThreads() == before
+    for flow, pair in zip(together, pairs):
+        np.testing.assert_array_equal(flow, pair_flow(*pair, "dis-fine", 2))
+
+
 def test_every_flow_method_has_an_estimator_and_fine_dis_is_another_flow():
     assert tuple(motion.ESTIMATORS) == FLOW_METHODS
     below, above = disc_stack([26.0, 31.0])
