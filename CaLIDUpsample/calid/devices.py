@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -56,6 +57,20 @@ def for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     """
     model = model.to(device).eval()
     return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+
+
+@contextmanager
+def inference_layout(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """``for_inference``'s layout while the block runs, the usual one after it: for a trainer that makes the model's
+    own output between training stages (the error head's examples and calibration) and then trains on."""
+    if device.type != "cpu":
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def autocast(device: torch.device):

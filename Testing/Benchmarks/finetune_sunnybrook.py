@@ -2,13 +2,16 @@
 """Does fine-tuning help on another vendor's scans? Leave-one-patient-out on the 5 Sunnybrook cine stacks.
 
     python Testing/Benchmarks/finetune_sunnybrook.py [--base calid-acdc] [--steps 300] [--batch 16] [--threads 2]
-        [--keep-models DIR] [--base-only]
+        [--keep-models DIR | --models DIR] [--base-only]
 
 For each Sunnybrook patient in turn: fine-tune the base model (``calid train --init``, denoiser only) on the
 other four patients' cine stacks (every phase is a training stack), then score base and fine-tuned model on the
 held-out patient with the removed-slice protocol at K=2 (``calid evaluate``, which scores linear, cubic B-spline and
 the optical-flow morph in the same run; 8-10 mm stacks, so 16-20 mm gaps), on every ``--phase-stride``-th cardiac
-phase. ``--base-only`` scores the base and the peers and stops (minutes instead of five fine-tuning runs). The Sunnybrook data (CC0) is read from
+phase. ``--base-only`` scores the base and the peers and stops (minutes instead of five fine-tuning runs). ``--models DIR``
+scores the fine-tuned models an earlier run kept (``--keep-models DIR``) instead of training them again: for a change
+that the fine-tuning does not train (the last step, the flows' settings, carried into their cards), the same
+models with the new settings, without an hour of training. The Sunnybrook data (CC0) is read from
 ``../shared/data/sunnybrook``; everything written goes to a temporary folder. Not a test: it prints a table
 and the JSON of every figure, with the wall time of each fine-tuning run.
 """
@@ -82,9 +85,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep-models", type=Path,
                         help="copy each fine-tuned model to DIR/<held-out patient> (for cine_sunnybrook.py --held-out-models)")
+    parser.add_argument("--models", type=Path,
+                        help="score the models an earlier --keep-models DIR run kept, DIR/<held-out patient>, "
+                             "instead of fine-tuning")
     parser.add_argument("--base-only", action="store_true",
                         help="score the base model and the peers only, without fine-tuning")
     args = parser.parse_args()
+    if args.models and args.keep_models:
+        parser.error("--models scores kept models; --keep-models keeps new ones: give one of them")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -97,18 +105,10 @@ def main() -> None:
         base = per_patient(folder / "eval-base")
         results = []
         for held_out in [] if args.base_only else patients:
-            fold = folder / "folds" / held_out
-            fold.mkdir(parents=True)
-            for p in patients:
-                if p != held_out:
-                    (fold / p).symlink_to(folder / "cine" / p)
-            started = time.perf_counter()
-            model_dir = train(TrainConfig(data=[str(fold)], output=str(folder / "runs" / held_out), init=args.base,
-                                          denoiser_steps=args.steps, denoiser_batch=args.batch, lr=args.lr,
-                                          min_timestep=args.min_timestep,
-                                          warmup=args.steps // 10, val_fraction=0.0, checkpoint_every=10**9,
-                                          log_every=50, device="cpu", name=f"finetuned-without-{held_out}"), "none")
-            minutes = (time.perf_counter() - started) / 60
+            if args.models:
+                model_dir, minutes = args.models / held_out, float("nan")
+            else:
+                model_dir, minutes = fine_tune(folder, held_out, patients, args)
             if args.keep_models:
                 shutil.copytree(model_dir, args.keep_models / held_out)
             card = read_card(Path(model_dir))
@@ -124,12 +124,30 @@ def main() -> None:
         results = [{"patient": p, "phases": base[p]["volumes"], **base_scores(base[p])} for p in patients]
         print(f"\nbase {args.base}, no fine-tuning; ", end="")
     else:
-        print(f"\nbase {args.base}; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
-              f"timesteps >= {results[0]['trained_timesteps_from']} (as trained: the base model's bound or higher), ",
-              end="")
+        how = (f"the models kept in {args.models} (their cards say how they were fine-tuned)" if args.models else
+               f"{args.steps} steps, batch {args.batch}, lr {args.lr}")
+        print(f"\nbase {args.base}; {how}, timesteps >= {results[0]['trained_timesteps_from']} (as trained: the base "
+              f"model's bound or higher), ", end="")
     print(f"{args.threads} CPU threads; K=2 removed-slice protocol on phases 0, {args.phase_stride}, "
           f"{2 * args.phase_stride}, ...\n")
     print(results_table(results, tuned=not args.base_only))
+
+
+def fine_tune(folder: Path, held_out: str, patients: list[str], args: argparse.Namespace) -> tuple[Path, float]:
+    """The base fine-tuned on every patient but ``held_out`` (their cines linked into a fold folder): (model folder,
+    minutes it took)."""
+    fold = folder / "folds" / held_out
+    fold.mkdir(parents=True)
+    for p in patients:
+        if p != held_out:
+            (fold / p).symlink_to(folder / "cine" / p)
+    started = time.perf_counter()
+    model_dir = train(TrainConfig(data=[str(fold)], output=str(folder / "runs" / held_out), init=args.base,
+                                  denoiser_steps=args.steps, denoiser_batch=args.batch, lr=args.lr,
+                                  min_timestep=args.min_timestep,
+                                  warmup=args.steps // 10, val_fraction=0.0, checkpoint_every=10**9,
+                                  log_every=50, device="cpu", name=f"finetuned-without-{held_out}"), "none")
+    return Path(model_dir), (time.perf_counter() - started) / 60
 
 
 def base_scores(scores: dict[str, float]) -> dict[str, float]:
@@ -151,7 +169,7 @@ def results_table(results: list[dict], tuned: bool) -> str:
         cells = [f"{r[f'{m}_psnr']:.2f} / {r[f'{m}_ssim']:.3f}" for m in (*PEERS, "base")]
         if tuned:
             cells += [f"{r['tuned_psnr']:.2f} / {r['tuned_ssim']:.3f}", f"{r['tuned_psnr'] - r['base_psnr']:+.2f}",
-                      f"{r['finetune_minutes']:.1f}"]
+                      "–" if np.isnan(r["finetune_minutes"]) else f"{r['finetune_minutes']:.1f}"]
         lines.append(f"| {r['patient']} | {r['phases']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

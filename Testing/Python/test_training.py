@@ -163,3 +163,17 @@ def test_denoiser_sees_every_in_plane_orientation_of_each_training_stack(dataset
     first = latents[:8]
     assert all(z.shape[0] == trainer.train_volumes[0].stack.shape[0] for z in first)
     assert len({z.numpy().tobytes() for z in first}) == 8  # eight different orientations, not copies
+
+
+def test_the_trainer_makes_its_examples_in_the_inference_layout_and_trains_in_its_own():
+    import torch
+
+    from calid.devices import inference_layout
+    from calid.networks import TINY_CONFIG, CaLID
+
+    model = CaLID(TINY_CONFIG)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+                and m.kernel_size != (1, 1))
+    with inference_layout(model, torch.device("cpu")):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert conv.weight.is_contiguous()

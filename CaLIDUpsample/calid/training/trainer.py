@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..choices import REFINER_KINDS, REFINER_LOSSES
-from ..devices import autocast, resolve_device
+from ..devices import autocast, inference_layout, resolve_device
 from ..error_calibration import ErrorCalibration
 from ..errors import CalidError
 from ..gap_mix import GapMix
@@ -344,9 +344,10 @@ class Trainer:
         """The model's own output on slices removed from the training stacks (``data.EstimateSampler``): the examples
         of the refiner (``refine=False``) and of the error head and its calibration (``refine=True``)."""
         self.model.eval()
-        return data.EstimateSampler(self.model, self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
-                                    self.generator, self.device, default_steps(self.model), self.cfg.refiner_thin_weight,
-                                    refine=refine)
+        with inference_layout(self.model, self.device):
+            return data.EstimateSampler(self.model, self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
+                                        self.generator, self.device, default_steps(self.model),
+                                        self.cfg.refiner_thin_weight, refine=refine)
 
     def _save(self, path: Path, ema: AveragedModel, optimizer: torch.optim.Optimizer, step: int, stage: str) -> None:
         info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation}
