@@ -345,9 +345,10 @@ class Trainer:
         of the refiner (``refine=False``) and of the error head and its calibration (``refine=True``)."""
         self.model.eval()
         with inference_layout(self.model, self.device):
-            return data.EstimateSampler(self.model, self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
-                                        self.generator, self.device, default_steps(self.model),
-                                        self.cfg.refiner_thin_weight, refine=refine)
+            return data.EstimateSampler(self.model, self.train_volumes,
+                                        self.cfg.latent_crop * self.model.vae_downsampling, self.generator,
+                                        self.device, default_steps(self.model), self.cfg.refiner_thin_weight,
+                                        refine=refine)
 
     def _save(self, path: Path, ema: AveragedModel, optimizer: torch.optim.Optimizer, step: int, stage: str) -> None:
         info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation}
