@@ -25,6 +25,14 @@ SAMPLE = REPO / "CaLIDUpsample" / "Resources" / "SampleData" / "CaLIDSample_SCD0
 SAMPLE_LABELS = SAMPLE.with_name("CaLIDSample_SCD0000101_phase07_contours.nrrd")
 
 
+def is_channels_last(module: torch.nn.Module) -> bool:
+    """Whether a model's convolution weights are in channels-last layout, judged on its first convolution whose
+    two layouts differ (several input channels, a kernel wider than 1 x 1)."""
+    conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+                and m.kernel_size != (1, 1))
+    return conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)

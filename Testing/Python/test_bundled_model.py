@@ -20,6 +20,7 @@ from calid.engine import UpsampleOptions, upsample_image
 from calid.modelindex import ACDC_MODEL, BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models
 from calid.modelstore import load_model, save_model
 from calid.motion import PRODUCT_MORPH
+from conftest import is_channels_last
 
 ACDC = BUNDLED_DIR / ACDC_MODEL
 
@@ -79,9 +80,7 @@ def test_a_model_made_ready_for_the_cpu_gives_the_same_slices_and_saves_the_same
     with torch.no_grad():
         before = model.decode(model.encode(slices))
         ready = for_inference(model, torch.device("cpu"))
-        conv = next(m for m in ready.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
-                    and m.kernel_size != (1, 1))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        assert is_channels_last(ready)
         torch.testing.assert_close(ready.decode(ready.encode(slices)), before, atol=1e-4, rtol=0)
     saved = save_model(ready, tmp_path / "again", card)
     assert json.loads((saved / CARD_FILE).read_text())["sha256"] == card["sha256"]
