@@ -31,6 +31,16 @@ def test_evaluate_scores_calid_and_the_three_peers_with_heart_region(dataset, tm
     table = (tmp_path / "eval" / "results.md").read_text(encoding="utf-8")
     assert "| K=2, 10 mm stacks (20 mm gaps) |" in table and "bspline" in table and "| morph |" in table
     assert row["morph_seconds"] > 0
+    k2 = next(s for s in report["summary"] if s["factor"] == 2)
+    members = [r for r in report["volumes"] if r["factor"] == 2]
+    paired = k2["calid_minus"]["morph"]["heart_psnr"]
+    differences = [r["calid_heart_psnr"] - r["morph_heart_psnr"] for r in members]
+    assert paired["volumes"] == len(members) == 2
+    assert paired["mean"] == pytest.approx(np.mean(differences))
+    assert paired["sem"] == pytest.approx(np.std(differences, ddof=1) / np.sqrt(2))
+    assert paired["wins"] == sum(d > 0 for d in differences)
+    assert set(k2["calid_minus"]) == {"morph", "linear", "bspline"}
+    assert "| K=2, 10 mm stacks (20 mm gaps) | bspline |" in table  # the paired table
     assert (tmp_path / "eval" / "montage.png").read_bytes()[:4] == b"\x89PNG"
     assert "linear" in capsys.readouterr().out
 
@@ -67,3 +77,22 @@ def test_segmentation_evaluation_scores_the_network_on_calid_and_on_both_peers(d
     assert {"network on CaLID", "network on morph", "network on linear",
             "contour interpolation of kept labels"} <= methods
     assert "| network on morph |" in table
+    report = json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())
+    for s in (s for s in report["summary"] if s["method"] == "network on CaLID"):
+        dice = {r["method"]: r["dice_mean"] for r in report["rows"] if r["setting"] == s["setting"]}
+        paired = s["dice_mean_minus"]["morph"]
+        assert paired["volumes"] == 1 and paired["wins"] in (0, 1)
+        assert paired["mean"] == pytest.approx(dice["network on CaLID"] - dice["network on morph"])
+        assert f"| {s['setting']} | linear |" in table
+
+
+def test_paired_difference_counts_wins_and_gives_the_standard_error():
+    from calid.paired import describe, paired_difference
+
+    paired = paired_difference([20.0, 21.0, 19.5], [19.5, 20.5, 19.5])
+    assert paired == {"mean": pytest.approx(1 / 3), "sem": pytest.approx(np.std([0.5, 0.5, 0], ddof=1) / np.sqrt(3)),
+                      "wins": 2, "volumes": 3}
+    assert describe(paired) == "+0.333 ± 0.167 (2/3)"
+    assert describe(paired_difference([0.8], [0.9]), 4) == "-0.1000 ± – (0/1)"
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_difference([1.0], [])

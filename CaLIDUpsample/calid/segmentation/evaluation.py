@@ -26,6 +26,7 @@ from ..evaluation import PEER_FLOW, select_patients
 from ..metrics import linear_missing
 from ..modelstore import load_model
 from ..motion import morph_missing
+from ..paired import describe, paired_difference
 from ..progress import Progress
 from .contour import contour_interpolation, contour_pool
 from .inference import labels_from_probabilities, predict_probabilities
@@ -35,6 +36,8 @@ from .store import load_segmenter
 from .training import find_labelled
 
 SHAPE_ONLY = "shape"
+ON_CALID = "network on CaLID"
+PEERS = ("network on morph", "network on linear")  # what the network on CaLID is compared with, volume by volume
 
 
 @dataclass
@@ -87,7 +90,7 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
         spacing = (slice_mm, *inplane)
         calid_prob = predict_probabilities(network, config, calid_stack, inplane, device)
         methods = {
-            "network on CaLID": labels_from_probabilities(calid_prob),
+            ON_CALID: labels_from_probabilities(calid_prob),
             **{f"network on {name}": labels_from_probabilities(predict_probabilities(network, config, peer, inplane,
                                                                                       device))
                for name, peer in peers.items()},
@@ -115,8 +118,18 @@ def summarise(rows: list[dict]) -> list[dict]:
             if key.startswith(("dice_", "hd95_")):
                 values = [r[key] for r in items if not math.isnan(r[key])]
                 entry[key] = float(np.mean(values)) if values else math.nan
+        if method == ON_CALID:
+            entry["dice_mean_minus"] = {peer.removeprefix("network on "): _dice_minus(items, groups[(setting, peer)])
+                                        for peer in PEERS if (setting, peer) in groups}
         summary.append(entry)
     return summary
+
+
+def _dice_minus(ours: list[dict], theirs: list[dict]) -> dict:
+    """``paired.paired_difference`` of the mean Dice, the two methods' rows paired by volume (patient and file)."""
+    by_volume = {(r["patient"], r["file"]): r["dice_mean"] for r in theirs}
+    paired = [r for r in ours if (r["patient"], r["file"]) in by_volume]
+    return paired_difference([r["dice_mean"] for r in paired], [by_volume[r["patient"], r["file"]] for r in paired])
 
 
 def markdown_table(summary: list[dict]) -> str:
@@ -126,6 +139,12 @@ def markdown_table(summary: list[dict]) -> str:
         hd = " / ".join(f"{s[k]:.1f}" for k in ("hd95_rv", "hd95_myo", "hd95_lv")) if "hd95_rv" in s else ""
         lines.append(f"| {s['setting']} | {s['volumes']} | {s['method']} | {s['dice_rv']:.3f} | {s['dice_myo']:.3f} | "
                      f"{s['dice_lv']:.3f} | {s['dice_mean']:.3f} | {hd} |")
+    lines += ["", f"Mean Dice of the {ON_CALID} minus the network on each peer, paired volume by volume: mean ± "
+              "standard error (volumes where CaLID's is higher / volumes).", "",
+              "| setting | peer | Dice mean |", "|---|---|---|"]
+    for s in summary:
+        for peer, paired in s.get("dice_mean_minus", {}).items():
+            lines.append(f"| {s['setting']} | {peer} | {describe(paired, 4)} |")
     return "\n".join(lines)
 
 
