@@ -29,8 +29,8 @@ from .generation import default_steps
 from .imageio import FILE_SUFFIXES, read_image, validate_volume
 from .metrics import heart_box, linear_missing, slice_scores, unit_range, unit_scale
 from .modelstore import load_model
-from .paired import describe, paired_difference
 from .motion import morph_missing
+from .paired import describe, paired_difference
 from .progress import Progress
 from .training.data import find_volumes, load_split
 from .training.duplicates import leaked

@@ -78,7 +78,9 @@ def test_segmentation_evaluation_scores_the_network_on_calid_and_on_both_peers(d
             "contour interpolation of kept labels"} <= methods
     assert "| network on morph |" in table
     report = json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())
-    for s in (s for s in report["summary"] if s["method"] == "network on CaLID"):
+    on_calid = [s for s in report["summary"] if s["method"] == "network on CaLID"]
+    assert on_calid
+    for s in on_calid:
         dice = {r["method"]: r["dice_mean"] for r in report["rows"] if r["setting"] == s["setting"]}
         paired = s["dice_mean_minus"]["morph"]
         assert paired["volumes"] == 1 and paired["wins"] in (0, 1)
