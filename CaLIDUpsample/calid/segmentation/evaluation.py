@@ -37,7 +37,7 @@ from .training import find_labelled
 
 SHAPE_ONLY = "shape"
 ON_CALID = "network on CaLID"
-PEERS = ("network on morph", "network on linear")  # what the network on CaLID is compared with, volume by volume
+PEERS = ("morph", "linear")  # the network on each is compared with the network on CaLID, volume by volume
 
 
 @dataclass
@@ -119,8 +119,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                 values = [r[key] for r in items if not math.isnan(r[key])]
                 entry[key] = float(np.mean(values)) if values else math.nan
         if method == ON_CALID:
-            entry["dice_mean_minus"] = {peer.removeprefix("network on "): _dice_minus(items, groups[(setting, peer)])
-                                        for peer in PEERS if (setting, peer) in groups}
+            entry["dice_mean_minus"] = {peer: _dice_minus(items, groups[(setting, f"network on {peer}")])
+                                        for peer in PEERS if (setting, f"network on {peer}") in groups}
         summary.append(entry)
     return summary
 
