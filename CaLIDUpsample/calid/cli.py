@@ -157,7 +157,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="removed-slice evaluation against linear and B-spline interpolation")
+    p = sub.add_parser("evaluate", help="removed-slice evaluation against the optical-flow morph, linear and B-spline")
     p.add_argument("data", nargs="+", help="folders of SAX volumes (labels beside them define the heart region)")
     p.add_argument("--output", required=True, help="folder for results.json and results.md")
     p.add_argument("--model", help="model name or directory (default: bundled)")
