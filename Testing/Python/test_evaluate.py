@@ -81,10 +81,11 @@ def test_segmentation_evaluation_scores_the_network_on_calid_and_on_both_peers(d
     on_calid = [s for s in report["summary"] if s["method"] == "network on CaLID"]
     assert on_calid
     for s in on_calid:
-        dice = {r["method"]: r["dice_mean"] for r in report["rows"] if r["setting"] == s["setting"]}
-        paired = s["dice_mean_minus"]["morph"]
-        assert paired["volumes"] == 1 and paired["wins"] in (0, 1)
-        assert paired["mean"] == pytest.approx(dice["network on CaLID"] - dice["network on morph"])
+        rows = {r["method"]: r for r in report["rows"] if r["setting"] == s["setting"]}
+        for key in ("dice_mean", "dice_myo"):
+            paired = s["dice_minus"]["morph"][key]
+            assert paired["volumes"] == 1 and paired["wins"] in (0, 1)
+            assert paired["mean"] == pytest.approx(rows["network on CaLID"][key] - rows["network on morph"][key])
         assert f"| {s['setting']} | linear |" in table
 
 
