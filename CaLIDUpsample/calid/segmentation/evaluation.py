@@ -129,8 +129,9 @@ def summarise(rows: list[dict]) -> list[dict]:
 def _dice_minus(ours: list[dict], theirs: list[dict]) -> dict[str, dict]:
     """``paired.paired_difference`` of each structure's Dice and of their mean (``DICE_KEYS``), the two methods'
     rows paired by volume (patient and file); a volume where either Dice is undefined (NaN) is left out of that
-    structure's pairs. Per structure, because the methods differ by less than the structures do: with 10 mm gaps
-    the bundled slices lose to the morph mostly on the myocardium (docs/measurements.md, stop 35)."""
+    structure's pairs. Per structure, because a lead or a shortfall in the mean can sit in one structure: with 10 mm
+    gaps the bundled slices' shortfall against the morph is in the myocardium on training and validation stacks
+    alike (docs/measurements.md, stop 35)."""
     by_volume = {(r["patient"], r["file"]): r for r in theirs}
     paired = [(r, by_volume[r["patient"], r["file"]]) for r in ours if (r["patient"], r["file"]) in by_volume]
     result = {}
