@@ -67,14 +67,14 @@ def test_patients_can_come_from_a_split_file_or_a_model_card(tmp_path):
         load_split(tmp_path / "bad.json")
 
 
-def test_segmentation_evaluation_scores_the_network_on_calid_and_on_both_peers(dataset, tmp_path, tiny_model_dir):
+def test_segmentation_evaluation_scores_the_network_on_calid_and_on_every_peer(dataset, tmp_path, tiny_model_dir):
     from calid.segmentation.evaluation import SegEvaluateConfig, evaluate_segmentation
 
     cfg = SegEvaluateConfig(data=[str(dataset)], output=str(tmp_path / "seg"), model=str(tiny_model_dir),
                             patients="patient000", device="cpu")
     table = evaluate_segmentation(cfg, "none")
     methods = {r["method"] for r in json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())["summary"]}
-    assert {"network on CaLID", "network on morph", "network on linear",
+    assert {"network on CaLID", "network on morph", "network on linear", "network on bspline",
             "contour interpolation of kept labels"} <= methods
     assert "| network on morph |" in table
     report = json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())
@@ -86,7 +86,8 @@ def test_segmentation_evaluation_scores_the_network_on_calid_and_on_both_peers(d
             paired = s["dice_minus"]["morph"][key]
             assert paired["volumes"] == 1 and paired["wins"] in (0, 1)
             assert paired["mean"] == pytest.approx(rows["network on CaLID"][key] - rows["network on morph"][key])
-        assert f"| {s['setting']} | linear |" in table
+        assert set(s["dice_minus"]) == {"morph", "linear", "bspline"}
+        assert f"| {s['setting']} | linear |" in table and f"| {s['setting']} | bspline |" in table
 
 
 def test_paired_difference_counts_wins_and_gives_the_standard_error():

@@ -2,7 +2,8 @@
 
 Per labelled stack: (1) the network on every acquired slice against the manual labels; (2) for each K, keep
 slices 0, K, 2K, ..., rebuild the removed slices and score the labels there against the manual ones:
-the network on the CaLID volume, on the optical-flow morph and on linear interpolation, morphological contour interpolation
+the network on the CaLID volume, on the optical-flow morph, on linear and on cubic B-spline interpolation (the peers
+of ``calid evaluate``), morphological contour interpolation
 of the kept slices' manual labels (``contour``: what a Slicer user would run otherwise), and
 ``--input-segmentation`` (kept manual labels + CaLID volume) for each ``shape_mm`` weight.
 """
@@ -22,7 +23,7 @@ from .. import geometry
 from ..devices import resolve_device
 from ..engine import UpsampleOptions, upsample_image
 from ..errors import CalidError
-from ..evaluation import PEER_FLOW, select_patients
+from ..evaluation import PEER_FLOW, bspline_on_grid, select_patients
 from ..metrics import linear_missing
 from ..modelstore import load_model
 from ..motion import morph_missing
@@ -37,7 +38,7 @@ from .training import find_labelled
 
 SHAPE_ONLY = "shape"
 ON_CALID = "network on CaLID"
-PEERS = ("morph", "linear")  # the network on each is compared with the network on CaLID, volume by volume
+PEERS = ("morph", "linear", "bspline")  # the network on each is compared with the network on CaLID, volume by volume
 DICE_KEYS = ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
 
 
@@ -77,14 +78,18 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
             continue
         removed = np.array([i for i in range(m) if i % factor])
         index = [slice(None)] * 3
+        index[axis] = slice(0, m)
+        real_image = image[tuple(index)]
         index[axis] = slice(0, m, factor)
         kept_image = image[tuple(index)]
         kept_image.SetOrigin(image.GetOrigin())
         calid = upsample_image(kept_image, UpsampleOptions(factor=factor, device=cfg.device), interpolator)
         calid_stack = geometry.to_stack(sitk.GetArrayFromImage(calid.image), axis).astype(np.float32)
+        bspline = geometry.to_stack(bspline_on_grid(kept_image, real_image), axis)[removed]
         peers = {}
         for name, missing in (("morph", morph_missing(stack[:m:factor], factor, PEER_FLOW)),
-                              ("linear", linear_missing(stack[:m:factor], factor))):
+                              ("linear", linear_missing(stack[:m:factor], factor)),
+                              ("bspline", bspline)):
             peers[name] = stack[:m].copy()
             peers[name][removed] = missing
         setting = f"K={factor}, {slice_mm:g} mm stacks ({slice_mm * factor:g} mm gaps)"
