@@ -21,7 +21,7 @@ from . import geometry, motion
 from .cine import Cine, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
-from .generation import (MAX_SAMPLES, MAX_STEPS, default_steps, expected_error, gap_flows, generate_missing_phases,
+from .generation import (MAX_SAMPLES, MAX_STEPS, default_steps, expected_error, gap_flows, generate_renditions,
                          require_error_head)
 from .imageio import check_pixels, read_image, validate_volume, write_image
 from .intensity import IntensityMap
@@ -85,6 +85,9 @@ class UpsampleResult:
     volumes: dict | None = None
     uncertainty_slices: list[dict] | None = None
     """``uncertainty.slice_summaries`` of the map (inside the heart too once ``labels`` are made)."""
+    sharp_image: sitk.Image | None = None
+    """``image`` with the sharp rendition of the new slices (``generation.RENDITIONS``), what ``--segmentation``
+    segments; only when asked for (``want_sharp``); the same pixels as ``image`` for the classical methods."""
 
 
 def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -129,13 +132,16 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
 
 def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.ndarray, factor: int, steps: int,
                    device: torch.device, gap_mm: float, progress: Progress | None = None,
-                   flows: torch.Tensor | None = None) -> np.ndarray:
-    """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: (samples, phases, missing, h, w).
+                   flows: torch.Tensor | None = None,
+                   renditions: tuple[str, ...] = ("balanced",)) -> dict[str, np.ndarray]:
+    """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: for each of ``renditions``
+    (``generation.RENDITIONS``; the classical methods have one), (samples, phases, missing, h, w).
     ``gap_mm``: the stacks' slice spacing. ``flows``: the model's ``gap_flows`` of the stacks, if already estimated."""
     if options.method == "calid":
-        return generate_missing_phases(model, stacks, factor, steps, options.seed, options.samples, options.plus,
-                                       device, options.batch_size, progress,
-                                       shared_noise=options.cine_noise == "shared", flows=flows, gap_mm=gap_mm)
+        return generate_renditions(model, stacks, factor, steps, seed=options.seed, samples=options.samples,
+                                   plus=options.plus, device=device, batch_size=options.batch_size, progress=progress,
+                                   shared_noise=options.cine_noise == "shared", flows=flows, gap_mm=gap_mm,
+                                   renditions=renditions)
     progress = progress or Progress("none")
     progress.total = len(stacks)
     progress.set_stage(f"{options.method} interpolation")
@@ -146,7 +152,7 @@ def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.nda
         else:
             out.append(linear_missing(stack, factor))
         progress.advance(1)
-    return np.stack(out)[None].astype(np.float32)
+    return dict.fromkeys(renditions, np.stack(out)[None].astype(np.float32))
 
 
 def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
@@ -159,7 +165,7 @@ def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype:
 
 
 def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOptions, model: CaLID | None,
-                     progress: Progress | None, want_uncertainty: bool) -> UpsampleResult:
+                     progress: Progress | None, want_uncertainty: bool, want_sharp: bool = False) -> UpsampleResult:
     """The one pipeline: ``phases`` (t, z, y, x) of ``image`` (3D: one phase; 4D: a cine) onto the dense grid.
 
     One intensity map is fitted on all phases (they stay comparable) and all phases go through one batched
@@ -177,8 +183,9 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
             progress.set_stage("estimating motion")
         flows = gap_flows(model, network_stacks)
     gap_mm = image.GetSpacing()[axis]
-    generated = missing_slices(options, model, network_stacks, factor, steps, device, gap_mm, progress,
-                               flows).mean(axis=0)
+    renditions = missing_slices(options, model, network_stacks, factor, steps, device, gap_mm, progress, flows,
+                                ("balanced", "sharp") if want_sharp else ("balanced",))
+    generated = renditions["balanced"].mean(axis=0)
     error = None
     if want_uncertainty:
         if progress is not None:
@@ -194,24 +201,30 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
 
     result = dense_image(stacks, generated, phases.dtype)
     uncertainty = None if error is None else dense_image(np.zeros_like(stacks, np.float32), error, np.float32)
+    sharp = None
+    if want_sharp:
+        sharp = dense_image(stacks, intensity.from_network(renditions["sharp"].mean(axis=0)), phases.dtype)
     done = time.perf_counter()
     return UpsampleResult(result, uncertainty, factor, axis, done - started, str(device),
                           {"load_s": loaded - started, "generate_s": done - loaded},
-                          uncertainty_slices=None if uncertainty is None else slice_summaries(uncertainty, axis, factor))
+                          uncertainty_slices=None if uncertainty is None else slice_summaries(uncertainty, axis, factor),
+                          sharp_image=sharp)
 
 
 def upsample_image(image: sitk.Image, options: UpsampleOptions | None = None, model: CaLID | None = None,
-                   progress: Progress | None = None, want_uncertainty: bool = False) -> UpsampleResult:
+                   progress: Progress | None = None, want_uncertainty: bool = False,
+                   want_sharp: bool = False) -> UpsampleResult:
     """Upsample a 3D ``SimpleITK.Image`` along its slice axis; returns the dense image (and uncertainty).
 
     The dense image has the input's pixel type, origin and direction; slice spacing / K; its slice i*K is
     input slice i unchanged. ``want_uncertainty``: also the model's calibrated map of the expected absolute error
     (``uncertainty``, input intensity units, 0 on acquired slices) and its per-slice figures; it needs a model
-    with an error head.
+    with an error head. ``want_sharp``: also the sharp rendition of the new slices (``sharp_image``), from the same
+    pass.
     """
     image = validate_volume(image)
     return _upsample_phases(image, sitk.GetArrayFromImage(image)[None], options or UpsampleOptions(), model,
-                            progress, want_uncertainty)
+                            progress, want_uncertainty, want_sharp)
 
 
 def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaLID | None = None,
@@ -251,7 +264,9 @@ def upsample_file(
     """Read ``input_path`` (file or DICOM folder), upsample, write ``output_path`` (and the uncertainty).
 
     ``segmentation_path``: also write labels on the dense grid (from ``input_segmentation_path``, the user's
-    labels of the acquired slices, when given). Inputs are all checked, and everything computed, before the
+    labels of the acquired slices, when given), segmented on the sharp rendition of the new slices
+    (``generation.RENDITIONS``: the segmenter reads it better than the written volume's balanced one, whose walls
+    lie in the same places). Inputs are all checked, and everything computed, before the
     first output is written. A cine (4D file, sequence NRRD, DICOM cine folder) is upsampled phase by phase on
     the dense grid and written in the same form (``calid.cine``).
     """
@@ -277,15 +292,16 @@ def upsample_file(
 
         device = resolve_device(options.device if options else "auto")
         segmenter = load_segmenter(segmentation_model, device)
-    result = upsample_image(image, options, model, progress, want_uncertainty=uncertainty_path is not None)
+    result = upsample_image(image, options, model, progress, want_uncertainty=uncertainty_path is not None,
+                            want_sharp=segmenter is not None)
     if segmenter is not None:
         from .segmentation.measures import structure_volumes
         from .segmentation.pipeline import segment_dense
 
         if progress is not None:
             progress.set_stage("segmenting")
-        result.labels = segment_dense(result.image, result.slice_axis, result.factor, *segmenter, sparse_labels=sparse,
-                                      device=device)
+        result.labels = segment_dense(result.sharp_image, result.slice_axis, result.factor, *segmenter,
+                                      sparse_labels=sparse, device=device)
         result.volumes = structure_volumes(result.labels)
         if result.uncertainty is not None:
             result.uncertainty_slices = slice_summaries(result.uncertainty, result.slice_axis, result.factor,

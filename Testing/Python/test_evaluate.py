@@ -74,12 +74,12 @@ def test_segmentation_evaluation_scores_the_network_on_calid_and_on_every_peer(d
                             patients="patient000", device="cpu")
     table = evaluate_segmentation(cfg, "none")
     methods = {r["method"] for r in json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())["summary"]}
-    assert {"network on CaLID", "network on morph", "network on linear", "network on bspline",
-            "contour interpolation of kept labels"} <= methods
+    assert {"network on CaLID", "network on CaLID, sharp rendition (--segmentation)", "network on morph",
+            "network on linear", "network on bspline", "contour interpolation of kept labels"} <= methods
     assert "| network on morph |" in table
     report = json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())
     on_calid = [s for s in report["summary"] if s["method"] == "network on CaLID"]
-    assert on_calid
+    assert on_calid and all("dice_minus" in s for s in report["summary"] if "sharp rendition" in s["method"])
     for s in on_calid:
         rows = {r["method"]: r for r in report["rows"] if r["setting"] == s["setting"]}
         for key in ("dice_mean", "dice_myo"):
@@ -87,7 +87,8 @@ def test_segmentation_evaluation_scores_the_network_on_calid_and_on_every_peer(d
             assert paired["volumes"] == 1 and paired["wins"] in (0, 1)
             assert paired["mean"] == pytest.approx(rows["network on CaLID"][key] - rows["network on morph"][key])
         assert set(s["dice_minus"]) == {"morph", "linear", "bspline"}
-        assert f"| {s['setting']} | linear |" in table and f"| {s['setting']} | bspline |" in table
+        assert f"| {s['setting']} | volume | linear |" in table
+        assert f"| {s['setting']} | sharp (--segmentation) | bspline |" in table
 
 
 def test_paired_difference_counts_wins_and_gives_the_standard_error():

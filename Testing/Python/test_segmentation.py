@@ -71,6 +71,31 @@ def test_upsample_writes_labels_on_the_dense_grid(sample_image, tiny_model_dir, 
     assert report["volumes"] == structure_volumes(labels)
 
 
+def test_labels_are_made_on_the_sharp_rendition_of_the_new_slices(sample_image, tmp_path, monkeypatch):
+    """The bundled model's volume holds its balanced slices; the segmenter is given the same grid with the sharp
+    rendition (``generation.RENDITIONS``) of the new slices, and the acquired slices unchanged."""
+    import calid.segmentation.pipeline as pipeline
+    from calid.engine import UpsampleOptions, upsample_file
+
+    segmented, real_segment_dense = [], pipeline.segment_dense
+
+    def recording(image, *args, **kwargs):  # the real segment_dense, noting what it was given
+        segmented.append(image)
+        return real_segment_dense(image, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "segment_dense", recording)
+    write_image(sample_image, tmp_path / "sax.nrrd")
+    result = upsample_file(tmp_path / "sax.nrrd", tmp_path / "dense.nrrd", UpsampleOptions(factor=2, device="cpu"),
+                           segmentation_path=tmp_path / "labels.nrrd")
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "dense.nrrd"))).astype(float)
+    given = sitk.GetArrayFromImage(segmented[0]).astype(float)
+    assert segmented[0] is result.sharp_image and same_geometry(segmented[0], result.image)
+    np.testing.assert_array_equal(given[::2], sitk.GetArrayFromImage(sample_image))
+    np.testing.assert_array_equal(written, sitk.GetArrayFromImage(result.image))
+    assert np.abs(given[1::2] - written[1::2]).mean() > 1  # another rendition of the new slices
+    assert np.abs(given[1::2] - written[1::2]).mean() < 0.2 * np.abs(written[1::2] - written[:-1:2]).mean()
+
+
 def test_input_segmentation_is_kept_on_acquired_slices_and_filled_between(sample_image, tmp_path):
     user = user_labels_of_sample(sample_image)
     write_image(sample_image, tmp_path / "sax.nrrd")

@@ -2,10 +2,12 @@
 
 Per labelled stack: (1) the network on every acquired slice against the manual labels; (2) for each K, keep
 slices 0, K, 2K, ..., rebuild the removed slices and score the labels there against the manual ones:
-the network on the CaLID volume, on the optical-flow morph, on linear and on cubic B-spline interpolation (the peers
-of ``calid evaluate``), morphological contour interpolation
+the network on the CaLID volume, on its sharp rendition (``generation.RENDITIONS``: what ``--segmentation``
+segments), on the optical-flow morph, on linear and on cubic B-spline interpolation (the peers of ``calid
+evaluate``), morphological contour interpolation
 of the kept slices' manual labels (``contour``: what a Slicer user would run otherwise), and
-``--input-segmentation`` (kept manual labels + CaLID volume) for each ``shape_mm`` weight.
+``--input-segmentation`` (kept manual labels + the network on the sharp rendition, as the product does) for each
+``shape_mm`` weight.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from .training import find_labelled
 
 SHAPE_ONLY = "shape"
 ON_CALID = "network on CaLID"
+ON_SHARP = "network on CaLID, sharp rendition (--segmentation)"
+PAIRED = (ON_CALID, ON_SHARP)  # the methods paired with each peer
 PEERS = ("morph", "linear", "bspline")  # the network on each is compared with the network on CaLID, volume by volume
 DICE_KEYS = ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
 
@@ -83,8 +87,10 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
         index[axis] = slice(0, m, factor)
         kept_image = image[tuple(index)]
         kept_image.SetOrigin(image.GetOrigin())
-        calid = upsample_image(kept_image, UpsampleOptions(factor=factor, device=cfg.device), interpolator)
-        calid_stack = geometry.to_stack(sitk.GetArrayFromImage(calid.image), axis).astype(np.float32)
+        calid = upsample_image(kept_image, UpsampleOptions(factor=factor, device=cfg.device), interpolator,
+                               want_sharp=True)
+        calid_stack, sharp_stack = (geometry.to_stack(sitk.GetArrayFromImage(x), axis).astype(np.float32)
+                                    for x in (calid.image, calid.sharp_image))
         bspline = geometry.to_stack(bspline_on_grid(kept_image, real_image), axis)[removed]
         peers = {}
         for name, missing in (("morph", morph_missing(stack[:m:factor], factor, PEER_FLOW)),
@@ -94,9 +100,10 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
             peers[name][removed] = missing
         setting = f"K={factor}, {slice_mm:g} mm stacks ({slice_mm * factor:g} mm gaps)"
         spacing = (slice_mm, *inplane)
-        calid_prob = predict_probabilities(network, config, calid_stack, inplane, device)
+        sharp_prob = predict_probabilities(network, config, sharp_stack, inplane, device)
         methods = {
-            ON_CALID: labels_from_probabilities(calid_prob),
+            ON_CALID: labels_from_probabilities(predict_probabilities(network, config, calid_stack, inplane, device)),
+            ON_SHARP: labels_from_probabilities(sharp_prob),
             **{f"network on {name}": labels_from_probabilities(predict_probabilities(network, config, peer, inplane,
                                                                                       device))
                for name, peer in peers.items()},
@@ -105,7 +112,7 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
         order = geometry.generated_slices(len(range(0, m, factor)), factor)
         for weight in cfg.shape_mm:
             name = f"kept labels + CaLID (shape {weight:g} mm)"
-            methods[name] = densify(truth[:m:factor], factor, inplane, calid_prob[order], weight)
+            methods[name] = densify(truth[:m:factor], factor, inplane, sharp_prob[order], weight)
         methods["kept labels, shape interpolation only"] = densify(truth[:m:factor], factor, inplane, None, None)
         for method, labels in methods.items():
             rows.append({"setting": setting, "method": method, **_removed_scores(labels, truth[:m], removed, spacing)})
@@ -124,7 +131,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             if key.startswith(("dice_", "hd95_")):
                 values = [r[key] for r in items if not math.isnan(r[key])]
                 entry[key] = float(np.mean(values)) if values else math.nan
-        if method == ON_CALID:
+        if method in PAIRED:
             entry["dice_minus"] = {peer: _dice_minus(items, groups[(setting, f"network on {peer}")])
                                    for peer in PEERS if (setting, f"network on {peer}") in groups}
         summary.append(entry)
@@ -154,13 +161,15 @@ def markdown_table(summary: list[dict]) -> str:
         hd = " / ".join(f"{s[k]:.1f}" for k in ("hd95_rv", "hd95_myo", "hd95_lv")) if "hd95_rv" in s else ""
         lines.append(f"| {s['setting']} | {s['volumes']} | {s['method']} | {s['dice_rv']:.3f} | {s['dice_myo']:.3f} | "
                      f"{s['dice_lv']:.3f} | {s['dice_mean']:.3f} | {hd} |")
-    lines += ["", f"Dice of the {ON_CALID} minus the network on each peer, paired volume by volume: mean ± "
-              "standard error (volumes where CaLID's is higher / volumes).", "",
-              "| setting | peer | Dice RV | Dice myo | Dice LV | Dice mean |", "|---|---|---|---|---|---|"]
+    lines += ["", "Dice of the network on CaLID's slices minus the network on each peer, paired volume by volume: "
+              "mean ± standard error (volumes where CaLID's is higher / volumes).", "",
+              "| setting | CaLID's slices | peer | Dice RV | Dice myo | Dice LV | Dice mean |",
+              "|---|---|---|---|---|---|---|"]
     for s in summary:
         for peer, by_key in s.get("dice_minus", {}).items():
             cells = " | ".join(describe(by_key[k], 4) if k in by_key else "–" for k in DICE_KEYS)
-            lines.append(f"| {s['setting']} | {peer} | {cells} |")
+            slices = "sharp (--segmentation)" if s["method"] == ON_SHARP else "volume"
+            lines.append(f"| {s['setting']} | {slices} | {peer} | {cells} |")
     return "\n".join(lines)
 
 
