@@ -28,10 +28,10 @@ MAX_SAMPLES = 64
 RENDITIONS = ("balanced", "sharp")
 """What the last step of a motion-aware model makes of its estimate. ``"balanced"``: averaged with its partner (the
 acquired neighbours carried onto it) and the cross-fade by the weights the model sets for the gap, the lowest pixel
-error (what the volume shows). ``"sharp"``: the partner alone, the acquired neighbours' own pixels with the walls
-where the model puts them: 0.1-0.4 dB less heart PSNR, but the slices the segmenter reads best (Dice +0.006 to +0.008
-on validation patients, docs/measurements.md stop 36; blurring the hedge lowers its Dice): what ``--segmentation``
-segments. A model without motion has one rendition: both names give it."""
+error (what the volume shows). ``"sharp"``: the partner alone, each acquired neighbour resampled once onto the
+model's walls (``motion.carried_onto``): 0.2-0.5 dB less heart PSNR, but the slices the segmenter reads best (Dice
++0.008 to +0.010 on validation patients, docs/measurements.md stop 36; blurring the hedge lowers its Dice): what
+``--segmentation`` segments. A model without motion has one rendition: both names give it."""
 CPU_BATCH = 16
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
 
@@ -157,11 +157,14 @@ class GapItems:
         """Every item's optical-flow morph: both warped neighbours blended by its alpha, (items, h, w)."""
         return self.crop(motion.blend(*self.warped(slice(None)), self.alpha))
 
-    def carried_onto(self, estimate: np.ndarray) -> np.ndarray:
-        """Every item's warped neighbours carried onto its ``estimate`` (items, h, w) and blended by its alpha
-        (``motion.carried_onto``; the ``"aligned"`` morph mix's partner), (items, h, w)."""
+    def carried_onto(self, estimate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every item's acquired neighbours carried onto its ``estimate`` (items, h, w) and blended by its alpha
+        (``motion.carried_onto``): resampled twice (the ``"aligned"`` morph mix's partner) and once (the sharp
+        rendition, ``RENDITIONS``), each (items, h, w)."""
         padded = self.pad(estimate, float(self.padded.min()))
-        return self.crop(motion.carried_onto(padded, *self.warped(slice(None)), self.alpha))
+        twice, once = motion.carried_onto(padded, self.images[self.below], self.images[self.above],
+                                          self.flows[self.gap_of], self.alpha)
+        return self.crop(twice), self.crop(once)
 
     def cross_fade(self, acquired: np.ndarray) -> np.ndarray:
         """Every item's two acquired neighbours in ``acquired`` (all phases' slices flattened, (phases * n, h, w)),
@@ -318,11 +321,11 @@ def _last_step(model: CaLID, out: np.ndarray, gaps: GapItems, acquired: np.ndarr
     """The model's slices averaged with the morph (``CaLID.set_morph_mix``; in the ``"aligned"`` space with the
     warped neighbours carried onto the slices, ``motion.carried_onto``), then with the linear cross-fade of the
     acquired neighbours: by the weights the model sets for this gap (``CaLID.final_mix``) for the balanced
-    rendition, all weight on the partner and no cross-fade for the sharp one (``RENDITIONS``). The partner is made
-    once for both."""
+    rendition, all weight on the partner resampled once and no cross-fade for the sharp one (``RENDITIONS``). Both
+    partners come from one set of alignment flows."""
     balanced = model.final_mix(gap_mm)
     weights = {"balanced": balanced, "sharp": balanced if model.motion is None else (1.0, 0.0)}
-    partner = None
+    partners = None
     finished = {}
     for name in renditions:
         weight, linear = weights[name]
@@ -330,9 +333,9 @@ def _last_step(model: CaLID, out: np.ndarray, gaps: GapItems, acquired: np.ndarr
         if weight and model.morph_mix_space == "shape":
             mixed = motion.shape_average(out, gaps.morph(), weight, model.motion["flow"])
         elif weight:
-            if partner is None:
-                partner = gaps.carried_onto(out) if model.morph_mix_space == "aligned" else gaps.morph()
-            mixed = out + weight * (partner - out)
+            if partners is None:  # (resampled twice, once) or the morph for both
+                partners = gaps.carried_onto(out) if model.morph_mix_space == "aligned" else (gaps.morph(),) * 2
+            mixed = out + weight * (partners[name == "sharp"] - out)
         if linear:
             mixed = mixed + linear * (gaps.cross_fade(acquired) - mixed)
         finished[name] = mixed

@@ -67,7 +67,7 @@ def components(model, kept: np.ndarray) -> dict[str, np.ndarray]:
     gaps = GapItems(model, stacks, FACTOR, 1)
     final = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, gap_mm=GAP_MM)[0, 0]
     estimate = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, refine=False)[0, 0]
-    parts = {"final": final, "estimate": estimate, "morph": gaps.morph(), "aligned": gaps.carried_onto(estimate)}
+    parts = {"final": final, "estimate": estimate, "morph": gaps.morph(), "aligned": gaps.carried_onto(estimate)[0]}
     return {name: intensity.from_network(x) for name, x in parts.items()}
 
 
