@@ -42,7 +42,7 @@ SHAPE_ONLY = "shape"
 ON_CALID = "network on CaLID"
 ON_SHARP = "network on CaLID, sharp rendition (--segmentation)"
 PAIRED = (ON_CALID, ON_SHARP)  # the methods paired with each peer
-PEERS = ("morph", "linear", "bspline")  # the network on each is compared with the network on CaLID, volume by volume
+PEERS = ("morph", "linear", "bspline")  # the network on each is compared with each of PAIRED, volume by volume
 DICE_KEYS = ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
 
 
