@@ -56,8 +56,9 @@ class CaLIDUpsample(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Fills the gaps between short-axis cardiac MRI slices with CaLID, a latent diffusion model conditioned "
             "on the neighbouring acquired slices. Acquired slices are kept unchanged; the output lies exactly where "
-            "the input lies. Optionally segments the dense volume (RV cavity, LV myocardium, LV cavity) with their "
-            "volumes, or fills your own segmentation of the acquired slices. Research use only, not for diagnosis."
+            "the input lies. Optionally segments the dense grid (RV cavity, LV myocardium, LV cavity; the new slices in "
+            "the sharp rendition the segmenter reads best) with their volumes, or fills your own segmentation of the "
+            "acquired slices. Research use only, not for diagnosis."
         )
         self.parent.acknowledgementText = _(
             "Method: Bubeck et al., Latent Interpolation Learning Using Diffusion Models for Cardiac Volume "
