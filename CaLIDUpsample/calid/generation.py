@@ -30,7 +30,7 @@ RENDITIONS = ("balanced", "sharp")
 acquired neighbours carried onto it) and the cross-fade by the weights the model sets for the gap, the lowest pixel
 error (what the volume shows). ``"sharp"``: the partner alone, each acquired neighbour resampled once onto the
 model's walls (``motion.carried_onto``): 0.2-0.5 dB less heart PSNR, but the slices the segmenter reads best (Dice
-+0.008 to +0.010 on validation patients, docs/measurements.md stop 36; blurring the hedge lowers its Dice): what
++0.008 to +0.011 on validation patients, docs/measurements.md stop 36; blurring the hedge lowers its Dice): what
 ``--segmentation`` segments. A model without motion has one rendition: both names give it."""
 CPU_BATCH = 16
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
