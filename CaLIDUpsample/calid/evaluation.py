@@ -99,6 +99,18 @@ def select_patients(spec: str | None, data: list[str]) -> PatientSelection:
     return PatientSelection({p.strip() for p in spec.split(",") if p.strip()})
 
 
+def protocol_images(image: sitk.Image, axis: int, m: int, factor: int) -> tuple[sitk.Image, sitk.Image]:
+    """The removed-slice protocol's two images of a stack: its first ``m`` slices (the reference grid) and every
+    ``factor``-th of them (what is upsampled), both starting at the stack's origin."""
+    index = [slice(None)] * 3
+    index[axis] = slice(0, m)
+    real_image = image[tuple(index)]
+    index[axis] = slice(0, m, factor)
+    kept_image = image[tuple(index)]
+    kept_image.SetOrigin(image.GetOrigin())
+    return real_image, kept_image
+
+
 def bspline_on_grid(kept: sitk.Image, reference: sitk.Image) -> np.ndarray:
     """Cubic B-spline resampling of the kept stack onto the original grid (what a Slicer user would do)."""
     resampled = sitk.Resample(sitk.Cast(kept, sitk.sitkFloat64), reference, sitk.Transform(), sitk.sitkBSpline, 0.0)
@@ -117,12 +129,7 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
     m = (n - 1) // factor * factor + 1
     if m < factor + 1:
         return None
-    index = [slice(None)] * 3
-    index[axis] = slice(0, m)
-    real_image = image[tuple(index)]
-    index[axis] = slice(0, m, factor)
-    kept_image = image[tuple(index)]
-    kept_image.SetOrigin(image.GetOrigin())
+    real_image, kept_image = protocol_images(image, axis, m, factor)
     result = upsample_image(kept_image, UpsampleOptions(**{**options.__dict__, "factor": factor}), model, progress,
                             want_uncertainty)
     if result.image.GetSize() != real_image.GetSize() or not np.allclose(result.image.GetSpacing(), real_image.GetSpacing()):

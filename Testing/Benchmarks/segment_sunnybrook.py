@@ -33,10 +33,9 @@ import torch  # noqa: E402
 
 from calid import geometry  # noqa: E402
 from calid.engine import UpsampleOptions, upsample_image  # noqa: E402
-from calid.evaluation import PEER_FLOW, bspline_on_grid  # noqa: E402
-from calid.metrics import linear_missing  # noqa: E402
+from calid.evaluation import protocol_images  # noqa: E402
 from calid.modelstore import load_model  # noqa: E402
-from calid.motion import morph_missing  # noqa: E402
+from calid.segmentation.evaluation import peer_stacks  # noqa: E402
 from calid.segmentation.inference import labels_from_probabilities, predict_probabilities, segment_image  # noqa: E402
 from calid.segmentation.store import load_segmenter  # noqa: E402
 
@@ -79,18 +78,14 @@ REBUILT = ("CaLID volume", "CaLID sharp (--segmentation)", "morph", "linear", "B
 def rebuilt_stacks(image: sitk.Image, model) -> dict[str, np.ndarray]:
     """One frame (3D, slices along the last ITK axis) with every other slice removed and rebuilt by each of
     ``REBUILT``, (slices, rows, cols), cut to an odd number of slices."""
-    stack = sitk.GetArrayFromImage(image).astype(np.float32)
+    stack = sitk.GetArrayFromImage(image).astype(np.float32)  # slices first: the slice axis is ITK's last
     m = (stack.shape[0] - 1) // 2 * 2 + 1
-    kept_image = image[:, :, 0:m:2]
-    kept_image.SetOrigin(image.GetOrigin())
+    real_image, kept_image = protocol_images(image, 2, m, 2)
     result = upsample_image(kept_image, UpsampleOptions(factor=2, device="cpu"), model, want_sharp=True)
-    stacks = {REBUILT[0]: sitk.GetArrayFromImage(result.image), REBUILT[1]: sitk.GetArrayFromImage(result.sharp_image)}
-    bspline = bspline_on_grid(kept_image, image[:, :, 0:m])[1::2]
-    for name, missing in ((REBUILT[2], morph_missing(stack[:m:2], 2, PEER_FLOW)),
-                          (REBUILT[3], linear_missing(stack[:m:2], 2)), (REBUILT[4], bspline)):
-        stacks[name] = stack[:m].copy()
-        stacks[name][1::2] = missing
-    stacks[REBUILT[5]] = stack[:m]
+    peers = peer_stacks(stack, kept_image, real_image, 2, 2)
+    stacks = {REBUILT[0]: sitk.GetArrayFromImage(result.image), REBUILT[1]: sitk.GetArrayFromImage(result.sharp_image),
+              REBUILT[2]: peers["morph"], REBUILT[3]: peers["linear"], REBUILT[4]: peers["bspline"],
+              REBUILT[5]: stack[:m]}
     return {name: x.astype(np.float32) for name, x in stacks.items()}
 
 

@@ -25,7 +25,7 @@ from .. import geometry
 from ..devices import resolve_device
 from ..engine import UpsampleOptions, upsample_image
 from ..errors import CalidError
-from ..evaluation import PEER_FLOW, bspline_on_grid, select_patients
+from ..evaluation import PEER_FLOW, bspline_on_grid, protocol_images, select_patients
 from ..metrics import linear_missing
 from ..modelstore import load_model
 from ..motion import morph_missing
@@ -62,6 +62,23 @@ def _removed_scores(labels: np.ndarray, truth: np.ndarray, removed: np.ndarray, 
     return label_scores(labels[removed], truth[removed], spacing, hd95=False)
 
 
+def peer_stacks(stack: np.ndarray, kept_image: sitk.Image, real_image: sitk.Image, factor: int,
+                axis: int) -> dict[str, np.ndarray]:
+    """For each of ``PEERS``, ``stack`` (slices first, ``geometry.to_stack``) cut to ``real_image``'s slices, its
+    removed ones (not multiples of ``factor``) rebuilt by that peer from the kept ones (``protocol_images``): what
+    the network is run on for "network on <peer>"."""
+    m = real_image.GetSize()[axis]
+    removed = np.array([i for i in range(m) if i % factor])
+    missing = {"morph": morph_missing(stack[:m:factor], factor, PEER_FLOW),
+               "linear": linear_missing(stack[:m:factor], factor),
+               "bspline": geometry.to_stack(bspline_on_grid(kept_image, real_image), axis)[removed]}
+    peers = {}
+    for name in PEERS:
+        peers[name] = stack[:m].copy()
+        peers[name][removed] = missing[name]
+    return peers
+
+
 def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateConfig, interpolator, segmenter,
                    progress: Progress, pool=None) -> list[dict]:
     network, card = segmenter
@@ -81,23 +98,12 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
         if m < factor + 1:
             continue
         removed = np.array([i for i in range(m) if i % factor])
-        index = [slice(None)] * 3
-        index[axis] = slice(0, m)
-        real_image = image[tuple(index)]
-        index[axis] = slice(0, m, factor)
-        kept_image = image[tuple(index)]
-        kept_image.SetOrigin(image.GetOrigin())
+        real_image, kept_image = protocol_images(image, axis, m, factor)
         calid = upsample_image(kept_image, UpsampleOptions(factor=factor, device=cfg.device), interpolator,
                                want_sharp=True)
         calid_stack, sharp_stack = (geometry.to_stack(sitk.GetArrayFromImage(x), axis).astype(np.float32)
                                     for x in (calid.image, calid.sharp_image))
-        bspline = geometry.to_stack(bspline_on_grid(kept_image, real_image), axis)[removed]
-        peers = {}
-        for name, missing in (("morph", morph_missing(stack[:m:factor], factor, PEER_FLOW)),
-                              ("linear", linear_missing(stack[:m:factor], factor)),
-                              ("bspline", bspline)):
-            peers[name] = stack[:m].copy()
-            peers[name][removed] = missing
+        peers = peer_stacks(stack, kept_image, real_image, factor, axis)
         setting = f"K={factor}, {slice_mm:g} mm stacks ({slice_mm * factor:g} mm gaps)"
         spacing = (slice_mm, *inplane)
         sharp_prob = predict_probabilities(network, config, sharp_stack, inplane, device)
