@@ -1,8 +1,12 @@
-"""Choosing the torch device, and describing what this machine offers (for ``calid devices`` and Slicer)."""
+"""Choosing the torch device, and describing what this machine offers (for ``calid devices``, Slicer and the
+benchmarks)."""
 
 from __future__ import annotations
 
+import os
+import platform
 from contextlib import contextmanager
+from importlib import metadata
 from typing import Any, Iterator
 
 import torch
@@ -44,7 +48,24 @@ def describe_devices() -> dict[str, Any]:
             gpus.append({"device": f"cuda:{i}", "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)})
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda": gpus, "mps": mps,
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "software": describe_software()}
+
+
+TIMED_PACKAGES = ("torch", "monai", "opencv-python-headless", "opencv-python", "numpy", "SimpleITK", "scikit-image")
+"""The packages whose releases move the engine's timings: the networks, the flows, the arrays, the I/O."""
+
+
+def describe_software() -> dict[str, str]:
+    """Python, the machine and the installed release of each of ``TIMED_PACKAGES``: what a timing depends on
+    besides the code, so that two benchmark runs can be told apart (the same code ran 30 % slower on another day;
+    README, Performance)."""
+    found = {"python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    for name in TIMED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -52,6 +52,21 @@ def test_version_and_models_listing(tiny_model_dir, tmp_path):
     assert any(m["name"] == "my-site-model" and m["source"] == "user" for m in listed)
 
 
+def test_devices_names_the_releases_a_timing_depends_on():
+    """``calid devices`` (the Slicer panel's probe, and the benchmarks' header) names torch's build, MONAI's and
+    OpenCV's releases and the machine, each as installed here."""
+    import cv2
+    import monai
+    import torch
+
+    info = json.loads(calid("devices").stdout)
+    software = info["software"]
+    assert info["torch"] == software["torch"] == torch.__version__
+    assert software["monai"] == monai.__version__
+    assert cv2.__version__ in software["opencv-python-headless"]
+    assert software["machine"].endswith(f"{os.cpu_count()} cores")
+
+
 def make_cohort(folder: Path, image: sitk.Image, count: int) -> list[Path]:
     folder.mkdir()
     paths = []
