@@ -17,7 +17,9 @@ step made of the same parts:
 - the aligned mix: the estimate averaged with the warped neighbours carried onto it (``motion.carried_onto``; the
   bundled step since stop 32), at a few weights and shares of the cross-fade;
 - a share of the linear cross-fade blended in, whole or only its detail (above a Gaussian of 1.5 px);
-- a slight Gaussian blur of the mix.
+- a slight Gaussian blur of the mix;
+- the sharp rendition (``generation.RENDITIONS``: the partner alone, what ``--segmentation`` segments) and the
+  bundled step's difference from it kept only below 1 px (the hedge split by frequency).
 
 Scores: heart-box PSNR and SSIM (``calid.metrics.slice_scores``) and the mean Dice of the bundled segmenter on the
 removed slices of the stack in which they are replaced (``calid evaluate-segmentation``'s "network on ..." rows).
@@ -42,7 +44,8 @@ sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
 from calid import geometry, motion  # noqa: E402
 from calid.evaluation import PEER_FLOW, bspline_on_grid, find_labels  # noqa: E402
-from calid.generation import GapItems, default_steps, generate_missing_phases  # noqa: E402
+from calid.generation import (RENDITIONS, GapItems, default_steps, generate_missing_phases,  # noqa: E402
+                              generate_renditions)
 from calid.intensity import IntensityMap  # noqa: E402
 from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402
 from calid.modelindex import ACDC_MODEL  # noqa: E402
@@ -59,15 +62,18 @@ GAP_MM = 10.0  # the gap between the kept slices: what the model's last step is 
 
 def components(model, kept: np.ndarray) -> dict[str, np.ndarray]:
     """The model's slices for the missing positions of ``kept`` (n, h, w), scanner units: ``final`` (bundled
-    settings), ``estimate`` (before the last step), ``morph`` (its own flow, the shape mix's other half) and
-    ``aligned`` (the warped neighbours carried onto the estimate, the aligned mix's other half)."""
+    settings, the volume's balanced rendition), ``sharp`` (the sharp rendition ``--segmentation`` reads,
+    ``generation.RENDITIONS``), ``estimate`` (before the last step), ``morph`` (its own flow, the shape mix's other
+    half) and ``aligned`` (the warped neighbours carried onto the estimate, the aligned mix's other half)."""
     intensity = IntensityMap.fit(kept[None])
     stacks = intensity.to_network(kept[None])
     steps = default_steps(model)
     gaps = GapItems(model, stacks, FACTOR, 1)
-    final = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, gap_mm=GAP_MM)[0, 0]
+    renditions = generate_renditions(model, stacks, FACTOR, steps, flows=gaps.flows, gap_mm=GAP_MM,
+                                     renditions=RENDITIONS)
     estimate = generate_missing_phases(model, stacks, FACTOR, steps, flows=gaps.flows, refine=False)[0, 0]
-    parts = {"final": final, "estimate": estimate, "morph": gaps.morph(), "aligned": gaps.carried_onto(estimate)[0]}
+    parts = {"final": renditions["balanced"][0, 0], "sharp": renditions["sharp"][0, 0], "estimate": estimate,
+             "morph": gaps.morph(), "aligned": gaps.carried_onto(estimate)[0]}
     return {name: intensity.from_network(x) for name, x in parts.items()}
 
 
@@ -99,6 +105,10 @@ def variants(kept: np.ndarray, bspline: np.ndarray, parts: dict[str, np.ndarray]
         name = f"aligned mix, weight {weight:g} + linear cross-fade, share {share:g}"
         rows[name] = aligned + share * (linear - aligned)
     rows[bundled] = parts["final"]
+    rows["the sharp rendition (what --segmentation segments)"] = parts["sharp"]
+    # The hedge split by frequency: the sharp rendition's edges, the balanced one's low frequencies (stop 37).
+    rows["sharp rendition + the bundled step's difference from it below 1 px (Gaussian)"] = (
+        parts["sharp"] + gaussian_filter(parts["final"] - parts["sharp"], (0, 1.0, 1.0)))
     return {name: np.rint(x) for name, x in rows.items()}  # the product writes the input's integer type
 
 
