@@ -31,7 +31,9 @@ acquired neighbours carried onto it) and the cross-fade by the weights the model
 error (what the volume shows). ``"sharp"``: the partner alone, each acquired neighbour resampled once onto the
 model's walls (``motion.carried_onto``): 0.2-0.5 dB less heart PSNR, but the slices the segmenter reads best (Dice
 +0.008 to +0.011 on validation patients, docs/measurements.md stop 36; blurring the hedge lowers its Dice): what
-``--segmentation`` segments. A model without motion has one rendition: both names give it."""
+``--segmentation`` segments. A motion-aware model that mixes with the morph in shape or pixel space (none bundled)
+has no carried partner: its sharp rendition is the morph itself. A model without motion has one rendition: both
+names give it."""
 CPU_BATCH = 16
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
 
