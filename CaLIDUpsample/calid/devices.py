@@ -68,6 +68,12 @@ def describe_software() -> dict[str, str]:
     return found
 
 
+def software_line() -> str:
+    """``describe_software`` as one line ("python 3.11.9, machine x86_64, 2 cores, torch ..."), as the timing
+    benchmarks print it beside their times."""
+    return ", ".join(f"{name} {release}" for name, release in describe_software().items())
+
+
 def for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``model`` on ``device`` in eval mode; on the CPU with its convolution weights in channels-last layout.
 

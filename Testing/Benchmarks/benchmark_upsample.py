@@ -27,7 +27,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from calid.devices import describe_software
+from calid.devices import software_line
 from calid.standby import hand_over
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ def main() -> None:
         source, description = acdc_sized_stack(folder)
         print(f"stack: {description}; repeats: {args.repeats}; CPU threads: {args.threads}; "
               f"steps: {args.steps or 'model default'}")
-        print("software: " + ", ".join(f"{k} {v}" for k, v in describe_software().items()))
+        print("software: " + software_line())
         for device in devices:
             for factor in (2, 4):
                 arguments = upsample_arguments(source, folder, factor, device, args.model, args.threads, args.steps)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 from calid import geometry  # noqa: E402
 from calid.calibration import CalibrationPool, markdown as calibration_markdown  # noqa: E402
 from calid.cine import cine_from_4d  # noqa: E402
-from calid.devices import describe_software  # noqa: E402
+from calid.devices import software_line  # noqa: E402
 from calid.engine import UpsampleOptions, upsample_cine  # noqa: E402
 from calid.evaluation import PEER_FLOW, bspline_on_grid  # noqa: E402
 from calid.metrics import heart_box, linear_missing, slice_scores, unit_range  # noqa: E402
@@ -164,7 +164,7 @@ def table(rows: list[dict], speed: tuple[str, float], threads: int) -> str:
                   f"heart box.",
               f"Whole `calid upsample` process on {speed[0]} x2, CPU, --threads {threads}: {speed[1]:.1f} s "
               f"(target <= 120 s; 1-min load after the run {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
-              + ", ".join(f"{k} {v}" for k, v in describe_software().items()) + ")."]
+              + software_line() + ")."]
     return "\n".join(lines)
 
 
