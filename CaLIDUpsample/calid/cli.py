@@ -95,7 +95,16 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model, or fine-tune one with --init")
-    p.add_argument("data", nargs="+", help="folders of SAX volumes (labels are ignored)")
+    p.add_argument("data", nargs="*", help="folders of SAX volumes (labels are ignored); or --pack")
+    p.add_argument("--pack", help="read the training and validation stacks and their split from this pack "
+                                  "(calid.training.pack: loads without SimpleITK, for a lent GPU machine)")
+    p.add_argument("--flows-up-front", action="store_true",
+                   help="motion-aware models: estimate every training pair's flow in parallel (--threads) before "
+                        "the first step, instead of as batches draw them (a GPU would wait for them)")
+    p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false",
+                   help="leave a kept error head's calibration as it is, for a later run to refit (a lent GPU's "
+                        "minutes go to training; calid train DATA --init MODEL --denoiser-steps 0 --motion FLOW "
+                        "refits it)")
     p.add_argument("--output", required=True, help="run folder: checkpoint, metrics, curves and model/")
     p.add_argument("--init", help="start from this model (fine-tuning: the VAE is kept, the denoiser tuned)")
     p.add_argument("--preset", default="default", help="architecture preset for new models: default or tiny")
@@ -366,7 +375,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         flow_smooth=args.flow_smooth, morph_mix_space=args.morph_mix_space, gap_mix=args.gap_mix,
         error_head_steps=args.error_head_steps,
         lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, min_timestep=args.min_timestep, motion=args.motion,
-        val_fraction=args.val_fraction, split=args.split,
+        val_fraction=args.val_fraction, split=args.split, pack=args.pack, flows_up_front=args.flows_up_front,
+        recalibrate=args.recalibrate,
         val_every=args.val_every, val_volumes=args.val_volumes, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, resume=args.resume,
         name=args.name, description=args.description, data_terms=args.data_terms, citation=args.citation,

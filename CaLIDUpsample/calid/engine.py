@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import geometry, motion
+from . import geometry, motion, slice_positions
 from .cine import Cine, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
@@ -160,7 +160,7 @@ def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype:
     n = acquired.shape[0]
     dense = np.empty(((n - 1) * factor + 1, *acquired.shape[1:]), dtype=dtype)
     dense[::factor] = acquired
-    dense[geometry.generated_slices(n, factor)] = _cast_like(generated, dtype)
+    dense[slice_positions.generated_slices(n, factor)] = _cast_like(generated, dtype)
     return dense
 
 

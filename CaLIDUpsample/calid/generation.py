@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import geometry, motion
+from . import motion, slice_positions
 from .devices import autocast
 from .errors import CalidError
 from .networks import CaLID
@@ -65,7 +65,7 @@ def generate_missing(model: CaLID, stack: np.ndarray, factor: int, steps: int = 
     """Missing slices of a normalised stack (n, h, w) -> array (samples, (n-1)*(K-1), h, w), same range.
 
     Slice m of the result lies between acquired slices ``m // (K-1)`` and ``m // (K-1) + 1`` at fraction
-    ``(m % (K-1) + 1) / K`` (``geometry.dense_positions``). ``options``: those of ``generate_missing_phases``.
+    ``(m % (K-1) + 1) / K`` (``slice_positions.dense_positions``). ``options``: those of ``generate_missing_phases``.
     """
     return generate_missing_phases(model, stack[None], factor, steps, **options)[:, 0]
 
@@ -90,7 +90,7 @@ def _gap_items(phases: int, n: int, factor: int, samples: int) -> tuple[torch.Te
     ``below``/``above`` index the acquired slices of all phases flattened (phase * n + slice), so one
     batched pass serves every phase of a cine.
     """
-    below, above, alpha = geometry.dense_positions(n, factor)
+    below, above, alpha = slice_positions.dense_positions(n, factor)
     offsets = np.arange(phases)[:, None] * n
     below_t = torch.as_tensor((offsets + below).ravel()).repeat(samples)
     above_t = torch.as_tensor((offsets + above).ravel()).repeat(samples)

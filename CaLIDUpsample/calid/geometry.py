@@ -76,23 +76,6 @@ def dense_image(array_zyx: np.ndarray, reference: sitk.Image, axis: int, factor:
     return image
 
 
-def dense_positions(n: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For every missing dense slice: index of the acquired slice below, index above, and alpha in (0, 1)."""
-    gaps = np.repeat(np.arange(n - 1), factor - 1)
-    steps = np.tile(np.arange(1, factor), n - 1)
-    return gaps, gaps + 1, steps / factor
-
-
-def dense_index(below: np.ndarray, alpha: np.ndarray, factor: int) -> np.ndarray:
-    return (below * factor + np.rint(alpha * factor)).astype(int)
-
-
-def generated_slices(n: int, factor: int) -> np.ndarray:
-    """Dense slice index of every missing slice of an n-slice stack, in ``dense_positions`` order."""
-    below, _, alpha = dense_positions(n, factor)
-    return dense_index(below, alpha, factor)
-
-
 def inplane_spacing(image: sitk.Image, axis: int) -> tuple[float, float]:
     """Pixel size (rows, cols) in mm of the slices of ``to_stack(array, axis)``."""
     spacing = image.GetSpacing()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from .slice_positions import dense_positions
+
 
 def unit_range(reference: np.ndarray) -> tuple[float, float]:
     """(1st percentile, its distance to the 99th) of a real volume: the scale every image metric is on."""
@@ -48,7 +50,6 @@ def heart_box(labels: np.ndarray, margin: int = 10) -> tuple[slice, slice] | Non
 
 def linear_missing(kept: np.ndarray, factor: int) -> np.ndarray:
     """Linear interpolation along the slice axis of the missing slices, in ``dense_positions`` order."""
-    from .geometry import dense_positions
 
     below, above, alpha = dense_positions(kept.shape[0], factor)
     a = alpha[:, None, None]

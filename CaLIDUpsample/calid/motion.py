@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import FLOW_METHODS
+from .slice_positions import dense_positions
 
 # In-plane orientations (quarter turns, column flip) in the order ``views`` takes them: the identity first, so one
 # view is the plain flow.
@@ -259,7 +260,6 @@ def morph_missing(kept: np.ndarray, factor: int, method: str = "dis", views: int
                   ) -> np.ndarray:
     """The optical-flow morph of a stack (n, h, w): its missing slices at factor K, in ``dense_positions`` order.
     ``smooth``: each gap's flow averaged with its neighbouring gaps' (``smooth_along_stack``)."""
-    from .geometry import dense_positions
 
     below, above, alpha = dense_positions(kept.shape[0], factor)
     stack = np.asarray(kept, np.float32)

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-from . import geometry  # noqa: E402
+from . import geometry, slice_positions  # noqa: E402
 from .devices import resolve_device  # noqa: E402
 from .engine import UpsampleOptions, upsample_image  # noqa: E402
 from .errors import CalidError  # noqa: E402
@@ -69,7 +69,7 @@ def removed_slice_panels(image: sitk.Image, axis: int, options: UpsampleOptions
     stack = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float64)
     kept_image = every_other_slice(image, axis)
     kept = geometry.to_stack(sitk.GetArrayFromImage(kept_image), axis).astype(np.float64)
-    removed = geometry.generated_slices(kept.shape[0], 2)  # slices 1, 3, 5, ... of the input
+    removed = slice_positions.generated_slices(kept.shape[0], 2)  # slices 1, 3, 5, ... of the input
     model, _ = load_model(options.model, resolve_device(options.device))
     with_map = model.error_head is not None
     result = upsample_image(kept_image, options, model, want_uncertainty=with_map)
@@ -104,7 +104,7 @@ def through_plane_panels(image: sitk.Image, dense_image: sitk.Image, axis: int) 
         raise CalidError(f"the dense volume ({calid.shape[0]} slices of {calid.shape[1]} x {calid.shape[2]}) is not "
                          f"an upsampled result of the input ({sparse.shape[0]} of {sparse.shape[1]} x {sparse.shape[2]})")
     linear = calid.copy()
-    linear[geometry.generated_slices(sparse.shape[0], factor)] = linear_missing(sparse, factor)
+    linear[slice_positions.generated_slices(sparse.shape[0], factor)] = linear_missing(sparse, factor)
     row = sparse.shape[1] // 2
     thickness = max(1, round(image.GetSpacing()[axis] / image.GetSpacing()[(axis + 1) % 3] / factor))
     repeated = np.repeat(sparse, factor, axis=0)[: calid.shape[0]]

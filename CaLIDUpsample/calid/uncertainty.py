@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry
+from . import geometry, slice_positions
 
 UNIT = "expected |error|, input intensity units"
 
@@ -28,7 +28,7 @@ def slice_summaries(uncertainty: sitk.Image, axis: int, factor: int, labels: sit
     for t, phase in enumerate(phases):
         stack = geometry.to_stack(phase, axis)
         n = (stack.shape[0] - 1) // factor + 1
-        for k in sorted(geometry.generated_slices(n, factor).tolist()):
+        for k in sorted(slice_positions.generated_slices(n, factor).tolist()):
             entry = {"slice": int(k), "expected_error": float(stack[k].mean()), "heart_expected_error": None}
             if heart is not None and heart[k].any():
                 entry["heart_expected_error"] = float(stack[k][heart[k]].mean())

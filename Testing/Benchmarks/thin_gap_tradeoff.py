@@ -151,8 +151,10 @@ def table(title: str, scores: dict[str, list[tuple[float, float, float]]], stack
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(description: str) -> tuple[argparse.ArgumentParser, argparse.Namespace, object, dict]:
+    """The options the in-process ACDC benchmarks share (--data, --model, --threads), parsed, and the model they
+    name, loaded on the CPU: (parser, args, model, card)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "acdc" / "training")
     parser.add_argument("--model", default=ACDC_MODEL)
     parser.add_argument("--threads", type=int, default=2)
@@ -161,6 +163,11 @@ def main() -> None:
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     model, card = load_model(args.model, torch.device("cpu"))
     model.eval()
+    return parser, args, model, card
+
+
+def main() -> None:
+    parser, args, model, card = command_line(__doc__.splitlines()[0])
     if model.motion is None or model.morph_mix_space == "pixel":
         parser.error(f"{args.model} does not mix with the morph in shape or aligned space: this benchmark varies "
                      "that mix")

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from calid import UpsampleOptions, upsample_file, upsample_image
-from calid import geometry
+from calid import geometry, slice_positions
 from calid.imageio import read_image, write_image
 
 FORMATS = [".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", "dicom"]
@@ -81,7 +81,7 @@ def test_spacing_option_picks_the_largest_spacing_not_above_target(small_image, 
 
 
 def test_dense_positions_cover_every_missing_slice_once():
-    below, above, alpha = geometry.dense_positions(5, 4)
-    index = geometry.dense_index(below, alpha, 4)
+    below, above, alpha = slice_positions.dense_positions(5, 4)
+    index = slice_positions.dense_index(below, alpha, 4)
     assert sorted(index.tolist()) == [i for i in range(17) if i % 4]
     assert np.all(above == below + 1)

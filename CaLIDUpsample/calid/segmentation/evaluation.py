@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .. import geometry
+from .. import geometry, slice_positions
 from ..devices import resolve_device
 from ..engine import UpsampleOptions, upsample_image
 from ..errors import CalidError
@@ -115,7 +115,7 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
                for name, peer in peers.items()},
             "contour interpolation of kept labels": contour_interpolation(truth[:m:factor], factor, pool),
         }
-        order = geometry.generated_slices(len(range(0, m, factor)), factor)
+        order = slice_positions.generated_slices(len(range(0, m, factor)), factor)
         for weight in cfg.shape_mm:
             name = f"kept labels + CaLID (shape {weight:g} mm)"
             methods[name] = densify(truth[:m:factor], factor, inplane, sharp_prob[order], weight)

@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .. import geometry
+from .. import geometry, slice_positions
 from .inference import labels_from_probabilities, labels_like, predict_probabilities
 from .sparse import densify
 
@@ -28,7 +28,7 @@ def segment_dense(dense: sitk.Image, slice_axis: int, factor: int, network: torc
         labels = labels_from_probabilities(probabilities)
     else:
         n = geometry.to_stack(sparse_labels, slice_axis).shape[0]
-        order = geometry.generated_slices(n, factor)
+        order = slice_positions.generated_slices(n, factor)
         labels = densify(geometry.to_stack(sparse_labels, slice_axis), factor, spacing, probabilities[order],
                          card.get("sparse_shape_mm", DEFAULT_SHAPE_MM))
     return labels_like(geometry.from_stack(labels, slice_axis), dense)

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt
 
-from .. import geometry
+from .. import slice_positions
 from ..errors import CalidError
 from .labels import LABELS
 
@@ -60,12 +60,12 @@ def densify(sparse_stack: np.ndarray, factor: int, spacing: tuple[float, float],
             shape_mm: float | None) -> np.ndarray:
     """Dense labels ((n-1)K+1, rows, cols): acquired slices copied, new slices filled.
 
-    ``probabilities`` (new slices, classes, rows, cols) in ``geometry.dense_positions`` order, or None for
+    ``probabilities`` (new slices, classes, rows, cols) in ``slice_positions.dense_positions`` order, or None for
     shape interpolation alone; ``shape_mm`` None uses the network alone on the new slices.
     """
     n = sparse_stack.shape[0]
-    below, above, alpha = geometry.dense_positions(n, factor)
-    targets = geometry.generated_slices(n, factor)
+    below, above, alpha = slice_positions.dense_positions(n, factor)
+    targets = slice_positions.generated_slices(n, factor)
     depths = np.stack([shape_depth(s, spacing) for s in sparse_stack])
     dense = np.empty(((n - 1) * factor + 1, *sparse_stack.shape[1:]), dtype=np.uint8)
     dense[::factor] = sparse_stack

@@ -35,6 +35,9 @@ class TrainConfig:
     min_timestep: int = 0  # > 0: train the denoiser only where a few-step sampler asks it (see sampling)
     val_fraction: float = 0.15
     split: str | None = None
+    pack: str | None = None  # read the stacks and split from this pack (calid.training.pack) instead of ``data``
+    flows_up_front: bool = False  # motion-aware: estimate every training flow in parallel before the first step
+    recalibrate: bool = True  # refit a kept error head's calibration on changed slices (False: leave it for later)
     val_every: int = 550
     val_volumes: int = 4
     log_every: int = 25

@@ -1,5 +1,8 @@
 """Training data: short-axis stacks found in folders, a patient-level split, and random batches.
 
+Reading image files needs SimpleITK, which is imported only where files are read: the samplers, and stacks read
+from a pack (``calid.training.pack``), work on a machine without it, such as the GPU machine this project is lent.
+
 The samplers draw from their own ``torch.Generator``, whose state is saved in checkpoints, so a resumed
 run sees exactly the batches the interrupted run would have seen.
 """
@@ -14,14 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..errors import CalidError
-from ..geometry import find_slice_axis, to_stack
-from ..imageio import FILE_SUFFIXES, has_image_suffix, read_image
 from ..intensity import IntensityMap
-from . import duplicates
 
 LABEL_NAME = re.compile(r"(_gt|_seg|_label|_labels|_mask|_contours)(\.|$)", re.IGNORECASE)
 THIN_SLICE_MM = 6.0
@@ -43,6 +42,8 @@ def find_volumes(folders: list[str | Path]) -> list[tuple[str, Path]]:
     The patient is the first sub-folder below the given folder (ACDC's ``patientNNN/``), or the file's
     own name for files directly in it (Sunnybrook's ``SCDxxxxxxx_sa_cine.nii.gz``).
     """
+    from ..imageio import FILE_SUFFIXES, has_image_suffix
+
     found = []
     for folder in map(Path, folders):
         if not folder.is_dir():
@@ -60,6 +61,8 @@ def find_volumes(folders: list[str | Path]) -> list[tuple[str, Path]]:
 
 
 def _strip_suffix(name: str) -> str:
+    from ..imageio import FILE_SUFFIXES
+
     for suffix in FILE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -80,6 +83,8 @@ def split_patients(volumes: list[tuple[str, Path]], val_fraction: float, seed: i
                    thin_spacings: dict[str, bool]) -> dict[str, list[str]]:
     """Stratified by group; at least 3 (or all but one) thin-slice patients go to validation. Patients that share a
     scan (``duplicates``: ACDC files one scan twice) are split as one, on the side of the first of them."""
+    from . import duplicates
+
     follows = {p: min(group) for group in duplicates.same_scan_groups(volumes) for p in group if p != min(group)}
     split = _split_distinct(volumes, val_fraction, seed, thin_spacings, set(follows))
     for patient, first in follows.items():
@@ -132,6 +137,11 @@ def load_split(path: Path) -> dict[str, list[str]]:
 
 def load_volumes(entries: list[tuple[str, Path]]) -> list[Volume]:
     """Read each file; a 4D cine gives one stack per phase. Stacks with fewer than 3 slices are dropped."""
+    import SimpleITK as sitk
+
+    from ..geometry import find_slice_axis, to_stack
+    from ..imageio import read_image
+
     volumes = []
     for patient, path in entries:
         image = read_image(path)
@@ -278,6 +288,21 @@ class MotionTripletSampler:
             stack = self.stacks[v].numpy()
             self._flows[(v, lo, hi)] = torch.from_numpy(pair_flow(stack[lo], stack[hi], self.flow)).half()
         return self._flows[(v, lo, hi)].float()
+
+    def estimate_all_flows(self) -> None:
+        """Every flow ``batch`` can ask for (each stack's pairs 2 to ``2 * len(GAP_WEIGHTS)`` slices apart), estimated
+        now and in parallel (``motion.pair_flows``, one thread per pair). A GPU run would otherwise wait for flows
+        found one at a time as batches first draw them: thousands of pairs, minutes on one core."""
+        from ..motion import pair_flows
+
+        widest = 2 * len(GAP_WEIGHTS)
+        for v, stack in enumerate(self.stacks):
+            slices = stack.numpy()
+            wanted = [(v, lo, lo + span) for span in range(2, widest + 1) for lo in range(len(slices) - span)
+                      if (v, lo, lo + span) not in self._flows]
+            if wanted:
+                flows = pair_flows([(slices[lo], slices[hi]) for _, lo, hi in wanted], self.flow)
+                self._flows.update({key: torch.from_numpy(f).half() for key, f in zip(wanted, flows)})
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         from ..motion import warped_neighbours

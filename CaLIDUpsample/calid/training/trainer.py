@@ -35,7 +35,7 @@ from ..modelstore import inherited_provenance, load_model, save_model
 from ..networks import DEFAULT_CONFIG, REFINER_CONFIG, TINY_CONFIG, CaLID, laplace_nll
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
-from . import data
+from . import data, pack
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from .config import TrainConfig
 from .losses import refiner_loss
@@ -151,6 +151,13 @@ class Trainer:
     # ---------------------------------------------------------------- data
     def _prepare_data(self) -> None:
         cfg = self.cfg
+        if bool(cfg.pack) == bool(cfg.data):
+            raise CalidError("give the training data as folders or as one --pack file, not both or neither")
+        if cfg.pack:
+            if cfg.split:
+                raise CalidError("--split does not go with --pack: a pack carries the split it was made with")
+            self._prepare_pack()
+            return
         entries = data.find_volumes(cfg.data)
         split_file = self.out / "split.json"
         if cfg.resume and split_file.is_file():
@@ -165,13 +172,23 @@ class Trainer:
             split_file.write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
         self.split = split
         train_set, val_set = set(split["train"]), set(split["validation"])
-        self.train_volumes = data.load_volumes([e for e in entries if e[0] in train_set])
-        val = data.load_volumes([e for e in entries if e[0] in val_set])
+        self._use_volumes(data.load_volumes([e for e in entries if e[0] in train_set]),
+                          data.load_volumes([e for e in entries if e[0] in val_set]))
+        self.sources = sorted({str(Path(p).resolve()) for p in cfg.data})
+
+    def _prepare_pack(self) -> None:
+        """The stacks and split of a pack (``pack.read_pack``); the split it was made with is the run's."""
+        train_volumes, val, self.split = pack.read_pack(self.cfg.pack)
+        if self.rank == 0:
+            (self.out / "split.json").write_text(json.dumps(self.split, indent=2) + "\n", encoding="utf-8")
+        self._use_volumes(train_volumes, val)
+        self.sources = [str(Path(self.cfg.pack).resolve())]
+
+    def _use_volumes(self, train_volumes: list[data.Volume], val: list[data.Volume]) -> None:
         val.sort(key=lambda v: (v.slice_spacing > data.THIN_SLICE_MM, v.patient, v.path))
-        self.val_volumes = val[: cfg.val_volumes]
+        self.train_volumes, self.val_volumes = train_volumes, val[: self.cfg.val_volumes]
         if not self.train_volumes:
             raise CalidError("no training volumes with at least 3 slices")
-        self.sources = sorted({str(Path(p).resolve()) for p in cfg.data})
 
     @torch.no_grad()
     def _encode_training_latents(self) -> list[torch.Tensor]:
@@ -332,7 +349,7 @@ class Trainer:
         changed = (cfg.denoiser_steps > 0 or cfg.refiner_steps > 0 or cfg.morph_mix is not None
                    or cfg.motion is not None or cfg.flow_views is not None or cfg.flow_smooth is not None
                    or cfg.morph_mix_space is not None or cfg.gap_mix is not None)
-        return self.model.error_head is not None and cfg.error_head_steps == 0 and changed
+        return self.model.error_head is not None and cfg.error_head_steps == 0 and changed and cfg.recalibrate
 
     def _recalibrate_error_head(self, progress: Progress) -> None:
         """Refit the head's calibration on the model's new final output (its weights stay): the map must describe
@@ -367,8 +384,11 @@ class Trainer:
         """Latent triplets of stacks encoded up front, or (motion-aware models) warped image crops encoded per batch."""
         if self.model.motion is None:
             return data.TripletSampler(latents, self.cfg.latent_crop, generator)
-        return data.MotionTripletSampler(self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
-                                         generator, self.model.motion["flow"])
+        sampler = data.MotionTripletSampler(self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
+                                            generator, self.model.motion["flow"])
+        if self.cfg.flows_up_front:
+            sampler.estimate_all_flows()
+        return sampler
 
     @torch.no_grad()
     def _latent_triplets(self, sampler, size: int) -> tuple[torch.Tensor, ...]:
