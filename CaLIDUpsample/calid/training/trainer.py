@@ -344,7 +344,7 @@ class Trainer:
 
     def _calibration_is_stale(self) -> bool:
         """The slices the error head describes were changed (a tuned denoiser, a new refiner, morph or gap mix, flow) but
-        the head not retrained."""
+        the head not retrained, and the run was not told to leave the refit for later (``--no-recalibrate``)."""
         cfg = self.cfg
         changed = (cfg.denoiser_steps > 0 or cfg.refiner_steps > 0 or cfg.morph_mix is not None
                    or cfg.motion is not None or cfg.flow_views is not None or cfg.flow_smooth is not None
