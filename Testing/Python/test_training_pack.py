@@ -66,6 +66,13 @@ def test_what_is_not_a_pack_is_refused_in_one_line(tmp_path):
         read_pack(tmp_path / "missing.npz")
 
 
+def test_a_truncated_pack_is_refused_in_one_line(tmp_path, pack_file):
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(pack_file.read_bytes()[: pack_file.stat().st_size // 2])
+    with pytest.raises(CalidError, match="cannot read the training pack"):
+        read_pack(cut)
+
+
 def test_flows_estimated_up_front_are_those_batches_would_estimate(volumes):
     train, _ = volumes
     lazy = data.MotionTripletSampler(train, 64, torch.Generator().manual_seed(3), "dis")

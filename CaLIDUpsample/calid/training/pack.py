@@ -13,6 +13,7 @@ nothing that runs.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,6 @@ def read_pack(path: str | os.PathLike) -> tuple[list[Volume], list[Volume], dict
                 stack = (pack[f"stack{i}"].astype(np.float32) * np.float32((high - low) / LEVELS) + np.float32(low))
                 volumes[str(role)].append(Volume(str(patient), f"{path.name}:{source}", stack, float(spacing)))
             split = {"train": pack["split_train"].tolist(), "validation": pack["split_validation"].tolist()}
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise CalidError(f"cannot read the training pack {path}: {exc}") from None
     return volumes["train"], volumes["validation"], split
