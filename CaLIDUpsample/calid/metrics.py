@@ -50,7 +50,6 @@ def heart_box(labels: np.ndarray, margin: int = 10) -> tuple[slice, slice] | Non
 
 def linear_missing(kept: np.ndarray, factor: int) -> np.ndarray:
     """Linear interpolation along the slice axis of the missing slices, in ``dense_positions`` order."""
-
     below, above, alpha = dense_positions(kept.shape[0], factor)
     a = alpha[:, None, None]
     return (1 - a) * kept[below].astype(np.float64) + a * kept[above].astype(np.float64)

@@ -260,7 +260,6 @@ def morph_missing(kept: np.ndarray, factor: int, method: str = "dis", views: int
                   ) -> np.ndarray:
     """The optical-flow morph of a stack (n, h, w): its missing slices at factor K, in ``dense_positions`` order.
     ``smooth``: each gap's flow averaged with its neighbouring gaps' (``smooth_along_stack``)."""
-
     below, above, alpha = dense_positions(kept.shape[0], factor)
     stack = np.asarray(kept, np.float32)
     flows = motion_flows(stack[None], {"flow": method, "views": views, "smooth": smooth})[below]

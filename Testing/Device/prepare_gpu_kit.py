@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
 from calid import geometry  # noqa: E402
 from calid.modelindex import ACDC_MODEL  # noqa: E402
-from calid.modelstore import load_model  # noqa: E402
+from calid.modelstore import read_card, resolve_model_dir  # noqa: E402
 from calid.training import data  # noqa: E402
 from calid.training.pack import write_pack  # noqa: E402
 
@@ -55,12 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     KIT.mkdir(exist_ok=True)
-    _, card = load_model(args.model, "cpu")
+    card = read_card(resolve_model_dir(args.model))
     split = card["training"]["split"]
     entries = data.find_volumes([args.data])
     train = data.load_volumes([e for e in entries if e[0] in set(split["train"])])
-    validation = data.load_volumes([e for e in entries if e[0] in set(split["validation"])])
-    validation.sort(key=lambda v: (v.slice_spacing > data.THIN_SLICE_MM, v.patient, v.path))  # the trainer's order
+    validation = data.validation_order(data.load_volumes([e for e in entries if e[0] in set(split["validation"])]))
     write_pack(KIT / "acdc.npz", train, validation[: args.val_volumes], split, crop=args.crop)
 
     image = sitk.ReadImage(str(args.data / SPEED_CASE[0] / SPEED_CASE[1]))

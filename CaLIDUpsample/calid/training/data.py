@@ -157,6 +157,12 @@ def load_volumes(entries: list[tuple[str, Path]]) -> list[Volume]:
     return volumes
 
 
+def validation_order(volumes: list[Volume]) -> list[Volume]:
+    """Validation stacks in the order whose first ``val_volumes`` the trainer validates on: thin-slice stacks (the
+    clinical 10 mm gaps) first, then by patient and file."""
+    return sorted(volumes, key=lambda v: (v.slice_spacing > THIN_SLICE_MM, v.patient, v.path))
+
+
 def _crop_origin(size: int, crop: int, generator: torch.Generator, jitter: float = 0.25) -> int:
     """Crops are centred on the middle of the slice (where SAX acquisitions put the heart), with jitter."""
     if size <= crop:

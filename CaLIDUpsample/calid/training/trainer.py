@@ -185,8 +185,7 @@ class Trainer:
         self.sources = [str(Path(self.cfg.pack).resolve())]
 
     def _use_volumes(self, train_volumes: list[data.Volume], val: list[data.Volume]) -> None:
-        val.sort(key=lambda v: (v.slice_spacing > data.THIN_SLICE_MM, v.patient, v.path))
-        self.train_volumes, self.val_volumes = train_volumes, val[: self.cfg.val_volumes]
+        self.train_volumes, self.val_volumes = train_volumes, data.validation_order(val)[: self.cfg.val_volumes]
         if not self.train_volumes:
             raise CalidError("no training volumes with at least 3 slices")
 
