@@ -1,10 +1,11 @@
-"""Upsampling short-axis images: options, checks, geometry and intensities around the generation of new slices.
+"""Upsampling short-axis images: checks, files and geometry around the generation of new slices.
 
 One pipeline serves volumes and cines: a volume is a one-phase cine. ``upsample_image`` (3D) and ``upsample_cine``
-(4D, ``calid.cine`` reads and writes them) check the input, fit one intensity map, have every missing slice of every
-phase made in one batched pass by ``--method`` (the model through ``calid.generation``, or a peer), and put them on
-the dense grid with the input's geometry; ``upsample_file`` reads and writes. Acquired slices are copied from the
-input array unchanged; only the missing ones are generated.
+(4D, ``calid.cine`` reads and writes them) check the input and its options (``UpsampleOptions``, from
+``calid.stack_upsampling``), load the model, hand the stacks to ``stack_upsampling.new_slices`` (every missing slice
+of every phase in one batched pass by ``--method``, with one intensity map) and put the new slices on the dense grid
+with the input's geometry; ``upsample_file`` reads and writes. Acquired slices are copied from the input array
+unchanged; only the missing ones are generated.
 """
 
 from __future__ import annotations
@@ -13,63 +14,23 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import geometry, motion, slice_positions
+from . import geometry, slice_positions
 from .cine import Cine, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
-from .generation import (MAX_SAMPLES, MAX_STEPS, default_steps, expected_error, gap_flows, generate_renditions,
-                         require_error_head)
+from .generation import default_steps, require_error_head
 from .imageio import check_pixels, read_image, validate_volume, write_image
-from .intensity import IntensityMap
-from .metrics import linear_missing
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
 from .sampling import max_sampling_steps
+from .stack_upsampling import UpsampleOptions, new_slices
 from .uncertainty import slice_summaries
-
-CINE_NOISE = ("shared", "independent")
-METHODS = ("calid", "morph", "linear")
-"""``--method``: the model, or what a user gets without it (the optical-flow morph, linear interpolation), so that
-a scan can be compared with the peers through the same geometry, intensity handling and outputs."""
-
-
-@dataclass
-class UpsampleOptions:
-    """Options shared by the CLI, the Python API and the Slicer module (same names as the CLI flags)."""
-
-    factor: int | None = None
-    spacing: float | None = None
-    steps: int | None = None  # None: the model's ``default_steps`` (measured best on its validation patients)
-    seed: int = 0
-    samples: int = 1
-    plus: bool = False
-    slice_axis: int | None = None
-    device: str = "auto"
-    model: str | None = None
-    batch_size: int | None = None
-    cine_noise: str = "shared"  # cine only: same starting noise for a dense slice position in every phase
-    method: str = "calid"
-
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise CalidError(f"--method must be one of {', '.join(METHODS)}, not {self.method}")
-        if self.method != "calid" and (self.samples > 1 or self.plus):
-            raise CalidError(f"--samples and --plus apply to --method calid, not {self.method}")
-        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
-            raise CalidError(f"--steps must be between 1 and {MAX_STEPS}, not {self.steps}")
-        if not 1 <= self.samples <= MAX_SAMPLES:
-            raise CalidError(f"--samples must be between 1 and {MAX_SAMPLES}, not {self.samples}")
-        if self.plus and self.samples > 1:
-            raise CalidError("--plus starts from deterministic inverted latents: use --samples 1 with it")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise CalidError(f"--batch-size must be positive, not {self.batch_size}")
-        if self.cine_noise not in CINE_NOISE:
-            raise CalidError(f"--cine-noise must be one of {', '.join(CINE_NOISE)}, not {self.cine_noise}")
 
 
 @dataclass
@@ -130,31 +91,6 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
     return axis, factor, device, model, steps
 
 
-def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.ndarray, factor: int, steps: int,
-                   device: torch.device, gap_mm: float, progress: Progress | None = None,
-                   flows: torch.Tensor | None = None,
-                   renditions: tuple[str, ...] = ("balanced",)) -> dict[str, np.ndarray]:
-    """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: for each of ``renditions``
-    (``generation.RENDITIONS``; the classical methods have one), (samples, phases, missing, h, w).
-    ``gap_mm``: the stacks' slice spacing. ``flows``: the model's ``gap_flows`` of the stacks, if already estimated."""
-    if options.method == "calid":
-        return generate_renditions(model, stacks, factor, steps, seed=options.seed, samples=options.samples,
-                                   plus=options.plus, device=device, batch_size=options.batch_size, progress=progress,
-                                   shared_noise=options.cine_noise == "shared", flows=flows, gap_mm=gap_mm,
-                                   renditions=renditions)
-    progress = progress or Progress("none")
-    progress.total = len(stacks)
-    progress.set_stage(f"{options.method} interpolation")
-    out = []
-    for stack in stacks:
-        if options.method == "morph":
-            out.append(motion.product_morph(stack, factor))
-        else:
-            out.append(linear_missing(stack, factor))
-        progress.advance(1)
-    return dict.fromkeys(renditions, np.stack(out)[None].astype(np.float32))
-
-
 def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
     """Interleave acquired slices (n, h, w), unchanged, with generated ones ((n-1)*(K-1), h, w) cast to ``dtype``."""
     n = acquired.shape[0]
@@ -175,35 +111,17 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
     axis, factor, device, model, steps = prepare_run(image, options, model, want_uncertainty)
     loaded = time.perf_counter()
     stacks = np.stack([geometry.to_stack(phase, axis) for phase in phases])
-    intensity = IntensityMap.fit(stacks)
-    network_stacks = intensity.to_network(stacks)
-    flows = None
-    if want_uncertainty:  # the slices and their map are made on the same flows: estimated once
-        if progress is not None:
-            progress.set_stage("estimating motion")
-        flows = gap_flows(model, network_stacks)
-    gap_mm = image.GetSpacing()[axis]
-    renditions = missing_slices(options, model, network_stacks, factor, steps, device, gap_mm, progress, flows,
-                                ("balanced", "sharp") if want_sharp else ("balanced",))
-    generated = renditions["balanced"].mean(axis=0)
-    error = None
-    if want_uncertainty:
-        if progress is not None:
-            progress.set_stage("predicting the expected error")
-        error = intensity.size_from_network(expected_error(model, network_stacks, generated, factor, gap_mm, device,
-                                                           options.batch_size, flows))
-    generated = intensity.from_network(generated)
+    new = new_slices(stacks, options, model, factor, steps, device, image.GetSpacing()[axis], progress,
+                     want_uncertainty, want_sharp)
 
-    def dense_image(acquired: np.ndarray, new: np.ndarray, dtype: np.dtype) -> sitk.Image:
-        dense = np.stack([geometry.from_stack(dense_stack(acquired[t], new[t], factor, dtype), axis)
+    def dense_image(acquired: np.ndarray, generated: np.ndarray, dtype: np.dtype) -> sitk.Image:
+        dense = np.stack([geometry.from_stack(dense_stack(acquired[t], generated[t], factor, dtype), axis)
                           for t in range(len(acquired))])
         return geometry.dense_image(dense if image.GetDimension() == 4 else dense[0], image, axis, factor)
 
-    result = dense_image(stacks, generated, phases.dtype)
-    uncertainty = None if error is None else dense_image(np.zeros_like(stacks, np.float32), error, np.float32)
-    sharp = None
-    if want_sharp:
-        sharp = dense_image(stacks, intensity.from_network(renditions["sharp"].mean(axis=0)), phases.dtype)
+    result = dense_image(stacks, new.balanced, phases.dtype)
+    uncertainty = None if new.error is None else dense_image(np.zeros_like(stacks, np.float32), new.error, np.float32)
+    sharp = None if new.sharp is None else dense_image(stacks, new.sharp, phases.dtype)
     done = time.perf_counter()
     return UpsampleResult(result, uncertainty, factor, axis, done - started, str(device),
                           {"load_s": loaded - started, "generate_s": done - loaded},

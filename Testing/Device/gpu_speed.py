@@ -4,13 +4,14 @@
     python Testing/Device/gpu_speed.py [.gpu_kit/speed_case.npz] [--model NAME] [--device cuda] [--threads 16]
         [--repeats 5]
 
-What ``calid upsample`` does between reading and writing the file (the engine's ``generate_s``): the intensity
-map, the gap flows (OpenCV, on the CPU's threads), the generation (networks on ``--device``) and the map back to
-scanner units; and the same with the calibrated uncertainty map (``--uncertainty``: the flows estimated once, then
-the error head). Reading and writing files are left out because the GPU machine's image has no SimpleITK; they take
-about 0.1 s of the 2-thread CPU process (``make benchmark``, README Performance). The first pass warms up (CUDA
-context, cuDNN's choice of kernels) and is not counted; the median of ``--repeats`` is. Run by ``gpu_session.sh``;
-runs on a CPU too (``--device cpu``). Not a test: it prints a table.
+What ``calid upsample`` does between reading and writing the file: ``stack_upsampling.new_slices``, the engine's
+own generation stage (the intensity map, the gap flows on the CPU's threads with OpenCV, the networks on
+``--device``, the slices back in scanner units), without and with the calibrated uncertainty map (``--uncertainty``:
+the flows estimated once, then the error head); the flows' share is read off its progress stages. Reading and
+writing files are left out because the GPU machine's image has no SimpleITK; they take about 0.1 s of the 2-thread
+CPU process (``make benchmark``, README Performance). The first pass warms up (CUDA context, cuDNN's choice of
+kernels) and is not counted; the median of ``--repeats`` is. Run by ``gpu_session.sh``; runs on a CPU too
+(``--device cpu``). Not a test: it prints a table.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
-from calid.devices import resolve_device, software_line  # noqa: E402
-from calid.generation import default_steps, expected_error, gap_flows, generate_renditions  # noqa: E402
-from calid.intensity import IntensityMap  # noqa: E402
+from calid.devices import for_inference, resolve_device, software_line  # noqa: E402
+from calid.generation import default_steps  # noqa: E402
 from calid.modelindex import DEFAULT_MODEL  # noqa: E402
 from calid.modelstore import load_model  # noqa: E402
+from calid.progress import Progress  # noqa: E402
+from calid.stack_upsampling import UpsampleOptions, new_slices  # noqa: E402
 
 FACTOR = 2
 
@@ -42,21 +44,29 @@ def synchronised(device: torch.device) -> float:
     return time.perf_counter()
 
 
+class StageClock(Progress):
+    """A silent progress that notes when each stage starts (the device synchronised first)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__("none")
+        self.device = device
+        self.starts: dict[str, float] = {}
+
+    def set_stage(self, stage: str) -> None:
+        self.starts.setdefault(stage, synchronised(self.device))
+        super().set_stage(stage)
+
+
 def upsample_work(model, stack: np.ndarray, gap_mm: float, device: torch.device, with_map: bool) -> dict[str, float]:
-    """One pass of the engine's generation stage; seconds of its parts."""
+    """One pass of the engine's generation stage; seconds of its flows and of the rest."""
+    clock = StageClock(device)
     start = synchronised(device)
-    intensity = IntensityMap.fit(stack[None])
-    stacks = intensity.to_network(stack[None])
-    flows = gap_flows(model, stacks)
-    flowed = synchronised(device)
-    renditions = generate_renditions(model, stacks, FACTOR, default_steps(model), device=device, flows=flows,
-                                     gap_mm=gap_mm)
-    generated = renditions["balanced"].mean(axis=0)
-    if with_map:
-        intensity.size_from_network(expected_error(model, stacks, generated, FACTOR, gap_mm, device, None, flows))
-    intensity.from_network(generated)
+    new_slices(stack[None], UpsampleOptions(factor=FACTOR), model, FACTOR, default_steps(model), device, gap_mm,
+               clock, want_uncertainty=with_map)
     done = synchronised(device)
-    return {"flows": flowed - start, "rest": done - flowed, "total": done - start}
+    networks_start = clock.starts["encoding acquired slices"]
+    flows = networks_start - clock.starts.get("estimating motion", networks_start)  # none without motion
+    return {"flows": flows, "rest": done - start - flows, "total": done - start}
 
 
 def main() -> None:
@@ -71,8 +81,7 @@ def main() -> None:
     device = resolve_device(args.device)
     with np.load(args.case, allow_pickle=False) as case:
         stack, gap_mm, name = case["stack"].astype(np.float32), float(case["spacing_mm"]), str(case["name"])
-    model, _ = load_model(args.model, device)
-    model.eval()
+    model = for_inference(load_model(args.model, device)[0], device)
     title = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name} ({stack.shape[0]} slices, {stack.shape[1]} x {stack.shape[2]}), x{FACTOR}, {args.model}, "
           f"{title}, {args.threads} CPU threads; {software_line()}")

@@ -86,6 +86,17 @@ def test_flows_estimated_up_front_are_those_batches_would_estimate(volumes):
         assert torch.equal(a, b)
 
 
+def test_a_second_draw_over_the_same_triplets_estimates_no_flow_again(volumes, monkeypatch):
+    train, _ = volumes
+    sampler = data.MotionTripletSampler(train, 64, torch.Generator().manual_seed(3), "dis")
+    sampler.estimate_all_flows()
+    expected = data.MotionTripletSampler(train, 64, torch.Generator().manual_seed(0), "dis").batch(6)
+    monkeypatch.setattr("calid.motion.pair_flow", lambda *a, **k: pytest.fail("a flow was estimated again"))
+    twin = data.with_generator(sampler, torch.Generator().manual_seed(0))
+    for a, b in zip(twin.batch(6), expected):
+        assert torch.equal(a, b)  # what a new sampler with that generator draws, every flow from the cache
+
+
 @pytest.mark.slow
 def test_calid_train_runs_from_a_pack_where_simpleitk_cannot_be_imported(tmp_path, pack_file, error_head_model_dir):
     run = tmp_path / "run"

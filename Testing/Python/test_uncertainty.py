@@ -74,7 +74,7 @@ def test_map_does_not_need_samples_and_samples_do_not_change_its_meaning(small_i
 
 def test_map_and_slices_share_one_estimate_of_the_flows_and_the_map_is_the_same(small_image, error_head_model_dir,
                                                                               monkeypatch):
-    from calid import engine, motion
+    from calid import motion, stack_upsampling
 
     model, _ = load_model(error_head_model_dir)
     options = UpsampleOptions(factor=2, steps=1, device="cpu")
@@ -83,7 +83,7 @@ def test_map_and_slices_share_one_estimate_of_the_flows_and_the_map_is_the_same(
     monkeypatch.setattr(motion, "stack_flows", lambda *a, **k: calls.append(1) or estimate_flows(*a, **k))
     shared = upsample_image(small_image, options, model, want_uncertainty=True)
     assert len(calls) == 1  # the slices' flows serve the map: no second estimate
-    monkeypatch.setattr(engine, "gap_flows", lambda *a: None)  # each stage estimates its own, as before
+    monkeypatch.setattr(stack_upsampling, "gap_flows", lambda *a: None)  # each stage estimates its own, as before
     apart = upsample_image(small_image, options, model, want_uncertainty=True)
     assert len(calls) == 3
     for a, b in ((shared.image, apart.image), (shared.uncertainty, apart.uncertainty)):

@@ -9,6 +9,7 @@ run sees exactly the batches the interrupted run would have seen.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -262,6 +263,15 @@ class TripletSampler:
             alphas.append(alpha)
         below, target, above = torch.stack(triples).unbind(1)
         return below, target, above, torch.tensor(alphas)
+
+
+def with_generator(sampler, generator: torch.Generator):
+    """``sampler`` (a ``TripletSampler`` or ``MotionTripletSampler``) drawing from ``generator`` instead, its stacks
+    and flow cache shared: a second draw over the same triplets (the residual scale's, beside the training batches)
+    estimates no flow twice."""
+    twin = copy.copy(sampler)
+    twin.generator = generator
+    return twin
 
 
 class MotionTripletSampler:

@@ -283,7 +283,7 @@ class Trainer:
                 latents = self._encode_training_latents()
             sampler = self._triplet_sampler(latents, self.generator)
             if step == start and not cfg.init:  # a new denoiser; fine-tuning keeps its base model's scale
-                self._set_residual_scale(self._triplet_sampler(latents, torch.Generator().manual_seed(0)))
+                self._set_residual_scale(data.with_generator(sampler, torch.Generator().manual_seed(0)))
                 ema.module.residual_scale.copy_(self.model.residual_scale)
             scheduler = make_scheduler(self.model.config["diffusion"])
         progress.set_stage(f"training {stage}")

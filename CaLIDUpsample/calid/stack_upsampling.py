@@ -1,0 +1,126 @@
+"""The generation stage of an upsampling, on arrays: the new slices of short-axis stacks, in the input's units.
+
+What ``calid upsample`` does between reading a file and writing one, geometry apart: one intensity map fitted on
+every phase (they stay comparable), the new slices of every phase in one batched pass by ``--method`` (the model
+through ``calid.generation``, or a peer), and, for the model, its calibrated map of the expected error on the same
+gap flows. Nothing here reads files or needs SimpleITK, so a machine without it (the lent GPU's image) times exactly
+what the engine runs (``Testing/Device/gpu_speed.py``); ``calid.engine`` checks the image, makes the stacks and puts
+the new slices on the dense grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import motion
+from .errors import CalidError
+from .generation import MAX_SAMPLES, MAX_STEPS, expected_error, gap_flows, generate_renditions
+from .intensity import IntensityMap
+from .metrics import linear_missing
+from .networks import CaLID
+from .progress import Progress
+
+CINE_NOISE = ("shared", "independent")
+METHODS = ("calid", "morph", "linear")
+"""``--method``: the model, or what a user gets without it (the optical-flow morph, linear interpolation), so that
+a scan can be compared with the peers through the same geometry, intensity handling and outputs."""
+
+
+@dataclass
+class UpsampleOptions:
+    """Options shared by the CLI, the Python API and the Slicer module (same names as the CLI flags)."""
+
+    factor: int | None = None
+    spacing: float | None = None
+    steps: int | None = None  # None: the model's ``default_steps`` (measured best on its validation patients)
+    seed: int = 0
+    samples: int = 1
+    plus: bool = False
+    slice_axis: int | None = None
+    device: str = "auto"
+    model: str | None = None
+    batch_size: int | None = None
+    cine_noise: str = "shared"  # cine only: same starting noise for a dense slice position in every phase
+    method: str = "calid"
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise CalidError(f"--method must be one of {', '.join(METHODS)}, not {self.method}")
+        if self.method != "calid" and (self.samples > 1 or self.plus):
+            raise CalidError(f"--samples and --plus apply to --method calid, not {self.method}")
+        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
+            raise CalidError(f"--steps must be between 1 and {MAX_STEPS}, not {self.steps}")
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise CalidError(f"--samples must be between 1 and {MAX_SAMPLES}, not {self.samples}")
+        if self.plus and self.samples > 1:
+            raise CalidError("--plus starts from deterministic inverted latents: use --samples 1 with it")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise CalidError(f"--batch-size must be positive, not {self.batch_size}")
+        if self.cine_noise not in CINE_NOISE:
+            raise CalidError(f"--cine-noise must be one of {', '.join(CINE_NOISE)}, not {self.cine_noise}")
+
+
+@dataclass
+class NewSlices:
+    """The new slices of stacks (phases, n, h, w): (phases, (n - 1) * (factor - 1), h, w) each, in the input's units,
+    samples averaged."""
+
+    balanced: np.ndarray
+    """What the dense volume holds (``generation.RENDITIONS``)."""
+    sharp: np.ndarray | None = None
+    """The sharp rendition, what ``--segmentation`` segments (only when asked for)."""
+    error: np.ndarray | None = None
+    """The model's calibrated expected absolute error of ``balanced`` (only when asked for)."""
+
+
+def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.ndarray, factor: int, steps: int,
+                   device: torch.device, gap_mm: float, progress: Progress | None = None,
+                   flows: torch.Tensor | None = None,
+                   renditions: tuple[str, ...] = ("balanced",)) -> dict[str, np.ndarray]:
+    """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: for each of ``renditions``
+    (``generation.RENDITIONS``; the classical methods have one), (samples, phases, missing, h, w).
+    ``gap_mm``: the stacks' slice spacing. ``flows``: the model's ``gap_flows`` of the stacks, if already estimated."""
+    if options.method == "calid":
+        return generate_renditions(model, stacks, factor, steps, seed=options.seed, samples=options.samples,
+                                   plus=options.plus, device=device, batch_size=options.batch_size, progress=progress,
+                                   shared_noise=options.cine_noise == "shared", flows=flows, gap_mm=gap_mm,
+                                   renditions=renditions)
+    progress = progress or Progress("none")
+    progress.total = len(stacks)
+    progress.set_stage(f"{options.method} interpolation")
+    out = []
+    for stack in stacks:
+        if options.method == "morph":
+            out.append(motion.product_morph(stack, factor))
+        else:
+            out.append(linear_missing(stack, factor))
+        progress.advance(1)
+    return dict.fromkeys(renditions, np.stack(out)[None].astype(np.float32))
+
+
+def new_slices(stacks: np.ndarray, options: UpsampleOptions, model: CaLID | None, factor: int, steps: int,
+               device: torch.device, gap_mm: float, progress: Progress | None = None, want_uncertainty: bool = False,
+               want_sharp: bool = False) -> NewSlices:
+    """The new slices of the input's stacks (phases, n, h, w), in its units; ``gap_mm``: their slice spacing.
+    ``model`` and ``steps`` as ``engine.prepare_run`` gives them (None and 0 for the classical methods)."""
+    intensity = IntensityMap.fit(stacks)
+    network_stacks = intensity.to_network(stacks)
+    flows = None
+    if want_uncertainty:  # the slices and their map are made on the same flows: estimated once
+        if progress is not None:
+            progress.set_stage("estimating motion")
+        flows = gap_flows(model, network_stacks)
+    renditions = missing_slices(options, model, network_stacks, factor, steps, device, gap_mm, progress, flows,
+                                ("balanced", "sharp") if want_sharp else ("balanced",))
+    balanced = renditions["balanced"].mean(axis=0)
+    error = None
+    if want_uncertainty:
+        if progress is not None:
+            progress.set_stage("predicting the expected error")
+        error = intensity.size_from_network(expected_error(model, network_stacks, balanced, factor, gap_mm, device,
+                                                           options.batch_size, flows))
+    sharp = intensity.from_network(renditions["sharp"].mean(axis=0)) if want_sharp else None
+    return NewSlices(intensity.from_network(balanced), sharp, error)
