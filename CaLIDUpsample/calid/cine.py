@@ -199,14 +199,22 @@ def input_warning(path: str | os.PathLike, slice_axis: int | None = None) -> str
     return geometry.sparse_stack_warning(source.image if isinstance(source, Cine) else source, slice_axis)
 
 
+def check_cine_output(path: str | os.PathLike, labels: bool = False) -> None:
+    """A one-line error for a path a cine cannot be written to, so that it comes before anything is computed or
+    written. ``labels``: a cine of labels, which is written as one 4D file (not as DICOM MR images)."""
+    if Path(path).name.lower().endswith(".nhdr"):
+        raise CalidError("a cine is written as .seq.nrrd, .nrrd, .nii.gz, .nii, .mha or a DICOM folder, not .nhdr")
+    if labels and not has_image_suffix(path):
+        raise CalidError(f"a cine's labels are written as one 4D file (.nii.gz, .nii, .mha or .seq.nrrd), not as a "
+                         f"DICOM folder: {path}")
+
+
 def write_cine(image: sitk.Image, like: Cine, path: str | os.PathLike) -> Path:
     """Write a 4D image with ``like``'s frame times: ``.nrrd`` as a Slicer sequence, a suffix-less path as a
     DICOM cine folder, other suffixes (NIfTI, MetaImage) as a 4D file."""
+    check_cine_output(path)
     path = Path(path)
-    name = path.name.lower()
-    if name.endswith(".nhdr"):
-        raise CalidError("a cine is written as .seq.nrrd, .nrrd, .nii.gz, .nii, .mha or a DICOM folder, not .nhdr")
-    if name.endswith(".nrrd"):
+    if path.name.lower().endswith(".nrrd"):
         return _write_sequence_nrrd(image, like, path)
     return write_image(image, path, frame_times=like.times)
 

@@ -64,7 +64,7 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", help="cohort mode: where to write the CSV report (default OUTPUT/calid_cohort.csv)")
     p.add_argument("--segmentation", help="also write labels on the dense grid here (1 RV, 2 LV myocardium, 3 LV cavity; "
                                           "the new slices segmented in their sharp rendition, which the network reads "
-                                          "best)")
+                                          "best; a cine phase by phase, with ejection fractions over the cycle)")
     p.add_argument("--input-segmentation", help="your labels of the acquired slices: kept exactly, new slices filled")
     p.add_argument("--segmentation-model", help="segmentation model name or directory (default: the bundled one)")
 

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from . import geometry, slice_positions
-from .cine import Cine, read_input, write_cine
+from .cine import Cine, check_cine_output, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import default_steps, require_error_head
@@ -146,25 +146,68 @@ def upsample_image(image: sitk.Image, options: UpsampleOptions | None = None, mo
 
 
 def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaLID | None = None,
-                  progress: Progress | None = None, want_uncertainty: bool = False) -> UpsampleResult:
+                  progress: Progress | None = None, want_uncertainty: bool = False,
+                  want_sharp: bool = False) -> UpsampleResult:
     """Every phase on the dense grid (4D image, time axis kept), all phases generated in one batched pass.
 
     Acquired slices of every phase are copied unchanged; ``options.cine_noise`` picks shared or independent
-    starting noise across phases.
+    starting noise across phases. ``want_uncertainty`` and ``want_sharp`` as for ``upsample_image``, per phase.
     """
     image = check_pixels(cine.image)
     return _upsample_phases(image, sitk.GetArrayFromImage(image), options or UpsampleOptions(), model, progress,
-                            want_uncertainty)
+                            want_uncertainty, want_sharp)
+
+
+def _load_segmenter(options: UpsampleOptions | None, name: str | None) -> tuple[torch.nn.Module, dict, torch.device]:
+    """The segmentation network, its card and the device it runs on (``--device``, as the upsampling's)."""
+    from .segmentation.store import load_segmenter
+
+    device = resolve_device(options.device if options else "auto")
+    return (*load_segmenter(name, device), device)
+
+
+def _segment_phase(result: UpsampleResult, sharp: sitk.Image, segmenter: tuple, sparse: np.ndarray | None = None,
+                   progress: Progress | None = None) -> sitk.Image:
+    """Labels of one dense volume, found on the sharp rendition of its new slices (``sharp``, 3D)."""
+    from .segmentation.pipeline import segment_dense
+
+    if progress is not None:
+        progress.set_stage("segmenting")
+    network, card, device = segmenter
+    return segment_dense(sharp, result.slice_axis, result.factor, network, card, sparse_labels=sparse, device=device)
 
 
 def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: UpsampleOptions | None = None,
                        uncertainty_path: str | os.PathLike | None = None, model: CaLID | None = None,
-                       progress: Progress | None = None) -> UpsampleResult:
-    """Upsample a cine read by ``read_input`` and write it (and its uncertainty) in the output's form."""
-    result = upsample_cine(cine, options, model, progress, want_uncertainty=uncertainty_path is not None)
+                       progress: Progress | None = None, segmentation_path: str | os.PathLike | None = None,
+                       segmentation_model: str | None = None) -> UpsampleResult:
+    """Upsample a cine read by ``read_input`` and write it (and its uncertainty) in the output's form.
+
+    ``segmentation_path``: every phase's dense volume segmented as a single volume is (on the sharp rendition of
+    its new slices), the labels written as a cine in the same form, and ``result.volumes`` the volumes of every
+    phase with each ventricle's end diastole, end systole and ejection fraction over the cycle
+    (``segmentation.measures.cycle_volumes``). Everything is computed before the first output is written.
+    """
+    from .segmentation.measures import cycle_volumes, structure_volumes
+
+    for path, labels in ((output_path, False), (uncertainty_path, False), (segmentation_path, True)):
+        if path is not None:
+            check_cine_output(path, labels)
+    segmenter = None if segmentation_path is None else _load_segmenter(options, segmentation_model)
+    result = upsample_cine(cine, options, model, progress, want_uncertainty=uncertainty_path is not None,
+                           want_sharp=segmenter is not None)
+    if segmenter is not None:
+        size = list(result.sharp_image.GetSize())
+        phases = [_segment_phase(result, sitk.Extract(result.sharp_image, size[:3] + [0], [0, 0, 0, t]), segmenter,
+                                 progress=progress) for t in range(size[3])]
+        result.labels = sitk.JoinSeries(phases)
+        result.labels.CopyInformation(result.image)
+        result.volumes = cycle_volumes([structure_volumes(labels) for labels in phases], cine.times)
     write_cine(result.image, cine, output_path)
     if uncertainty_path is not None:
         write_cine(result.uncertainty, cine, uncertainty_path)
+    if segmentation_path is not None:
+        write_cine(result.labels, cine, segmentation_path)
     return result
 
 
@@ -186,7 +229,7 @@ def upsample_file(
     (``generation.RENDITIONS``: the segmenter reads it better than the written volume's balanced one, whose walls
     lie in the same places). Inputs are all checked, and everything computed, before the
     first output is written. A cine (4D file, sequence NRRD, DICOM cine folder) is upsampled phase by phase on
-    the dense grid and written in the same form (``calid.cine``).
+    the dense grid and written in the same form (``calid.cine``), its labels too (``upsample_cine_file``).
     """
     if input_segmentation_path is not None and segmentation_path is None:
         raise CalidError("--input-segmentation needs --segmentation (where to write the dense labels)")
@@ -195,31 +238,23 @@ def upsample_file(
             raise CalidError(f"output {target} would overwrite the input")
     source = read_input(input_path)
     if isinstance(source, Cine):
-        if segmentation_path is not None:
-            raise CalidError("--segmentation is not available for cine input yet: segment one phase as a 3D volume")
-        return upsample_cine_file(source, output_path, options, uncertainty_path, model, progress)
+        if input_segmentation_path is not None:
+            raise CalidError("--input-segmentation is for a single volume, not a cine: give --segmentation alone")
+        return upsample_cine_file(source, output_path, options, uncertainty_path, model, progress, segmentation_path,
+                                  segmentation_model)
     image = source
     sparse = None
     if input_segmentation_path is not None:
         from .segmentation.sparse import check_labels
 
         sparse = check_labels(read_image(input_segmentation_path), validate_volume(image))
-    segmenter = None
-    if segmentation_path is not None:
-        from .segmentation.store import load_segmenter
-
-        device = resolve_device(options.device if options else "auto")
-        segmenter = load_segmenter(segmentation_model, device)
+    segmenter = None if segmentation_path is None else _load_segmenter(options, segmentation_model)
     result = upsample_image(image, options, model, progress, want_uncertainty=uncertainty_path is not None,
                             want_sharp=segmenter is not None)
     if segmenter is not None:
         from .segmentation.measures import structure_volumes
-        from .segmentation.pipeline import segment_dense
 
-        if progress is not None:
-            progress.set_stage("segmenting")
-        result.labels = segment_dense(result.sharp_image, result.slice_axis, result.factor, *segmenter,
-                                      sparse_labels=sparse, device=device)
+        result.labels = _segment_phase(result, result.sharp_image, segmenter, sparse, progress)
         result.volumes = structure_volumes(result.labels)
         if result.uncertainty is not None:
             result.uncertainty_slices = slice_summaries(result.uncertainty, result.slice_axis, result.factor,

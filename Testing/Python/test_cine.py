@@ -212,11 +212,58 @@ def test_bad_cine_input_is_one_line_error_and_no_output(name, small_image, cine,
     assert [p.name for p in tmp_path.iterdir() if p.name != "in"] == []
 
 
-def test_segmentation_of_a_cine_and_bad_noise_option_are_refused(cine, tmp_path, tiny_model_dir, capsys):
+def test_a_cine_is_segmented_phase_by_phase_as_its_volumes_are(sample_image, tmp_path, tiny_model_dir, capsys):
+    # The whole field of view (the segmenter finds the heart in it), each phase the same volume: the cine's one
+    # intensity map is then that volume's own, and each phase is upsampled exactly as the volume alone is.
+    volume = sitk.Cast(sample_image, sitk.sitkInt16)
+    cine = sitk.JoinSeries([volume] * len(TIMES), TIMES[0], TIMES[1] - TIMES[0])
+    source, labels_path = tmp_path / "cine.nii.gz", tmp_path / "labels.nii.gz"
+    sitk.WriteImage(cine, str(source))
+    assert upsample(source, tmp_path / "out.nii.gz", "--segmentation", labels_path, model=tiny_model_dir) == 0
+    report = json.loads(capsys.readouterr().out)
+    dense, labels = sitk.ReadImage(str(tmp_path / "out.nii.gz")), sitk.ReadImage(str(labels_path))
+    assert labels.GetSize() == dense.GetSize() and labels.GetSpacing() == dense.GetSpacing()
+    assert labels.GetOrigin() == dense.GetOrigin() and labels.GetDirection() == dense.GetDirection()
+    phases = report["volumes"]["phases"]
+    assert [p["time_ms"] for p in phases] == list(TIMES)
+    lv = [p["lv_cavity_ml"] for p in phases]
+    assert lv[report["volumes"]["lv_end_diastole_phase"]] == max(lv) and max(lv) > 0
+
+    sitk.WriteImage(volume, str(tmp_path / "phase1.nii.gz"))
+    assert upsample(tmp_path / "phase1.nii.gz", tmp_path / "phase1_x2.nii.gz", "--segmentation",
+                    tmp_path / "phase1_labels.nii.gz", model=tiny_model_dir) == 0
+    alone = json.loads(capsys.readouterr().out)["volumes"]
+    assert alone == {k: v for k, v in phases[1].items() if k not in ("phase", "time_ms")}
+    np.testing.assert_array_equal(stacks(labels)[1], sitk.GetArrayFromImage(sitk.ReadImage(
+        str(tmp_path / "phase1_labels.nii.gz"))))
+
+
+def test_a_cine_with_user_labels_and_a_bad_noise_option_are_refused(cine, small_image, tmp_path, tiny_model_dir,
+                                                                     capsys):
     source = tmp_path / "cine.nii.gz"
     sitk.WriteImage(cine, str(source))
-    seg = tmp_path / "seg.nii.gz"
-    assert upsample(source, tmp_path / "out.nii.gz", "--segmentation", seg, model=tiny_model_dir) == 2
-    assert "not available for cine" in capsys.readouterr().err
+    mine = tmp_path / "mine.nii.gz"
+    sitk.WriteImage(sitk.Cast(small_image * 0, sitk.sitkUInt8), str(mine))
+    assert upsample(source, tmp_path / "out.nii.gz", "--segmentation", tmp_path / "seg.nii.gz",
+                    "--input-segmentation", mine, model=tiny_model_dir) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--input-segmentation is for a single volume, not a cine" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cine.nii.gz", "mine.nii.gz"]
     with pytest.raises(CalidError, match="--cine-noise"):
         UpsampleOptions(cine_noise="random").check()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--segmentation", "labels_folder"), "labels are written as one 4D file"),
+    (("--segmentation", "labels.nhdr"), "not .nhdr"),
+    (("--uncertainty", "map.nhdr"), "not .nhdr"),
+])
+def test_a_cine_output_that_cannot_be_written_is_refused_before_any_is(extra, message, cine, tmp_path, tiny_model_dir,
+                                                                       capsys):
+    source = tmp_path / "cine.nii.gz"
+    sitk.WriteImage(cine, str(source))
+    flag, name = extra
+    assert upsample(source, tmp_path / "out.nii.gz", flag, tmp_path / name, model=tiny_model_dir) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["cine.nii.gz"]

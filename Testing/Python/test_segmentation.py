@@ -13,7 +13,7 @@ from calid.cli import main
 from calid.imageio import write_image
 from calid.modelindex import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION_FORMAT, list_models
 from calid.segmentation.contour import contour_interpolation
-from calid.segmentation.measures import ejection_fractions, structure_volumes
+from calid.segmentation.measures import cycle_volumes, ejection_fractions, structure_volumes
 from calid.segmentation.sparse import densify, shape_depth
 from calid.segmentation.store import load_segmenter
 from conftest import SAMPLE_LABELS
@@ -153,6 +153,19 @@ def test_volumes_and_ejection_fractions(tmp_path, capsys):
     assert report["lv_ejection_fraction_percent"] == 40.0 and report["rv_ejection_fraction_percent"] == 50.0
     with pytest.raises(Exception, match="swapped"):
         ejection_fractions(report["end_systole"], report["end_diastole"])
+
+
+def test_a_cycle_takes_each_ventricles_largest_and_smallest_cavity_and_reports_a_missing_one():
+    def phase(lv, rv):
+        return {"rv_cavity_ml": rv, "lv_myocardium_ml": 90.0, "lv_cavity_ml": lv, "lv_myocardium_mass_g": 94.5}
+
+    cycle = cycle_volumes([phase(150, 90), phase(120, 100), phase(60, 40), phase(100, 70)], (0.0, 40.0, 80.0, 120.0))
+    assert [p["time_ms"] for p in cycle["phases"]] == [0.0, 40.0, 80.0, 120.0] and cycle["phases"][2]["lv_cavity_ml"] == 60
+    assert (cycle["lv_end_diastole_phase"], cycle["lv_end_systole_phase"]) == (0, 2)
+    assert (cycle["rv_end_diastole_phase"], cycle["rv_end_systole_phase"]) == (1, 2)  # the RV's own extremes
+    assert cycle["ejection_fractions"] == {"lv_stroke_volume_ml": 90.0, "lv_ejection_fraction_percent": 60.0,
+                                           "rv_stroke_volume_ml": 60.0, "rv_ejection_fraction_percent": 60.0}
+    assert cycle_volumes([phase(150, 0), phase(60, 0)], (0.0, 40.0))["ejection_fractions"] is None
 
 
 @pytest.mark.parametrize("problem, expected", [

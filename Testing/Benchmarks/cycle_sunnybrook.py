@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Ejection fractions from a whole cine: ``calid upsample CINE DENSE --segmentation LABELS`` against Sunnybrook's experts.
+
+    python Testing/Benchmarks/cycle_sunnybrook.py [--data ../shared/data/sunnybrook] [--model calid-acdc] [--threads 2]
+
+Each of the 5 Sunnybrook cines (GE 1.5 T; neither ``calid-acdc`` nor the segmenter ``calid-seg-acdc`` saw them) goes
+through the product's cine segmentation (``engine.upsample_file``: K=2, every phase upsampled, each phase's dense
+volume segmented on the sharp rendition of its new slices) and, as the peer a user has without CaLID, through the
+segmenter on the acquired slices alone, phase by phase (``calid segment``'s code path). The experts drew the LV blood
+pool on two frames (end diastole and end systole) and not on every slice, so the LV volumes are compared on their
+frames and their contoured slices: the voxels of those acquired slices times the acquired grid's voxel volume (the
+experts' own slice summation; on the dense grid the acquired slices are every K-th), and the ejection fraction from
+them. The whole-cycle columns are what a user reads off the product's JSON (``segmentation.measures.cycle_volumes``:
+the largest and smallest LV cavity over the 20 phases, every slice; on the acquired grid the same rule on the
+acquired slices alone). Not a test: it prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "CaLIDUpsample"))
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+from calid.devices import software_line  # noqa: E402
+from calid.engine import UpsampleOptions, upsample_file  # noqa: E402
+from calid.segmentation.inference import segment_image  # noqa: E402
+from calid.segmentation.measures import cycle_volumes, structure_volumes  # noqa: E402
+from calid.segmentation.store import load_segmenter  # noqa: E402
+
+FACTOR = 2
+EXPERT_LV, OUR_LV = 1, 3  # Sunnybrook's blood-pool label, ours (LV cavity)
+
+
+def frame(image: sitk.Image, t: int) -> sitk.Image:
+    size = list(image.GetSize())
+    return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, t])
+
+
+def ejection_fraction(end_diastole: float, end_systole: float) -> float:
+    return 100.0 * (end_diastole - end_systole) / end_diastole
+
+
+def experts_frames(contours: np.ndarray) -> tuple[int, int, dict[int, list[int]]]:
+    """(end-diastolic frame, end-systolic frame, the slices contoured in each): of the contoured frames, the
+    larger blood pool is end diastole."""
+    drawn = {t: [z for z in range(contours.shape[1]) if (contours[t, z] == EXPERT_LV).any()]
+             for t in range(contours.shape[0]) if (contours[t] == EXPERT_LV).any()}
+    if len(drawn) != 2:
+        raise SystemExit(f"expected two contoured frames, found {sorted(drawn)}")
+    ed, es = sorted(drawn, key=lambda t: -(contours[t] == EXPERT_LV).sum())
+    return ed, es, drawn
+
+
+def lv_ml(labels: np.ndarray, label: int, slices: list[int], voxel_ml: float) -> float:
+    """LV cavity volume (mL) on ``slices`` of one frame's labels (slices, rows, cols)."""
+    return float((labels[slices] == label).sum()) * voxel_ml
+
+
+def score_cine(path: Path, network, card, model: str, threads: int) -> dict:
+    cine = sitk.ReadImage(str(path))
+    contours = sitk.GetArrayFromImage(sitk.ReadImage(str(path).replace("_sa_cine.", "_sa_cine_contours.")))
+    ed, es, drawn = experts_frames(contours)
+    voxel_ml = float(np.prod(cine.GetSpacing()[:3])) / 1000.0
+    times = tuple(cine.GetOrigin()[3] + t * cine.GetSpacing()[3] for t in range(cine.GetSize()[3]))
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        result = upsample_file(path, Path(folder) / "dense.nii.gz", UpsampleOptions(factor=FACTOR, device="cpu",
+                                                                                   model=model),
+                               segmentation_path=Path(folder) / "labels.nii.gz")
+        product_s = time.perf_counter() - started
+    dense = sitk.GetArrayFromImage(result.labels)[:, ::FACTOR]  # (t, z, y, x): the acquired slices' positions
+    acquired = [segment_image(frame(cine, t), network, card["config"]) for t in range(cine.GetSize()[3])]
+    acquired_arrays = [sitk.GetArrayFromImage(labels) for labels in acquired]
+
+    def at_experts(arrays, label) -> tuple[float, float]:
+        return lv_ml(arrays[ed], label, drawn[ed], voxel_ml), lv_ml(arrays[es], label, drawn[es], voxel_ml)
+
+    whole_acquired = cycle_volumes([structure_volumes(labels) for labels in acquired], times)
+    return {"experts": at_experts(contours, EXPERT_LV), "dense": at_experts(dense, OUR_LV),
+            "acquired": at_experts(acquired_arrays, OUR_LV),
+            "dense cycle": result.volumes["ejection_fractions"]["lv_ejection_fraction_percent"],
+            "acquired cycle": whole_acquired["ejection_fractions"]["lv_ejection_fraction_percent"],
+            "phases": (ed, es, result.volumes["lv_end_diastole_phase"], result.volumes["lv_end_systole_phase"]),
+            "seconds": product_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sunnybrook")
+    parser.add_argument("--model", default="calid-acdc", help="the interpolation model (default: one that never "
+                        "saw Sunnybrook; the default model calid-acdc-scd was fine-tuned on these cines)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    network, card = load_segmenter(None, torch.device("cpu"))
+    print(f"{args.model} + {card.get('name', 'calid-seg-acdc')}, K={FACTOR}, {args.threads} threads; {software_line()}\n")
+    print("| cine | experts EDV / ESV mL, EF % | CaLID dense labels, experts' frames and slices | acquired slices "
+          "alone, the same | EF over the whole cycle: CaLID dense / acquired alone | frames ED, ES: experts / CaLID "
+          "cycle | s (product) |\n|---|---|---|---|---|---|---|")
+    errors: dict[str, list[float]] = {}
+    for path in sorted(args.data.glob("SCD*_sa_cine.nii.gz")):
+        r = score_cine(path, network, card, args.model, args.threads)
+        truth = ejection_fraction(*r["experts"])
+        cells = []
+        for name in ("experts", "dense", "acquired"):
+            edv, esv = r[name]
+            cells.append(f"{edv:.1f} / {esv:.1f}, {ejection_fraction(edv, esv):.1f}")
+            if name != "experts":
+                errors.setdefault(name, []).append(ejection_fraction(edv, esv) - truth)
+        for name in ("dense cycle", "acquired cycle"):
+            errors.setdefault(name, []).append(r[name] - truth)
+        ed, es, our_ed, our_es = r["phases"]
+        print(f"| {path.name.split('_')[0]} | " + " | ".join(cells) + f" | {r['dense cycle']:.1f} / "
+              f"{r['acquired cycle']:.1f} | {ed}, {es} / {our_ed}, {our_es} | {r['seconds']:.0f} |", flush=True)
+    print("\nEF minus the experts' (percentage points), mean / mean absolute over the cines:")
+    for name, values in errors.items():
+        print(f"- {name}: {statistics.mean(values):+.1f} / {statistics.mean(map(abs, values)):.1f}")
+
+
+if __name__ == "__main__":
+    main()
