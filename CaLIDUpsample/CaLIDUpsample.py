@@ -84,12 +84,13 @@ def registerSampleData():
     )
 
 
-def sequenceBrowserOf(volume):
-    """The browser playing ``volume`` as a proxy (a cine frame), or None: a cine is upsampled as a sequence, and
-    a previous result's proxy must not be reused as the output of the next one (that would tie two sequences)."""
-    if volume is None:
+def sequenceBrowserOf(node):
+    """The browser playing ``node`` (a volume or segmentation) as a proxy (a cine frame), or None: a cine is
+    upsampled as a sequence, and a previous result's proxy must not be reused as the output of the next one (that
+    would tie two sequences)."""
+    if node is None:
         return None
-    return slicer.modules.sequences.logic().GetFirstBrowserNodeForProxyNode(volume)
+    return slicer.modules.sequences.logic().GetFirstBrowserNodeForProxyNode(node)
 
 
 def selectComboData(combo, value):
@@ -371,6 +372,10 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         self.ui.logTextEdit.clear()
         browser = sequenceBrowserOf(p.inputVolume)
         output = None if browser is not None and sequenceBrowserOf(p.outputVolume) is not None else p.outputVolume
+        if browser is not None and p.outputSegmentation is not None and sequenceBrowserOf(p.outputSegmentation):
+            # The last cine run's segmentation sequence plays in it: this run's gets a node of its own.
+            p.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                                      p.outputSegmentation.GetName())
         with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
             self.logic.process(
                 p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .background import ProgressCallback, WorkerError, WorkerLogic
 from .protocol import WorkerEvent
-from .segmentations import load_labels_into_segmentation, volumes_table, write_segmentation_labels
+from .segmentations import (cycle_tables, load_labels_into_segmentation, segmentation_sequence, volumes_table,
+                            write_segmentation_labels)
 from .sequences import add_to_browser, find_sequence, read_sequence_like, write_sequence
 from .uncertainty import per_slice, show_uncertainty, uncertainty_table
 from .volumes import update_node_from_file, write_node
@@ -32,7 +33,10 @@ def _output_name(input_name: str, method: str, factor: int, spacing) -> str:
 
 class CaLIDUpsampleLogic(WorkerLogic):
     lastVolumesTable = None
-    """The table node of structure volumes written by the last run with a segmentation output."""
+    """The table node of structure volumes written by the last run with a segmentation output (a cine's: each
+    ventricle's end-diastolic and end-systolic volumes and ejection fraction)."""
+    lastFramesTable = None
+    """The table node of every frame's volumes of the last cine run with a segmentation output."""
     lastUncertaintyTable = None
     """The table node of per-slice expected errors of the last run with an uncertainty output (None when its
     worker gave no per-slice figures)."""
@@ -75,8 +79,9 @@ class CaLIDUpsampleLogic(WorkerLogic):
         When ``inputVolume`` is the proxy of a sequence browser (``sequenceBrowser``, or found in the scene),
         every frame is upsampled: the result is a new sequence (same index name, unit and values) added to that
         browser, and the returned volume is its proxy (``outputVolume`` when given); ``uncertaintyVolume`` becomes
-        the proxy of a second new sequence there, one map per frame. Segmentation outputs apply to single volumes
-        only.
+        the proxy of a second new sequence there, one map per frame, and ``outputSegmentation`` the proxy of a
+        sequence of segmentations, one per frame, with the ejection fractions over the cycle in ``outputTable``
+        and every frame's volumes in ``lastFramesTable``. ``inputSegmentation`` applies to single volumes only.
 
         ``outputSegmentation``: also segment the dense volume into it (RV cavity, LV myocardium, LV cavity),
         from ``inputSegmentation`` (the user's segments on the acquired slices, kept exactly) when given;
@@ -100,8 +105,9 @@ class CaLIDUpsampleLogic(WorkerLogic):
         if cine is not None:
             return self._processSequence(inputVolume, *cine, outputVolume, factor, spacing, device, steps, seed, model,
                                          samples, progressCallback, onFinished, waitForCompletion,
-                                         unsupported=(outputSegmentation, inputSegmentation), method=method,
-                                         uncertaintyVolume=uncertaintyVolume)
+                                         method=method, uncertaintyVolume=uncertaintyVolume,
+                                         outputSegmentation=outputSegmentation, inputSegmentation=inputSegmentation,
+                                         outputTable=outputTable)
 
         def prepare(folder: Path):
             self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None  # this run's only
@@ -122,29 +128,37 @@ class CaLIDUpsampleLogic(WorkerLogic):
 
     # ------------------------------------------------------------------ internals
     def _processSequence(self, inputVolume, browser, sequence, outputVolume, factor, spacing, device, steps, seed,
-                         model, samples, progressCallback, onFinished, waitForCompletion, unsupported, method,
-                         uncertaintyVolume=None):
+                         model, samples, progressCallback, onFinished, waitForCompletion, method,
+                         uncertaintyVolume=None, outputSegmentation=None, inputSegmentation=None, outputTable=None):
         """The cine run: the whole sequence in one worker call (one intensity map, phases batched). An uncertainty
-        volume becomes the proxy of a second new sequence in the same browser, one map per phase, overlaid."""
-        if any(node is not None for node in unsupported):
-            raise ValueError("segmentation outputs are for single volumes, not for sequences")
+        volume becomes the proxy of a second new sequence in the same browser, one map per phase, overlaid; an
+        output segmentation the proxy of a third, one segmentation per phase (``calid upsample --segmentation``
+        segments every phase and measures the cycle)."""
+        if inputSegmentation is not None:
+            raise ValueError("an input segmentation (your segments on the acquired slices) is for single volumes, "
+                             "not for sequences: leave it out to segment the whole cine")
+        if outputSegmentation is not None and browser.IsProxyNode(outputSegmentation.GetID()):
+            raise ValueError(f"{outputSegmentation.GetName()} already plays a sequence in {browser.GetName()}: "
+                             "give a new segmentation node")
         name = _output_name(sequence.GetName(), method, factor, spacing)
 
         def prepare(folder: Path):
             self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None
             write_sequence(sequence, folder / "input.seq.nrrd")
             uncertaintyPath = folder / "uncertainty.seq.nrrd" if uncertaintyVolume is not None else None
+            labelsPath = folder / "labels.nii.gz" if outputSegmentation is not None else None
             command = self.workerCommand(folder / "input.seq.nrrd", folder / "output.seq.nrrd", factor, spacing,
-                                         device, steps, seed, model, samples, uncertaintyPath, method=method)
+                                         device, steps, seed, model, samples, uncertaintyPath, labelsPath,
+                                         method=method)
             return command, lambda: self._loadSequence(folder, inputVolume, browser, sequence, outputVolume, name,
-                                                       uncertaintyVolume)
+                                                       uncertaintyVolume, outputSegmentation, outputTable)
 
         return self._runWorker(prepare, progressCallback, onFinished, waitForCompletion)
 
     def _loadSequence(self, folder: Path, inputVolume, browser, sequence, outputVolume, name: str,
-                      uncertaintyVolume=None):
-        """Output sequence (and uncertainty sequence) into the input's browser; on any failure the new sequences
-        are removed again."""
+                      uncertaintyVolume=None, outputSegmentation=None, outputTable=None):
+        """Output sequence (and uncertainty and segmentation sequences) into the input's browser; on any failure
+        the new sequences are removed again."""
         added = []
         try:
             output = read_sequence_like(self.scene, folder / "output.seq.nrrd", sequence, name)
@@ -155,11 +169,21 @@ class CaLIDUpsampleLogic(WorkerLogic):
                                           f"{name} expected error")
                 added.append(maps)
                 add_to_browser(self.scene, browser, maps, uncertaintyVolume)
+            if outputSegmentation is not None:
+                segments = segmentation_sequence(self.scene, folder / "labels.nii.gz", sequence, proxy,
+                                                 f"{name} segmentation")
+                added.append(segments)
+                add_to_browser(self.scene, browser, segments, outputSegmentation)
         except Exception:
             for node in added:
                 browser.RemoveSynchronizedSequenceNode(node.GetID())
                 self.scene.RemoveNode(node)
             raise
+        if outputSegmentation is not None:
+            self.lastVolumesTable, self.lastFramesTable = cycle_tables(
+                self.scene, self._done["volumes"], f"{outputSegmentation.GetName()} ejection fractions", outputTable)
+            for node in (outputSegmentation, segments, self.lastVolumesTable, self.lastFramesTable):
+                self._placeBeside(inputVolume, node)
         self._showLikeInput(inputVolume, proxy)
         self._placeBeside(inputVolume, output)
         if uncertaintyVolume is not None:

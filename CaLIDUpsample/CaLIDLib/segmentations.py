@@ -1,4 +1,5 @@
-"""Segmentation nodes <-> label files for the worker, with standard terminology, colours and a volumes table.
+"""Segmentation nodes <-> label files for the worker, with standard terminology, colours and a volumes table; a
+cine's labels as a sequence of segmentation nodes, with its volumes per frame and ejection fractions.
 
 Qt-free: works with slicer-core's MRML scene once the Segmentations module logic is registered (as it is in
 the application). Label values follow ``calid.segmentation.labels`` (1 RV cavity, 2 LV myocardium,
@@ -8,6 +9,7 @@ show the standard meaning.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import vtk.util.numpy_support
 from calid.segmentation.labels import LABELS
 from calid.segmentation.measures import structure_volumes
 
+from .sequences import new_sequence_like
 from .volumes import image_from_node, update_node_from_file
 
 ANATOMY = "SCT^123037004^Anatomical Structure"
@@ -139,6 +142,15 @@ def write_segmentation_labels(scene, segmentation, reference_volume, path: Path)
 def volumes_table(scene, labels_path: Path, name: str, table=None):
     """A table node of structure volumes (mL) and myocardial mass (g) of a label file."""
     volumes = structure_volumes(sitk.ReadImage(str(labels_path)))
+    rows = [(STRUCTURES[label][0] + " volume", volumes[key], "mL")
+            for label, key in ((1, "rv_cavity_ml"), (2, "lv_myocardium_ml"), (3, "lv_cavity_ml"))]
+    rows.append(("Left ventricle myocardium mass", volumes["lv_myocardium_mass_g"], "g"))
+    return _measures_table(scene, rows, name, table)
+
+
+def _measures_table(scene, rows: list[tuple[str, float | None, str]], name: str, table=None):
+    """A Measure / Value / Unit table node (``table``, refilled, or a new one); a None value (nothing to compute it
+    from) is NaN, not a zero that would read as a measurement."""
     table = table or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table.RemoveAllColumns()
     measure = table.AddColumn(vtk.vtkStringArray())
@@ -147,13 +159,62 @@ def volumes_table(scene, labels_path: Path, name: str, table=None):
     value.SetName("Value")
     unit = table.AddColumn(vtk.vtkStringArray())
     unit.SetName("Unit")
-    rows = [(STRUCTURES[label][0] + " volume", volumes[key], "mL")
-            for label, key in ((1, "rv_cavity_ml"), (2, "lv_myocardium_ml"), (3, "lv_cavity_ml"))]
-    rows.append(("Left ventricle myocardium mass", volumes["lv_myocardium_mass_g"], "g"))
     for text, number, units in rows:
         row = table.AddEmptyRow()
         table.SetCellText(row, 0, text)
-        table.GetTable().SetValue(row, 1, vtk.vtkVariant(float(number)))
+        table.GetTable().SetValue(row, 1, vtk.vtkVariant(float("nan") if number is None else float(number)))
         table.SetCellText(row, 2, units)
     table.Modified()
     return table
+
+
+def segmentation_sequence(scene, labels_path: Path, like, reference_volume, name: str):
+    """A new sequence of segmentation nodes in ``scene``, one per frame of the worker's 4D label file, each with
+    the named segments ``load_labels_into_segmentation`` makes, indexed like the sequence ``like``."""
+    labels = sitk.ReadImage(str(labels_path))
+    size = list(labels.GetSize())
+    if labels.GetDimension() != 4 or size[3] != like.GetNumberOfDataNodes():
+        raise RuntimeError(f"the worker's labels {labels_path.name} do not hold {like.GetNumberOfDataNodes()} frames")
+    output = new_sequence_like(scene, like, name)
+    frame = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CaLID frame (temporary)")
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "frame.nrrd"
+            for t in range(size[3]):  # the sequence keeps a copy of the frame node as it is now
+                sitk.WriteImage(sitk.Extract(labels, size[:3] + [0], [0, 0, 0, t]), str(path))
+                load_labels_into_segmentation(scene, path, frame, reference_volume)
+                output.SetDataNodeAtValue(frame, like.GetNthIndexValue(t))
+    except Exception:
+        scene.RemoveNode(output)
+        raise
+    finally:
+        scene.RemoveNode(frame)
+    return output
+
+
+def cycle_tables(scene, cycle: dict, name: str, table=None) -> tuple:
+    """The worker's ``volumes`` of a segmented cine (``calid.segmentation.measures.cycle_volumes``) as two table
+    nodes: each ventricle's end-diastolic and end-systolic volume, frame, stroke volume and ejection fraction
+    (``table``, refilled, or a new one named ``name``), and every frame's volumes (``<name> per frame``)."""
+    rows = []
+    fractions = cycle["ejection_fractions"] or {}
+    for side, title, key in (("lv", "Left ventricle", "lv_cavity_ml"), ("rv", "Right ventricle", "rv_cavity_ml")):
+        ed, es = cycle[f"{side}_end_diastole_phase"], cycle[f"{side}_end_systole_phase"]
+        rows += [(f"{title} end-diastolic volume", cycle["phases"][ed][key], "mL"),
+                 (f"{title} end-systolic volume", cycle["phases"][es][key], "mL"),
+                 (f"{title} end-diastolic frame", ed, "index"), (f"{title} end-systolic frame", es, "index"),
+                 (f"{title} stroke volume", fractions.get(f"{side}_stroke_volume_ml"), "mL"),
+                 (f"{title} ejection fraction", fractions.get(f"{side}_ejection_fraction_percent"), "%")]
+    summary = _measures_table(scene, rows, name, table)
+    frames = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} per frame")
+    columns = (("Frame", "phase"), ("Time (ms)", "time_ms"), ("Right ventricle cavity (mL)", "rv_cavity_ml"),
+               ("Left ventricle myocardium (mL)", "lv_myocardium_ml"), ("Left ventricle cavity (mL)", "lv_cavity_ml"),
+               ("Left ventricle myocardium mass (g)", "lv_myocardium_mass_g"))
+    for title, _ in columns:
+        frames.AddColumn(vtk.vtkDoubleArray()).SetName(title)
+    for phase in cycle["phases"]:
+        row = frames.AddEmptyRow()
+        for column, (_, key) in enumerate(columns):
+            frames.GetTable().SetValue(row, column, vtk.vtkVariant(float(phase[key])))
+    frames.Modified()
+    return summary, frames

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["find_sequence", "write_sequence", "read_sequence_like", "add_to_browser"]
+__all__ = ["find_sequence", "write_sequence", "new_sequence_like", "read_sequence_like", "add_to_browser"]
 
 
 def find_sequence(scene, proxyVolume, browser=None):
@@ -63,12 +63,19 @@ def read_sequence_like(scene, path: Path, like, name: str):
     storage.SetFileName(str(path))
     if not storage.ReadData(read) or read.GetNumberOfDataNodes() != like.GetNumberOfDataNodes():
         raise RuntimeError(f"the worker's output {path.name} does not hold {like.GetNumberOfDataNodes()} frames")
+    output = new_sequence_like(scene, like, name)
+    for i in range(like.GetNumberOfDataNodes()):
+        output.SetDataNodeAtValue(read.GetNthDataNode(i), like.GetNthIndexValue(i))
+    return output
+
+
+def new_sequence_like(scene, like, name: str):
+    """An empty sequence node in ``scene`` with ``like``'s index name, unit and type, to be filled frame by frame
+    at ``like``'s index values."""
     output = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
     output.SetIndexName(like.GetIndexName())
     output.SetIndexUnit(like.GetIndexUnit())
     output.SetIndexType(like.GetIndexType())
-    for i in range(like.GetNumberOfDataNodes()):
-        output.SetDataNodeAtValue(read.GetNthDataNode(i), like.GetNthIndexValue(i))
     return output
 
 

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import vtk.util.numpy_support
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
@@ -33,21 +35,38 @@ def sequences_logic(monkeypatch):
     return logic
 
 
-@pytest.fixture
-def cine(sequences_logic, sample_array):
-    """(scene, browser, input sequence, proxy): three phases of the real sample, oblique, at 0/40/80 ms."""
+def cine_of(sequences_logic, array: np.ndarray, **geometry):
+    """(scene, browser, input sequence, proxy): three phases of ``array``, oblique, at 0/40/80 ms."""
     scene = sequences_logic.GetMRMLScene()
     sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "SAX cine")
     sequence.SetIndexName("time")
     sequence.SetIndexUnit("ms")
     for t, value in enumerate(TIMES):
-        frame = volume_node(scene, np.roll(sample_array, 3 * t, axis=2) + np.int16(5 * t), name=f"frame{t}")
+        frame = volume_node(scene, np.roll(array, 3 * t, axis=2) + np.int16(5 * t), name=f"frame{t}", **geometry)
         sequence.SetDataNodeAtValue(frame, value)
         scene.RemoveNode(frame)
     browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "SAX cine browser")
     browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
     sequences_logic.UpdateProxyNodesFromSequences(browser)
     return scene, browser, sequence, browser.GetProxyNode(sequence)
+
+
+@pytest.fixture
+def cine(sequences_logic, sample_array):
+    """Three phases of a crop of the real sample (fast)."""
+    return cine_of(sequences_logic, sample_array)
+
+
+@pytest.fixture
+def whole_cine(sequences_logic, sample_image):
+    """Three phases of the whole real sample, in whose field of view the segmenter finds the heart, in a scene
+    with the Segmentations logic registered, as the application does at start-up."""
+    scene = sequences_logic.GetMRMLScene()
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    scene.segmentations_logic = segmentations  # keep it alive as long as the scene
+    return cine_of(sequences_logic, sitk.GetArrayFromImage(sample_image).astype(np.int16),
+                   spacing=sample_image.GetSpacing())
 
 
 def counts(scene) -> tuple[int, ...]:
@@ -125,3 +144,49 @@ def test_cancel_leaves_no_new_nodes_and_no_files(cine, tiny_model_dir, private_t
     assert counts(scene) == before and browser.GetNumberOfSynchronizedSequenceNodes() == synchronized
     assert list(private_tmp.iterdir()) == []
     assert not logic.isRunning
+
+
+def segment_voxels(segmentation, name: str) -> int:
+    """Voxels of the segment called ``name`` in its binary labelmap (0 when there is no such segment)."""
+    content = segmentation.GetSegmentation()
+    segment = content.GetSegment(content.GetSegmentIdBySegmentName(name))
+    if segment is None:
+        return 0
+    image = segment.GetRepresentation("Binary labelmap")
+    values = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    return int((values == segment.GetLabelValue()).sum())
+
+
+def test_a_cine_segmentation_is_a_sequence_of_segmentations_with_its_cycle_in_tables(whole_cine, tiny_model_dir,
+                                                                                   private_tmp):
+    scene, browser, _sequence, proxy = whole_cine
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Heart")
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    out = logic.process(proxy, factor=2, device="cpu", steps=1, model=str(tiny_model_dir),
+                        outputSegmentation=segmentation)
+    assert browser.IsProxyNode(segmentation.GetID())
+    frames = browser.GetSequenceNode(segmentation)
+    assert frames.GetNumberOfDataNodes() == 3 and (frames.GetIndexName(), frames.GetIndexUnit()) == ("time", "ms")
+    assert tuple(frames.GetNthIndexValue(i) for i in range(3)) == TIMES
+    per_frame, cycle = logic.lastFramesTable, logic.lastVolumesTable
+    assert per_frame.GetNumberOfRows() == 3 and per_frame.GetColumnName(4) == "Left ventricle cavity (mL)"
+    voxel_ml = float(np.prod(out.GetSpacing())) / 1000.0
+    for t in range(3):
+        lv = segment_voxels(frames.GetNthDataNode(t), "Left ventricle cavity") * voxel_ml
+        assert lv > 1 and abs(lv - per_frame.GetTable().GetValue(t, 4).ToDouble()) < 0.006  # mL, rounded to 0.01
+    values = {cycle.GetCellText(r, 0): cycle.GetTable().GetValue(r, 1).ToDouble() for r in range(cycle.GetNumberOfRows())}
+    edv, esv = values["Left ventricle end-diastolic volume"], values["Left ventricle end-systolic volume"]
+    lv_per_frame = [per_frame.GetTable().GetValue(t, 4).ToDouble() for t in range(3)]
+    assert (edv, esv) == (max(lv_per_frame), min(lv_per_frame))
+    assert values["Left ventricle ejection fraction"] == pytest.approx(100 * (edv - esv) / edv, abs=0.06)
+    assert list(private_tmp.iterdir()) == []
+    with pytest.raises(ValueError, match="already plays a sequence"):  # it would tie this run's frames to the last's
+        logic.process(proxy, outputSegmentation=segmentation)
+
+
+def test_user_segments_on_a_cine_are_refused(cine):
+    scene, _browser, _sequence, proxy = cine
+    mine, heart = (scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name) for name in ("mine", "heart"))
+    with pytest.raises(ValueError, match="single volumes"):
+        CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, outputSegmentation=heart,
+                                                                 inputSegmentation=mine)
