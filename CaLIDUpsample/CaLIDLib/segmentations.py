@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import vtk
 import vtk.util.numpy_support
 
+from calid.cine import phase_of
 from calid.segmentation.labels import LABELS
 from calid.segmentation.measures import structure_volumes
 
@@ -181,7 +182,7 @@ def segmentation_sequence(scene, labels_path: Path, like, reference_volume, name
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "frame.nrrd"
             for t in range(size[3]):  # the sequence keeps a copy of the frame node as it is now
-                sitk.WriteImage(sitk.Extract(labels, size[:3] + [0], [0, 0, 0, t]), str(path))
+                sitk.WriteImage(phase_of(labels, t), str(path))
                 load_labels_into_segmentation(scene, path, frame, reference_volume)
                 output.SetDataNodeAtValue(frame, like.GetNthIndexValue(t))
     except Exception:

@@ -68,6 +68,12 @@ def _with_time_axis(volumes: list[sitk.Image], times: tuple[float, ...]) -> sitk
         raise CalidError(f"the phases of the cine do not share one grid: {str(exc).strip().splitlines()[-1]}") from None
 
 
+def phase_of(image: sitk.Image, t: int) -> sitk.Image:
+    """Phase ``t`` of a 4D image (x, y, z, t) as a 3D image with its spatial geometry."""
+    size = list(image.GetSize())
+    return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, t])
+
+
 def cine_from_4d(image: sitk.Image) -> Cine:
     """A 4D file: its time axis is uniform by construction."""
     origin, step = image.GetOrigin()[3], image.GetSpacing()[3]

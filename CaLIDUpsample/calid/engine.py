@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from . import geometry, slice_positions
-from .cine import Cine, check_cine_output, read_input, write_cine
+from .cine import Cine, check_cine_output, phase_of, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import default_steps, require_error_head
@@ -184,7 +184,8 @@ def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: Upsa
     """Upsample a cine read by ``read_input`` and write it (and its uncertainty) in the output's form.
 
     ``segmentation_path``: every phase's dense volume segmented as a single volume is (on the sharp rendition of
-    its new slices), the labels written as a cine in the same form, and ``result.volumes`` the volumes of every
+    its new slices), the labels written as one 4D file (``cine.check_cine_output``), and ``result.volumes`` the
+    volumes of every
     phase with each ventricle's end diastole, end systole and ejection fraction over the cycle
     (``segmentation.measures.cycle_volumes``). Everything is computed before the first output is written.
     """
@@ -197,9 +198,8 @@ def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: Upsa
     result = upsample_cine(cine, options, model, progress, want_uncertainty=uncertainty_path is not None,
                            want_sharp=segmenter is not None)
     if segmenter is not None:
-        size = list(result.sharp_image.GetSize())
-        phases = [_segment_phase(result, sitk.Extract(result.sharp_image, size[:3] + [0], [0, 0, 0, t]), segmenter,
-                                 progress=progress) for t in range(size[3])]
+        phases = [_segment_phase(result, phase_of(result.sharp_image, t), segmenter, progress=progress)
+                  for t in range(result.sharp_image.GetSize()[3])]
         result.labels = sitk.JoinSeries(phases)
         result.labels.CopyInformation(result.image)
         result.volumes = cycle_volumes([structure_volumes(labels) for labels in phases], cine.times)

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
+from calid.cine import phase_of  # noqa: E402
 from calid.devices import software_line  # noqa: E402
 from calid.engine import UpsampleOptions, upsample_file  # noqa: E402
 from calid.segmentation.inference import segment_image  # noqa: E402
@@ -39,11 +40,6 @@ from calid.segmentation.store import load_segmenter  # noqa: E402
 
 FACTOR = 2
 EXPERT_LV, OUR_LV = 1, 3  # Sunnybrook's blood-pool label, ours (LV cavity)
-
-
-def frame(image: sitk.Image, t: int) -> sitk.Image:
-    size = list(image.GetSize())
-    return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, t])
 
 
 def ejection_fraction(end_diastole: float, end_systole: float) -> float:
@@ -80,7 +76,7 @@ def score_cine(path: Path, network, card, model: str, threads: int) -> dict:
                                segmentation_path=Path(folder) / "labels.nii.gz")
         product_s = time.perf_counter() - started
     dense = sitk.GetArrayFromImage(result.labels)[:, ::FACTOR]  # (t, z, y, x): the acquired slices' positions
-    acquired = [segment_image(frame(cine, t), network, card["config"]) for t in range(cine.GetSize()[3])]
+    acquired = [segment_image(phase_of(cine, t), network, card["config"]) for t in range(cine.GetSize()[3])]
     acquired_arrays = [sitk.GetArrayFromImage(labels) for labels in acquired]
 
     def at_experts(arrays, label) -> tuple[float, float]:

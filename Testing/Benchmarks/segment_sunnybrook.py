@@ -32,6 +32,7 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from calid import geometry  # noqa: E402
+from calid.cine import phase_of  # noqa: E402
 from calid.engine import UpsampleOptions, upsample_image  # noqa: E402
 from calid.evaluation import protocol_images  # noqa: E402
 from calid.modelstore import load_model  # noqa: E402
@@ -41,11 +42,6 @@ from calid.segmentation.store import load_segmenter  # noqa: E402
 
 SUNNYBROOK_TO_OURS = {1: 3, 2: 2}
 """Sunnybrook contour label -> our label (1 LV blood pool -> 3 LV cavity, 2 LV myocardium -> 2)."""
-
-
-def frame(image: sitk.Image, t: int) -> sitk.Image:
-    size = list(image.GetSize())
-    return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, t])
 
 
 def dice_on_contoured_slices(labels: np.ndarray, contours: np.ndarray, theirs: int) -> float | None:
@@ -64,7 +60,7 @@ def score_cine(path: Path, network, config) -> dict[str, list[float]]:
     for t in range(cine.GetSize()[3]):
         if not contours[t].any():
             continue
-        labels = sitk.GetArrayFromImage(segment_image(frame(cine, t), network, config))
+        labels = sitk.GetArrayFromImage(segment_image(phase_of(cine, t), network, config))
         for name, theirs in (("lv", 1), ("myo", 2)):
             value = dice_on_contoured_slices(labels, contours[t], theirs)
             if value is not None:
@@ -97,7 +93,7 @@ def score_removed_slices(path: Path, network, config, model) -> dict[tuple[str, 
     for t in range(cine.GetSize()[3]):
         if not contours[t].any():
             continue
-        image = frame(cine, t)
+        image = phase_of(cine, t)
         if geometry.find_slice_axis(image) != 2:
             raise SystemExit(f"{path.name}: slices are not along the last axis")
         stacks = rebuilt_stacks(image, model)
