@@ -185,8 +185,7 @@ def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: Upsa
 
     ``segmentation_path``: every phase's dense volume segmented as a single volume is (on the sharp rendition of
     its new slices), the labels written as one 4D file (``cine.check_cine_output``), and ``result.volumes`` the
-    volumes of every
-    phase with each ventricle's end diastole, end systole and ejection fraction over the cycle
+    volumes of every phase with each ventricle's end diastole, end systole and ejection fraction over the cycle
     (``segmentation.measures.cycle_volumes``). Everything is computed before the first output is written.
     """
     from .segmentation.measures import cycle_volumes, structure_volumes

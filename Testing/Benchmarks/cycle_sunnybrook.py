@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from calid.cine import phase_of  # noqa: E402
+from calid.cine import phase_of, read_input  # noqa: E402
 from calid.devices import software_line  # noqa: E402
 from calid.engine import UpsampleOptions, upsample_file  # noqa: E402
 from calid.segmentation.inference import segment_image  # noqa: E402
@@ -62,12 +62,11 @@ def lv_ml(labels: np.ndarray, label: int, slices: list[int], voxel_ml: float) ->
     return float((labels[slices] == label).sum()) * voxel_ml
 
 
-def score_cine(path: Path, network, card, model: str, threads: int) -> dict:
-    cine = sitk.ReadImage(str(path))
+def score_cine(path: Path, network, card, model: str) -> dict:
+    cine = read_input(path)  # the product's reader: the image and its frame times
     contours = sitk.GetArrayFromImage(sitk.ReadImage(str(path).replace("_sa_cine.", "_sa_cine_contours.")))
     ed, es, drawn = experts_frames(contours)
-    voxel_ml = float(np.prod(cine.GetSpacing()[:3])) / 1000.0
-    times = tuple(cine.GetOrigin()[3] + t * cine.GetSpacing()[3] for t in range(cine.GetSize()[3]))
+    voxel_ml = float(np.prod(cine.image.GetSpacing()[:3])) / 1000.0
 
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
@@ -76,13 +75,13 @@ def score_cine(path: Path, network, card, model: str, threads: int) -> dict:
                                segmentation_path=Path(folder) / "labels.nii.gz")
         product_s = time.perf_counter() - started
     dense = sitk.GetArrayFromImage(result.labels)[:, ::FACTOR]  # (t, z, y, x): the acquired slices' positions
-    acquired = [segment_image(phase_of(cine, t), network, card["config"]) for t in range(cine.GetSize()[3])]
+    acquired = [segment_image(phase_of(cine.image, t), network, card["config"]) for t in range(len(cine.times))]
     acquired_arrays = [sitk.GetArrayFromImage(labels) for labels in acquired]
 
     def at_experts(arrays, label) -> tuple[float, float]:
         return lv_ml(arrays[ed], label, drawn[ed], voxel_ml), lv_ml(arrays[es], label, drawn[es], voxel_ml)
 
-    whole_acquired = cycle_volumes([structure_volumes(labels) for labels in acquired], times)
+    whole_acquired = cycle_volumes([structure_volumes(labels) for labels in acquired], cine.times)
     return {"experts": at_experts(contours, EXPERT_LV), "dense": at_experts(dense, OUR_LV),
             "acquired": at_experts(acquired_arrays, OUR_LV),
             "dense cycle": result.volumes["ejection_fractions"]["lv_ejection_fraction_percent"],
@@ -107,7 +106,7 @@ def main() -> None:
           "cycle | s (product) |\n|---|---|---|---|---|---|---|")
     errors: dict[str, list[float]] = {}
     for path in sorted(args.data.glob("SCD*_sa_cine.nii.gz")):
-        r = score_cine(path, network, card, args.model, args.threads)
+        r = score_cine(path, network, card, args.model)
         truth = ejection_fraction(*r["experts"])
         cells = []
         for name in ("experts", "dense", "acquired"):
