@@ -62,18 +62,24 @@ def lv_ml(labels: np.ndarray, label: int, slices: list[int], voxel_ml: float) ->
     return float((labels[slices] == label).sum()) * voxel_ml
 
 
-def score_cine(path: Path, network, card, model: str) -> dict:
+def whole_cycle(path: Path, options: UpsampleOptions) -> tuple[object, float]:
+    """``calid upsample PATH --segmentation`` in process with ``options``: (its result, seconds)."""
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        result = upsample_file(path, Path(folder) / "dense.nii.gz", options,
+                               segmentation_path=Path(folder) / "labels.nii.gz")
+        return result, time.perf_counter() - started
+
+
+def score_cine(path: Path, network, card, model: str, peers: tuple[str, ...]) -> dict:
     cine = read_input(path)  # the product's reader: the image and its frame times
     contours = sitk.GetArrayFromImage(sitk.ReadImage(str(path).replace("_sa_cine.", "_sa_cine_contours.")))
     ed, es, drawn = experts_frames(contours)
     voxel_ml = float(np.prod(cine.image.GetSpacing()[:3])) / 1000.0
 
-    with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        result = upsample_file(path, Path(folder) / "dense.nii.gz", UpsampleOptions(factor=FACTOR, device="cpu",
-                                                                                   model=model),
-                               segmentation_path=Path(folder) / "labels.nii.gz")
-        product_s = time.perf_counter() - started
+    result, product_s = whole_cycle(path, UpsampleOptions(factor=FACTOR, device="cpu", model=model))
+    peer_fractions = {f"{method} cycle": whole_cycle(path, UpsampleOptions(factor=FACTOR, device="cpu", method=method))[0]
+                      .volumes["ejection_fractions"]["lv_ejection_fraction_percent"] for method in peers}
     dense = sitk.GetArrayFromImage(result.labels)[:, ::FACTOR]  # (t, z, y, x): the acquired slices' positions
     acquired = [segment_image(phase_of(cine.image, t), network, card["config"]) for t in range(len(cine.times))]
     acquired_arrays = [sitk.GetArrayFromImage(labels) for labels in acquired]
@@ -87,7 +93,7 @@ def score_cine(path: Path, network, card, model: str) -> dict:
             "dense cycle": result.volumes["ejection_fractions"]["lv_ejection_fraction_percent"],
             "acquired cycle": whole_acquired["ejection_fractions"]["lv_ejection_fraction_percent"],
             "phases": (ed, es, result.volumes["lv_end_diastole_phase"], result.volumes["lv_end_systole_phase"]),
-            "seconds": product_s}
+            "seconds": product_s, **peer_fractions}
 
 
 def main() -> None:
@@ -96,17 +102,21 @@ def main() -> None:
     parser.add_argument("--model", default="calid-acdc", help="the interpolation model (default: one that never "
                         "saw Sunnybrook; the default model calid-acdc-scd was fine-tuned on these cines)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", action="store_true", help="also the whole-cycle EF of the dense labels that "
+                        "--method linear and --method morph give (the product's peers), as a last column")
     args = parser.parse_args()
+    peers = ("linear", "morph") if args.peers else ()
     torch.set_num_threads(args.threads)
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     network, card = load_segmenter(None, torch.device("cpu"))
     print(f"{args.model} + {card.get('name', 'calid-seg-acdc')}, K={FACTOR}, {args.threads} threads; {software_line()}\n")
     print("| cine | experts EDV / ESV mL, EF % | CaLID dense labels, experts' frames and slices | acquired slices "
           "alone, the same | EF over the whole cycle: CaLID dense / acquired alone | frames ED, ES: experts / CaLID "
-          "cycle | s (product) |\n|---|---|---|---|---|---|---|")
+          "cycle | s (product) |" + (" whole-cycle EF: linear / morph dense labels |" if peers else "") +
+          "\n|---|---|---|---|---|---|---|" + ("---|" if peers else ""))
     errors: dict[str, list[float]] = {}
     for path in sorted(args.data.glob("SCD*_sa_cine.nii.gz")):
-        r = score_cine(path, network, card, args.model)
+        r = score_cine(path, network, card, args.model, peers)
         truth = ejection_fraction(*r["experts"])
         cells = []
         for name in ("experts", "dense", "acquired"):
@@ -114,11 +124,13 @@ def main() -> None:
             cells.append(f"{edv:.1f} / {esv:.1f}, {ejection_fraction(edv, esv):.1f}")
             if name != "experts":
                 errors.setdefault(name, []).append(ejection_fraction(edv, esv) - truth)
-        for name in ("dense cycle", "acquired cycle"):
+        for name in ("dense cycle", "acquired cycle", *(f"{method} cycle" for method in peers)):
             errors.setdefault(name, []).append(r[name] - truth)
         ed, es, our_ed, our_es = r["phases"]
+        peer_cell = " / ".join(f"{r[f'{method} cycle']:.1f}" for method in peers)
         print(f"| {path.name.split('_')[0]} | " + " | ".join(cells) + f" | {r['dense cycle']:.1f} / "
-              f"{r['acquired cycle']:.1f} | {ed}, {es} / {our_ed}, {our_es} | {r['seconds']:.0f} |", flush=True)
+              f"{r['acquired cycle']:.1f} | {ed}, {es} / {our_ed}, {our_es} | {r['seconds']:.0f} |"
+              + (f" {peer_cell} |" if peers else ""), flush=True)
     print("\nEF minus the experts' (percentage points), mean / mean absolute over the cines:")
     for name, values in errors.items():
         print(f"- {name}: {statistics.mean(values):+.1f} / {statistics.mean(map(abs, values)):.1f}")
