@@ -91,10 +91,14 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
     return axis, factor, device, model, steps
 
 
+def _dense_count(acquired: int, factor: int) -> int:
+    return (acquired - 1) * factor + 1
+
+
 def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
     """Interleave acquired slices (n, h, w), unchanged, with generated ones ((n-1)*(K-1), h, w) cast to ``dtype``."""
     n = acquired.shape[0]
-    dense = np.empty(((n - 1) * factor + 1, *acquired.shape[1:]), dtype=dtype)
+    dense = np.empty((_dense_count(n, factor), *acquired.shape[1:]), dtype=dtype)
     dense[::factor] = acquired
     dense[slice_positions.generated_slices(n, factor)] = _cast_like(generated, dtype)
     return dense
@@ -166,15 +170,31 @@ def _load_segmenter(options: UpsampleOptions | None, name: str | None) -> tuple[
     return (*load_segmenter(name, device), device)
 
 
+def _reserve_segmentation(progress: Progress | None, image: sitk.Image, options: UpsampleOptions | None) -> None:
+    """Count the dense slices that the segmentation will read (a unit each, ``_segment_phase``) on ``progress``
+    before the generation sets its own total, so that the bar is not full while every phase is still segmented."""
+    if progress is None:
+        return
+    options = options or UpsampleOptions()
+    axis = geometry.find_slice_axis(image, options.slice_axis)
+    factor = geometry.resolve_factor(image, axis, options.factor, options.spacing)
+    phases = image.GetSize()[3] if image.GetDimension() == 4 else 1
+    progress.reserve(phases * _dense_count(image.GetSize()[axis], factor))
+
+
 def _segment_phase(result: UpsampleResult, sharp: sitk.Image, segmenter: tuple, sparse: np.ndarray | None = None,
                    progress: Progress | None = None) -> sitk.Image:
-    """Labels of one dense volume, found on the sharp rendition of its new slices (``sharp``, 3D)."""
+    """Labels of one dense volume, found on the sharp rendition of its new slices (``sharp``, 3D); its slices
+    advance ``progress`` (``_reserve_segmentation``)."""
     from .segmentation.pipeline import segment_dense
 
     if progress is not None:
         progress.set_stage("segmenting")
     network, card, device = segmenter
-    return segment_dense(sharp, result.slice_axis, result.factor, network, card, sparse_labels=sparse, device=device)
+    labels = segment_dense(sharp, result.slice_axis, result.factor, network, card, sparse_labels=sparse, device=device)
+    if progress is not None:
+        progress.advance(sharp.GetSize()[result.slice_axis])
+    return labels
 
 
 def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: UpsampleOptions | None = None,
@@ -194,6 +214,8 @@ def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: Upsa
         if path is not None:
             check_cine_output(path, labels)
     segmenter = None if segmentation_path is None else _load_segmenter(options, segmentation_model)
+    if segmenter is not None:
+        _reserve_segmentation(progress, cine.image, options)
     result = upsample_cine(cine, options, model, progress, want_uncertainty=uncertainty_path is not None,
                            want_sharp=segmenter is not None)
     if segmenter is not None:
@@ -248,6 +270,8 @@ def upsample_file(
 
         sparse = check_labels(read_image(input_segmentation_path), validate_volume(image))
     segmenter = None if segmentation_path is None else _load_segmenter(options, segmentation_model)
+    if segmenter is not None:
+        _reserve_segmentation(progress, image, options)
     result = upsample_image(image, options, model, progress, want_uncertainty=uncertainty_path is not None,
                             want_sharp=segmenter is not None)
     if segmenter is not None:

@@ -28,19 +28,29 @@ class Progress:
         self.stream = stream or sys.stdout
         self.stage = ""
         self.started = time.monotonic()
+        self.reserved = 0
         self._bar = tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True) if mode == "bar" else None
         self.total = total
 
     @property
     def total(self) -> int:
+        """All units: those of the stage that set it last, plus the ``reserved`` ones that come after it."""
         return self._total
 
     @total.setter
     def total(self, value: int) -> None:
-        self._total = max(int(value), 1)
+        self._stage_total = int(value)
+        self._total = max(self._stage_total + self.reserved, 1)
         if self._bar is not None:
             self._bar.total = self._total
             self._bar.refresh()
+
+    def reserve(self, units: int) -> None:
+        """Count ``units`` of work that follow the stages which set ``total`` themselves (the generation sets it to
+        its own work): segmenting the dense volumes, for one. Without them the fraction reached 1 when the new
+        slices were made, and a cine's segmentation then ran for minutes behind a full bar."""
+        self.reserved += int(units)
+        self.total = self._stage_total
 
     def set_stage(self, stage: str) -> None:
         if stage == self.stage:

@@ -137,6 +137,23 @@ def test_one_progress_over_the_whole_cine(cine, tiny_model_dir):
     assert progress.total == 3 * 6 + 3 * 5 * 2 + 3 * 5 + 3 * 6  # encode, 2 steps, decode, reconstruct
 
 
+def test_segmenting_a_cine_moves_the_progress_phase_by_phase_after_the_new_slices(cine, tmp_path, tiny_model_dir):
+    from calid.engine import upsample_cine_file
+
+    stream = io.StringIO()
+    options = UpsampleOptions(factor=2, steps=1, device="cpu", model=str(tiny_model_dir))
+    upsample_cine_file(Cine(cine, TIMES), tmp_path / "out.nii.gz", options, progress=Progress("json", stream=stream),
+                       segmentation_path=tmp_path / "labels.nii.gz")
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["event"] == "progress"]
+    fractions = [e["fraction"] for e in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    segmenting = [e for e in progress if e["stage"] == "segmenting"]
+    dense_slices = 2 * 6 - 1
+    assert [e["done"] for e in segmenting] == [progress[-1]["total"] - dense_slices * k for k in (2, 1, 0)]
+    assert segmenting[0]["fraction"] < 1.0 and progress[-len(segmenting) - 1]["stage"] != "segmenting"
+
+
 def test_cine_uncertainty_is_a_map_per_phase_zero_on_acquired_slices(cine, tmp_path, error_head_model_dir):
     source = tmp_path / "cine.nii.gz"
     sitk.WriteImage(cine, str(source))
