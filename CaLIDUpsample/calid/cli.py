@@ -93,6 +93,17 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     v.add_argument("end_systole", nargs="?", help="end-systole label volume: adds stroke volumes and ejection fractions")
 
 
+def _widths(text: str) -> list[int]:
+    """``--denoiser-channels``: comma-separated positive whole numbers."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(f"give positive whole numbers separated by commas, such as 64,128,256, not {text!r}")
+    return widths
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model, or fine-tune one with --init")
     p.add_argument("data", nargs="*", help="folders of SAX volumes (labels are ignored); or --pack")
@@ -126,6 +137,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     ):
         default = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})")
+    p.add_argument("--denoiser-channels", type=_widths, metavar="C1,C2,C3",
+                   help="train a new denoiser (tau_theta1, tau_theta2 and U-Net) with these widths per level; with "
+                        "--init on that model's VAE, motion and last step (a larger denoiser; the default preset's "
+                        "is 32,64,128)")
+    p.add_argument("--denoiser-minutes", type=float,
+                   help="end the denoiser stage after this many minutes of it and export its weights as they are "
+                        "(the card records the steps trained); the learning rate follows --denoiser-steps")
     p.add_argument("--split", help="JSON file with 'train' and 'validation' patient lists")
     p.add_argument("--refiner-loss", choices=REFINER_LOSSES, default="mse",
                    help="the refiner's loss (default mse; l1+ssim adds 0.5 x (1 - SSIM); l1+ssim+seg also the bundled "
@@ -370,6 +388,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, output=args.output, preset=args.preset, init=args.init, vae_steps=args.vae_steps,
         denoiser_steps=args.denoiser_steps, refiner_steps=args.refiner_steps, vae_batch=args.vae_batch,
+        denoiser_channels=args.denoiser_channels, denoiser_minutes=args.denoiser_minutes,
         denoiser_batch=args.denoiser_batch, refiner_loss=args.refiner_loss, refiner_kind=args.refiner_kind,
         refiner_thin_weight=args.refiner_thin_weight, morph_mix=args.morph_mix, flow_views=args.flow_views,
         flow_smooth=args.flow_smooth, morph_mix_space=args.morph_mix_space, gap_mix=args.gap_mix,

@@ -454,6 +454,22 @@ class CaLID(nn.Module):
             self.motion["smooth"] = float(weight)
         self.config["motion"] = dict(self.motion)
 
+    def new_denoiser(self, channels: list[int]) -> None:
+        """Replace tau_theta1, tau_theta2 and the U-Net by untrained ones with these widths per level (as many levels
+        as before), keeping the VAE, the motion settings, the last step and the residual scale: a larger denoiser
+        on a trained model's latents (``calid train --init M --denoiser-channels``). The widths must be multiples
+        of the denoiser's ``norm_num_groups`` and, where it attends, of its ``num_head_channels``."""
+        current = self.config["denoiser"]
+        if len(channels) != len(current["channels"]):
+            raise ValueError(f"give {len(current['channels'])} widths, one per level, not {len(channels)}")
+        attends = [c for c, a in zip(channels, current["attention_levels"]) if a]
+        if any(c <= 0 or c % current["norm_num_groups"] for c in channels) or any(
+                c % current["num_head_channels"] for c in attends):
+            raise ValueError(f"widths must be positive multiples of {current['norm_num_groups']} (and of "
+                             f"{current['num_head_channels']} where the level attends), not {channels}")
+        self.config["denoiser"] = {**current, "channels": [int(c) for c in channels]}
+        self.interpolator = LatentInterpolator(self.config)
+
     @property
     def vae_downsampling(self) -> int:
         """Image pixels per latent pixel along each axis (4 by default)."""

@@ -1,31 +1,49 @@
 #!/bin/sh
-# One prepared run on a lent GPU machine: the issue's GPU speed figure, then the bundled ACDC model's denoiser
-# fine-tuned at GPU scale. Made for the project's device tool (README, Development: on a lent GPU):
+# One prepared run on a lent GPU machine: the issue's GPU speed figure, then two denoisers trained side by side on
+# the bundled ACDC model's VAE, motion and last step. Made for the project's device tool (README, Development: on a
+# lent GPU):
 #
 #   here:  .venv/bin/python Testing/Device/prepare_gpu_kit.py          # .gpu_kit/: pack, speed case, MONAI wheel
 #   there: run  command="sh Testing/Device/gpu_session.sh"  carry=[".gpu_kit"]  timeout_s=600
 #
-# The image there has PyTorch, OpenCV, scikit-image, SciPy and safetensors; MONAI comes from the kit and SimpleITK is
-# not needed (calid.training.pack). Back under $OUT: gpu.txt, speed.md, train.log, metrics.csv and the trained
-# model's model.json and model.safetensors. Its error head's calibration is left for this machine to refit on the
-# full-size stacks (--no-recalibrate; the command is in the README). STEPS (default 1500) sets the length: a step of
-# batch 128 was estimated at about 0.2 s there (the batch is made on the CPU), so about 5 of the 10 minutes a
-# command may take. Should a step take longer, the training is stopped after TRAIN_S seconds (default 460) so that
-# the command still ends in time and metrics.csv (its seconds per step) comes back; the model then does not.
-# DEVICE=cpu PYTHON=.venv/bin/python STEPS=2 OUT=DIR rehearses it on this machine.
+# The two runs answer the question stops 34-39 left (docs/measurements.md): is the latent estimate short for want of
+# training or of capacity?
+#   tuned: calid-acdc's own denoiser (widths 32,64,128) fine-tuned for STEPS (default 1500) steps of batch 128;
+#   wide:  a new denoiser of widths WIDE (default 64,128,256, about 4x the parameters) trained from scratch for
+#          WIDE_STEPS (default 1000) steps of batch 128 (calid train --denoiser-channels).
+# Each stops after MINUTES (default 5.5) minutes of training whatever its steps (--denoiser-minutes) and exports its
+# weights as they are, so both models come back inside the device's 10 minutes (the TRAIN_S timeout, 470 s, is only
+# a last guard). The image there has PyTorch, OpenCV, scikit-image, SciPy and safetensors; MONAI comes from the kit
+# and SimpleITK is not needed (calid.training.pack). Back under $OUT: gpu.txt, speed.md, and for each run NAME.log,
+# NAME_metrics.csv, NAME.json and NAME.safetensors (the model folder's two files). The error heads' calibration is
+# left for this machine to refit on the full-size stacks (--no-recalibrate; the command is in the README).
+# DEVICE=cpu PYTHON=.venv/bin/python STEPS=2 WIDE_STEPS=2 OUT=DIR rehearses it on this machine.
 set -eu
 : "${OUT:?OUT is not set: this runs on the device machine}"
-STEPS="${STEPS:-1500}" TRAIN_S="${TRAIN_S:-460}" DEVICE="${DEVICE:-cuda}" PYTHON="${PYTHON:-python3}"
+STEPS="${STEPS:-1500}" WIDE_STEPS="${WIDE_STEPS:-1000}" WIDE="${WIDE:-64,128,256}" MINUTES="${MINUTES:-5.5}"
+TRAIN_S="${TRAIN_S:-470}" DEVICE="${DEVICE:-cuda}" PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_kit/monai-*.whl
 export PYTHONPATH="/tmp/site:$PWD/CaLIDUpsample" PYTHONUNBUFFERED=1
-RUN="$(mktemp -d)/run"
+RUN="$(mktemp -d)"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } \
     | tee "$OUT/gpu.txt"
 "$PYTHON" Testing/Device/gpu_speed.py .gpu_kit/speed_case.npz --device "$DEVICE" --threads 16 2>&1 | tee "$OUT/speed.md"
-timeout "$TRAIN_S" "$PYTHON" -m calid train --pack .gpu_kit/acdc.npz --init calid-acdc --output "$RUN" --device "$DEVICE" --threads 16 \
-    --flows-up-front --no-recalibrate --denoiser-steps "$STEPS" --denoiser-batch 128 --lr 2e-4 --warmup 100 \
-    --val-every 500 --val-volumes 8 --checkpoint-every 500 --seed 4 --progress none --name calid-acdc-gpu \
-    --description "calid-acdc's denoiser fine-tuned $STEPS steps of batch 128 on one GPU (Testing/Device/gpu_session.sh)" \
-    2>&1 | tee "$OUT/train.log"
-cp "$RUN/metrics.csv" "$OUT/" || true
-cp "$RUN/model/model.json" "$RUN/model/model.safetensors" "$OUT/"
+
+train() {  # NAME DESCRIPTION [calid train options]: one run on half the CPU's threads, its files copied to $OUT
+    name="$1" description="$2"
+    shift 2
+    timeout "$TRAIN_S" "$PYTHON" -m calid train --pack .gpu_kit/acdc.npz --init calid-acdc --output "$RUN/$name" \
+        --device "$DEVICE" --threads 8 --flows-up-front --no-recalibrate --denoiser-batch 128 --warmup 100 \
+        --denoiser-minutes "$MINUTES" --val-every 500 --val-volumes 8 --checkpoint-every 500 --seed 4 \
+        --progress none --name "calid-acdc-$name" --description "$description (Testing/Device/gpu_session.sh)" "$@" \
+        > "$OUT/$name.log" 2>&1 || echo "$name: exit $?" >> "$OUT/$name.log"
+    cp "$RUN/$name/metrics.csv" "$OUT/${name}_metrics.csv" || true
+    cp "$RUN/$name/model/model.json" "$OUT/$name.json" || true
+    cp "$RUN/$name/model/model.safetensors" "$OUT/$name.safetensors" || true
+}
+train tuned "calid-acdc's denoiser fine-tuned up to $STEPS steps of batch 128 on one GPU" \
+    --denoiser-steps "$STEPS" --lr 2e-4 &
+train wide "a new denoiser of widths $WIDE on calid-acdc's VAE, up to $WIDE_STEPS steps of batch 128 on one GPU" \
+    --denoiser-steps "$WIDE_STEPS" --denoiser-channels "$WIDE" --lr 3e-4 &
+wait
+tail -n 3 "$OUT/tuned.log" "$OUT/wide.log"

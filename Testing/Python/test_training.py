@@ -111,6 +111,26 @@ def test_fine_tuning_from_an_existing_model_keeps_its_vae(dataset, tmp_path, tin
     assert any(changed)
 
 
+def test_a_wider_new_denoiser_on_a_trained_vae_ends_when_its_minutes_are_up(dataset, tmp_path, tiny_model_dir):
+    run = tmp_path / "wide"
+    proc = train(dataset, "--output", run, "--init", tiny_model_dir, "--denoiser-channels", "16,32,48",
+                 "--denoiser-steps", "500", "--denoiser-minutes", "0.0001", "--val-every", "500",
+                 "--val-fraction", "0.25", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, _ = load_model(tiny_model_dir)
+    wide, card = load_model(run / "model")
+    assert card["config"]["denoiser"]["channels"] == [16, 32, 48]
+    assert card["training"]["denoiser_steps_trained"] == 1 and card["metrics"]["training_validation"]
+    for (name, p), (_, q) in zip(base.vae.state_dict().items(), wide.vae.state_dict().items()):
+        np.testing.assert_allclose(p.numpy(), q.numpy(), atol=1e-3, err_msg=name)
+    assert sum(p.numel() for p in wide.interpolator.parameters()) > sum(p.numel() for p in base.interpolator.parameters())
+
+    refused = train(dataset, "--output", tmp_path / "bad", "--init", tiny_model_dir, "--denoiser-channels", "16,32,40",
+                    *TINY)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--denoiser-channels: widths must be positive multiples of" in refused.stderr
+
+
 def test_one_step_fine_tuning_records_its_timesteps_and_refuses_more_steps(dataset, tmp_path, tiny_model_dir):
     run = tmp_path / "tune"
     proc = train(dataset, "--output", run, "--init", tiny_model_dir, "--denoiser-steps", "2", "--val-every", "2",

@@ -20,6 +20,8 @@ class TrainConfig:
     refiner_thin_weight: float = 1.0  # draw thin-slice stacks' examples this many times as often
     morph_mix: float | None = None  # set the model's morph mix (calid.networks.CaLID.set_morph_mix); None: keep it
     error_head_steps: int = 0  # > 0: then train the error head behind the calibrated uncertainty map (motion-aware)
+    denoiser_channels: list[int] | None = None  # a new, untrained denoiser of these widths (with init: on its VAE)
+    denoiser_minutes: float | None = None  # end the denoiser stage after this many minutes of it
     vae_batch: int = 16
     denoiser_batch: int = 32
     vae_crop: int = 96

@@ -85,6 +85,11 @@ class Trainer:
             if cfg.preset not in PRESETS:
                 raise CalidError(f"unknown preset {cfg.preset} (use {', '.join(PRESETS)})")
             self.model = CaLID(PRESETS[cfg.preset])
+        if cfg.denoiser_channels:
+            try:
+                self.model.new_denoiser(cfg.denoiser_channels)
+            except ValueError as error:
+                raise CalidError(f"--denoiser-channels: {error}") from None
         if cfg.motion:
             self.model.make_motion_aware(cfg.motion, (self.model.motion or {}).get("views", 1))
         if cfg.flow_views is not None:
@@ -130,6 +135,7 @@ class Trainer:
         self.total_steps = refiner_end + cfg.error_head_steps
         self.history: list[dict[str, Any]] = []
         self.last_validation: dict[str, float] = {}
+        self.denoiser_steps_trained: int | None = None  # set when --denoiser-minutes ended the stage early
 
     def _keep_sampling_on_trained_timesteps(self) -> int:
         """The lowest timestep the denoiser trains on: ``min_timestep``, or its base model's if higher.
@@ -289,6 +295,8 @@ class Trainer:
         progress.set_stage(f"training {stage}")
         trained.train()
         running, count, tick = 0.0, 0, time.monotonic()
+        deadline = tick + 60 * cfg.denoiser_minutes if stage == "denoiser" and cfg.denoiser_minutes else None
+        first = step
         while step < end:
             with autocast(self.device):
                 if stage == "vae":
@@ -318,10 +326,14 @@ class Trainer:
             optimizer.step()
             schedule.step()
             ema.update_parameters(self.model)
-            step += 1
+            before, step = step, step + 1
+            if deadline is not None and time.monotonic() > deadline and step < end:
+                # Out of time: the stage ends here, its EMA weights taken as they are (logged, validated and
+                # exported as at its planned end), and the run goes on from the stage's end.
+                self.denoiser_steps_trained, step = step - first, end
             loss_value = loss.item()
             running, count = running + loss_value, count + 1
-            progress.advance(1, loss=round(loss_value, 5))
+            progress.advance(step - before, loss=round(loss_value, 5))
             if self.rank != 0:
                 continue
             if step % cfg.log_every == 0 or step == end:
@@ -458,6 +470,8 @@ class Trainer:
                 "train_volumes": len(self.train_volumes),
                 "vae_steps": self.vae_steps,
                 "denoiser_steps": cfg.denoiser_steps,
+                **({} if self.denoiser_steps_trained is None else
+                   {"denoiser_steps_trained": self.denoiser_steps_trained}),
                 "refiner_steps": cfg.refiner_steps,
                 "error_head_steps": cfg.error_head_steps,
                 "base_model": self.base_card.get("name") if cfg.init else None,
