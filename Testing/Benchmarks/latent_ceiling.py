@@ -10,13 +10,16 @@ stacks, 20 mm: 10 mm stacks). Rows: linear interpolation and the TV-L1 morph (th
 slices (the balanced rendition the volume carries, the sharp one ``--segmentation`` reads, and its latent estimate
 before the last step); the same three with the **oracle latent**, the VAE encoding of the real removed slice put in
 place of what the denoiser makes (everything after it, the decoder, the detail transfer along the flows and the last
-step, unchanged); and the VAE round trip of the real slice alone. The oracle rows bound what a better denoiser could
-give in this pipeline; the round trip bounds what the VAE lets through. Scores as in ``thin_gap_tradeoff.py``:
+step, unchanged); the same three with **no residual**, the denoiser's output replaced by zero (the latent is then
+the blend of the warped neighbours' latents it diffuses the residual to, and the last step works on that); and the
+VAE round trip of the real slice alone. The oracle rows bound what a better denoiser could give in this pipeline, the
+no-residual rows show what today's denoiser adds, and the round trip bounds what the VAE lets through. Scores as in ``thin_gap_tradeoff.py``:
 heart-box PSNR and SSIM, and the bundled segmenter's mean Dice on the removed slices. Not a test: it prints a
 Markdown table per gap.
 
-The oracle is put in by replacing the model's ``from_diffusion`` (the last operation of the denoising) on this one
-model object while all of a stack's slices go through one batch; nothing in the product changes.
+The oracle and the zero residual are put in by replacing the model's ``from_diffusion`` (the last operation of the
+denoising) on this one model object while all of a stack's slices go through one batch; nothing in the product
+changes.
 """
 
 from __future__ import annotations
@@ -47,10 +50,14 @@ FACTOR = 2
 ONE_BATCH = 1 << 16  # every missing slice of a stack in one denoiser call, so the oracle lines up with the items
 
 
-def model_slices(model, kept: np.ndarray, removed: np.ndarray, gap_mm: float, oracle: bool) -> dict[str, np.ndarray]:
+LATENTS = {"model": "model: ", "none": "no residual: ", "oracle": "oracle latent: "}
+
+
+def model_slices(model, kept: np.ndarray, removed: np.ndarray, gap_mm: float, latent: str) -> dict[str, np.ndarray]:
     """The model's balanced and sharp renditions and its latent estimate for the missing slices of ``kept`` (scanner
-    units); with ``oracle``, made from the VAE encoding of ``removed`` instead of the denoiser's latent, plus the
-    VAE round trip of ``removed``."""
+    units), from the denoiser's latent (``latent`` "model"), from the blend it adds its residual to ("none"), or from
+    the VAE encoding of ``removed`` ("oracle", then also the VAE round trip of ``removed``)."""
+    oracle = latent == "oracle"
     intensity = IntensityMap.fit(kept[None])
     stacks = intensity.to_network(kept[None])
     gaps = GapItems(model, stacks, FACTOR, 1)
@@ -59,13 +66,16 @@ def model_slices(model, kept: np.ndarray, removed: np.ndarray, gap_mm: float, or
         padded, _, _ = pad_to_multiple(intensity.to_network(removed[None]).astype(np.float32), model.spatial_multiple)
         truth = model.encode(torch.from_numpy(padded[0][:, None])).float()
         model.from_diffusion = lambda denoised, *condition: truth
+    elif latent == "none":
+        residual_to = model.from_diffusion
+        model.from_diffusion = lambda denoised, *condition: residual_to(torch.zeros_like(denoised), *condition)
     try:
         renditions = generate_renditions(model, stacks, FACTOR, steps, flows=gaps.flows, gap_mm=gap_mm,
                                          renditions=("balanced", "sharp"), batch_size=ONE_BATCH)
         estimate = generate_renditions(model, stacks, FACTOR, steps, flows=gaps.flows, refine=False,
                                        batch_size=ONE_BATCH)["balanced"]
     finally:
-        if oracle:
+        if latent != "model":
             del model.from_diffusion  # the class's method again
     parts = {"balanced": renditions["balanced"][0, 0], "sharp": renditions["sharp"][0, 0],
              "latent estimate": estimate[0, 0]}
@@ -85,8 +95,8 @@ def score_stack(image: sitk.Image, labels_path: Path, model, segmenter) -> tuple
     rows = {"linear": linear_missing(kept, FACTOR), "TV-L1 morph (the protocol's peer)":
             motion.morph_missing(kept, FACTOR, PEER_FLOW)}
     with torch.no_grad():
-        for oracle, prefix in ((False, "model: "), (True, "oracle latent: ")):
-            for name, x in model_slices(model, kept, removed, spacing * FACTOR, oracle).items():
+        for latent, prefix in LATENTS.items():
+            for name, x in model_slices(model, kept, removed, spacing * FACTOR, latent).items():
                 rows[name if name.startswith("VAE") else prefix + name] = x
     inplane = geometry.inplane_spacing(image, axis)
     return round(spacing * FACTOR), {name: (*slice_scores(removed, np.rint(x), real, box),

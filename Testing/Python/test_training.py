@@ -95,6 +95,18 @@ def test_ddp_two_processes_with_gloo(dataset, tmp_path):
     assert card["training"]["world_size"] == 2
 
 
+def test_ddp_processes_end_a_timed_denoiser_stage_after_the_same_step(dataset, tmp_path, tiny_model_dir):
+    run = tmp_path / "ddp-timed"
+    proc = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29534", "-m", "calid", "train",
+                           str(dataset), "--output", str(run), "--init", str(tiny_model_dir), "--denoiser-steps", "50",
+                           "--denoiser-minutes", "0.0001", "--val-every", "50", "--val-fraction", "0.25",
+                           "--device", "cpu", "--threads", "1", *TINY],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((run / "model" / "model.json").read_text(encoding="utf-8"))
+    assert card["training"]["world_size"] == 2 and card["training"]["denoiser_steps_trained"] == 1
+
+
 def test_fine_tuning_from_an_existing_model_keeps_its_vae(dataset, tmp_path, tiny_model_dir):
     run = tmp_path / "tune"
     proc = train(dataset, "--output", run, "--init", tiny_model_dir, "--denoiser-steps", "4", "--val-every", "4",

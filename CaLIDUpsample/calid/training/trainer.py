@@ -327,9 +327,9 @@ class Trainer:
             schedule.step()
             ema.update_parameters(self.model)
             before, step = step, step + 1
-            if deadline is not None and time.monotonic() > deadline and step < end:
-                # Out of time: the stage ends here, its EMA weights taken as they are (logged, validated and
-                # exported as at its planned end), and the run goes on from the stage's end.
+            if deadline is not None and step < end and self._out_of_time(deadline):
+                # The stage ends here, its EMA weights taken as they are (logged, validated and exported as at its
+                # planned end), and the run goes on from the stage's end.
                 self.denoiser_steps_trained, step = step - first, end
             loss_value = loss.item()
             running, count = running + loss_value, count + 1
@@ -352,6 +352,14 @@ class Trainer:
         if self.rank == 0:
             self._save(checkpoint, ema, optimizer, step, stage)
         return step
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Rank 0's clock decides for every process, so that all of them end the stage after the same step."""
+        late = torch.tensor([float(time.monotonic() > deadline)])
+        if self.world > 1:
+            late = late.to(self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(late, 0)
+        return bool(late.item())
 
     def _calibration_is_stale(self) -> bool:
         """The slices the error head describes were changed (a tuned denoiser, a new refiner, morph or gap mix, flow) but
