@@ -71,6 +71,7 @@ class CaLIDTrainingParameterNode:
     steps: Annotated[int, WithinRange(1, 100000)] = 300
     batchSize: Annotated[int, WithinRange(1, 256)] = 8
     learningRate: Annotated[float, WithinRange(0.000001, 0.01)] = 0.0001
+    timeLimitMinutes: Annotated[int, WithinRange(0, 10000)] = 0
     device: str = "auto"
     outputName: str = "calid-finetuned"
 
@@ -132,7 +133,8 @@ class CaLIDTrainingWidget(CaLIDPanel):
         with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
             self.logic.train(
                 self._trainingData(), baseModel=p.baseModel, steps=p.steps, batchSize=p.batchSize,
-                learningRate=p.learningRate, device=p.device, outputName=p.outputName,
+                learningRate=p.learningRate, timeLimitMinutes=p.timeLimitMinutes, device=p.device,
+                outputName=p.outputName,
                 validationFraction=p.validationFraction, waitForCompletion=False, progressCallback=self._onProgress,
                 onFinished=self._onFinished, resume=resume,
             )

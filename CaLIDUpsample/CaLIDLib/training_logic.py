@@ -7,6 +7,10 @@ plot charts while it runs. The run folder ``<user models folder>/../runs/<name>`
 default) keeps the checkpoint, metrics and curves; on success the finished ``model/`` is copied into the
 user models folder under the chosen name, so ``calid models`` and the CaLID Upsample panel list it at once.
 
+``timeLimitMinutes`` ends the training after that many minutes even if its steps are not done
+(``--denoiser-minutes``) and the model is kept as it is then: on a machine of unknown speed a user can say how
+long, not only how many steps.
+
 Stop sends SIGTERM: ``calid train`` exits with code 130 and the last checkpoint stays as it was (checkpoints
 are written atomically), so fine-tuning runs write one every ``checkpointEvery`` steps (25 by default) and
 Stop loses at most that much work. ``resume=True`` continues the run from that checkpoint with ``--resume``.
@@ -64,22 +68,26 @@ class CaLIDTrainingLogic(WorkerLogic):
     # ------------------------------------------------------------------ command
     def workerCommand(self, data: Path, run: Path, baseModel: str, steps: int, batchSize: int, learningRate: float,
                       device: str, outputName: str, validationFraction: float, checkpointEvery: int, resume: bool,
-                      description: str) -> list[str]:
+                      description: str, timeLimitMinutes: float = 0) -> list[str]:
         cmd = [self.python, "-m", "calid", "train", str(data), "--output", str(run), "--init", str(baseModel),
                "--denoiser-steps", str(steps), "--denoiser-batch", str(batchSize), "--lr", str(learningRate),
                "--warmup", str(steps // 10), "--val-fraction", str(validationFraction),
                "--val-every", str(max(1, steps // VALIDATIONS)), "--log-every", str(LOG_EVERY),
                "--checkpoint-every", str(checkpointEvery), "--device", device, "--name", outputName,
                "--description", description, "--progress", "json"]
+        if timeLimitMinutes > 0:
+            cmd += ["--denoiser-minutes", str(timeLimitMinutes)]
         return cmd + ["--resume"] if resume else cmd
 
     # ------------------------------------------------------------------ public API
     def train(self, volumesOrFolder, baseModel: str = DEFAULT_MODEL, steps: int = 300, batchSize: int = 8,
-              learningRate: float = 1e-4, device: str = "auto", outputName: str = "calid-finetuned",
+              learningRate: float = 1e-4, timeLimitMinutes: float = 0, device: str = "auto",
+              outputName: str = "calid-finetuned",
               validationFraction: float = 0.2, waitForCompletion: bool = True,
               progressCallback: ProgressCallback | None = None, resume: bool = False,
               onFinished: FinishedCallback | None = None, checkpointEvery: int = CHECKPOINT_EVERY):
-        """Fine-tune ``baseModel`` on volume nodes (or a folder of volume files) into the user model ``outputName``.
+        """Fine-tune ``baseModel`` on volume nodes (or a folder of volume files) into the user model ``outputName``;
+        ``timeLimitMinutes`` > 0 ends it after that many minutes (the model as it is then).
 
         Returns the new model's folder (blocking), or None when stopped or non-blocking (then call ``poll()``
         until it returns False; ``onFinished(modelFolder, error)`` is called).
@@ -109,7 +117,8 @@ class CaLIDTrainingLogic(WorkerLogic):
                 data = folder / "data"
                 write_nodes(source, data)
             command = self.workerCommand(data, run, baseModel, steps, batchSize, learningRate, device, outputName,
-                                         validationFraction, checkpointEvery, checkpointed, description)
+                                         validationFraction, checkpointEvery, checkpointed, description,
+                                         timeLimitMinutes)
             return command, lambda: import_model(run / "model", outputName)
 
         return self._runWorker(prepare, progressCallback, onFinished, waitForCompletion)

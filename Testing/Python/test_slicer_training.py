@@ -86,6 +86,17 @@ def test_fine_tuning_from_scene_volumes_end_to_end(scene, nodes, tiny_model_dir,
     assert list(private_tmp.iterdir()) == []
 
 
+def test_a_time_limit_ends_the_training_and_keeps_the_model_as_it_is_then(scene, nodes, tiny_model_dir, private_tmp,
+                                                                         models):
+    logic = CaLIDTrainingLogic(scene, python=sys.executable)
+    progress = []
+    model = logic.train(nodes, baseModel=str(tiny_model_dir), steps=500, timeLimitMinutes=0.0001, outputName="quick",
+                        **FAST, progressCallback=lambda f, stage, eta: progress.append(f))
+    card = json.loads((model / "model.json").read_text(encoding="utf-8"))
+    assert card["training"]["denoiser_steps"] == 500 and card["training"]["denoiser_steps_trained"] == 1
+    assert progress[-1] == pytest.approx(1.0) and list(private_tmp.iterdir()) == []
+
+
 def test_stop_keeps_a_checkpoint_and_resume_finishes_the_run(scene, nodes, tiny_model_dir, private_tmp, models):
     logic = CaLIDTrainingLogic(scene, python=sys.executable)
     settings = dict(baseModel=str(tiny_model_dir), steps=40, outputName="stopped", checkpointEvery=5, **FAST)
