@@ -46,7 +46,9 @@ train() {  # NAME DESCRIPTION [calid train options]: one run on half the CPU's t
     if [ ! -f "$weights" ]; then
         return
     elif [ "$(wc -c < "$weights")" -gt 15728640 ]; then
-        split -b 15M -d "$weights" "$OUT/$name.safetensors.part"
+        "$PYTHON" -c 'import sys; data, part = open(sys.argv[1], "rb").read(), 15 << 20
+for i, start in enumerate(range(0, len(data), part)):
+    open(f"{sys.argv[2]}{i:02d}", "wb").write(data[start:start + part])' "$weights" "$OUT/$name.safetensors.part"
     else
         cp "$weights" "$OUT/$name.safetensors"
     fi
