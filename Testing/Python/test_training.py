@@ -141,6 +141,9 @@ def test_a_wider_new_denoiser_on_a_trained_vae_ends_when_its_minutes_are_up(data
                     *TINY)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "--denoiser-channels: widths must be positive multiples of" in refused.stderr
+    no_time = train(dataset, "--output", tmp_path / "none", "--init", tiny_model_dir, "--denoiser-minutes", "0", *TINY)
+    assert no_time.returncode == 2 and "--denoiser-minutes must be positive, not 0.0" in no_time.stderr
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "none").exists()
 
 
 def test_one_step_fine_tuning_records_its_timesteps_and_refuses_more_steps(dataset, tmp_path, tiny_model_dir):

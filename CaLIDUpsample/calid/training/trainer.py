@@ -85,6 +85,8 @@ class Trainer:
             if cfg.preset not in PRESETS:
                 raise CalidError(f"unknown preset {cfg.preset} (use {', '.join(PRESETS)})")
             self.model = CaLID(PRESETS[cfg.preset])
+        if cfg.denoiser_minutes is not None and not cfg.denoiser_minutes > 0:
+            raise CalidError(f"--denoiser-minutes must be positive, not {cfg.denoiser_minutes}")
         if cfg.denoiser_channels:
             try:
                 self.model.new_denoiser(cfg.denoiser_channels)
