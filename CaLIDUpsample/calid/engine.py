@@ -91,14 +91,10 @@ def prepare_run(image: sitk.Image, options: UpsampleOptions, model: CaLID | None
     return axis, factor, device, model, steps
 
 
-def _dense_count(acquired: int, factor: int) -> int:
-    return (acquired - 1) * factor + 1
-
-
 def dense_stack(acquired: np.ndarray, generated: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
     """Interleave acquired slices (n, h, w), unchanged, with generated ones ((n-1)*(K-1), h, w) cast to ``dtype``."""
     n = acquired.shape[0]
-    dense = np.empty((_dense_count(n, factor), *acquired.shape[1:]), dtype=dtype)
+    dense = np.empty((slice_positions.dense_count(n, factor), *acquired.shape[1:]), dtype=dtype)
     dense[::factor] = acquired
     dense[slice_positions.generated_slices(n, factor)] = _cast_like(generated, dtype)
     return dense
@@ -179,7 +175,7 @@ def _reserve_segmentation(progress: Progress | None, image: sitk.Image, options:
     axis = geometry.find_slice_axis(image, options.slice_axis)
     factor = geometry.resolve_factor(image, axis, options.factor, options.spacing)
     phases = image.GetSize()[3] if image.GetDimension() == 4 else 1
-    progress.reserve(phases * _dense_count(image.GetSize()[axis], factor))
+    progress.reserve(phases * slice_positions.dense_count(image.GetSize()[axis], factor))
 
 
 def _segment_phase(result: UpsampleResult, sharp: sitk.Image, segmenter: tuple, sparse: np.ndarray | None = None,

@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CalidError
+from .slice_positions import dense_count
 
 MAX_FACTOR = 16
 MAX_DENSE_SLICES = 2048
@@ -47,7 +48,7 @@ def resolve_factor(image: sitk.Image, axis: int, factor: int | None, spacing_mm:
     n = image.GetSize()[axis]
     if n < 2:
         raise CalidError(f"input has {n} slice along axis {axis}: at least 2 acquired slices are needed")
-    if (n - 1) * factor + 1 > MAX_DENSE_SLICES:
+    if dense_count(n, factor) > MAX_DENSE_SLICES:
         raise CalidError(f"factor {factor} on {n} slices would give more than {MAX_DENSE_SLICES} slices")
     return factor
 

@@ -100,7 +100,8 @@ def through_plane_panels(image: sitk.Image, dense_image: sitk.Image, axis: int) 
     sparse = geometry.to_stack(sitk.GetArrayFromImage(image), axis).astype(np.float64)
     calid = geometry.to_stack(sitk.GetArrayFromImage(dense_image), axis).astype(np.float64)
     factor = (calid.shape[0] - 1) // (sparse.shape[0] - 1)
-    if factor < 2 or (sparse.shape[0] - 1) * factor + 1 != calid.shape[0] or calid.shape[1:] != sparse.shape[1:]:
+    if (factor < 2 or slice_positions.dense_count(sparse.shape[0], factor) != calid.shape[0]
+            or calid.shape[1:] != sparse.shape[1:]):
         raise CalidError(f"the dense volume ({calid.shape[0]} slices of {calid.shape[1]} x {calid.shape[2]}) is not "
                          f"an upsampled result of the input ({sparse.shape[0]} of {sparse.shape[1]} x {sparse.shape[2]})")
     linear = calid.copy()

@@ -12,6 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def dense_count(n: int, factor: int) -> int:
+    """Slices of the dense grid of an n-slice stack upsampled by K: the acquired ones and K - 1 in each gap."""
+    return (n - 1) * factor + 1
+
+
 def dense_positions(n: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every missing dense slice: index of the acquired slice below, index above, and alpha in (0, 1)."""
     gaps = np.repeat(np.arange(n - 1), factor - 1)

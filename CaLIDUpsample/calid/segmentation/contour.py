@@ -13,6 +13,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from ..slice_positions import dense_count
+
 
 def _interpolate(sparse: np.ndarray) -> np.ndarray:
     import itk  # PyPI itk-morphologicalcontourinterpolation (the ``evaluation`` extra)
@@ -32,7 +34,7 @@ def contour_pool() -> ProcessPoolExecutor:
 def contour_interpolation(kept_labels: np.ndarray, factor: int, pool: ProcessPoolExecutor | None = None) -> np.ndarray:
     """Labels on every K-th slice of a (slices, rows, cols) grid, interpolated onto all slices between them."""
     n = kept_labels.shape[0]
-    sparse = np.zeros(((n - 1) * factor + 1, *kept_labels.shape[1:]), dtype=np.uint8)
+    sparse = np.zeros((dense_count(n, factor), *kept_labels.shape[1:]), dtype=np.uint8)
     sparse[::factor] = kept_labels
     if pool is not None:
         return pool.submit(_interpolate, sparse).result()

@@ -67,7 +67,7 @@ def densify(sparse_stack: np.ndarray, factor: int, spacing: tuple[float, float],
     below, above, alpha = slice_positions.dense_positions(n, factor)
     targets = slice_positions.generated_slices(n, factor)
     depths = np.stack([shape_depth(s, spacing) for s in sparse_stack])
-    dense = np.empty(((n - 1) * factor + 1, *sparse_stack.shape[1:]), dtype=np.uint8)
+    dense = np.empty((slice_positions.dense_count(n, factor), *sparse_stack.shape[1:]), dtype=np.uint8)
     dense[::factor] = sparse_stack
     for m, (b, a, t, target) in enumerate(zip(below, above, alpha, targets)):
         depth = (1 - t) * depths[b] + t * depths[a]
