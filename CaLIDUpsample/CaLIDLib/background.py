@@ -168,7 +168,7 @@ class WorkerLogic:
             return
         if event.kind == "stage":
             job.stage = event.text
-        elif event.kind in ("progress", "eta"):  # the JSON ``eta`` event also carries the time left
+        elif event.kind == "progress":
             if job.progress is not None:
                 job.progress(event.fraction, job.stage, event.data.get("remaining_s"))
         elif event.kind == "log":

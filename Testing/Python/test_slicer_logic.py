@@ -78,10 +78,10 @@ def volumes(scene):
 
 def test_output_node_lies_exactly_where_the_input_lay(scene, sample_array, tiny_model_dir, private_tmp):
     node = volume_node(scene, sample_array)
-    fractions = []
+    calls = []
     logic = CaLIDUpsampleLogic(scene, python=sys.executable)
     out = logic.process(node, factor=3, device="cpu", steps=2, model=str(tiny_model_dir),
-                        progressCallback=lambda f, stage, eta: fractions.append(f))
+                        progressCallback=lambda f, stage, eta: calls.append((f, eta)))
     assert out is not None and out is not node and out.GetName() == "SAX_CaLID_x3"
     a, b = node_array(node), node_array(out)
     assert b.shape == ((a.shape[0] - 1) * 3 + 1, *a.shape[1:])
@@ -90,7 +90,10 @@ def test_output_node_lies_exactly_where_the_input_lay(scene, sample_array, tiny_
         for ij in ((0, 0), (63, 0), (0, 63), (40, 17)):
             np.testing.assert_allclose(ras(out, (*ij, 3 * k)), ras(node, (*ij, k)), atol=1e-3)
     np.testing.assert_allclose(ras(out, (0, 0, 1)) - ras(out, (0, 0, 0)), (ras(node, (0, 0, 1)) - ras(node, (0, 0, 0))) / 3, atol=1e-4)
+    fractions = [f for f, _ in calls]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0) and len(fractions) > 3
+    # One call per step, each with the time left (the panel shows it; a second call without it wiped it).
+    assert all(eta is not None and eta >= 0 for _, eta in calls)
     assert list(private_tmp.iterdir()) == []
 
 
