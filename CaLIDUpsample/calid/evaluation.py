@@ -26,7 +26,7 @@ from .devices import resolve_device
 from .engine import UpsampleOptions, upsample_image
 from .errors import CalidError
 from .generation import default_steps
-from .imageio import FILE_SUFFIXES, read_image, validate_volume
+from .imageio import FILE_SUFFIXES, find_labels, read_image, validate_volume
 from .metrics import heart_box, linear_missing, slice_scores, unit_range, unit_scale
 from .modelstore import load_model
 from .motion import morph_missing
@@ -35,7 +35,6 @@ from .progress import Progress
 from .training.data import find_volumes, load_split
 from .training.duplicates import leaked
 
-LABEL_TAGS = ("_gt", "_seg", "_label", "_labels", "_contours")
 METHODS = ("calid", "morph", "linear", "bspline")
 PAIRED_SCORES = ("heart_psnr", "heart_ssim", "psnr", "ssim")  # CaLID minus each peer, volume by volume
 PEER_FLOW = "tvl1"  # the morph as shared/docs/evaluation.md defines it
@@ -57,18 +56,6 @@ class EvaluateConfig:
     device: str = "auto"
     montage: bool = False
     uncertainty: bool = False
-
-
-def find_labels(image_path: Path) -> Path | None:
-    name = image_path.name
-    for suffix in FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            stem, ext = name[: -len(suffix)], name[-len(suffix):]
-            for tag in LABEL_TAGS:
-                candidate = image_path.with_name(stem + tag + ext)
-                if candidate.is_file():
-                    return candidate
-    return None
 
 
 @dataclass

@@ -8,6 +8,7 @@ failed run never leaves a half-written file.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,8 +30,32 @@ DICOM_UNIFORMITY_TOLERANCE_MM = 0.05
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
 
+LABEL_TAGS = ("_gt", "_seg", "_label", "_labels", "_mask", "_contours")
+"""A label file is named like its image with one of these before the suffix (ACDC's ``_gt``, Sunnybrook's
+``_contours``). One list for both uses: training skips such files as images, and evaluation and segmentation training
+pair them with their image; two lists had drifted (``_mask`` files were skipped as images but never found as labels)."""
+_LABEL_NAME = re.compile("(" + "|".join(LABEL_TAGS) + r")(\.|$)", re.IGNORECASE)
+
+
 def has_image_suffix(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(FILE_SUFFIXES)
+
+
+def is_label_file(path: str | os.PathLike) -> bool:
+    return bool(_LABEL_NAME.search(Path(path).name))
+
+
+def find_labels(image_path: Path) -> Path | None:
+    """The label file beside an image (``LABEL_TAGS``, the tag in either case), or None."""
+    name = image_path.name
+    for suffix in FILE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            stem, ext = name[: -len(suffix)], name[-len(suffix):]
+            for tag in LABEL_TAGS:
+                for candidate in (image_path.with_name(stem + tag + ext), image_path.with_name(stem + tag.upper() + ext)):
+                    if candidate.is_file():
+                        return candidate
+    return None
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:

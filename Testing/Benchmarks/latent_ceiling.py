@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calid import geometry, motion  # noqa: E402
-from calid.evaluation import PEER_FLOW, find_labels  # noqa: E402
+from calid.evaluation import PEER_FLOW  # noqa: E402
+from calid.imageio import find_labels  # noqa: E402
 from calid.generation import GapItems, default_steps, generate_renditions, pad_to_multiple  # noqa: E402
 from calid.intensity import IntensityMap  # noqa: E402
 from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
 from calid import geometry, motion  # noqa: E402
-from calid.evaluation import PEER_FLOW, bspline_on_grid, find_labels  # noqa: E402
+from calid.evaluation import PEER_FLOW, bspline_on_grid  # noqa: E402
+from calid.imageio import find_labels  # noqa: E402
 from calid.generation import (RENDITIONS, GapItems, default_steps, generate_missing_phases,  # noqa: E402
                               generate_renditions)
 from calid.intensity import IntensityMap  # noqa: E402

@@ -9,9 +9,10 @@ import pytest
 import SimpleITK as sitk
 
 from calid.cli import main
-from calid.evaluation import bspline_on_grid, find_labels
+from calid.evaluation import bspline_on_grid
+from calid.imageio import find_labels
 from calid.errors import CalidError
-from calid.training.data import load_split
+from calid.training.data import find_volumes, load_split
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +56,18 @@ def test_bspline_baseline_keeps_acquired_slices(sample_image):
 def test_labels_are_found_beside_images(dataset):
     image = dataset / "patient001" / "patient001_frame01.nii.gz"
     assert find_labels(image) == dataset / "patient001" / "patient001_frame01_gt.nii.gz"
+
+
+def test_a_file_skipped_as_labels_is_found_as_the_images_labels(tmp_path):
+    """Training skips label files as images and evaluation pairs them with their image: one list of names for both
+    (a ``_mask`` file used to be skipped but never found)."""
+    folder = tmp_path / "case1"
+    folder.mkdir()
+    image = folder / "scan.nrrd"
+    for path in (image, folder / "scan_mask.nrrd"):
+        sitk.WriteImage(sitk.Image([8, 8, 3], sitk.sitkInt16), str(path))
+    assert find_volumes([tmp_path]) == [("case1", image)]
+    assert find_labels(image) == folder / "scan_mask.nrrd"
 
 
 def test_patients_can_come_from_a_split_file_or_a_model_card(tmp_path):

@@ -22,8 +22,7 @@ from monai.losses import DiceCELoss
 from .. import geometry
 from ..devices import autocast, resolve_device
 from ..errors import CalidError
-from ..evaluation import find_labels
-from ..imageio import read_image, validate_volume
+from ..imageio import LABEL_TAGS, find_labels, read_image, validate_volume
 from ..intensity import IntensityMap
 from ..modelstore import inherited_provenance
 from ..progress import Progress
@@ -133,7 +132,8 @@ class SegmentationTrainer:
     def _prepare_data(self) -> None:
         entries = find_labelled(self.cfg.data)
         if not entries:
-            raise CalidError("no labelled volumes found (labels are files named like the image with _gt/_seg/_label)")
+            raise CalidError("no labelled volumes found (labels are files named like the image with "
+                             f"{'/'.join(LABEL_TAGS)})")
         if self.cfg.split:
             split = data.load_split(Path(self.cfg.split))
         else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ import torch
 from ..errors import CalidError
 from ..intensity import IntensityMap
 
-LABEL_NAME = re.compile(r"(_gt|_seg|_label|_labels|_mask|_contours)(\.|$)", re.IGNORECASE)
 THIN_SLICE_MM = 6.0
 
 
@@ -43,7 +41,7 @@ def find_volumes(folders: list[str | Path]) -> list[tuple[str, Path]]:
     The patient is the first sub-folder below the given folder (ACDC's ``patientNNN/``), or the file's
     own name for files directly in it (Sunnybrook's ``SCDxxxxxxx_sa_cine.nii.gz``).
     """
-    from ..imageio import FILE_SUFFIXES, has_image_suffix
+    from ..imageio import FILE_SUFFIXES, has_image_suffix, is_label_file
 
     found = []
     for folder in map(Path, folders):
@@ -51,7 +49,7 @@ def find_volumes(folders: list[str | Path]) -> list[tuple[str, Path]]:
             raise CalidError(f"training data folder not found: {folder}")
         files = sorted(Path(root) / name for root, _, names in os.walk(folder, followlinks=True) for name in names)
         for path in files:
-            if not has_image_suffix(path) or LABEL_NAME.search(path.name):
+            if not has_image_suffix(path) or is_label_file(path):
                 continue
             rel = path.relative_to(folder)
             patient = rel.parts[0] if len(rel.parts) > 1 else _strip_suffix(path.name)
