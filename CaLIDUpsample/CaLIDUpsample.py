@@ -30,7 +30,7 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
 from slicer.util import VTKObservationMixin  # noqa: E402
 
 from CaLIDLib import CaLIDUpsampleLogic as _QtFreeLogic  # noqa: E402
-from CaLIDLib import WorkerError, WorkerProcess  # noqa: E402
+from CaLIDLib import WorkerProcess  # noqa: E402
 from CaLIDLib.dependencies import (  # noqa: E402
     InstallError,
     ensureDependencies,
@@ -460,4 +460,4 @@ class CaLIDUpsampleTest(ScriptedLoadableModuleTest):
 
 
 __all__ = ["CaLIDPanel", "CaLIDUpsample", "CaLIDUpsampleLogic", "CaLIDUpsampleTest", "CaLIDUpsampleWidget",
-           "DeviceSelector", "WorkerError", "skipWithoutEngine"]
+           "skipWithoutEngine"]

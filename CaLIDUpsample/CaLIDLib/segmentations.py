@@ -45,22 +45,6 @@ def terminology(label: int) -> str:
             f"Anatomic codes - DICOM master list~{region or '^^'}~^^")
 
 
-def set_terminology(segment, entry: str) -> None:
-    """``vtkSegment.SetTerminology`` (Slicer >= 5.10), else the terminology tag that older Slicers read."""
-    if hasattr(segment, "SetTerminology"):
-        segment.SetTerminology(entry)
-    else:
-        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
-
-
-def get_terminology(segment) -> str:
-    """The segment's terminology entry string ("" when it has none), from the method or, before 5.10, the tag."""
-    if hasattr(segment, "GetTerminology"):
-        return segment.GetTerminology() or ""
-    value = vtk.reference("")
-    return str(value) if segment.GetTag(segment.GetTerminologyEntryTagName(), value) else ""
-
-
 def _segmentation_logic():
     import slicer
 
@@ -86,12 +70,12 @@ def load_labels_into_segmentation(scene, path: Path, segmentation, reference_vol
             name, _, _, colour = STRUCTURES[label]
             segment.SetName(name)
             segment.SetColor(*colour)
-            set_terminology(segment, terminology(label))
+            segment.SetTerminology(terminology(label))
 
 
 def structure_of_segment(segment) -> int | None:
     """Which label a user's segment stands for: by its terminology codes, else by its name."""
-    entry = get_terminology(segment)
+    entry = segment.GetTerminology() or ""
     for label, (_, type_code, region, _) in STRUCTURES.items():
         if type_code and type_code.split("^")[1] in entry and (not region or region.split("^")[1] in entry):
             return label

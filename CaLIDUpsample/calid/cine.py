@@ -1,4 +1,4 @@
-"""Cine (2D+T) short-axis stacks: read and check them, upsample every phase in one batched pass, write them back.
+"""Cine (2D+T) short-axis images: read, check and write them (``engine.upsample_cine`` upsamples them).
 
 A cine is held as a 4D scalar ``SimpleITK.Image`` (x, y, z, t) whose fourth axis has the first frame's time as
 origin and the frame interval as spacing, plus the frame times as read (kept exactly for outputs that can

@@ -1,4 +1,5 @@
-"""The ``calid`` command line: upsample, models, devices, train, evaluate (and ``standby`` for the Slicer modules).
+"""The ``calid`` command line: upsample, segment, volumes, models, devices, train, evaluate, train-segmentation,
+evaluate-segmentation (and ``standby`` for the Slicer modules).
 
 Errors the user can fix end in one line on stderr and exit code 2; a cancel (Ctrl-C or SIGTERM, which is
 what the Slicer module sends first) exits with 130 and leaves no output behind. Set ``CALID_DEBUG=1`` to see

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,6 @@ class UpsampleResult:
     slice_axis: int
     seconds: float
     device: str
-    timings: dict = field(default_factory=dict)
     labels: sitk.Image | None = None
     volumes: dict | None = None
     uncertainty_slices: list[dict] | None = None
@@ -109,7 +108,6 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
     """
     started = time.perf_counter()
     axis, factor, device, model, steps = prepare_run(image, options, model, want_uncertainty)
-    loaded = time.perf_counter()
     stacks = np.stack([geometry.to_stack(phase, axis) for phase in phases])
     new = new_slices(stacks, options, model, factor, steps, device, image.GetSpacing()[axis], progress,
                      want_uncertainty, want_sharp)
@@ -124,7 +122,6 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
     sharp = None if new.sharp is None else dense_image(stacks, new.sharp, phases.dtype)
     done = time.perf_counter()
     return UpsampleResult(result, uncertainty, factor, axis, done - started, str(device),
-                          {"load_s": loaded - started, "generate_s": done - loaded},
                           uncertainty_slices=None if uncertainty is None else slice_summaries(uncertainty, axis, factor),
                           sharp_image=sharp)
 

@@ -4,7 +4,8 @@ Like a diffusers pipeline, this holds the sampling loop and nothing about files,
 ``generate_missing_phases`` takes stacks (phases, n, h, w) in the network's range and returns every missing slice of
 every gap of every phase from one batched pass (encode the acquired slices, estimate their motion when the model is
 motion-aware, denoise, decode, restore the detail the VAE loses, the last step); ``generate_renditions`` gives the
-last step's renditions (``RENDITIONS``) of the same pass. ``calid.engine`` wraps them for images.
+last step's renditions (``RENDITIONS``) of the same pass. ``calid.stack_upsampling`` wraps them for stacks in the
+input's units, ``calid.engine`` for images.
 """
 
 from __future__ import annotations
@@ -369,7 +370,7 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
     gaps = GapItems(model, stacks, factor, 1, flows)
     flat = np.ascontiguousarray(generated.reshape(phases * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)
-    batch = batch_size or choose_batch_size(device, gaps.padded.shape[2] * gaps.padded.shape[3] // 16)
+    batch = batch_size or choose_batch_size(device, gaps.padded.shape[2] * gaps.padded.shape[3] // model.vae_downsampling ** 2)
     gap = torch.full((len(gaps),), float(gap_mm), device=device)
 
     def predict(part: slice) -> None:

@@ -267,7 +267,7 @@ class ErrorHead(nn.Module):
     """How far off a generated slice is, per pixel: the scale b of a Laplace distribution of its error.
 
     b is the expected absolute error, so the map it gives is calibrated in intensity units (network units here;
-    ``calid.engine`` maps them to the input's). Trained on the model's own output for slices removed from the
+    ``calid.stack_upsampling`` maps them to the input's). Trained on the model's own output for slices removed from the
     training stacks with the Laplace negative log-likelihood (``laplace_nll``). It sees what the refiner sees, the
     warped neighbours' disagreement (large where the flow could not explain the change between them), and the gap
     in mm between them (errors grow with it, and the images alone do not say how far apart the neighbours are).

@@ -99,28 +99,6 @@ def test_unknown_user_segment_is_refused(scene, sample_node, tmp_path):
         write_segmentation_labels(scene, user, sample_node, tmp_path / "x.nrrd")
 
 
-class Slicer58Segment:
-    """A real ``vtkSegment`` seen as Slicer 5.8 has it: without ``SetTerminology`` / ``GetTerminology`` (5.10+)."""
-
-    def __init__(self):
-        self._segment = slicer.vtkSegment()
-
-    def __getattr__(self, name):
-        if name in ("SetTerminology", "GetTerminology"):
-            raise AttributeError(name)
-        return getattr(self._segment, name)
-
-
-def test_terminology_goes_through_the_tag_where_the_510_methods_are_missing():
-    from CaLIDLib.segmentations import get_terminology, set_terminology, structure_of_segment, terminology
-
-    old = Slicer58Segment()
-    old.SetName("Segment_1")  # the name says nothing: only the terminology can tell the structure
-    set_terminology(old, terminology(2))
-    assert get_terminology(old) == terminology(2) and structure_of_segment(old) == 2
-    assert old._segment.GetTerminology() == terminology(2)  # the same tag newer Slicers read
-
-
 @pytest.mark.parametrize("arrangement, switched", [("SlicerLayoutConventionalView", True),
                                                    ("SlicerLayout3DTableView", False)])
 def test_volumes_table_is_shown_in_a_table_view(scene, arrangement, switched):

@@ -33,12 +33,12 @@ from ..paired import describe, paired_difference
 from ..progress import Progress
 from .contour import contour_interpolation, contour_pool
 from .inference import labels_from_probabilities, predict_probabilities
+from .pipeline import DEFAULT_SHAPE_MM
 from .scores import label_scores
 from .sparse import densify
 from .store import load_segmenter
 from .training import find_labelled
 
-SHAPE_ONLY = "shape"
 ON_CALID = "network on CaLID"
 ON_SHARP = "network on CaLID, sharp rendition (--segmentation)"
 PAIRED = (ON_CALID, ON_SHARP)  # the methods paired with each peer
@@ -54,7 +54,7 @@ class SegEvaluateConfig:
     segmentation_model: str | None = None
     factors: list[int] = field(default_factory=lambda: [2])
     patients: str | None = None
-    shape_mm: list[float] = field(default_factory=lambda: [2.0])
+    shape_mm: list[float] = field(default_factory=lambda: [DEFAULT_SHAPE_MM])
     device: str = "auto"
 
 
