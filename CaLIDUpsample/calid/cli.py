@@ -18,7 +18,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
-from .choices import FLOW_METHODS, MORPH_MIX_SPACES, REFINER_KINDS, REFINER_LOSSES
+from .choices import (CINE_NOISE, FLOW_METHODS, MORPH_MIX_SPACES, PROGRESS_MODES, REFINER_KINDS, REFINER_LOSSES,
+                      UPSAMPLE_METHODS)
 from .errors import CalidError
 from .modelindex import DEFAULT_MODEL
 from .segmentation.config import SegTrainConfig
@@ -47,7 +48,7 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="DDIM steps (default: the model's own, from its card; 8 if it has none)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output (default 0)")
     p.add_argument("--model", help=f"bundled/user model name or model directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--method", choices=("calid", "morph", "linear"), default="calid",
+    p.add_argument("--method", choices=UPSAMPLE_METHODS, default="calid",
                    help="calid (the model, default), or for comparison on your scan: morph (optical-flow morph of the "
                         "neighbours) or linear interpolation")
     p.add_argument("--samples", type=int, default=1, help="average this many samples (default 1)")
@@ -55,11 +56,11 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
                                          "error of every voxel, in the input's intensity units (0 on acquired slices)")
     p.add_argument("--plus", action="store_true", help="CaLID+: start from the slerp of the neighbours' inverted latents")
     p.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="slice axis (default: largest spacing)")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+    p.add_argument("--progress", choices=PROGRESS_MODES, default=None,
                    help="progress output (default: bar on a terminal, none otherwise)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     p.add_argument("--batch-size", type=int, help="slices per batch (default: from free memory)")
-    p.add_argument("--cine-noise", choices=("shared", "independent"), default="shared",
+    p.add_argument("--cine-noise", choices=CINE_NOISE, default="shared",
                    help="cine input: same starting noise for a slice position in every phase (default, less flicker) "
                         "or independent per phase")
     p.add_argument("--csv", help="cohort mode: where to write the CSV report (default OUTPUT/calid_cohort.csv)")
@@ -88,7 +89,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--shape-mm", type=float, action="append", help="shape weights of --input-segmentation to compare")
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=int)
-    e.add_argument("--progress", choices=("bar", "json", "none"), default=None)
+    e.add_argument("--progress", choices=PROGRESS_MODES, default=None)
     v = sub.add_parser("volumes", help="structure volumes (mL) of a label volume; ejection fractions from ED and ES")
     v.add_argument("labels", help="label volume (end-diastole when a second one is given)")
     v.add_argument("end_systole", nargs="?", help="end-systole label volume: adds stroke volumes and ejection fractions")
@@ -183,7 +184,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default=None)
+    p.add_argument("--progress", choices=PROGRESS_MODES, default=None)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -204,7 +205,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--montage", action="store_true", help="PNG of the best and worst cases")
     p.add_argument("--uncertainty", action="store_true",
                    help="also judge the model's uncertainty map against the actual errors (reliability table and PNG)")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default=None)
+    p.add_argument("--progress", choices=PROGRESS_MODES, default=None)
 
 
 def _add_train_segmentation(sub: argparse._SubParsersAction) -> None:
@@ -224,7 +225,7 @@ def _add_train_segmentation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default=None)
+    p.add_argument("--progress", choices=PROGRESS_MODES, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:

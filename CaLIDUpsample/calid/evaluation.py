@@ -35,7 +35,7 @@ from .progress import Progress
 from .training.data import find_volumes, load_split
 from .training.duplicates import leaked
 
-METHODS = ("calid", "morph", "linear", "bspline")
+SCORED_METHODS = ("calid", "morph", "linear", "bspline")  # what the removed-slice protocol scores, CaLID first
 PAIRED_SCORES = ("heart_psnr", "heart_ssim", "psnr", "ssim")  # CaLID minus each peer, volume by volume
 PEER_FLOW = "tvl1"  # the morph as shared/docs/evaluation.md defines it
 
@@ -228,7 +228,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 values = [r[key] for r in members if key in r]
                 entry[key] = float(np.mean(values))
                 entry[key + "_sd"] = float(np.std(values))
-        entry["calid_minus"] = {peer: _calid_minus(members, peer) for peer in METHODS[1:]}
+        entry["calid_minus"] = {peer: _calid_minus(members, peer) for peer in SCORED_METHODS[1:]}
         summary.append(entry)
     return summary
 
@@ -254,7 +254,7 @@ def markdown_table(summary: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         setting = setting_name(s["factor"], s["spacing_mm"])
-        for method in METHODS:
+        for method in SCORED_METHODS:
             heart = (f"{s[f'{method}_heart_psnr']:.2f} ± {s[f'{method}_heart_psnr_sd']:.2f} | "
                      f"{s[f'{method}_heart_ssim']:.3f}") if f"{method}_heart_psnr" in s else "– | –"
             seconds = {"calid": f"{s['seconds_per_volume']:.2f}",
@@ -281,9 +281,9 @@ def save_montage(montages: list[tuple[dict, tuple]], path: Path, count: int = 3)
 
     ranked = sorted(montages, key=lambda item: item[0]["calid_psnr"] - item[0]["morph_psnr"])
     chosen = ranked[:count] + ranked[-count:]
-    fig, axes = plt.subplots(len(chosen), 1 + len(METHODS), figsize=(12.5, 2.6 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 1 + len(SCORED_METHODS), figsize=(12.5, 2.6 * len(chosen)), squeeze=False)
     for row_axes, (row, (real, estimates)) in zip(axes, chosen):
-        panels = [("real", real)] + [(m, estimates[m]) for m in METHODS]
+        panels = [("real", real)] + [(m, estimates[m]) for m in SCORED_METHODS]
         for ax, (title, img) in zip(row_axes, panels):
             ax.imshow(img, cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"{title}" + (f" {row[f'{title}_psnr']:.1f} dB" if title != "real" else f" {row['patient']} K={row['factor']}"), fontsize=8)

@@ -14,15 +14,15 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-MODES = ("bar", "json", "none")
+from .choices import PROGRESS_MODES
 
 
 class Progress:
     """Tracks a fraction in [0, 1] over ``total`` units of work and reports it in the chosen mode."""
 
     def __init__(self, mode: str = "bar", total: int = 1, description: str = "", stream: TextIO | None = None):
-        if mode not in MODES:
-            raise ValueError(f"progress mode must be one of {MODES}")
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress mode must be one of {PROGRESS_MODES}")
         self.mode = mode
         self.done = 0
         self.stream = stream or sys.stdout

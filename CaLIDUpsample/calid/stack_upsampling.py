@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import motion
+from .choices import CINE_NOISE, UPSAMPLE_METHODS
 from .errors import CalidError
 from .generation import MAX_SAMPLES, MAX_STEPS, expected_error, gap_flows, generate_renditions
 from .intensity import IntensityMap
@@ -23,10 +24,6 @@ from .metrics import linear_missing
 from .networks import CaLID
 from .progress import Progress
 
-CINE_NOISE = ("shared", "independent")
-METHODS = ("calid", "morph", "linear")
-"""``--method``: the model, or what a user gets without it (the optical-flow morph, linear interpolation), so that
-a scan can be compared with the peers through the same geometry, intensity handling and outputs."""
 
 
 @dataclass
@@ -47,8 +44,8 @@ class UpsampleOptions:
     method: str = "calid"
 
     def check(self) -> None:
-        if self.method not in METHODS:
-            raise CalidError(f"--method must be one of {', '.join(METHODS)}, not {self.method}")
+        if self.method not in UPSAMPLE_METHODS:
+            raise CalidError(f"--method must be one of {', '.join(UPSAMPLE_METHODS)}, not {self.method}")
         if self.method != "calid" and (self.samples > 1 or self.plus):
             raise CalidError(f"--samples and --plus apply to --method calid, not {self.method}")
         if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
