@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from . import geometry
 from .errors import CalidError
-from .imageio import has_image_suffix, output_folder, read_dicom_files, read_image, write_image
+from .imageio import has_image_suffix, output_folder, read_dicom_files, read_image, write_image, writing
 
 TIME_TOLERANCE = 0.1
 """Frame intervals may differ by this fraction of the mean interval (trigger times are rounded to ms)."""
@@ -246,13 +246,14 @@ def _write_sequence_nrrd(image: sitk.Image, like: Cine, path: Path) -> Path:
     """Atomic like ``imageio.write_image``: a temporary file beside the destination, renamed when complete."""
     parent = output_folder(path)
     array = sitk.GetArrayFromImage(image)  # (t, z, y, x): x fastest, the list axis slowest, as in the header
-    handle, staging = tempfile.mkstemp(prefix=".calid-", suffix=".seq.nrrd", dir=parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(_sequence_header(image, like).encode("ascii"))
-            out.write(gzip.compress(array.astype(array.dtype.newbyteorder("<")).tobytes(), compresslevel=6))
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
+    with writing(path):
+        handle, staging = tempfile.mkstemp(prefix=".calid-", suffix=".seq.nrrd", dir=parent)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(_sequence_header(image, like).encode("ascii"))
+                out.write(gzip.compress(array.astype(array.dtype.newbyteorder("<")).tobytes(), compresslevel=6))
+            os.replace(staging, path)
+        finally:
+            if os.path.exists(staging):
+                os.unlink(staging)
     return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,7 +23,7 @@ from .cine import Cine, check_cine_output, phase_of, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import default_steps, require_error_head
-from .imageio import check_pixels, read_image, validate_volume, write_image
+from .imageio import check_outputs, check_pixels, read_image, validate_volume, write_image
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
@@ -247,9 +246,7 @@ def upsample_file(
     """
     if input_segmentation_path is not None and segmentation_path is None:
         raise CalidError("--input-segmentation needs --segmentation (where to write the dense labels)")
-    for target in filter(None, (output_path, uncertainty_path, segmentation_path)):
-        if Path(target).resolve() in {Path(p).resolve() for p in filter(None, (input_path, input_segmentation_path))}:
-            raise CalidError(f"output {target} would overwrite the input")
+    check_outputs((output_path, uncertainty_path, segmentation_path), (input_path, input_segmentation_path))
     source = read_input(input_path)
     if isinstance(source, Cine):
         if input_segmentation_path is not None:

@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -152,6 +153,33 @@ def output_folder(path: Path) -> Path:
     return parent
 
 
+def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[str | os.PathLike | None]) -> None:
+    """All of a run's output paths, checked before anything is computed or written: each one's folder exists and is
+    writable, none is an input, and no two are the same (the map or the labels would replace the volume). A run
+    that failed on its second output left its first one behind."""
+    chosen = [Path(p) for p in outputs if p is not None]
+    read = {Path(p).resolve() for p in inputs if p is not None}
+    seen: dict[Path, Path] = {}
+    for path in chosen:
+        output_folder(path)
+        resolved = path.resolve()
+        if resolved in read:
+            raise CalidError(f"output {path} would overwrite the input")
+        if resolved in seen:
+            raise CalidError(f"two outputs are the same path: {path}")
+        seen[resolved] = path
+
+
+@contextmanager
+def writing(path: str | os.PathLike):
+    """A failure of the file system while writing ``path`` (permissions ``os.access`` did not see, a full disk)
+    becomes a one-line error."""
+    try:
+        yield
+    except OSError as exc:
+        raise CalidError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequence[float] | None = None) -> Path:
     """Write atomically: a file format by its suffix, otherwise a DICOM series into the folder ``path``.
 
@@ -162,6 +190,12 @@ def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequenc
     parent = output_folder(path)
     if path.exists() and path.is_dir() and has_image_suffix(path):
         raise CalidError(f"output path is a folder: {path}")
+    with writing(path):
+        _write_staged(image, path, parent, frame_times)
+    return path
+
+
+def _write_staged(image: sitk.Image, path: Path, parent: Path, frame_times: Sequence[float] | None) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".calid-", dir=parent))
     try:
         if has_image_suffix(path):
@@ -177,7 +211,6 @@ def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequenc
             os.replace(staging / "series", path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 def _move_into_place(staging: Path, destination: Path, header_name: str) -> None:

@@ -155,6 +155,27 @@ def test_output_not_writable(good_input, tmp_path, tiny_model_dir, capsys):
     assert code == 2 and "not writable" in err and len(err.splitlines()) == 1
 
 
+def test_an_output_the_file_system_refuses_is_one_line(good_input, tmp_path, tiny_model_dir, capsys):
+    """/sys refuses new files even to root, whom ``os.access`` tells it may write there."""
+    code, err = run_cli(["upsample", good_input, "/sys/out.nrrd", "--model", tiny_model_dir, "--steps", "1"], capsys)
+    assert code == 2 and err.startswith("calid: error:") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("second", ["--uncertainty", "--segmentation"])
+def test_a_bad_second_output_leaves_no_first_output(second, good_input, tmp_path, tiny_model_dir, capsys):
+    """Every output path is checked before anything is computed, so the volume is not written and then orphaned."""
+    code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--method", "linear", second,
+                         tmp_path / "no" / "out_2.nrrd"], capsys)
+    assert_clean_failure(code, err, tmp_path, "output folder does not exist")
+
+
+@pytest.mark.parametrize("second", ["--uncertainty", "--segmentation"])
+def test_a_second_output_on_the_volumes_path_is_refused(second, good_input, tmp_path, tiny_model_dir, capsys):
+    code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--model", tiny_model_dir, second,
+                         tmp_path / "out.nrrd"], capsys)
+    assert_clean_failure(code, err, tmp_path, "two outputs are the same path")
+
+
 def test_output_folder_missing(good_input, tmp_path, tiny_model_dir, capsys):
     code, err = run_cli(["upsample", good_input, tmp_path / "no" / "such" / "out.nrrd", "--model", tiny_model_dir], capsys)
     assert code == 2 and "output folder does not exist" in err
