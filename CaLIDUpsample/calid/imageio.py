@@ -224,7 +224,7 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
     """One MR image per slice along the third axis (and per phase of a cine), each with its own position and
     trigger time (a derived series)."""
     folder.mkdir()
-    image = sitk.Cast(image, sitk.sitkInt16) if image.GetPixelID() not in (sitk.sitkInt16, sitk.sitkUInt16) else image
+    image, pixel_tags = _dicom_pixels(image)
     if image.GetDimension() == 4:
         count, origin, step = image.GetSize()[3], image.GetOrigin()[3], image.GetSpacing()[3]
         times = list(frame_times) if frame_times is not None else [origin + t * step for t in range(count)]
@@ -243,6 +243,7 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
                                                           direction[1], direction[4], direction[7])),
         "0018|0050": f"{image.GetSpacing()[2]:.6g}",
         "0018|0088": f"{image.GetSpacing()[2]:.6g}",
+        **pixel_tags,
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -263,6 +264,26 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
                 name = f"phase{t + 1:03d}_{name}"
             writer.SetFileName(str(folder / name))
             writer.Execute(slice_image)
+
+
+DICOM_INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32)
+"""Pixel types a DICOM series stores as they are (checked: each reads back equal)."""
+
+
+def _dicom_pixels(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
+    """DICOM stores integers: integer volumes go in as they are; any other (a float input, the uncertainty map) as
+    signed 16-bit values with a rescale slope and intercept over its range, which every reader applies (each value
+    read back within half a slope, 1/130000 of the range). A plain cast to int16 had dropped the fractions, wrapped
+    values over 32767 and written the map, a fraction of an intensity unit, as zeros."""
+    if image.GetPixelID() in DICOM_INTEGER_PIXELS:
+        return image, {}
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = float(values.min()), float(values.max())
+    middle = float(f"{(low + high) / 2:.8g}")  # a DICOM decimal string holds at most 16 characters
+    slope = float(f"{max(high - low, 1e-12) / 65000:.8g}")
+    tags = {"0028|1052": f"{middle:.8g}", "0028|1053": f"{slope:.8g}", "0028|0100": "16", "0028|0101": "16",
+            "0028|0102": "15", "0028|0103": "1"}
+    return sitk.Cast(image, sitk.sitkFloat64), tags
 
 
 def _first_line(exc: BaseException) -> str:

@@ -53,6 +53,26 @@ def test_every_format_round_trips_with_exact_geometry(tmp_path, small_image, tin
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".calid")) == []
 
 
+def test_a_float_volume_and_its_map_keep_their_values_as_dicom(tmp_path, small_image):
+    """DICOM stores integers: a float volume (here with fractions and values over 32767) goes in with a rescale slope
+    and intercept, each value back within half a slope; a cast to int16 had wrapped and truncated it."""
+    values = sitk.GetArrayFromImage(small_image).astype(np.float32) * 87.25 + 0.125
+    assert values.max() > 32767
+    source = sitk.GetImageFromArray(values)
+    source.CopyInformation(small_image)
+    write_image(source, tmp_path / "in.nrrd")
+    upsample_file(tmp_path / "in.nrrd", tmp_path / "out", UpsampleOptions(factor=2, method="linear", device="cpu"))
+    out = read_image(tmp_path / "out")
+    half_slope = float(np.ptp(values)) / 65000 / 2
+    np.testing.assert_allclose(sitk.GetArrayFromImage(out)[::2], values, rtol=0, atol=half_slope * 1.01)
+    np.testing.assert_allclose(out.GetOrigin(), source.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(out.GetDirection(), source.GetDirection(), atol=1e-6)
+    small = sitk.GetImageFromArray(np.linspace(0, 0.5, values.size, dtype=np.float32).reshape(values.shape))
+    small.CopyInformation(small_image)
+    write_image(small, tmp_path / "map")  # an uncertainty map's kind of values: fractions of one unit
+    assert np.abs(sitk.GetArrayFromImage(read_image(tmp_path / "map")) - sitk.GetArrayFromImage(small)).max() < 1e-5
+
+
 @pytest.mark.parametrize("factor", [2, 3, 4])
 def test_factors_on_the_real_sample(small_image, tiny_model_dir, factor):
     result = upsample_image(small_image, UpsampleOptions(factor=factor, steps=2, model=str(tiny_model_dir), device="cpu"))
