@@ -56,6 +56,11 @@ def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]
     write_image(small_image, truncated)
     truncated.write_bytes(truncated.read_bytes()[:400])
     cases["truncated"] = (truncated, "cannot read")
+    for suffix in (".nii.gz", ".nii"):  # ITK's reader would fill the missing slices with zeros
+        cut = tmp / f"cut{suffix}"
+        write_image(small_image, cut)
+        cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) * 2 // 3])
+        cases[f"truncated {suffix}"] = (cut, "incomplete")
     empty_dir = tmp / "emptydir"
     empty_dir.mkdir()
     cases["folder without DICOM"] = (empty_dir, "no DICOM series")
@@ -105,7 +110,7 @@ def cases(tmp_path, small_image):
     return bad_inputs(tmp_path / "inputs", small_image)
 
 
-CASE_NAMES = ["missing", "corrupt", "truncated", "folder without DICOM", "unknown format", "2D", "one slice", "4D",
+CASE_NAMES = ["missing", "corrupt", "truncated", "truncated .nii.gz", "truncated .nii", "folder without DICOM", "unknown format", "2D", "one slice", "4D",
               "RGB", "NaN/Inf", "non-uniform DICOM"]
 
 
