@@ -62,15 +62,23 @@ def _unit_pair(below: np.ndarray, above: np.ndarray) -> tuple[np.ndarray, np.nda
             np.clip((above - low) / scale, 0, 1).astype(np.float32))
 
 
+DIS_MIN_SIZE = 16
+"""Rows and columns DIS needs at least (OpenCV refuses a slice under 12 pixels either way)."""
+
+
 def _dis_flow(reference: np.ndarray, moving: np.ndarray, finest_scale: int = 1) -> np.ndarray:
     """DIS with the medium preset; ``finest_scale`` 1 (the preset's) stops its coarse-to-fine search at half
     resolution and upsamples, 0 refines down to full resolution."""
     import cv2
 
+    h, w = reference.shape
+    # DIS refuses images under its patch size; a smaller slice is edge-padded to DIS_MIN_SIZE and its flow cropped.
+    pad = ((0, max(DIS_MIN_SIZE - h, 0)), (0, max(DIS_MIN_SIZE - w, 0)))
+    reference, moving = np.pad(reference, pad, mode="edge"), np.pad(moving, pad, mode="edge")
     estimator = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     estimator.setFinestScale(finest_scale)
     flow = estimator.calc(np.rint(reference * 255).astype(np.uint8), np.rint(moving * 255).astype(np.uint8), None)
-    return np.stack([flow[..., 1], flow[..., 0]])  # OpenCV gives (x, y); we use (rows, cols)
+    return np.stack([flow[:h, :w, 1], flow[:h, :w, 0]])  # OpenCV gives (x, y); we use (rows, cols)
 
 
 def _tvl1_flow(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:

@@ -485,3 +485,11 @@ def test_fine_tuning_the_denoiser_recalibrates_the_error_head_it_carries(dataset
     assert not all(torch.equal(v, base.interpolator.state_dict()[k]) for k, v in tuned.interpolator.state_dict().items())
     assert all(torch.equal(v, base.error_head.state_dict()[k]) for k, v in tuned.error_head.state_dict().items())
     assert card["config"]["error_head"]["calibration"] != base_card["config"]["error_head"].get("calibration")
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (5, 40), (1, 13)])
+def test_slices_smaller_than_dis_patches_get_a_flow(shape):
+    """OpenCV's DIS refuses images under 12 pixels a side; `--method morph` on such a crop was an internal error."""
+    below = np.random.default_rng(0).random(shape).astype(np.float32)
+    flow = pair_flow(below, np.roll(below, 1, axis=1), "dis-fine", views=8)
+    assert flow.shape == (2, *shape) and np.isfinite(flow).all()
