@@ -20,17 +20,13 @@ from pathlib import Path
 from . import __version__
 from .choices import (CINE_NOISE, FLOW_METHODS, MORPH_MIX_SPACES, PROGRESS_MODES, REFINER_KINDS, REFINER_LOSSES,
                       UPSAMPLE_METHODS)
-from .errors import CalidError
+from .errors import CalidError, Cancelled
 from .modelindex import DEFAULT_MODEL
 from .segmentation.config import SegTrainConfig
 from .training.config import TrainConfig
 
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
-
-
-class Cancelled(Exception):
-    pass
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature

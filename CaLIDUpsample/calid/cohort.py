@@ -1,8 +1,10 @@
 """Cohort mode: many inputs to an output folder, resumable, with a CSV of what was done.
 
 Inputs come from a folder (its image files, and its sub-folders as DICOM series) or a list file (one
-path per line). An output that already exists is skipped, so an interrupted cohort is resumed by running
-the same command again. Under ``torchrun --nproc_per_node N`` the list is sharded across processes
+path per line). Each output keeps its input's path below the inputs' common folder (``p1/sax.nii.gz`` and
+``p2/sax.nii.gz`` of a list go to ``OUT/p1/`` and ``OUT/p2/``, a folder's files straight into ``OUT``). An output
+that already exists is skipped, so an interrupted cohort is resumed by running the same command again; an input
+that fails, whatever the reason, is recorded and the others go on. Under ``torchrun --nproc_per_node N`` the list is sharded across processes
 (rank r takes items r, r+N, ...; each uses GPU ``LOCAL_RANK`` when there are GPUs); rank 0 merges the
 per-rank CSV files once every rank is done.
 """
@@ -20,7 +22,7 @@ import torch.distributed as dist
 
 from .devices import resolve_device
 from .engine import UpsampleOptions, upsample_file
-from .errors import CalidError
+from .errors import CalidError, Cancelled
 from .imageio import has_image_suffix
 from .modelstore import load_model
 from .progress import Progress
@@ -50,8 +52,18 @@ def list_inputs(source: Path) -> list[Path]:
     return items
 
 
-def output_name(item: Path) -> str:
-    return item.name
+def output_names(items: list[Path]) -> list[Path]:
+    """Each input's path below the inputs' common folder: same-named files of different folders (every patient's
+    ``sax.nii.gz``) each get their own output, where the bare name had them share one and skip all but the first."""
+    try:
+        common = Path(os.path.commonpath([item.resolve().parent for item in items]))
+        names = [item.resolve().relative_to(common) for item in items]
+    except ValueError:  # no common folder (other drives): the bare names, if they differ
+        names = [Path(item.name) for item in items]
+    if len(set(names)) < len(names):
+        raise CalidError("two inputs would be written to the same output: " +
+                         ", ".join(str(item) for item, name in zip(items, names) if names.count(name) > 1))
+    return names
 
 
 def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progress_mode: str,
@@ -67,17 +79,18 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         options = replace(options, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
     device = resolve_device(options.device)
     model, _ = load_model(options.model, device)
-    mine = items[rank::world]
+    targets = [output_dir / name for name in output_names(items)]
+    mine = list(zip(items, targets))[rank::world]
     rows = []
     overall = Progress(progress_mode if progress_mode == "json" else "none", len(mine))
-    for item in mine:
-        target = output_dir / output_name(item)
+    for item, target in mine:
         row = {"input": str(item), "output": str(target), "rank": rank, "device": str(device)}
         started = time.perf_counter()
         if target.exists():
             row.update(status="skipped", message="output exists")
         else:
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 item_progress = Progress(progress_mode if progress_mode == "bar" else "none", description=item.name)
                 result = upsample_file(item, target, replace(options, device=str(device)), model=model,
                                        progress=item_progress)
@@ -85,6 +98,10 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
                 row.update(status="done", factor=result.factor)
             except CalidError as exc:
                 row.update(status="failed", message=str(exc))
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one input's failure must not stop the cohort
+                row.update(status="failed", message=f"internal error: {type(exc).__name__}: {exc}")
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)
         overall.advance(1, item=str(item), status=row["status"])

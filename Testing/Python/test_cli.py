@@ -142,6 +142,21 @@ def test_cohort_list_file(tmp_path, small_image, tiny_model_dir):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nrrd")) == ["case0.nrrd", "case1.nrrd"]
 
 
+def test_cohort_inputs_of_the_same_name_keep_their_folders(tmp_path, small_image):
+    """Every patient's ``sax.nrrd`` gets its own output; by bare name the second was skipped as 'output exists'."""
+    for patient, start in (("p1", 0), ("p2", 1)):
+        (tmp_path / "in" / patient).mkdir(parents=True)
+        write_image(small_image[:, :, start:], tmp_path / "in" / patient / "sax.nrrd")
+    listing = tmp_path / "cases.txt"
+    listing.write_text("in/p1/sax.nrrd\nin/p2/sax.nrrd\n", encoding="utf-8")
+    proc = calid("upsample", listing, tmp_path / "out", "--method", "linear")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8")))
+    assert [r["status"] for r in rows] == ["done", "done"]
+    sizes = [sitk.ReadImage(str(tmp_path / "out" / p / "sax.nrrd")).GetSize()[2] for p in ("p1", "p2")]
+    assert sizes == [2 * small_image.GetSize()[2] - 1, 2 * small_image.GetSize()[2] - 3]
+
+
 def test_torchrun_two_processes_shard_the_cohort(tmp_path, small_image, tiny_model_dir):
     make_cohort(tmp_path / "in", small_image, 4)
     proc = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517", "-m", "calid", "upsample",
