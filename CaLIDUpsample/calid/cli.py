@@ -224,8 +224,16 @@ def _add_train_segmentation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", choices=PROGRESS_MODES, default=None)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad argument is one line, ``calid: error: ...``, and exit code 2, like every other error; argparse printed
+    the whole usage block before it. Sub-commands' parsers are of the same class (argparse makes them so)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"calid: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calid", description="CaLID: cardiac latent interpolation diffusion")
+    parser = OneLineErrorParser(prog="calid", description="CaLID: cardiac latent interpolation diffusion")
     parser.add_argument("--version", action="version", version=f"calid {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_upsample(sub)

@@ -155,6 +155,17 @@ def test_cuda_requested_but_unavailable(good_input, tmp_path, tiny_model_dir, ca
     assert_clean_failure(code, err, tmp_path, "CUDA was requested but is not available")
 
 
+@pytest.mark.parametrize("args", [["upsample", "in.nii.gz", "out.nrrd", "--slice-axis", "5"],
+                                  ["upsample", "in.nii.gz"], ["upsample", "in.nii.gz", "out.nrrd", "--factor", "two"],
+                                  ["nonsense"]])
+def test_bad_arguments_are_one_line(args, capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert ended.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("calid: error:"), err
+    assert "--help" in err
+
+
 def test_output_not_writable(good_input, tmp_path, tiny_model_dir, capsys):
     code, err = run_cli(["upsample", good_input, "/proc/self/out.nrrd", "--model", tiny_model_dir, "--steps", "1"], capsys)
     assert code == 2 and "not writable" in err and len(err.splitlines()) == 1
