@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry
+from . import geometry, slice_positions
 from .calibration import CalibrationPool, markdown as calibration_markdown, save_reliability_diagram
 from .devices import resolve_device
 from .engine import UpsampleOptions, upsample_image
@@ -104,6 +104,20 @@ def bspline_on_grid(kept: sitk.Image, reference: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled)
 
 
+def peer_missing(stack: np.ndarray, kept_image: sitk.Image, real_image: sitk.Image, factor: int,
+                 axis: int) -> tuple[dict[str, np.ndarray], float]:
+    """The removed slices of ``stack`` (slices first, at least ``real_image``'s) rebuilt by each peer from the kept
+    ones (``protocol_images``): the TV-L1 morph, linear and cubic B-spline interpolation; and the morph's seconds."""
+    m = real_image.GetSize()[axis]
+    kept = stack[:m:factor]
+    started = time.perf_counter()
+    morph = morph_missing(kept, factor, PEER_FLOW)
+    seconds = time.perf_counter() - started
+    removed = slice_positions.removed_slices(m, factor)
+    return {"morph": morph, "linear": linear_missing(kept, factor),
+            "bspline": geometry.to_stack(bspline_on_grid(kept_image, real_image), axis)[removed]}, seconds
+
+
 def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, options: UpsampleOptions,
                     model, progress: Progress, want_uncertainty: bool = False) -> dict | None:
     """Scores of one stack at one factor, or None when it has too few slices for K.
@@ -113,7 +127,7 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
     """
     axis = geometry.find_slice_axis(image)
     n = image.GetSize()[axis]
-    m = (n - 1) // factor * factor + 1
+    m = slice_positions.protocol_count(n, factor)
     if m < factor + 1:
         return None
     real_image, kept_image = protocol_images(image, axis, m, factor)
@@ -122,16 +136,9 @@ def evaluate_volume(image: sitk.Image, labels: sitk.Image | None, factor: int, o
     if result.image.GetSize() != real_image.GetSize() or not np.allclose(result.image.GetSpacing(), real_image.GetSpacing()):
         raise CalidError(f"upsampled grid {result.image.GetSize()} does not match the original {real_image.GetSize()}")
     real = geometry.to_stack(sitk.GetArrayFromImage(real_image), axis).astype(np.float64)
-    removed = np.array([i for i in range(m) if i % factor])
-    morph_started = time.perf_counter()
-    morph = morph_missing(real[::factor], factor, PEER_FLOW)
-    morph_seconds = time.perf_counter() - morph_started
-    estimates = {
-        "calid": geometry.to_stack(sitk.GetArrayFromImage(result.image), axis)[removed],
-        "morph": morph,
-        "linear": linear_missing(real[::factor], factor),
-        "bspline": geometry.to_stack(bspline_on_grid(kept_image, real_image), axis)[removed],
-    }
+    removed = slice_positions.removed_slices(m, factor)
+    peers, morph_seconds = peer_missing(real, kept_image, real_image, factor, axis)
+    estimates = {"calid": geometry.to_stack(sitk.GetArrayFromImage(result.image), axis)[removed], **peers}
     box = None
     if labels is not None:
         label_stack = geometry.to_stack(sitk.GetArrayFromImage(labels), axis)[:m]

@@ -17,6 +17,22 @@ def dense_count(n: int, factor: int) -> int:
     return (n - 1) * factor + 1
 
 
+def acquired_count(dense: int, factor: int) -> int:
+    """Acquired slices behind a dense grid of ``dense`` slices at K (the inverse of ``dense_count``)."""
+    return (dense - 1) // factor + 1
+
+
+def protocol_count(n: int, factor: int) -> int:
+    """Slices of an n-slice stack the removed-slice protocol uses at K: the most that begin and end on a kept slice
+    (every K-th is kept, the others removed and rebuilt)."""
+    return (n - 1) // factor * factor + 1
+
+
+def removed_slices(count: int, factor: int) -> np.ndarray:
+    """Indices the removed-slice protocol removes from a ``protocol_count`` stack: all but every K-th."""
+    return np.array([i for i in range(count) if i % factor])
+
+
 def dense_positions(n: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every missing dense slice: index of the acquired slice below, index above, and alpha in (0, 1)."""
     gaps = np.repeat(np.arange(n - 1), factor - 1)

@@ -27,7 +27,7 @@ def slice_summaries(uncertainty: sitk.Image, axis: int, factor: int, labels: sit
     summaries = []
     for t, phase in enumerate(phases):
         stack = geometry.to_stack(phase, axis)
-        n = (stack.shape[0] - 1) // factor + 1
+        n = slice_positions.acquired_count(stack.shape[0], factor)
         for k in sorted(slice_positions.generated_slices(n, factor).tolist()):
             entry = {"slice": int(k), "expected_error": float(stack[k].mean()), "heart_expected_error": None}
             if heart is not None and heart[k].any():

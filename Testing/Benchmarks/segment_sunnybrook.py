@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from calid import geometry  # noqa: E402
+from calid import geometry, slice_positions  # noqa: E402
 from calid.cine import phase_of  # noqa: E402
 from calid.engine import UpsampleOptions, upsample_image  # noqa: E402
 from calid.evaluation import protocol_images  # noqa: E402
@@ -75,7 +75,7 @@ def rebuilt_stacks(image: sitk.Image, model) -> dict[str, np.ndarray]:
     """One frame (3D, slices along the last ITK axis) with every other slice removed and rebuilt by each of
     ``REBUILT``, (slices, rows, cols), cut to an odd number of slices."""
     stack = sitk.GetArrayFromImage(image).astype(np.float32)  # slices first: the slice axis is ITK's last
-    m = (stack.shape[0] - 1) // 2 * 2 + 1
+    m = slice_positions.protocol_count(stack.shape[0], 2)
     real_image, kept_image = protocol_images(image, 2, m, 2)
     result = upsample_image(kept_image, UpsampleOptions(factor=2, device="cpu"), model, want_sharp=True)
     peers = peer_stacks(stack, kept_image, real_image, 2, 2)

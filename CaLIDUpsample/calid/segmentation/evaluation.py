@@ -25,10 +25,8 @@ from .. import geometry, slice_positions
 from ..devices import resolve_device
 from ..engine import UpsampleOptions, upsample_image
 from ..errors import CalidError
-from ..evaluation import PEER_FLOW, bspline_on_grid, protocol_images, select_patients
-from ..metrics import linear_missing
+from ..evaluation import peer_missing, protocol_images, select_patients
 from ..modelstore import load_model
-from ..motion import morph_missing
 from ..paired import describe, paired_difference
 from ..progress import Progress
 from .contour import contour_interpolation, contour_pool
@@ -68,10 +66,8 @@ def peer_stacks(stack: np.ndarray, kept_image: sitk.Image, real_image: sitk.Imag
     removed ones (not multiples of ``factor``) rebuilt by that peer from the kept ones (``protocol_images``): what
     the network is run on for "network on <peer>"."""
     m = real_image.GetSize()[axis]
-    removed = np.array([i for i in range(m) if i % factor])
-    missing = {"morph": morph_missing(stack[:m:factor], factor, PEER_FLOW),
-               "linear": linear_missing(stack[:m:factor], factor),
-               "bspline": geometry.to_stack(bspline_on_grid(kept_image, real_image), axis)[removed]}
+    removed = slice_positions.removed_slices(m, factor)
+    missing, _ = peer_missing(stack, kept_image, real_image, factor, axis)
     peers = {}
     for name in PEERS:
         peers[name] = stack[:m].copy()
@@ -94,10 +90,10 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
     rows.append({"setting": "acquired slices", "method": "network",
                  **label_scores(real, truth, (slice_mm, *inplane))})
     for factor in cfg.factors:
-        m = (stack.shape[0] - 1) // factor * factor + 1
+        m = slice_positions.protocol_count(stack.shape[0], factor)
         if m < factor + 1:
             continue
-        removed = np.array([i for i in range(m) if i % factor])
+        removed = slice_positions.removed_slices(m, factor)
         real_image, kept_image = protocol_images(image, axis, m, factor)
         calid = upsample_image(kept_image, UpsampleOptions(factor=factor, device=cfg.device), interpolator,
                                want_sharp=True)

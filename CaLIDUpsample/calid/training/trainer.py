@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .. import slice_positions
 from ..choices import REFINER_KINDS, REFINER_LOSSES
 from ..devices import autocast, inference_layout, resolve_device
 from ..error_calibration import ErrorCalibration
@@ -445,7 +446,7 @@ class Trainer:
         scores = {"model": [], "linear": []}
         predicted, actual = [], []
         for v in self.val_volumes:
-            n = (v.stack.shape[0] - 1) // 2 * 2 + 1
+            n = slice_positions.protocol_count(v.stack.shape[0], 2)
             real = v.stack[:n]
             kept = real[::2]
             generated = generate_missing(model, kept, 2, default_steps(model), device=self.device,
