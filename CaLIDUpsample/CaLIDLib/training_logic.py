@@ -31,7 +31,7 @@ from .curves import TrainingCurves
 from .protocol import WorkerEvent
 from .volumes import write_nodes
 
-CHECKPOINT = "checkpoint.safetensors"  # as named in calid/training/trainer.py (which imports torch: not here)
+CHECKPOINT = "checkpoint.safetensors"  # calid.training.checkpoint.CHECKPOINT (whose package imports torch: not here)
 CHECKPOINT_EVERY = 25
 LOG_EVERY = 5
 VALIDATIONS = 5

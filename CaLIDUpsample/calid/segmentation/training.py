@@ -27,9 +27,9 @@ from ..intensity import IntensityMap
 from ..modelstore import inherited_provenance
 from ..progress import Progress
 from ..training import data
-from ..training.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from ..training.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_info, save_checkpoint
 from ..training.metrics_log import append_metrics
-from ..training.trainer import warmup_cosine
+from ..training.schedule import warmup_cosine
 from .inference import segment_stack
 from .labels import LABELS
 from .network import DEFAULT_CONFIG, TINY_CONFIG, build_segmenter, network_size, to_grid
@@ -38,7 +38,6 @@ from .config import SegTrainConfig
 from .store import load_segmenter, save_segmenter
 
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
-CHECKPOINT = "checkpoint.safetensors"
 HEART_CENTRED = 0.8
 """Share of crops centred near the labelled heart; the rest are anywhere in the slice."""
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_dice_rv", "val_dice_myo", "val_dice_lv",

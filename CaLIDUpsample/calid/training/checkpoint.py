@@ -15,6 +15,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+CHECKPOINT = "checkpoint.safetensors"
+"""A training run's checkpoint in its output folder, for both trainers (the Slicer module names it too, without
+importing torch: ``CaLIDLib.training_logic``)."""
+
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}

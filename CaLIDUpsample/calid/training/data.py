@@ -46,7 +46,7 @@ def find_volumes(folders: list[str | Path]) -> list[tuple[str, Path]]:
     found = []
     for folder in map(Path, folders):
         if not folder.is_dir():
-            raise CalidError(f"training data folder not found: {folder}")
+            raise CalidError(f"data folder not found: {folder}")
         files = sorted(Path(root) / name for root, _, names in os.walk(folder, followlinks=True) for name in names)
         for path in files:
             if not has_image_suffix(path) or is_label_file(path):

@@ -11,7 +11,6 @@ Fine-tuning (``init``) starts from an existing model and, by default, trains onl
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict
@@ -37,14 +36,14 @@ from ..networks import DEFAULT_CONFIG, REFINER_CONFIG, TINY_CONFIG, CaLID, lapla
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data, pack
-from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_info, save_checkpoint
 from .config import TrainConfig
 from .losses import refiner_loss
 from .metrics_log import append_metrics
 from .plots import plot_curves
+from .schedule import warmup_cosine
 
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
-CHECKPOINT = "checkpoint.safetensors"
 KL_WEIGHT = 1e-6
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
                  "val_ssim_model", "val_ssim_linear", "val_error_ratio"]
@@ -56,15 +55,6 @@ def _distributed() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(total - warmup, 1)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
 
 
 class Trainer:
