@@ -97,8 +97,15 @@ class CaLIDUpsampleLogic(WorkerLogic):
         """
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("input volume is empty")
+        if inputVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise ValueError(f"{inputVolume.GetName()} is a labelmap: give the MRI volume (labels are not intensities "
+                             "to interpolate)")
+        if inputVolume.GetImageData().GetNumberOfScalarComponents() > 1:
+            raise ValueError(f"{inputVolume.GetName()} is a vector/RGB volume: give a single-channel MRI volume")
         if outputVolume is not None and outputVolume is inputVolume:
             raise ValueError("the output volume must not be the input volume")
+        if uncertaintyVolume is not None and uncertaintyVolume in (inputVolume, outputVolume):
+            raise ValueError("the uncertainty volume must be a node of its own, not the input or the output volume")
         if inputSegmentation is not None and outputSegmentation is None:
             raise ValueError("an input segmentation needs an output segmentation to fill")
         cine = find_sequence(self.scene, inputVolume, sequenceBrowser)
@@ -137,9 +144,10 @@ class CaLIDUpsampleLogic(WorkerLogic):
         if inputSegmentation is not None:
             raise ValueError("an input segmentation (your segments on the acquired slices) is for single volumes, "
                              "not for sequences: leave it out to segment the whole cine")
-        if outputSegmentation is not None and browser.IsProxyNode(outputSegmentation.GetID()):
-            raise ValueError(f"{outputSegmentation.GetName()} already plays a sequence in {browser.GetName()}: "
-                             "give a new segmentation node")
+        for node in filter(None, (outputVolume, uncertaintyVolume, outputSegmentation)):
+            if browser.IsProxyNode(node.GetID()):  # it would play two sequences, the earlier run's and this one's
+                raise ValueError(f"{node.GetName()} already plays a sequence in {browser.GetName()}: "
+                                 "give a new node (or none)")
         name = _output_name(sequence.GetName(), method, factor, spacing)
 
         def prepare(folder: Path):
@@ -234,7 +242,12 @@ class CaLIDUpsampleLogic(WorkerLogic):
         self._placeBeside(inputVolume, outputVolume)
 
     def _placeBeside(self, inputVolume, node) -> None:
-        """Put ``node`` in the same study (subject hierarchy folder) as the input volume."""
+        """Put ``node`` under the input's parent transform and in the same study (subject hierarchy folder).
+
+        The worker's voxels lie in the input's own frame (its IJK-to-RAS), so an output lies where the input does
+        only under the same transform; without it the output of a transformed input was displaced."""
+        if node.IsA("vtkMRMLTransformableNode"):
+            node.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
         try:
             import slicer
 

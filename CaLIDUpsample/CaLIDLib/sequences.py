@@ -15,7 +15,8 @@ __all__ = ["find_sequence", "write_sequence", "new_sequence_like", "read_sequenc
 
 
 def find_sequence(scene, proxyVolume, browser=None):
-    """``(browser, sequence)`` whose proxy is ``proxyVolume``, or None for a plain volume.
+    """``(browser, sequence)`` whose proxy is ``proxyVolume``, or None for a plain volume, which is also what the
+    proxy of a one-frame sequence is upsampled as (the proxy is that frame).
 
     A given ``browser`` must play ``proxyVolume`` (a mistake otherwise, not a reason to fall back to 3D);
     without one, the scene's browsers are searched, so scripts need not know which browser shows the cine.
@@ -24,9 +25,7 @@ def find_sequence(scene, proxyVolume, browser=None):
     for candidate in candidates:
         sequence = candidate.GetSequenceNode(proxyVolume) if candidate.IsProxyNode(proxyVolume.GetID()) else None
         if sequence is not None:
-            if sequence.GetNumberOfDataNodes() < 2:
-                raise ValueError(f"sequence {sequence.GetName()} has fewer than two frames: upsample its volume")
-            return candidate, sequence
+            return (candidate, sequence) if sequence.GetNumberOfDataNodes() > 1 else None
     if browser is not None:
         raise ValueError(f"{proxyVolume.GetName()} is not a proxy node of the browser {browser.GetName()}")
     return None

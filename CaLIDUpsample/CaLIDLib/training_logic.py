@@ -93,8 +93,19 @@ class CaLIDTrainingLogic(WorkerLogic):
         until it returns False; ``onFinished(modelFolder, error)`` is called).
         """
         self._checkIdle()
-        if not re.fullmatch(r"[\w-][\w.-]*", outputName or ""):
-            raise ValueError(f"model name {outputName!r}: use letters, digits, '-', '_' and '.' only")
+        if not re.fullmatch(r"\w[\w.-]*", outputName or ""):
+            raise ValueError(f"model name {outputName!r}: begin with a letter or digit; then letters, digits, '-', "
+                             "'_' and '.' only")
+        for what, value, smallest in (("steps", steps, 1), ("batch size", batchSize, 1),
+                                      ("checkpoint interval", checkpointEvery, 1)):
+            if int(value) != value or value < smallest:
+                raise ValueError(f"{what} must be a whole number of at least {smallest}, not {value}")
+        if not learningRate > 0:
+            raise ValueError(f"learning rate must be positive, not {learningRate}")
+        if timeLimitMinutes < 0:
+            raise ValueError(f"time limit must be 0 (none) or a number of minutes, not {timeLimitMinutes}")
+        if not 0 <= validationFraction < 1:
+            raise ValueError(f"validation fraction must be from 0 (none) to below 1, not {validationFraction}")
         if (user_models_dir() / outputName).exists() or outputName in {m["name"] for m in list_models()}:
             raise ValueError(f"a model named {outputName} already exists: choose another name")
         source = self._source(volumesOrFolder)
@@ -139,6 +150,9 @@ class CaLIDTrainingLogic(WorkerLogic):
         nodes = [volumesOrFolder] if hasattr(volumesOrFolder, "GetImageData") else list(volumesOrFolder or [])
         if not nodes:
             raise ValueError("select at least one volume to train on")
+        for node in nodes:  # before the run's curves are made: a refused start leaves the scene as it was
+            if node is None or node.GetImageData() is None:
+                raise ValueError(f"volume {node.GetName() if node else None} is empty")
         return nodes
 
     def _startCurves(self, outputName: str, resumedRun: Path | None) -> None:

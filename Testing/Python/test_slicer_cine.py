@@ -106,6 +106,29 @@ def test_explicit_browser_and_output_volume_as_proxy(cine, tiny_model_dir, priva
     assert out is target and browser.GetSequenceNode(target).GetNumberOfDataNodes() == 3
 
 
+def test_the_last_runs_proxy_is_refused_as_the_next_runs_output(cine, tiny_model_dir, private_tmp):
+    """It would play two sequences, the earlier run's and the new one's, in one browser."""
+    scene, browser, _sequence, proxy = cine
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    first = logic.process(proxy, factor=2, device="cpu", method="linear")
+    with pytest.raises(ValueError, match="already plays a sequence"):
+        logic.process(proxy, first, factor=3, device="cpu", method="linear")
+
+
+def test_a_one_frame_sequence_is_upsampled_as_its_volume(sequences_logic, sample_array, private_tmp):
+    scene = sequences_logic.GetMRMLScene()
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "single")
+    frame = volume_node(scene, sample_array, name="frame0")
+    sequence.SetDataNodeAtValue(frame, "0")
+    scene.RemoveNode(frame)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    sequences_logic.UpdateProxyNodesFromSequences(browser)
+    proxy = browser.GetProxyNode(sequence)
+    out = CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, factor=2, method="linear")
+    assert not browser.IsProxyNode(out.GetID()) and np.array_equal(node_array(out)[::2], node_array(proxy))
+
+
 def test_volume_not_played_by_the_given_browser_is_refused(cine, sample_array):
     scene, browser, _sequence, _proxy = cine
     other = volume_node(scene, sample_array, name="other")

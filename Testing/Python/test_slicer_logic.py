@@ -167,6 +167,44 @@ def test_input_and_output_must_differ(scene, sample_array):
         CaLIDUpsampleLogic(scene, python=sys.executable).process(node, node)
 
 
+def test_the_map_may_not_replace_the_input_or_the_output(scene, sample_array):
+    node, out = volume_node(scene, sample_array), volume_node(scene, sample_array, name="out")
+    for map_node in (node, out):
+        with pytest.raises(ValueError, match="uncertainty volume must be a node of its own"):
+            CaLIDUpsampleLogic(scene, python=sys.executable).process(node, out, uncertaintyVolume=map_node)
+    assert node_array(node).shape == sample_array.shape
+
+
+def test_labelmaps_and_vector_volumes_are_refused_in_one_line(scene, sample_array):
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    labels.SetAndObserveImageData(volume_node(scene, sample_array).GetImageData())
+    rgb = volume_node(scene, np.repeat(sample_array[..., None], 3, axis=-1).reshape(sample_array.shape[0],
+                                                                                      sample_array.shape[1], -1))
+    rgb.GetImageData().SetDimensions(sample_array.shape[2], sample_array.shape[1], sample_array.shape[0])
+    rgb.GetImageData().GetPointData().GetScalars().SetNumberOfComponents(3)
+    for node, phrase in ((labels, "is a labelmap"), (rgb, "vector/RGB")):
+        with pytest.raises(ValueError, match=phrase):
+            CaLIDUpsampleLogic(scene, python=sys.executable).process(node, method="linear")
+
+
+def test_a_transformed_input_gives_an_output_where_the_input_is(scene, sample_array, private_tmp):
+    """The worker's voxels lie in the input's own frame: the output goes under the input's parent transform."""
+    node = volume_node(scene, sample_array)
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 25.0)
+    matrix.SetElement(1, 3, -7.0)
+    shift.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(shift.GetID())
+    elsewhere = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "elsewhere")
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
+    target.SetAndObserveTransformNodeID(elsewhere.GetID())
+    for given in (None, target):
+        out = CaLIDUpsampleLogic(scene, python=sys.executable).process(node, given, factor=2, method="linear")
+        assert out.GetTransformNodeID() == shift.GetID()
+        np.testing.assert_allclose(ras(out, (5, 7, 4)), ras(node, (5, 7, 2)), atol=1e-4)
+
+
 def test_standby_worker_runs_the_next_upsampling_and_another_then_waits(scene, sample_array, tiny_model_dir, private_tmp):
     node = volume_node(scene, sample_array)
     options = dict(factor=2, device="cpu", steps=2, seed=3, model=str(tiny_model_dir))

@@ -145,11 +145,22 @@ def test_data_folder_is_passed_as_is_and_worker_errors_are_raised(scene, tmp_pat
     ("bad/name", {}, "letters, digits"),
     ("taken", {}, "already exists: choose another name"),
     ("nothing", {"resume": True}, "no stopped run"),
+    ("-x", {}, "begin with a letter or digit"),  # the worker read it as an option
+    ("zero", {"steps": 0}, "steps must be a whole number of at least 1"),  # saved the base model as a new one
+    ("half", {"batchSize": 0}, "batch size must be"),
+    ("seldom", {"checkpointEvery": 0}, "checkpoint interval must be"),
+    ("down", {"learningRate": -1.0}, "learning rate must be positive"),
+    ("never", {"timeLimitMinutes": -5}, "time limit must be 0"),  # was ignored: no limit
+    ("empty", {"empty": True}, "is empty"),
 ])
 def test_bad_requests_fail_before_anything_starts(scene, nodes, models, name, kwargs, message):
     (models / "taken").mkdir(parents=True)
+    if kwargs.pop("empty", False):
+        nodes = [*nodes, scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "blank")]
+    before = scene.GetNumberOfNodes()
     with pytest.raises(ValueError, match=message):
         CaLIDTrainingLogic(scene, python=sys.executable).train(nodes, outputName=name, **kwargs)
+    assert scene.GetNumberOfNodes() == before  # no curves, charts or tables of a run that never started
 
 
 def test_no_volumes_selected(scene):
