@@ -80,7 +80,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--output", required=True, help="folder for segmentation_results.json and .md")
     e.add_argument("--model", help="interpolation model (default: bundled)")
     e.add_argument("--segmentation-model", help="segmentation model (default: bundled)")
-    e.add_argument("--factor", type=int, action="append", help="K (repeatable; default 2)")
+    e.add_argument("--factor", type=_bounded("factor", int), action="append", help="K (repeatable; default 2)")
     e.add_argument("--patients", help="split.json or model card (its validation patients), or comma-separated ids")
     e.add_argument("--shape-mm", type=float, action="append", help="shape weights of --input-segmentation to compare")
     e.add_argument("--device", default="auto")
@@ -89,6 +89,34 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("volumes", help="structure volumes (mL) of a label volume; ejection fractions from ED and ES")
     v.add_argument("labels", help="label volume (end-diastole when a second one is given)")
     v.add_argument("end_systole", nargs="?", help="end-systole label volume: adds stroke volumes and ejection fractions")
+
+
+BOUNDS = {
+    **dict.fromkeys(("vae_steps", "denoiser_steps", "refiner_steps", "error_head_steps", "warmup", "min_timestep"),
+                    (lambda v: v >= 0, "0 or more")),
+    **dict.fromkeys(("steps", "vae_batch", "denoiser_batch", "batch", "val_every", "val_volumes", "log_every",
+                     "checkpoint_every"), (lambda v: v >= 1, "at least 1")),
+    "factor": (lambda v: v >= 2, "at least 2"),
+    "crop": (lambda v: v >= 32, "at least 32"),
+    "lr": (lambda v: v > 0, "positive"),
+    **dict.fromkeys(("ema_decay", "val_fraction"), (lambda v: 0 <= v < 1, "from 0 to below 1")),
+}
+"""What each numeric option of the training and evaluation commands accepts. Out of range, a value was trained with
+(a negative step count exported the base model as a new one) or failed deep inside as an internal error."""
+
+
+def _bounded(name: str, kind: type):
+    """An argparse ``type`` for option ``name``: ``kind`` (int or float) within ``BOUNDS[name]``."""
+    accepts, wording = BOUNDS.get(name, (lambda v: True, ""))
+
+    def parse(text: str):
+        value = kind(text)
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {wording}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
 
 
 def _widths(text: str) -> list[int]:
@@ -134,7 +162,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         ("log_every", "log metrics every N steps"), ("checkpoint_every", "checkpoint every N steps"), ("seed", "random seed"),
     ):
         default = defaults[name]
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})")
+        p.add_argument("--" + name.replace("_", "-"), type=_bounded(name, type(default)), default=default,
+                       help=f"{text} (default {default})")
     p.add_argument("--denoiser-channels", type=_widths, metavar="C1,C2,C3",
                    help="train a new denoiser (tau_theta1, tau_theta2 and U-Net) with these widths per level; with "
                         "--init on that model's VAE, motion and last step (a larger denoiser; the default preset's "
@@ -188,7 +217,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", nargs="+", help="folders of SAX volumes (labels beside them define the heart region)")
     p.add_argument("--output", required=True, help="folder for results.json and results.md")
     p.add_argument("--model", help="model name or directory (default: bundled)")
-    p.add_argument("--factor", type=int, action="append", help="K to evaluate (repeatable; default 2)")
+    p.add_argument("--factor", type=_bounded("factor", int), action="append",
+                   help="K to evaluate (repeatable; default 2)")
     p.add_argument("--patients", help="split.json or model card (its validation patients), or comma-separated patient ids")
     p.add_argument("--max-spacing", type=float, help="only stacks with slice spacing <= this (mm)")
     p.add_argument("--min-spacing", type=float, help="only stacks with slice spacing >= this (mm)")
@@ -216,8 +246,8 @@ def _add_train_segmentation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--citation", default="", help="citation required by the training data")
     defaults = {f.name: f.default for f in fields(SegTrainConfig)}
     for name in ("steps", "batch", "crop", "lr", "warmup", "val_every", "log_every", "checkpoint_every", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name],
-                       help=f"(default {defaults[name]})")
+        p.add_argument("--" + name.replace("_", "-"), type=_bounded(name, type(defaults[name])),
+                       default=defaults[name], help=f"(default {defaults[name]})")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")

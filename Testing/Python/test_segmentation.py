@@ -200,7 +200,9 @@ def test_train_segmentation_end_to_end_and_resume(dataset, tmp_path, capsys):
     args = ["train-segmentation", str(dataset), "--output", str(run), "--preset", "tiny", "--crop", "32",
             "--batch", "2", "--val-every", "2", "--log-every", "1", "--checkpoint-every", "2", "--progress", "none"]
     assert main(args + ["--steps", "2"]) == 0
-    assert main(args + ["--steps", "4", "--resume"]) == 0
+    split = (run / "split.json").read_bytes()
+    assert main(args + ["--steps", "4", "--resume", "--seed", "7"]) == 0  # the run's own split, not the new seed's
+    assert (run / "split.json").read_bytes() == split
     network, card = load_segmenter(run / "model")
     assert card["format"] == SEGMENTATION_FORMAT and card["training"]["steps"] == 4
     assert set(card["training"]["split"]) == {"train", "validation"}

@@ -184,8 +184,24 @@ def test_existing_run_is_not_overwritten(dataset, tmp_path):
     run = tmp_path / "run"
     assert train(dataset, "--output", run, "--vae-steps", "2", "--denoiser-steps", "2", "--val-every", "2",
                  "--val-fraction", "0.25", *TINY).returncode == 0
-    again = train(dataset, "--output", run, "--vae-steps", "2", "--denoiser-steps", "2", *TINY)
+    split = (run / "split.json").read_bytes()
+    again = train(dataset, "--output", run, "--vae-steps", "2", "--denoiser-steps", "2", *TINY[:-1], "5")
     assert again.returncode == 2 and "already holds a training run" in again.stderr
+    assert (run / "split.json").read_bytes() == split  # a later --resume trains on the run's own split
+
+
+@pytest.mark.parametrize("option, value", [("--denoiser-batch", "0"), ("--lr", "-1"), ("--vae-steps", "-1"),
+                                           ("--checkpoint-every", "0"), ("--val-fraction", "1.5")])
+def test_out_of_range_numbers_are_refused_before_anything_is_written(option, value, dataset, tmp_path):
+    proc = train(dataset, "--output", tmp_path / "run", *TINY, option, value)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and option in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_run_leaves_no_output_folder(tmp_path):
+    (tmp_path / "labels_only").mkdir()
+    proc = train(tmp_path / "labels_only", "--output", tmp_path / "run", *TINY)
+    assert proc.returncode == 2 and not (tmp_path / "run").exists(), proc.stderr
 
 
 def test_denoiser_sees_every_in_plane_orientation_of_each_training_stack(dataset, tmp_path, tiny_model_dir):

@@ -27,7 +27,7 @@ from ..intensity import IntensityMap
 from ..modelstore import inherited_provenance
 from ..progress import Progress
 from ..training import data
-from ..training.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_info, save_checkpoint
+from ..training.checkpoint import load_checkpoint, read_checkpoint_info, run_folder, save_checkpoint
 from ..training.metrics_log import append_metrics
 from ..training.schedule import warmup_cosine
 from .inference import segment_stack
@@ -133,7 +133,9 @@ class SegmentationTrainer:
         if not entries:
             raise CalidError("no labelled volumes found (labels are files named like the image with "
                              f"{'/'.join(LABEL_TAGS)})")
-        if self.cfg.split:
+        if self.cfg.resume and (self.out / "split.json").is_file():  # the run's own split, whatever --seed says now
+            split = data.load_split(self.out / "split.json")
+        elif self.cfg.split:
             split = data.load_split(Path(self.cfg.split))
         else:
             patients = sorted({p for p, _, _ in entries})
@@ -150,13 +152,8 @@ class SegmentationTrainer:
 
     def run(self) -> Path:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint = self.out / CHECKPOINT
-        if checkpoint.is_file() and not cfg.resume:
-            raise CalidError(f"{self.out} already holds a training run: use --resume or another output folder")
-        if cfg.resume and not checkpoint.is_file():
-            raise CalidError(f"--resume given but no checkpoint in {self.out}")
-        self._prepare_data()
+        with run_folder(self.out, cfg.resume) as checkpoint:
+            self._prepare_data()
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=cfg.lr, weight_decay=1e-4)
         step = 0
         if cfg.resume:

@@ -9,15 +9,42 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from ..errors import CalidError
+
 CHECKPOINT = "checkpoint.safetensors"
 """A training run's checkpoint in its output folder, for both trainers (the Slicer module names it too, without
 importing torch: ``CaLIDLib.training_logic``)."""
+
+
+@contextmanager
+def run_folder(out: Path, resume: bool):
+    """The output folder of a run whose data may still be refused, and its checkpoint path.
+
+    Checked against ``--resume`` before anything is written (a refused run had already replaced the folder's
+    ``split.json``, so a later ``--resume`` trained on another split), made when missing, and removed again when
+    this call made it and what runs inside fails (a refused run left an empty folder or a lone ``split.json``).
+    """
+    checkpoint = out / CHECKPOINT
+    if resume and not checkpoint.is_file():
+        raise CalidError(f"--resume given but no checkpoint in {out}")
+    if not resume and checkpoint.is_file():
+        raise CalidError(f"{out} already holds a training run: use --resume or another output folder")
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield checkpoint
+    except CalidError:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

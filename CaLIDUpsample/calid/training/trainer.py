@@ -36,7 +36,7 @@ from ..networks import DEFAULT_CONFIG, REFINER_CONFIG, TINY_CONFIG, CaLID, lapla
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data, pack
-from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_info, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_info, run_folder, save_checkpoint
 from .config import TrainConfig
 from .losses import refiner_loss
 from .metrics_log import append_metrics
@@ -210,16 +210,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- stages
     def run(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._prepare_data()
-        checkpoint = self.out / CHECKPOINT
-        step = 0
-        if self.cfg.resume and checkpoint.is_file():
-            step = read_checkpoint_info(checkpoint)["step"]
-        elif self.cfg.resume:
-            raise CalidError(f"--resume given but no checkpoint in {self.out}")
-        elif checkpoint.is_file():
-            raise CalidError(f"{self.out} already holds a training run: use --resume or another output folder")
+        with run_folder(self.out, self.cfg.resume) as checkpoint:
+            self._prepare_data()
+        step = read_checkpoint_info(checkpoint)["step"] if self.cfg.resume else 0
         progress = Progress(self.progress_mode, self.total_steps, "training")
         if step:
             progress.advance(step)
