@@ -379,7 +379,7 @@ def cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
 
 
 def cmd_volumes(args: argparse.Namespace) -> int:
-    from .imageio import read_image
+    from .imageio import read_image, validate_volume
     from .segmentation.measures import ejection_fractions, structure_volumes
     from .segmentation.sparse import check_labels
 
@@ -388,7 +388,7 @@ def cmd_volumes(args: argparse.Namespace) -> int:
         phases["end_systole"] = args.end_systole
     report = {}
     for phase, path in phases.items():
-        labels = read_image(path)
+        labels = validate_volume(read_image(path), str(path))  # a cine's 4D labels summed every phase
         check_labels(labels, labels, source=str(path))
         report[phase] = structure_volumes(labels)
     if args.end_systole:

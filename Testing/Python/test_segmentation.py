@@ -155,6 +155,30 @@ def test_volumes_and_ejection_fractions(tmp_path, capsys):
         ejection_fractions(report["end_systole"], report["end_diastole"])
 
 
+def test_a_cines_labels_are_refused_by_volumes_and_evaluate_segmentation(tmp_path, capsys):
+    """Both read one phase: ``volumes`` summed a cine's phases into one wrong figure, exit 0; evaluate-segmentation
+    failed as an internal error."""
+    frame = np.zeros((4, 10, 10), np.uint8)
+    frame[:, :5, :] = 3
+    cine = sitk.JoinSeries([sitk.GetImageFromArray(frame)] * 3)
+    (tmp_path / "p1").mkdir()
+    write_image(cine, tmp_path / "p1" / "scan.nii.gz")
+    write_image(cine, tmp_path / "p1" / "scan_gt.nii.gz")
+    for args in (["volumes", tmp_path / "p1" / "scan_gt.nii.gz"],
+                 ["evaluate-segmentation", tmp_path, "--output", tmp_path / "out", "--device", "cpu"]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "is 4D" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_structure_absent_from_both_scores_null_in_the_json_report():
+    from calid.segmentation.evaluation import _finite
+
+    report = {"summary": [{"dice_rv": float("nan"), "dice_lv": 0.9}], "hd95": (float("inf"), 2.0)}
+    assert json.loads(json.dumps(_finite(report))) == {"summary": [{"dice_rv": None, "dice_lv": 0.9}],
+                                                       "hd95": [None, 2.0]}
+
+
 def test_a_cycle_takes_each_ventricles_largest_and_smallest_cavity_and_reports_a_missing_one():
     def phase(lv, rv):
         return {"rv_cavity_ml": rv, "lv_myocardium_ml": 90.0, "lv_cavity_ml": lv, "lv_myocardium_mass_g": 94.5}

@@ -25,6 +25,7 @@ from .. import geometry, slice_positions
 from ..devices import resolve_device
 from ..engine import UpsampleOptions, upsample_image
 from ..errors import CalidError
+from ..imageio import read_image, validate_volume
 from ..evaluation import peer_missing, protocol_images, select_patients
 from ..modelstore import load_model
 from ..paired import describe, paired_difference
@@ -54,6 +55,18 @@ class SegEvaluateConfig:
     patients: str | None = None
     shape_mm: list[float] = field(default_factory=lambda: [DEFAULT_SHAPE_MM])
     device: str = "auto"
+
+
+def _finite(value):
+    """``value`` with NaN and infinite numbers as None (JSON null): a structure absent from both the labels and the
+    truth scores NaN, which ``json.dumps`` writes as ``NaN``, not JSON."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _removed_scores(labels: np.ndarray, truth: np.ndarray, removed: np.ndarray, spacing) -> dict[str, float]:
@@ -187,7 +200,8 @@ def evaluate_segmentation(cfg: SegEvaluateConfig, progress_mode: str = "bar") ->
     rows = []
     with contour_pool() as pool:
         for patient, image_path, label_path in entries:
-            stack_rows = evaluate_stack(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), cfg,
+            stack_rows = evaluate_stack(validate_volume(read_image(image_path), str(image_path)),
+                                        validate_volume(read_image(label_path), str(label_path)), cfg,
                                         interpolator, segmenter, progress, pool)
             rows += [{"patient": patient, "file": image_path.name, **r} for r in stack_rows]
     progress.close()
@@ -196,6 +210,6 @@ def evaluate_segmentation(cfg: SegEvaluateConfig, progress_mode: str = "bar") ->
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     report = {"summary": summary, "rows": rows, **({"left_out": selection.left_out} if selection.left_out else {})}
-    (out / "segmentation_results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "segmentation_results.json").write_text(json.dumps(_finite(report), indent=2) + "\n", encoding="utf-8")
     (out / "segmentation_results.md").write_text(table + "\n", encoding="utf-8")
     return table
