@@ -81,6 +81,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(a[key].float().numpy(), b[key].float().numpy(), atol=2e-3, err_msg=key)
+    # The log reads as the uninterrupted run's: the steps after the checkpoint, logged again, are not there twice.
+    logged = [(row["step"], row["stage"]) for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert logged == [(row["step"], row["stage"]) for row in
+                      map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines())]
+    assert len((run / "metrics.csv").read_text().splitlines()) == len((tmp_path / "ref" / "metrics.csv").read_text().splitlines())
 
 
 def test_ddp_two_processes_with_gloo(dataset, tmp_path):
@@ -227,3 +232,17 @@ def test_the_trainer_makes_its_examples_in_the_inference_layout_and_trains_in_it
     with inference_layout(model, torch.device("cpu")):
         assert is_channels_last(model)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_a_resumed_run_forgets_the_rows_logged_after_its_checkpoint(tmp_path):
+    """The resumed run logs those steps again: both files held them twice (found resuming a run that logged every
+    step and saved every fourth)."""
+    from calid.training.metrics_log import append_metrics, forget_after
+
+    for step in range(1, 7):
+        append_metrics(tmp_path, ["step", "loss"], {"step": step, "loss": 1.0 / step, "stage": "denoiser"})
+    forget_after(tmp_path, 4)
+    append_metrics(tmp_path, ["step", "loss"], {"step": 5, "loss": 0.2, "stage": "denoiser"})
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()] == \
+        ["step", "1", "2", "3", "4", "5"]

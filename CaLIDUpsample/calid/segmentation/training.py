@@ -28,7 +28,7 @@ from ..modelstore import inherited_provenance
 from ..progress import Progress
 from ..training import data
 from ..training.checkpoint import load_checkpoint, read_checkpoint_info, run_folder, save_checkpoint
-from ..training.metrics_log import append_metrics
+from ..training.metrics_log import append_metrics, forget_after
 from ..training.schedule import warmup_cosine
 from .inference import segment_stack
 from .labels import LABELS
@@ -158,6 +158,7 @@ class SegmentationTrainer:
         step = 0
         if cfg.resume:
             step = read_checkpoint_info(checkpoint)["step"]
+            forget_after(self.out, step)
             self.history = load_checkpoint(checkpoint, {"network": self.network}, optimizer, self.generator)["history"]
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", cfg.lr)

@@ -39,7 +39,7 @@ from . import data, pack
 from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_info, run_folder, save_checkpoint
 from .config import TrainConfig
 from .losses import refiner_loss
-from .metrics_log import append_metrics
+from .metrics_log import append_metrics, forget_after
 from .plots import plot_curves
 from .schedule import warmup_cosine
 
@@ -213,6 +213,8 @@ class Trainer:
         with run_folder(self.out, self.cfg.resume) as checkpoint:
             self._prepare_data()
         step = read_checkpoint_info(checkpoint)["step"] if self.cfg.resume else 0
+        if step and self.rank == 0:
+            forget_after(self.out, step)
         progress = Progress(self.progress_mode, self.total_steps, "training")
         if step:
             progress.advance(step)
