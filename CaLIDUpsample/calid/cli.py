@@ -398,14 +398,16 @@ def cmd_volumes(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .modelindex import list_models, user_models_dir
+    from .modelindex import INTERPOLATION_FORMAT, SEGMENTATION_FORMAT, list_models, user_models_dir
 
-    models = list_models()
+    models = [{**m, "kind": kind} for kind, card_format in (("interpolation", INTERPOLATION_FORMAT),
+                                                           ("segmentation", SEGMENTATION_FORMAT))
+              for m in list_models(card_format)]  # the segmentation models too: `segment --model NAME` takes them
     if args.json:
         print(json.dumps(models, indent=2))
         return 0
     for m in models:
-        print(f"{m['name']:<24} {m['source']:<8} {m['path']}")
+        print(f"{m['name']:<24} {m['kind']:<14} {m['source']:<8} {m['path']}")
     print(f"(user models folder: {user_models_dir()})")
     return 0
 

@@ -49,7 +49,9 @@ def test_version_and_models_listing(tiny_model_dir, tmp_path):
     user = Path(os.environ["CALID_MODELS_DIR"])
     shutil.copytree(tiny_model_dir, user / "my-site-model")
     listed = json.loads(calid("models", "--json").stdout)
-    assert any(m["name"] == "my-site-model" and m["source"] == "user" for m in listed)
+    assert any(m["name"] == "my-site-model" and m["source"] == "user" and m["kind"] == "interpolation" for m in listed)
+    assert {"name": "calid-seg-acdc", "kind": "segmentation", "source": "bundled"}.items() <= \
+        next(m for m in listed if m["name"] == "calid-seg-acdc").items()
 
 
 def test_devices_names_the_releases_a_timing_depends_on():
