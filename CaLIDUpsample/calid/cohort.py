@@ -4,9 +4,9 @@ Inputs come from a folder (its image files, and its sub-folders as DICOM series)
 path per line). Each output keeps its input's path below the inputs' common folder (``p1/sax.nii.gz`` and
 ``p2/sax.nii.gz`` of a list go to ``OUT/p1/`` and ``OUT/p2/``, a folder's files straight into ``OUT``). An output
 that already exists is skipped, so an interrupted cohort is resumed by running the same command again; an input
-that fails, whatever the reason, is recorded and the others go on. Under ``torchrun --nproc_per_node N`` the list is sharded across processes
-(rank r takes items r, r+N, ...; each uses GPU ``LOCAL_RANK`` when there are GPUs); rank 0 merges the
-per-rank CSV files once every rank is done.
+that fails, whatever the reason, is recorded and the others go on. Under ``torchrun --nproc_per_node N`` the list
+is sharded across processes (rank r takes items r, r+N, ...; each uses GPU ``LOCAL_RANK`` when there are GPUs);
+rank 0 merges the per-rank CSV files once every rank is done.
 """
 
 from __future__ import annotations

@@ -370,7 +370,8 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
     gaps = GapItems(model, stacks, factor, 1, flows)
     flat = np.ascontiguousarray(generated.reshape(phases * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)
-    batch = batch_size or choose_batch_size(device, gaps.padded.shape[2] * gaps.padded.shape[3] // model.vae_downsampling ** 2)
+    latent_pixels = gaps.padded.shape[2] * gaps.padded.shape[3] // model.vae_downsampling ** 2
+    batch = batch_size or choose_batch_size(device, latent_pixels)
     gap = torch.full((len(gaps),), float(gap_mm), device=device)
 
     def predict(part: slice) -> None:

@@ -55,7 +55,8 @@ def find_labels(image_path: Path) -> Path | None:
         if name.lower().endswith(suffix):
             stem, ext = name[: -len(suffix)], name[-len(suffix):]
             for tag in LABEL_TAGS:
-                for candidate in (image_path.with_name(stem + tag + ext), image_path.with_name(stem + tag.upper() + ext)):
+                for spelling in (tag, tag.upper()):
+                    candidate = image_path.with_name(stem + spelling + ext)
                     if candidate.is_file():
                         return candidate
     return None

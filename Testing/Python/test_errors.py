@@ -110,7 +110,8 @@ def cases(tmp_path, small_image):
     return bad_inputs(tmp_path / "inputs", small_image)
 
 
-CASE_NAMES = ["missing", "corrupt", "truncated", "truncated .nii.gz", "truncated .nii", "folder without DICOM", "unknown format", "2D", "one slice", "4D",
+CASE_NAMES = ["missing", "corrupt", "truncated", "truncated .nii.gz", "truncated .nii",
+              "folder without DICOM", "unknown format", "2D", "one slice", "4D",
               "RGB", "NaN/Inf", "non-uniform DICOM"]
 
 
