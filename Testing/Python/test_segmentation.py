@@ -171,6 +171,18 @@ def test_a_cines_labels_are_refused_by_volumes_and_evaluate_segmentation(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_evaluate_segmentation_refuses_stacks_too_short_for_every_factor(tmp_path, capsys):
+    """As calid evaluate does: a report without the removed-slice rows it was asked for is not written."""
+    (tmp_path / "p1").mkdir()
+    frame = np.zeros((2, 32, 32), np.uint8)
+    frame[:, 8:20, 8:20] = 3
+    write_image(sitk.GetImageFromArray(frame.astype(np.int16) * 100), tmp_path / "p1" / "scan.nii.gz")
+    write_image(sitk.GetImageFromArray(frame), tmp_path / "p1" / "scan_gt.nii.gz")
+    code, err = run_cli(["evaluate-segmentation", tmp_path, "--output", tmp_path / "out", "--device", "cpu"], capsys)
+    assert code == 2 and "no stack had enough slices" in err.splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_structure_absent_from_both_scores_null_in_the_json_report():
     from calid.segmentation.evaluation import _finite
 

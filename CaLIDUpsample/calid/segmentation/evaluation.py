@@ -205,6 +205,8 @@ def evaluate_segmentation(cfg: SegEvaluateConfig, progress_mode: str = "bar") ->
                                         interpolator, segmenter, progress, pool)
             rows += [{"patient": patient, "file": image_path.name, **r} for r in stack_rows]
     progress.close()
+    if not any(row["setting"].startswith("K=") for row in rows):  # as calid evaluate: not a report without them
+        raise CalidError("no stack had enough slices for the requested factors")
     summary = summarise(rows)
     table = markdown_table(summary) + (f"\n\n{selection.note()}" if selection.left_out else "")
     out = Path(cfg.output)
