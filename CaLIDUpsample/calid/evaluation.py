@@ -280,14 +280,15 @@ def markdown_table(summary: list[dict]) -> str:
 
 
 def save_montage(montages: list[tuple[dict, tuple]], path: Path, count: int = 3) -> None:
-    """Worst and best cases by CaLID's PSNR gain over the morph: real, CaLID, morph, linear, B-spline."""
+    """Worst and best cases by CaLID's PSNR gain over the morph: real, CaLID, morph, linear, B-spline (each case
+    once: with fewer than ``2 * count`` the worst and the best overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ranked = sorted(montages, key=lambda item: item[0]["calid_psnr"] - item[0]["morph_psnr"])
-    chosen = ranked[:count] + ranked[-count:]
+    chosen = ranked if len(ranked) <= 2 * count else ranked[:count] + ranked[-count:]
     fig, axes = plt.subplots(len(chosen), 1 + len(SCORED_METHODS), figsize=(12.5, 2.6 * len(chosen)), squeeze=False)
     for row_axes, (row, (real, estimates)) in zip(axes, chosen):
         panels = [("real", real)] + [(m, estimates[m]) for m in SCORED_METHODS]

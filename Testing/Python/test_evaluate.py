@@ -42,7 +42,10 @@ def test_evaluate_scores_calid_and_the_three_peers_with_heart_region(dataset, tm
     assert paired["wins"] == sum(d > 0 for d in differences)
     assert set(k2["calid_minus"]) == {"morph", "linear", "bspline"}
     assert "| K=2, 10 mm stacks (20 mm gaps) | bspline |" in table  # the paired table
-    assert (tmp_path / "eval" / "montage.png").read_bytes()[:4] == b"\x89PNG"
+    png = (tmp_path / "eval" / "montage.png").read_bytes()
+    assert png[:4] == b"\x89PNG"
+    height = int.from_bytes(png[20:24], "big")  # one row per case, each case once (4 here, not 3 worst + 3 best)
+    assert height == round(2.6 * len(report["volumes"]) * 80)
     assert "linear" in capsys.readouterr().out
 
 
