@@ -205,17 +205,16 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
     """All of a run's output paths, checked before anything is computed or written: each one's folder exists and is
     writable, none is an input, and no two are the same (the map or the labels would replace the volume). A run
     that failed on its second output left its first one behind."""
-    chosen = [Path(p) for p in outputs if p is not None]
     read = {Path(p).resolve() for p in inputs if p is not None}
-    seen: dict[Path, Path] = {}
-    for path in chosen:
+    written: set[Path] = set()
+    for path in (Path(p) for p in outputs if p is not None):
         output_folder(path)
         resolved = path.resolve()
         if resolved in read:
             raise CalidError(f"output {path} would overwrite the input")
-        if resolved in seen:
+        if resolved in written:
             raise CalidError(f"two outputs are the same path: {path}")
-        seen[resolved] = path
+        written.add(resolved)
 
 
 @contextmanager

@@ -25,7 +25,6 @@ from .networks import CaLID
 from .progress import Progress
 
 
-
 @dataclass
 class UpsampleOptions:
     """Options shared by the CLI, the Python API and the Slicer module (same names as the CLI flags)."""

@@ -25,8 +25,8 @@ from .. import geometry, slice_positions
 from ..devices import resolve_device
 from ..engine import UpsampleOptions, upsample_image
 from ..errors import CalidError
-from ..imageio import read_image, validate_volume
 from ..evaluation import peer_missing, protocol_images, select_patients
+from ..imageio import read_image, validate_volume
 from ..modelstore import load_model
 from ..paired import describe, paired_difference
 from ..progress import Progress
