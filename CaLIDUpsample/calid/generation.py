@@ -10,6 +10,7 @@ input's units, ``calid.engine`` for images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -186,6 +187,19 @@ class GapItems:
         return x[:, 0, self.ph // 2: self.ph // 2 + self.h, self.pw // 2: self.pw // 2 + self.w].cpu().numpy()
 
 
+@dataclass
+class _Batches:
+    """Runs a network over consecutive parts of the items on one device (``run_batched``), keeping the batch size a
+    CUDA out-of-memory shrank it to for the next network, and the progress every part advances."""
+
+    device: torch.device
+    size: int
+    progress: Progress
+
+    def run(self, fn: Callable[[slice], None], count: int) -> None:
+        self.size = run_batched(fn, count, self.size)
+
+
 @torch.no_grad()
 def generate_renditions(
     model: CaLID,
@@ -227,96 +241,125 @@ def generate_renditions(
     progress = progress or Progress("none")
     progress.set_stage("estimating motion" if model.motion is not None and flows is None else "preparing")
     gaps = GapItems(model, stacks, factor, samples, flows)
-    items = len(gaps)
-    below_t, above_t, alpha_t, images = gaps.below, gaps.above, gaps.alpha, gaps.images
     latent_hw = (gaps.padded.shape[2] // model.vae_downsampling, gaps.padded.shape[3] // model.vae_downsampling)
-    batch = batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1])
-    progress.total = acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
+    batches = _Batches(device, batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1]), progress)
+    progress.total = acquired + (acquired * steps if plus else 0) + len(gaps) * steps + len(gaps) + acquired
     scheduler = make_scheduler(model.config["diffusion"])
 
     progress.set_stage("encoding acquired slices")
-    latents = torch.empty((acquired, model.config["vae"]["latent_channels"], *latent_hw), device=device)
-
-    def encode(part: slice) -> None:
-        with autocast(device):
-            latents[part] = model.encode(images[part].to(device)).float()
-        progress.advance(part.stop - part.start)
-
-    batch = run_batched(encode, acquired, batch)
-
+    latents = _encoded(model, gaps.images, batches)
     if plus:
         progress.set_stage("inverting acquired slices (CaLID+)")
-        inverted = torch.empty_like(latents)
-        # Slice i is the alpha=0 end of the gap (i, i+1); the last slice is the alpha=1 end of its gap.
-        lo = (torch.arange(phases)[:, None] * n + torch.clamp(torch.arange(n), max=n - 2)).ravel()
-        ends = (torch.arange(n) == n - 1).float().repeat(phases)
-
-        def invert_part(part: slice) -> None:
-            cond = (latents[lo[part]], latents[lo[part] + 1], ends[part].to(device))
-            with autocast(device):
-                inverted[part] = invert(lambda z, t: model.interpolator(z, t, *cond), scheduler,
-                                        model.to_diffusion(latents[part], *cond), steps,
-                                        on_step=lambda _: progress.advance(part.stop - part.start)).float()
-
-        batch = run_batched(invert_part, acquired, batch)
-        z_init = slerp(inverted[below_t], inverted[above_t], alpha_t.to(device))
+        z_init = _inverted_start(model, scheduler, latents, gaps, phases, n, steps, batches)
     else:
         z_init = _initial_noise(seed, samples, phases, missing, tuple(latents.shape[1:]), shared_noise).to(device)
-
-    def neighbours(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the denoiser is conditioned on: the acquired neighbours' latents, or (motion-aware models) the
-        latents of both neighbours warped along their flow to the new slice's position."""
-        if gaps.flows is None:
-            return latents[below_t[part]], latents[above_t[part]]
-        with autocast(device):
-            return tuple(model.encode(w.to(device)).float() for w in gaps.warped(part))
-
     progress.set_stage("generating missing slices")
-    z_final = torch.empty_like(z_init)
-
-    def denoise_part(part: slice) -> None:
-        cond = (*neighbours(part), alpha_t[part].to(device))
-        with autocast(device):
-            denoised = denoise(lambda z, t: model.interpolator(z, t, *cond), scheduler, z_init[part], steps,
-                               on_step=lambda _: progress.advance(part.stop - part.start)).float()
-        z_final[part] = model.from_diffusion(denoised, *cond)
-
-    batch = run_batched(denoise_part, items, batch)
-
+    z_final = _denoised(model, scheduler, z_init, latents, gaps, steps, batches)
     progress.set_stage("decoding")
-    out = np.empty((items, h, w), dtype=np.float32)
-    reconstructed = np.empty((acquired, h, w), dtype=np.float32)
-
-    def decoder(latent_source: torch.Tensor, target: np.ndarray):
-        def decode(part: slice) -> None:
-            with autocast(device):
-                target[part] = gaps.crop(model.decode(latent_source[part]).float())
-            progress.advance(part.stop - part.start)
-        return decode
-
-    batch = run_batched(decoder(z_final, out), items, batch)
-    run_batched(decoder(latents, reconstructed), acquired, batch)
-    # Detail transfer: what the VAE loses on the acquired neighbours (fine texture, a slight intensity bias) is
-    # added back, interpolated by alpha (and carried along the flow by motion-aware models), so generated slices
-    # match the acquired ones they sit between.
-    lost = stacks.reshape(acquired, h, w) - reconstructed
-    if gaps.flows is None:
-        out += gaps.cross_fade(lost)
-    else:
-        out += gaps.crop(motion.blend(*gaps.warped(slice(None), gaps.pad(lost)), alpha_t))
+    out = _decoded(model, z_final, gaps, batches)
+    out += _lost_detail(model, stacks.reshape(acquired, h, w), latents, gaps, batches)
     if refine and model.refiner is not None:
         progress.set_stage("refining")
-
-        def refine_part(part: slice) -> None:
-            estimate = gaps.pad(out[part], float(gaps.padded.min()))
-            with autocast(device):
-                out[part] = gaps.crop(model.refiner(estimate.to(device), *(w.to(device) for w in gaps.warped(part)),
-                                                    alpha_t[part].to(device)).float())
-
-        run_batched(refine_part, items, batch)
+        _refine(model, out, gaps, batches)
     finished = _last_step(model, out, gaps, stacks.reshape(acquired, h, w), gap_mm, renditions) if refine else \
         dict.fromkeys(renditions, out)
     return {name: x.reshape(samples, phases, missing, h, w) for name, x in finished.items()}
+
+
+def _encoded(model: CaLID, images: torch.Tensor, batches: _Batches) -> torch.Tensor:
+    """The VAE latents of the acquired slices (N, 1, H, W), one progress unit each."""
+    latents = torch.empty((len(images), model.config["vae"]["latent_channels"],
+                           *(s // model.vae_downsampling for s in images.shape[2:])), device=batches.device)
+
+    def encode(part: slice) -> None:
+        with autocast(batches.device):
+            latents[part] = model.encode(images[part].to(batches.device)).float()
+        batches.progress.advance(part.stop - part.start)
+
+    batches.run(encode, len(images))
+    return latents
+
+
+def _inverted_start(model: CaLID, scheduler, latents: torch.Tensor, gaps: GapItems, phases: int, n: int, steps: int,
+                    batches: _Batches) -> torch.Tensor:
+    """CaLID+'s starting latents: every acquired slice inverted by DDIM to noise (as the ``alpha`` = 0 end of the gap
+    above it, the last slice as the ``alpha`` = 1 end of the gap below), then each new slice's the slerp of its
+    neighbours' by its ``alpha``."""
+    device = batches.device
+    inverted = torch.empty_like(latents)
+    lo = (torch.arange(phases)[:, None] * n + torch.clamp(torch.arange(n), max=n - 2)).ravel()
+    ends = (torch.arange(n) == n - 1).float().repeat(phases)
+
+    def invert_part(part: slice) -> None:
+        cond = (latents[lo[part]], latents[lo[part] + 1], ends[part].to(device))
+        with autocast(device):
+            inverted[part] = invert(lambda z, t: model.interpolator(z, t, *cond), scheduler,
+                                    model.to_diffusion(latents[part], *cond), steps,
+                                    on_step=lambda _: batches.progress.advance(part.stop - part.start)).float()
+
+    batches.run(invert_part, len(latents))
+    return slerp(inverted[gaps.below], inverted[gaps.above], gaps.alpha.to(device))
+
+
+def _denoised(model: CaLID, scheduler, z_init: torch.Tensor, latents: torch.Tensor, gaps: GapItems, steps: int,
+              batches: _Batches) -> torch.Tensor:
+    """Every item's final latent: DDIM from ``z_init``, conditioned on its acquired neighbours' latents, or
+    (motion-aware models) on the latents of both neighbours warped along their flow to the item's position."""
+    device = batches.device
+    z_final = torch.empty_like(z_init)
+
+    def neighbours(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        if gaps.flows is None:
+            return latents[gaps.below[part]], latents[gaps.above[part]]
+        with autocast(device):
+            return tuple(model.encode(w.to(device)).float() for w in gaps.warped(part))
+
+    def denoise_part(part: slice) -> None:
+        cond = (*neighbours(part), gaps.alpha[part].to(device))
+        with autocast(device):
+            denoised = denoise(lambda z, t: model.interpolator(z, t, *cond), scheduler, z_init[part], steps,
+                               on_step=lambda _: batches.progress.advance(part.stop - part.start)).float()
+        z_final[part] = model.from_diffusion(denoised, *cond)
+
+    batches.run(denoise_part, len(z_init))
+    return z_final
+
+
+def _decoded(model: CaLID, latents: torch.Tensor, gaps: GapItems, batches: _Batches) -> np.ndarray:
+    """``latents`` decoded onto the input's grid (N, h, w), one progress unit each."""
+    out = np.empty((len(latents), gaps.h, gaps.w), dtype=np.float32)
+
+    def decode(part: slice) -> None:
+        with autocast(batches.device):
+            out[part] = gaps.crop(model.decode(latents[part]).float())
+        batches.progress.advance(part.stop - part.start)
+
+    batches.run(decode, len(latents))
+    return out
+
+
+def _lost_detail(model: CaLID, acquired: np.ndarray, latents: torch.Tensor, gaps: GapItems,
+                 batches: _Batches) -> np.ndarray:
+    """The detail transfer: what the VAE loses on the acquired neighbours (fine texture, a slight intensity bias),
+    interpolated by each item's alpha (and carried along the flow by motion-aware models), to be added to the
+    decoded items so that generated slices match the acquired ones they sit between."""
+    lost = acquired - _decoded(model, latents, gaps, batches)
+    if gaps.flows is None:
+        return gaps.cross_fade(lost)
+    return gaps.crop(motion.blend(*gaps.warped(slice(None), gaps.pad(lost)), gaps.alpha))
+
+
+def _refine(model: CaLID, out: np.ndarray, gaps: GapItems, batches: _Batches) -> None:
+    """The model's pixel-space refiner over the decoded items, in place."""
+    device = batches.device
+
+    def refine_part(part: slice) -> None:
+        estimate = gaps.pad(out[part], float(gaps.padded.min()))
+        with autocast(device):
+            out[part] = gaps.crop(model.refiner(estimate.to(device), *(w.to(device) for w in gaps.warped(part)),
+                                                gaps.alpha[part].to(device)).float())
+
+    batches.run(refine_part, len(out))
 
 
 def _last_step(model: CaLID, out: np.ndarray, gaps: GapItems, acquired: np.ndarray, gap_mm: float | None,
