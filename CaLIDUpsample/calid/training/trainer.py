@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,6 +47,16 @@ PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 KL_WEIGHT = 1e-6
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
                  "val_ssim_model", "val_ssim_linear", "val_error_ratio"]
+
+
+@dataclass
+class _StageState:
+    """What one training stage updates: its network, optimizer, learning-rate schedule and EMA of the whole model."""
+
+    trained: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel
+    schedule: torch.optim.lr_scheduler.LambdaLR
 
 
 def _distributed() -> tuple[int, int]:
@@ -233,6 +243,23 @@ class Trainer:
         return self.out / "model"
 
     def _stage(self, stage: str, step: int, progress: Progress) -> int:
+        """Train one stage from ``step`` (its start, or where a checkpoint left it) to its end; returns the step
+        reached. The stage's result is its EMA weights: they are what the next stage and the export use."""
+        state = self._stage_state(stage, step)
+        net = DistributedDataParallel(state.trained) if self.world > 1 else state.trained
+        sampler, batch_loss = self._stage_examples(stage, step, state.ema, progress)
+        progress.set_stage(f"training {stage}")
+        step = self._train_steps(stage, step, state, lambda: batch_loss(net), progress)
+        self.model.load_state_dict(state.ema.module.state_dict())
+        if stage == "error_head":
+            calibrate_error_head(self.model, sampler, self.device)
+        if self.rank == 0:
+            self._save(self.out / CHECKPOINT, state.ema, state.optimizer, step, stage)
+        return step
+
+    def _stage_state(self, stage: str, step: int) -> _StageState:
+        """The stage's network unfrozen (the rest of the model frozen), its optimizer, EMA and learning-rate schedule,
+        restored from the checkpoint when resuming: the weights alone at a stage boundary, everything inside one."""
         cfg = self.cfg
         start, end = self.stages[stage]
         trained = {"vae": self.model.vae, "denoiser": self.model.interpolator, "refiner": self.model.refiner,
@@ -263,57 +290,81 @@ class Trainer:
             group.setdefault("initial_lr", cfg.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, end - start),
                                                      last_epoch=step - start - 1)
-        net = DistributedDataParallel(trained) if self.world > 1 else trained
+        return _StageState(trained, optimizer, ema, schedule)
+
+    def _stage_examples(self, stage: str, step: int, ema: AveragedModel,
+                        progress: Progress) -> tuple[Any, Callable[[torch.nn.Module], torch.Tensor]]:
+        """The stage's sampler of training examples and its loss on one batch of them, given the network to train
+        (``DistributedDataParallel``-wrapped under torchrun)."""
+        cfg, device = self.cfg, self.device
         if stage == "vae":
             sampler = data.SliceSampler(self.train_volumes, cfg.vae_crop, self.generator)
-        elif stage in ("refiner", "error_head"):
+
+            def vae_loss(net: torch.nn.Module) -> torch.Tensor:
+                x = sampler.batch(cfg.vae_batch).to(device)
+                recon, mu, sigma = net(x)
+                kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum((1, 2, 3)).mean()
+                return (recon.float() - x).abs().mean() + KL_WEIGHT * kl
+
+            return sampler, vae_loss
+        if stage in ("refiner", "error_head"):
             progress.set_stage(f"making the {stage.replace('_', ' ')}'s examples")  # the model's output on removed slices
             sampler = self._estimate_sampler(refine=stage == "error_head")
-            loss_fn = refiner_loss(cfg.refiner_loss, self.device) if stage == "refiner" else None
-        else:
-            latents = None
-            if self.model.motion is None:
-                progress.set_stage("encoding training stacks")  # minutes on a CPU: 8 orientations of every stack
-                latents = self._encode_training_latents()
-            sampler = self._triplet_sampler(latents, self.generator)
-            if step == start and not cfg.init:  # a new denoiser; fine-tuning keeps its base model's scale
-                self._set_residual_scale(data.with_generator(sampler, torch.Generator().manual_seed(0)))
-                ema.module.residual_scale.copy_(self.model.residual_scale)
-            scheduler = make_scheduler(self.model.config["diffusion"])
-        progress.set_stage(f"training {stage}")
-        trained.train()
+            if stage == "refiner":
+                loss_fn = refiner_loss(cfg.refiner_loss, device)
+
+                def refined_loss(net: torch.nn.Module) -> torch.Tensor:
+                    estimate, below, above, target, alpha, _ = (t.to(device) for t in sampler.batch(cfg.denoiser_batch))
+                    return loss_fn(net(estimate, below, above, alpha).float(), target)
+
+                return sampler, refined_loss
+
+            def error_loss(net: torch.nn.Module) -> torch.Tensor:
+                estimate, below, above, target, alpha, gap_mm = (t.to(device) for t in sampler.batch(cfg.denoiser_batch))
+                return laplace_nll(net(estimate, below, above, alpha, gap_mm).float(), estimate, target)
+
+            return sampler, error_loss
+        latents = None
+        if self.model.motion is None:
+            progress.set_stage("encoding training stacks")  # minutes on a CPU: 8 orientations of every stack
+            latents = self._encode_training_latents()
+        sampler = self._triplet_sampler(latents, self.generator)
+        if step == self.stages[stage][0] and not cfg.init:  # a new denoiser; fine-tuning keeps its base model's scale
+            self._set_residual_scale(data.with_generator(sampler, torch.Generator().manual_seed(0)))
+            ema.module.residual_scale.copy_(self.model.residual_scale)
+        scheduler = make_scheduler(self.model.config["diffusion"])
+
+        def denoiser_loss(net: torch.nn.Module) -> torch.Tensor:
+            below, target, above, alpha = self._latent_triplets(sampler, cfg.denoiser_batch)
+            clean = self.model.to_diffusion(target, below, above, alpha)
+            noise = torch.randn(clean.shape, generator=self.generator).to(device)
+            t = torch.randint(self.min_timestep, scheduler.num_train_timesteps, (clean.shape[0],),
+                              generator=self.generator).to(device)
+            z_t = scheduler.add_noise(clean, noise, t)
+            return torch.nn.functional.mse_loss(net(z_t, t, below, above, alpha).float(),
+                                                training_target(scheduler, clean, noise, t))
+
+        return sampler, denoiser_loss
+
+    def _train_steps(self, stage: str, step: int, state: _StageState, batch_loss: Callable[[], torch.Tensor],
+                     progress: Progress) -> int:
+        """The optimisation loop of a stage, from ``step`` to its end (or, for the denoiser, ``denoiser_minutes``):
+        logging, validation and checkpoints on rank 0."""
+        cfg = self.cfg
+        end = self.stages[stage][1]
+        state.trained.train()
         running, count, tick = 0.0, 0, time.monotonic()
         deadline = tick + 60 * cfg.denoiser_minutes if stage == "denoiser" and cfg.denoiser_minutes else None
         first = step
         while step < end:
             with autocast(self.device):
-                if stage == "vae":
-                    x = sampler.batch(cfg.vae_batch).to(self.device)
-                    recon, mu, sigma = net(x)
-                    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum((1, 2, 3)).mean()
-                    loss = (recon.float() - x).abs().mean() + KL_WEIGHT * kl
-                elif stage == "refiner":
-                    estimate, below, above, target, alpha, _ = (t.to(self.device) for t in sampler.batch(cfg.denoiser_batch))
-                    loss = loss_fn(net(estimate, below, above, alpha).float(), target)
-                elif stage == "error_head":
-                    estimate, below, above, target, alpha, gap_mm = (t.to(self.device)
-                                                                     for t in sampler.batch(cfg.denoiser_batch))
-                    loss = laplace_nll(net(estimate, below, above, alpha, gap_mm).float(), estimate, target)
-                else:
-                    below, target, above, alpha = self._latent_triplets(sampler, cfg.denoiser_batch)
-                    clean = self.model.to_diffusion(target, below, above, alpha)
-                    noise = torch.randn(clean.shape, generator=self.generator).to(self.device)
-                    t = torch.randint(self.min_timestep, scheduler.num_train_timesteps, (clean.shape[0],),
-                                      generator=self.generator).to(self.device)
-                    z_t = scheduler.add_noise(clean, noise, t)
-                    loss = torch.nn.functional.mse_loss(net(z_t, t, below, above, alpha).float(),
-                                                        training_target(scheduler, clean, noise, t))
-            optimizer.zero_grad(set_to_none=True)
+                loss = batch_loss()
+            state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            ema.update_parameters(self.model)
+            torch.nn.utils.clip_grad_norm_(state.trained.parameters(), 1.0)
+            state.optimizer.step()
+            state.schedule.step()
+            state.ema.update_parameters(self.model)
             before, step = step, step + 1
             if deadline is not None and step < end and self._out_of_time(deadline):
                 # The stage ends here, its EMA weights taken as they are (logged, validated and exported as at its
@@ -325,20 +376,15 @@ class Trainer:
             if self.rank != 0:
                 continue
             if step % cfg.log_every == 0 or step == end:
-                self._log({"step": step, "stage": stage, "loss": running / count, "lr": schedule.get_last_lr()[0],
+                self._log({"step": step, "stage": stage, "loss": running / count,
+                           "lr": state.schedule.get_last_lr()[0],
                            "seconds_per_step": (time.monotonic() - tick) / count}, progress)
                 running, count, tick = 0.0, 0, time.monotonic()
             if stage != "vae" and (step % cfg.val_every == 0 or step == end) and self.val_volumes:
-                self._validate(ema.module, step, progress)
-                trained.train()
+                self._validate(state.ema.module, step, progress)
+                state.trained.train()
             if step % cfg.checkpoint_every == 0 and step < end:
-                self._save(checkpoint, ema, optimizer, step, stage)
-        # The stage's result is its EMA weights: they are what the next stage and the export use.
-        self.model.load_state_dict(ema.module.state_dict())
-        if stage == "error_head":
-            calibrate_error_head(self.model, sampler, self.device)
-        if self.rank == 0:
-            self._save(checkpoint, ema, optimizer, step, stage)
+                self._save(self.out / CHECKPOINT, state.ema, state.optimizer, step, stage)
         return step
 
     def _out_of_time(self, deadline: float) -> bool:
