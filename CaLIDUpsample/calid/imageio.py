@@ -7,11 +7,9 @@ failed run never leaves a half-written file.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import shutil
-import struct
 import tempfile
 import time
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CalidError
+from .file_completeness import check_complete
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """Single-file (or header + data) formats, matched on the end of the file name."""
@@ -71,55 +70,11 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         return _read_dicom_series(path)
     if not has_image_suffix(path):
         raise CalidError(f"unsupported input format: {path.name} (use {', '.join(FILE_SUFFIXES)} or a DICOM folder)")
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+    check_complete(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise CalidError(f"cannot read {path}: {_first_line(exc)}") from None
-
-
-def _check_nifti_complete(path: Path) -> None:
-    """ITK's NIfTI reader fills the voxels a truncated file lacks with zeros and says nothing (a cut download became
-    a volume with empty slices): compare the bytes there are with those the header promises, a gzip stream with
-    its end marker."""
-    try:
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as stream:
-                header = stream.read(540)
-                size = len(header) + sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 22), b""))
-        else:
-            with open(path, "rb") as stream:
-                header = stream.read(540)
-            size = path.stat().st_size
-    except (OSError, EOFError) as exc:  # a bad or cut gzip stream
-        raise CalidError(f"cannot read {path}: the file is damaged or incomplete ({exc})") from None
-    promised = _nifti_bytes(header)
-    if promised is not None and size < promised:
-        raise CalidError(f"cannot read {path}: the file is incomplete ({size} bytes where its header promises "
-                         f"{promised})")
-
-
-def _nifti_bytes(header: bytes) -> int | None:
-    """Header and voxel bytes a NIfTI-1 or NIfTI-2 header describes (None when it is neither: ITK will say so)."""
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
-        elif len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            dims = struct.unpack(endian + "8q", header[16:80])
-            offset = struct.unpack(endian + "q", header[168:176])[0]
-        else:
-            continue
-        if not 1 <= dims[0] <= 7 or bitpix <= 0:
-            return None
-        voxels = 1
-        for extent in dims[1: dims[0] + 1]:
-            voxels *= max(int(extent), 1)
-        return offset + voxels * bitpix // 8
-    return None
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -340,7 +295,10 @@ def _first_line(exc: BaseException) -> str:
     for line in lines:
         if line.lower().startswith("description:"):
             return line.split(":", 1)[1].strip()
-    for line in lines:
+    for i, line in enumerate(lines):
         if line.startswith("ITK ERROR:"):
-            return re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", line)
+            message = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", line)
+            if message.endswith(":") and i + 1 < len(lines):  # NRRD's reason is its library's last line
+                message += " " + re.sub(r"^\[\w+\] (_?\w+: )?", "", lines[-1])
+            return message
     return lines[-1] if lines else type(exc).__name__

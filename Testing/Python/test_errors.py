@@ -56,11 +56,24 @@ def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]
     write_image(small_image, truncated)
     truncated.write_bytes(truncated.read_bytes()[:400])
     cases["truncated"] = (truncated, "cannot read")
-    for suffix in (".nii.gz", ".nii"):  # ITK's reader would fill the missing slices with zeros
-        cut = tmp / f"cut{suffix}"
-        write_image(small_image, cut)
+    cut_nrrd = tmp / "cut.nrrd"
+    write_image(small_image, cut_nrrd)
+    cut_nrrd.write_bytes(cut_nrrd.read_bytes()[: len(cut_nrrd.read_bytes()) * 2 // 3])
+    cases["truncated .nrrd voxels"] = (cut_nrrd, "expected")  # NRRD's reason, not only "Error reading"
+    # ITK's NIfTI reader would fill the missing slices with zeros; MetaIO prints its own lines before the error
+    for suffix, compress in ((".nii.gz", True), (".nii", False), (".mha", False), (".mha", True)):
+        cut = tmp / f"cut{'z' if compress else ''}{suffix}"
+        sitk.WriteImage(small_image, str(cut), compress)
         cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) * 2 // 3])
-        cases[f"truncated {suffix}"] = (cut, "incomplete")
+        cases[f"truncated {suffix}{' compressed' if compress else ''}"] = (cut, "incomplete")
+    header = tmp / "split.mhd"  # a header with its voxels in a .raw file beside it
+    sitk.WriteImage(small_image, str(header))
+    raw = header.with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes()[:1000])
+    cases["truncated .mhd voxel file"] = (header, "incomplete")
+    lone = tmp / "lone.mhd"
+    lone.write_text(header.read_text(encoding="ascii").replace("split.raw", "lone.raw"), encoding="ascii")
+    cases[".mhd without its voxel file"] = (lone, "voxel file lone.raw is not beside it")
     empty_dir = tmp / "emptydir"
     empty_dir.mkdir()
     cases["folder without DICOM"] = (empty_dir, "no DICOM series")
@@ -110,16 +123,19 @@ def cases(tmp_path, small_image):
     return bad_inputs(tmp_path / "inputs", small_image)
 
 
-CASE_NAMES = ["missing", "corrupt", "truncated", "truncated .nii.gz", "truncated .nii",
+CASE_NAMES = ["missing", "corrupt", "truncated", "truncated .nrrd voxels", "truncated .nii.gz compressed",
+              "truncated .nii", "truncated .mha", "truncated .mha compressed", "truncated .mhd voxel file",
+              ".mhd without its voxel file",
               "folder without DICOM", "unknown format", "2D", "one slice", "4D",
               "RGB", "NaN/Inf", "non-uniform DICOM"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_bad_input(name, cases, tmp_path, tiny_model_dir, capsys):
+def test_bad_input(name, cases, tmp_path, tiny_model_dir, capfd):
+    """``capfd``: what the file libraries print on the process's own stderr counts against the one line too."""
     source, expected = cases[name]
     before = digest(source) if source.exists() else None
-    code, err = run_cli(["upsample", source, tmp_path / "out.nrrd", "--model", tiny_model_dir, "--steps", "1"], capsys)
+    code, err = run_cli(["upsample", source, tmp_path / "out.nrrd", "--model", tiny_model_dir, "--steps", "1"], capfd)
     assert_clean_failure(code, err, tmp_path, expected)
     if before is not None:
         assert digest(source) == before
