@@ -398,11 +398,13 @@ def cmd_volumes(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .modelindex import INTERPOLATION_FORMAT, SEGMENTATION_FORMAT, list_models, user_models_dir
+    from .modelindex import INTERPOLATION_FORMAT, SEGMENTATION_FORMAT, list_models, unreadable_models, user_models_dir
 
     models = [{**m, "kind": kind} for kind, card_format in (("interpolation", INTERPOLATION_FORMAT),
                                                            ("segmentation", SEGMENTATION_FORMAT))
               for m in list_models(card_format)]  # the segmentation models too: `segment --model NAME` takes them
+    for broken in unreadable_models():
+        print(f"calid: skipped {broken['path']}: {broken['reason']}", file=sys.stderr)
     if args.json:
         print(json.dumps(models, indent=2))
         return 0

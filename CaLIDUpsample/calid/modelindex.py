@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -29,23 +29,33 @@ def user_models_dir() -> Path:
     return Path(os.environ.get("CALID_MODELS_DIR", Path.home() / ".calid" / "models"))
 
 
-def list_models(card_format: str = INTERPOLATION_FORMAT) -> list[dict[str, Any]]:
-    """Every model folder of one kind (interpolation or segmentation), bundled first: name, source, path,
-    description and metrics from its card."""
-    found = []
+def _model_cards() -> Iterator[tuple[str, Path, dict[str, Any] | str]]:
+    """(source, folder, card) of every model folder, bundled first; the card is the reason it cannot be read when
+    its ``model.json`` is not JSON."""
     for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
         if not root.is_dir():
             continue
         for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
             try:
-                card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                card = {}
-            if card.get("format", card_format) != card_format:
-                continue
-            found.append({"name": folder.name, "source": source, "path": str(folder),
-                          "description": card.get("description", ""), "metrics": card.get("metrics", {})})
-    return found
+                yield source, folder, json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                yield source, folder, f"its {CARD_FILE} cannot be read ({exc})"
+
+
+def list_models(card_format: str = INTERPOLATION_FORMAT) -> list[dict[str, Any]]:
+    """Every usable model folder of one kind (interpolation or segmentation), bundled first: name, source, path,
+    description and metrics from its card. A folder whose card cannot be read is no model of either kind
+    (``unreadable_models`` names them)."""
+    return [{"name": folder.name, "source": source, "path": str(folder), "description": card.get("description", ""),
+             "metrics": card.get("metrics", {})}
+            for source, folder, card in _model_cards()
+            if isinstance(card, dict) and card.get("format", card_format) == card_format]
+
+
+def unreadable_models() -> list[dict[str, str]]:
+    """The model folders whose card cannot be read: name, source, path and why (``calid models`` says so)."""
+    return [{"name": folder.name, "source": source, "path": str(folder), "reason": card}
+            for source, folder, card in _model_cards() if isinstance(card, str)]
 
 
 def import_model(source: str | os.PathLike, name: str | None = None) -> Path:

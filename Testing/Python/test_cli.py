@@ -54,6 +54,19 @@ def test_version_and_models_listing(tiny_model_dir, tmp_path):
         next(m for m in listed if m["name"] == "calid-seg-acdc").items()
 
 
+def test_models_listing_skips_a_folder_whose_card_is_not_json_and_says_so(tmp_path):
+    """A broken card is no model of either kind: it is neither listed (twice, as both kinds, it once was) nor
+    offered, and the listing says which folder it skipped."""
+    broken = Path(os.environ["CALID_MODELS_DIR"]) / "half-copied"
+    broken.mkdir(parents=True)
+    (broken / "model.json").write_text('{"format": "calid-model/1", "config": {', encoding="utf-8")
+    proc = calid("models", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "half-copied" not in {m["name"] for m in json.loads(proc.stdout)}
+    assert proc.stderr.strip() == f"calid: skipped {broken}: its model.json cannot be read " \
+        "(Expecting property name enclosed in double quotes: line 1 column 40 (char 39))"
+
+
 def test_devices_names_the_releases_a_timing_depends_on():
     """``calid devices`` (the Slicer panel's probe, and the benchmarks' header) names torch's build, MONAI's and
     OpenCV's releases and the machine, each as installed here."""
