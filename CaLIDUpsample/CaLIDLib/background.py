@@ -160,6 +160,10 @@ class WorkerLogic:
     def _onEvent(self, event: WorkerEvent) -> None:
         """Events beyond progress and log lines (``done``, training ``metrics``); ignored unless overridden."""
 
+    def _onEnded(self, result) -> None:
+        """Called once when a run ends, however it ends (``result`` None unless it succeeded), before
+        ``onFinished``; nothing to do unless overridden."""
+
     # ------------------------------------------------------------------ internals
     def _onLine(self, line: str) -> None:
         job = self.job
@@ -200,5 +204,6 @@ class WorkerLogic:
             self.job = None
             if self.keepStandby:
                 self._startStandby()
+            self._onEnded(result)
             if job.on_finished is not None:
                 job.on_finished(result, error)

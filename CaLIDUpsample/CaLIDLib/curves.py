@@ -70,6 +70,15 @@ class TrainingCurves:
     def clear(self) -> None:
         self._write({})
 
+    def remove(self) -> None:
+        """Take the table, both charts and their series out of the scene."""
+        scene = self.table.GetScene()
+        for chart in (self.lossChart, self.psnrChart):
+            for index in reversed(range(chart.GetNumberOfPlotSeriesNodes())):
+                scene.RemoveNode(chart.GetNthPlotSeriesNode(index))
+            scene.RemoveNode(chart)
+        scene.RemoveNode(self.table)
+
     def _write(self, rows: dict[int, dict[str, float]]) -> None:
         table = self.table.GetTable()
         steps = sorted(rows)

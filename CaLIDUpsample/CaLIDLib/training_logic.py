@@ -164,6 +164,13 @@ class CaLIDTrainingLogic(WorkerLogic):
             for line in history.read_text(encoding="utf-8").splitlines():
                 self.curves.add(json.loads(line))
 
+    def _onEnded(self, result) -> None:
+        """A run that ended without a model and without a single metrics row (the worker refused it, or it was
+        stopped before its first log step) leaves no empty table and charts in the scene."""
+        if result is None and self.curves is not None and not self.curves.rows():
+            self.curves.remove()
+            self.curves = None
+
     def _onEvent(self, event: WorkerEvent) -> None:
         if event.kind != "metrics" or self.curves is None:
             return

@@ -135,9 +135,11 @@ def test_data_folder_is_passed_as_is_and_worker_errors_are_raised(scene, tmp_pat
     commands = []
     build = logic.workerCommand
     monkeypatch.setattr(logic, "workerCommand", lambda *a: commands.append(a) or build(*a))
+    before = scene.GetNumberOfNodes()
     with pytest.raises(WorkerError, match="no volumes"):
         logic.train(folder, baseModel=str(tiny_model_dir), steps=4, outputName="empty", **FAST)
     assert commands[0][0] == folder
+    assert scene.GetNumberOfNodes() == before and logic.curves is None  # no empty curves of the refused run
     assert list(private_tmp.iterdir()) == [] and not (models / "empty").exists()
 
 
