@@ -196,7 +196,8 @@ class CaLIDUpsampleLogic(WorkerLogic):
         self._placeBeside(inputVolume, output)
         if uncertaintyVolume is not None:
             show_uncertainty(self.scene, uncertaintyVolume, proxy)
-            self._placeBeside(inputVolume, maps)
+            self._placeBeside(inputVolume, maps)  # the study; the sequence itself takes no transform, its proxy does
+            self._placeBeside(inputVolume, uncertaintyVolume)
         return proxy
 
     def _loadOutputs(self, folder: Path, inputVolume, outputVolume, uncertaintyVolume, name: str,

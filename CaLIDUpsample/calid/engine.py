@@ -23,7 +23,7 @@ from .cine import Cine, check_cine_output, phase_of, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import default_steps, require_error_head
-from .imageio import check_outputs, check_pixels, read_image, validate_volume, write_image
+from .imageio import check_direction, check_outputs, check_pixels, read_image, validate_volume, write_image
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
@@ -149,6 +149,7 @@ def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaL
     Acquired slices of every phase are copied unchanged; ``options.cine_noise`` picks shared or independent
     starting noise across phases. ``want_uncertainty`` and ``want_sharp`` as for ``upsample_image``, per phase.
     """
+    check_direction(cine.image)
     image = check_pixels(cine.image)
     return _upsample_phases(image, sitk.GetArrayFromImage(image), options or UpsampleOptions(), model, progress,
                             want_uncertainty, want_sharp)

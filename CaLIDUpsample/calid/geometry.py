@@ -15,6 +15,9 @@ import SimpleITK as sitk
 from .errors import CalidError
 from .slice_positions import dense_count
 
+SPACING_TOLERANCE_MM = 1e-3
+"""Spacings within this many mm are the same (a slice spacing read from DICOM positions as 8.000005 mm is 8 mm)."""
+
 MAX_FACTOR = 16
 MAX_DENSE_SLICES = 2048
 
@@ -37,7 +40,8 @@ def resolve_factor(image: sitk.Image, axis: int, factor: int | None, spacing_mm:
     if spacing_mm is not None:
         if not spacing_mm > 0:
             raise CalidError(f"--spacing must be positive, not {spacing_mm}")
-        factor = math.ceil(slice_spacing / spacing_mm - 1e-6)
+        # The largest spacing <= target; a spacing read as 8.000005 mm is 8 mm (DICOM positions carry such noise).
+        factor = math.ceil((slice_spacing - SPACING_TOLERANCE_MM) / spacing_mm)
         if factor < 2:
             raise CalidError(f"target spacing {spacing_mm} mm is not finer than the slice spacing {slice_spacing:g} mm")
     factor = 2 if factor is None else factor

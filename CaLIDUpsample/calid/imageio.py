@@ -98,8 +98,9 @@ def read_dicom_files(files: Sequence[str], folder: Path) -> sitk.Image:
 
 
 def _check_uniform_dicom_spacing(files: Sequence[str]) -> None:
-    """Non-uniform slice positions would be silently resampled onto a wrong grid: refuse them."""
-    if len(files) < 3:
+    """Slice positions that do not step uniformly along the slices' normal would be put silently on a wrong grid:
+    refuse them."""
+    if len(files) < 2:
         return
     positions, normal = [], None
     for name in files:
@@ -113,9 +114,14 @@ def _check_uniform_dicom_spacing(files: Sequence[str]) -> None:
                 normal = np.cross(o[:3], o[3:])
         except RuntimeError:
             return  # no patient position: nothing to check, SimpleITK orders by instance number
+    normal = normal / np.linalg.norm(normal)
+    steps = np.diff(np.asarray(positions), axis=0)
+    drift = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+    if drift.max() > DICOM_UNIFORMITY_TOLERANCE_MM:  # ITK would put every slice on the first one's normal
+        raise CalidError(f"DICOM slices are not stacked along their normal: from one slice to the next the position "
+                         f"moves up to {drift.max():.2f} mm within the slice plane")
     distances = np.asarray(positions) @ normal
-    gaps = np.diff(distances)
-    if np.ptp(gaps) > DICOM_UNIFORMITY_TOLERANCE_MM:
+    if np.ptp(np.diff(distances)) > DICOM_UNIFORMITY_TOLERANCE_MM:
         where = ", ".join(f"{d:.2f}" for d in distances)
         raise CalidError(f"DICOM slices are not uniformly spaced (positions along the normal, mm: {where})")
 
@@ -132,7 +138,25 @@ def validate_volume(image: sitk.Image, source: str = "input") -> sitk.Image:
                          "as a 3D volume (calid upsample takes cine input)")
     if image.GetDimension() != 3:
         raise CalidError(f"{source} is {image.GetDimension()}D: a stack of at least 2 short-axis slices is needed")
+    check_direction(image, source)
     return check_pixels(image, source)
+
+
+DIRECTION_TOLERANCE = 1e-3
+"""How far from orthonormal the image axes may be: 0.06 degrees, 0.1 mm over 10 cm. NIfTI stores them in float32
+(the 411 ACDC and Sunnybrook files: up to 2.6e-5)."""
+
+
+def check_direction(image: sitk.Image, source: str = "input") -> None:
+    """Refuse a sheared grid (image axes not at right angles, of a volume or a cine): NIfTI cannot store one (ITK
+    would write the output a few mm off without a word) nor DICOM, and no scanner acquires short-axis slices so."""
+    dimension = image.GetDimension()
+    axes = np.asarray(image.GetDirection()).reshape(dimension, dimension)[:3, :3]
+    if not np.allclose(axes.T @ axes, np.eye(3), atol=DIRECTION_TOLERANCE):
+        angles = np.degrees(np.arccos(np.clip([axes[:, 0] @ axes[:, 1], axes[:, 0] @ axes[:, 2],
+                                                axes[:, 1] @ axes[:, 2]], -1, 1)))
+        raise CalidError(f"{source} has a sheared grid (its axes are {', '.join(f'{a:.2f}' for a in angles)} degrees "
+                         "apart, not 90): resample it onto an orthogonal grid first")
 
 
 def check_pixels(image: sitk.Image, source: str = "input") -> sitk.Image:
@@ -252,7 +276,7 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
     for t, (volume, trigger_time) in enumerate(frames):
         for k in range(volume.GetDepth()):
             number = t * volume.GetDepth() + k + 1
-            slice_image = volume[:, :, k]
+            slice_image = volume[:, :, k:k + 1]  # 3D, so that GDCM writes the spacing between slices (2D: 1 mm)
             for tag, value in series_tags.items():
                 slice_image.SetMetaData(tag, value)
             position = volume.TransformIndexToPhysicalPoint((0, 0, k))
@@ -265,7 +289,10 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
                 slice_image.SetMetaData("0020|0100", str(t + 1))  # temporal position identifier
                 name = f"phase{t + 1:03d}_{name}"
             writer.SetFileName(str(folder / name))
-            writer.Execute(slice_image)
+            try:
+                writer.Execute(slice_image)
+            except RuntimeError as exc:
+                raise CalidError(f"cannot write DICOM series {folder}: {_first_line(exc)}") from None
 
 
 DICOM_INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32)

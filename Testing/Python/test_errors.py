@@ -114,6 +114,25 @@ def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]
     writer.SetFileName(str(third))
     writer.Execute(sl)
     cases["non-uniform DICOM"] = (dicom, "not uniformly spaced (positions")
+    drifting = tmp / "drifting_dicom"  # uniform along the normal, but each slice 2 mm further along the rows
+    write_image(small_image, drifting)
+    row = np.array(small_image.GetDirection()).reshape(3, 3)[:, 0]
+    for k, name in enumerate(sorted(drifting.iterdir())):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(name))
+        sl = reader.Execute()
+        pos = [float(v) for v in sl.GetMetaData("0020|0032").split("\\")]
+        sl.SetMetaData("0020|0032", "\\".join(f"{p + 2.0 * k * r:.6f}" for p, r in zip(pos, row)))
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(name))
+        writer.Execute(sl)
+    cases["DICOM slices drifting in-plane"] = (drifting, "moves up to 2.00 mm within the slice plane")
+    sheared = tmp / "sheared.nrrd"  # axes 73 degrees apart: NIfTI cannot store it, ITK moved the voxels silently
+    shear = sitk.Image(small_image)
+    shear.SetDirection((1, 0.29, 0, 0, 0.957, 0, 0, 0, 1))
+    sitk.WriteImage(shear, str(sheared))
+    cases["sheared grid"] = (sheared, "sheared grid (its axes are 73.14, 90.00, 90.00 degrees apart")
     return cases
 
 
@@ -125,7 +144,7 @@ def cases(tmp_path, small_image):
 
 CASE_NAMES = ["missing", "corrupt", "truncated", "truncated .nrrd voxels", "truncated .nii.gz compressed",
               "truncated .nii", "truncated .mha", "truncated .mha compressed", "truncated .mhd voxel file",
-              ".mhd without its voxel file",
+              ".mhd without its voxel file", "DICOM slices drifting in-plane", "sheared grid",
               "folder without DICOM", "unknown format", "2D", "one slice", "4D",
               "RGB", "NaN/Inf", "non-uniform DICOM"]
 

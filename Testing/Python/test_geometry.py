@@ -100,6 +100,29 @@ def test_spacing_option_picks_the_largest_spacing_not_above_target(small_image, 
     assert result.image.GetSpacing()[2] <= target + 1e-9
 
 
+def test_spacing_option_reads_a_slice_spacing_with_rounding_noise_as_the_nominal_one(small_image):
+    """A DICOM stack's spacing comes from its positions (8.000005 mm for 8 mm): asking for 4 mm gives K=2, not 3."""
+    noisy = sitk.Image(small_image)
+    noisy.SetSpacing((*small_image.GetSpacing()[:2], 8.000005))
+    assert geometry.resolve_factor(noisy, 2, None, 4.0) == 2
+    assert geometry.resolve_factor(noisy, 2, None, 3.9) == 3
+
+
+def test_dicom_output_says_its_spacing_between_slices(tmp_path, small_image):
+    """Each generated file's Spacing Between Slices (0018,0088) is the dense grid's; written as 2D images, GDCM had
+    put 1 mm in every file (the positions were right, the header contradicted them)."""
+    upsample_file_linear = UpsampleOptions(factor=2, method="linear", device="cpu")
+    write_image(small_image, tmp_path / "in.nrrd")
+    upsample_file(tmp_path / "in.nrrd", tmp_path / "out", upsample_file_linear)
+    dense = small_image.GetSpacing()[2] / 2
+    for name in sorted((tmp_path / "out").iterdir())[:3]:
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(name))
+        header.ReadImageInformation()
+        assert float(header.GetMetaData("0018|0088")) == pytest.approx(dense, abs=1e-4)
+    assert_dense_geometry(read_image(tmp_path / "in.nrrd"), read_image(tmp_path / "out"), 2, 2)
+
+
 def test_dense_positions_cover_every_missing_slice_once():
     below, above, alpha = slice_positions.dense_positions(5, 4)
     index = slice_positions.dense_index(below, alpha, 4)

@@ -207,6 +207,7 @@ def test_a_cycle_takes_each_ventricles_largest_and_smallest_cavity_and_reports_a
 @pytest.mark.parametrize("problem, expected", [
     ("size", "must lie on the image's grid"),
     ("direction", "direction"),
+    ("far origin", "origin"),  # 0.4 mm off, 5 m from the scanner's centre: a tolerance relative to the origin let it in
     ("values", "unknown label values 4, 7"),
     ("alone", "--input-segmentation needs --segmentation"),
 ])
@@ -220,6 +221,11 @@ def test_bad_input_segmentation(problem, expected, small_image, tiny_model_dir, 
         labels = labels[:, :, :-1]
     elif problem == "direction":
         labels.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    elif problem == "far origin":
+        far = sitk.Image(small_image)
+        far.SetOrigin((5000.0, -5000.0, 5000.0))
+        write_image(far, tmp_path / "sax.nrrd")
+        labels.SetOrigin((5000.4, -5000.0, 5000.0))
     elif problem == "values":
         labels[10, 10, 1], labels[11, 10, 1] = 4, 7
     write_image(labels, tmp_path / "user.nrrd")

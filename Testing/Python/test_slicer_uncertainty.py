@@ -292,10 +292,17 @@ def test_run_through_the_logic_passes_uncertainty_without_samples(tmp_path, priv
 def test_cine_uncertainty_is_a_second_sequence_in_the_browser_overlaid_on_the_output(cine, error_head_model_dir,
                                                                                      private_tmp):
     scene, browser, sequence, proxy = cine
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")  # the cine under a parent transform
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 25.0)
+    moved.SetMatrixTransformToParent(matrix)
+    proxy.SetAndObserveTransformNodeID(moved.GetID())
     uncertainty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "U")
     out = CaLIDUpsampleLogic(scene, python=sys.executable).process(
         proxy, factor=2, device="cpu", steps=1, model=str(error_head_model_dir), uncertaintyVolume=uncertainty,
         sequenceBrowser=browser)
+    # the overlay lies on the output, under the input's transform (it was left outside it: 25 mm off)
+    assert uncertainty.GetTransformNodeID() == out.GetTransformNodeID() == moved.GetID()
     maps = browser.GetSequenceNode(uncertainty)
     assert maps is not None and maps is not browser.GetSequenceNode(out) and browser.IsProxyNode(uncertainty.GetID())
     assert maps.GetNumberOfDataNodes() == sequence.GetNumberOfDataNodes()

@@ -15,21 +15,25 @@ from scipy.ndimage import distance_transform_edt
 
 from .. import slice_positions
 from ..errors import CalidError
+from ..geometry import SPACING_TOLERANCE_MM
+from ..imageio import DIRECTION_TOLERANCE
 from .labels import LABELS
 
 ABSENT_MM = 100.0
 """Depth given to a structure missing from an acquired slice: it fades out towards that slice."""
-GEOMETRY_TOLERANCE = 1e-4
+ORIGIN_TOLERANCE_MM = 1e-3
+"""How far the labels' origin may lie from the image's: a fixed distance, whatever the origin's size (a tolerance
+relative to it let labels 0.4 mm off through at an origin of 5 m)."""
 
 
 def check_labels(labels: sitk.Image, image: sitk.Image, source: str = "input segmentation") -> np.ndarray:
     """The label array of a segmentation drawn on ``image``; one-line errors for any mismatch."""
     if labels.GetDimension() != image.GetDimension() or labels.GetSize() != image.GetSize():
         raise CalidError(f"{source} has size {labels.GetSize()}, the image {image.GetSize()}: it must lie on the image's grid")
-    for name, a, b in (("spacing", labels.GetSpacing(), image.GetSpacing()),
-                       ("origin", labels.GetOrigin(), image.GetOrigin()),
-                       ("direction", labels.GetDirection(), image.GetDirection())):
-        if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE * max(1.0, float(np.abs(b).max()))):
+    for name, a, b, tolerance in (("spacing", labels.GetSpacing(), image.GetSpacing(), SPACING_TOLERANCE_MM),
+                                  ("origin", labels.GetOrigin(), image.GetOrigin(), ORIGIN_TOLERANCE_MM),
+                                  ("direction", labels.GetDirection(), image.GetDirection(), DIRECTION_TOLERANCE)):
+        if not np.allclose(a, b, rtol=0, atol=tolerance):
             raise CalidError(f"{source} {name} {tuple(round(v, 4) for v in a)} differs from the image's "
                              f"{tuple(round(v, 4) for v in b)}")
     array = sitk.GetArrayFromImage(labels)
