@@ -170,8 +170,14 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     rows, montages = [], []
     pools: dict[tuple, dict[str, CalibrationPool]] = defaultdict(lambda: defaultdict(CalibrationPool))
     overall = Progress(progress_mode, len(entries) * len(factors), "evaluating")
+    cines = []
     for patient, path in entries:
-        image = validate_volume(read_image(path), str(path))
+        image = read_image(path)
+        if image.GetDimension() == 4 and image.GetSize()[3] > 1:  # ACDC's patientNNN_4d.nii.gz beside the frames
+            cines.append(str(path))
+            overall.advance(len(factors))
+            continue
+        image = validate_volume(image, str(path))
         spacing = image.GetSpacing()[geometry.find_slice_axis(image)]
         if (cfg.max_spacing and spacing > cfg.max_spacing) or (cfg.min_spacing and spacing < cfg.min_spacing):
             overall.advance(len(factors))
@@ -202,7 +208,11 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     report = {"model": card.get("name"), "model_sha256": card.get("sha256"), "device": str(device),
               "steps": cfg.steps or default_steps(model), "samples": cfg.samples, "plus": cfg.plus,
               "summary": summary, "volumes": rows, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    table = markdown_table(summary)
+    table = markdown_table(summary, str(device), cfg.uncertainty)
+    if cines:
+        report["skipped_cines"] = cines
+        table += (f"\n\nSkipped {len(cines)} cine(s) (4D files; the protocol scores the single-phase volumes, ACDC's ED "
+                  "and ES frames): " + ", ".join(Path(c).name for c in cines))
     if selection.left_out:
         report["left_out"] = selection.left_out
         table += "\n\n" + selection.note()
@@ -230,7 +240,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                  "patients": len({r["patient"] for r in members}),
                  "seconds_per_volume": float(np.mean([r["seconds"] for r in members])),
                  "morph_seconds_per_volume": float(np.mean([r["morph_seconds"] for r in members]))}
-        for key in members[0]:
+        entry["heart_volumes"] = sum("calid_heart_psnr" in r for r in members)  # those with labels
+        for key in sorted({key for r in members for key in r}):  # every volume's keys: the first may lack labels
             if key.endswith(("_psnr", "_ssim")):
                 values = [r[key] for r in members if key in r]
                 entry[key] = float(np.mean(values))
@@ -256,11 +267,13 @@ def setting_name(factor: int, spacing_mm: float) -> str:
     return f"K={factor}, {spacing_mm:g} mm stacks ({spacing_mm * factor:g} mm gaps)"
 
 
-def markdown_table(summary: list[dict]) -> str:
+def markdown_table(summary: list[dict], device: str, with_map: bool) -> str:
     lines = ["| setting | vols | method | PSNR dB | SSIM | heart PSNR dB | heart SSIM | s/vol |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         setting = setting_name(s["factor"], s["spacing_mm"])
+        if s["heart_volumes"] != s["volumes"]:
+            setting += f" (heart scores: the {s['heart_volumes']} with labels)"
         for method in SCORED_METHODS:
             heart = (f"{s[f'{method}_heart_psnr']:.2f} ± {s[f'{method}_heart_psnr_sd']:.2f} | "
                      f"{s[f'{method}_heart_ssim']:.3f}") if f"{method}_heart_psnr" in s else "– | –"
@@ -268,7 +281,11 @@ def markdown_table(summary: list[dict]) -> str:
                        "morph": f"{s['morph_seconds_per_volume']:.2f}"}.get(method, "")
             lines.append(f"| {setting} | {s['volumes']} | {method} | {s[f'{method}_psnr']:.2f} ± "
                          f"{s[f'{method}_psnr_sd']:.2f} | {s[f'{method}_ssim']:.3f} | {heart} | {seconds} |")
-    lines += ["", "CaLID minus each peer, paired volume by volume: mean ± standard error (volumes where CaLID "
+    lines += ["", "Scores per removed slice, averaged per volume, then over the volumes (each ED and each ES stack once); "
+              "± is the standard deviation across volumes. Heart: the in-plane box of all labels of the volume, 10 px "
+              f"margin. s/vol: in process on {device}, model load and process start excluded"
+              f"{', the uncertainty map included' if with_map else ''}; the morph's: its TV-L1 flows and warps.",
+              "", "CaLID minus each peer, paired volume by volume: mean ± standard error (volumes where CaLID "
               "scores higher / volumes).", "",
               "| setting | peer | heart PSNR dB | heart SSIM | PSNR dB | SSIM |", "|---|---|---|---|---|---|"]
     for s in summary:

@@ -49,6 +49,33 @@ def test_evaluate_scores_calid_and_the_three_peers_with_heart_region(dataset, tm
     assert "linear" in capsys.readouterr().out
 
 
+def test_evaluate_skips_a_cine_beside_the_frames_and_says_so(dataset, tmp_path, tiny_model_dir):
+    """ACDC's own release holds patientNNN_4d.nii.gz beside the ED and ES frames: the run scores the frames and
+    names the cine it left out (it stopped on it)."""
+    frame = sitk.ReadImage(str(dataset / "patient000" / "patient000_frame01.nii.gz"))
+    sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(dataset / "patient000" / "patient000_4d.nii.gz"))
+    code = main(["evaluate", str(dataset), "--output", str(tmp_path / "eval"), "--model", str(tiny_model_dir),
+                 "--steps", "1", "--patients", "patient000", "--progress", "none"])
+    assert code == 0
+    report = json.loads((tmp_path / "eval" / "results.json").read_text(encoding="utf-8"))
+    assert [r["file"] for r in report["volumes"]] == [str(dataset / "patient000" / "patient000_frame01.nii.gz")]
+    assert report["skipped_cines"] == [str(dataset / "patient000" / "patient000_4d.nii.gz")]
+    assert "Skipped 1 cine(s)" in (tmp_path / "eval" / "results.md").read_text(encoding="utf-8")
+
+
+def test_a_groups_heart_scores_do_not_depend_on_whether_its_first_volume_has_labels():
+    from calid.evaluation import summarise
+
+    common = {"factor": 2, "spacing_mm": 10.0, "seconds": 1.0, "morph_seconds": 1.0}
+    plain = {**common, "patient": "a", **{f"{m}_{s}": 20.0 for m in ("calid", "morph", "linear", "bspline")
+                                        for s in ("psnr", "ssim")}}
+    labelled = {**plain, "patient": "b", **{f"{m}_heart_{s}": 18.0 for m in ("calid", "morph", "linear", "bspline")
+                                            for s in ("psnr", "ssim")}}
+    for rows in ([plain, labelled], [labelled, plain]):
+        (entry,) = summarise(rows)
+        assert entry["calid_heart_psnr"] == 18.0 and entry["heart_volumes"] == 1 and entry["volumes"] == 2
+
+
 def test_bspline_baseline_keeps_acquired_slices(sample_image):
     kept = sample_image[:, :, ::2]
     reference = sample_image[:, :, : (sample_image.GetSize()[2] - 1) // 2 * 2 + 1]
@@ -90,8 +117,9 @@ def test_segmentation_evaluation_scores_the_network_on_calid_and_on_every_peer(d
                             patients="patient000", device="cpu")
     table = evaluate_segmentation(cfg, "none")
     methods = {r["method"] for r in json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())["summary"]}
-    assert {"network on CaLID", "network on CaLID, sharp rendition (--segmentation)", "network on morph",
-            "network on linear", "network on bspline", "contour interpolation of kept labels"} <= methods
+    assert {"network on the real slices (ceiling)", "network on CaLID",
+            "network on CaLID, sharp rendition (--segmentation)", "network on morph", "network on linear",
+            "network on bspline", "contour interpolation of kept labels"} <= methods
     assert "| network on morph |" in table
     report = json.loads((tmp_path / "seg" / "segmentation_results.json").read_text())
     on_calid = [s for s in report["summary"] if s["method"] == "network on CaLID"]

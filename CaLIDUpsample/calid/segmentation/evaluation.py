@@ -2,7 +2,7 @@
 
 Per labelled stack: (1) the network on every acquired slice against the manual labels; (2) for each K, keep
 slices 0, K, 2K, ..., rebuild the removed slices and score the labels there against the manual ones:
-the network on the CaLID volume, on its sharp rendition (``generation.RENDITIONS``: what ``--segmentation``
+the network on the real removed slices (the ceiling of the rows that follow), on the CaLID volume, on its sharp rendition (``generation.RENDITIONS``: what ``--segmentation``
 segments), on the optical-flow morph, on linear and on cubic B-spline interpolation (the peers of ``calid
 evaluate``), morphological contour interpolation
 of the kept slices' manual labels (``contour``: what a Slicer user would run otherwise), and
@@ -38,6 +38,7 @@ from .sparse import densify
 from .store import load_segmenter
 from .training import find_labelled
 
+ON_REAL = "network on the real slices (ceiling)"
 ON_CALID = "network on CaLID"
 ON_SHARP = "network on CaLID, sharp rendition (--segmentation)"
 PAIRED = (ON_CALID, ON_SHARP)  # the methods paired with each peer
@@ -117,6 +118,9 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
         spacing = (slice_mm, *inplane)
         sharp_prob = predict_probabilities(network, config, sharp_stack, inplane, device)
         methods = {
+            # The ceiling of every row below: the same network on the real removed slices, segmented in the same
+            # stack of the protocol's slices (the "acquired slices" row above counts every slice of every stack).
+            ON_REAL: labels_from_probabilities(predict_probabilities(network, config, stack[:m], inplane, device)),
             ON_CALID: labels_from_probabilities(predict_probabilities(network, config, calid_stack, inplane, device)),
             ON_SHARP: labels_from_probabilities(sharp_prob),
             **{f"network on {name}": labels_from_probabilities(predict_probabilities(network, config, peer, inplane,
