@@ -22,7 +22,9 @@ from calid.modelstore import save_model  # noqa: E402
 from calid.networks import TINY_CONFIG, CaLID  # noqa: E402
 
 SAMPLE = REPO / "CaLIDUpsample" / "Resources" / "SampleData" / "CaLIDSample_SCD0000101_phase07.nrrd"
-SAMPLE_LABELS = SAMPLE.with_name("CaLIDSample_SCD0000101_phase07_contours.nrrd")
+SAMPLE_LABELS = REPO / "Testing" / "Data" / "CaLIDSample_SCD0000101_phase07_contours.nrrd"
+"""The Sunnybrook experts' contours of the sample, in their convention (1: LV blood pool; calid's 3), so test data
+only: the extension does not ship it, where a user would read its 1 as calid's right ventricle."""
 
 
 def is_channels_last(module: torch.nn.Module) -> bool:
