@@ -372,10 +372,13 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         self.ui.logTextEdit.clear()
         browser = sequenceBrowserOf(p.inputVolume)
         output = None if browser is not None and sequenceBrowserOf(p.outputVolume) is not None else p.outputVolume
+        # The last cine run's segmentation and map sequences play in the browser: this run's get nodes of their own.
         if browser is not None and p.outputSegmentation is not None and sequenceBrowserOf(p.outputSegmentation):
-            # The last cine run's segmentation sequence plays in it: this run's gets a node of its own.
             p.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                                       p.outputSegmentation.GetName())
+        if browser is not None and p.uncertaintyVolume is not None and sequenceBrowserOf(p.uncertaintyVolume):
+            p.uncertaintyVolume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                                                     p.uncertaintyVolume.GetName())
         with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
             self.logic.process(
                 p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,

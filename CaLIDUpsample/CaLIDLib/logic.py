@@ -195,7 +195,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
         self._showLikeInput(inputVolume, proxy)
         self._placeBeside(inputVolume, output)
         if uncertaintyVolume is not None:
-            show_uncertainty(self.scene, uncertaintyVolume, proxy)
+            show_uncertainty(self.scene, uncertaintyVolume, proxy, maps)
             self._placeBeside(inputVolume, maps)  # the study; the sequence itself takes no transform, its proxy does
             self._placeBeside(inputVolume, uncertaintyVolume)
         return proxy

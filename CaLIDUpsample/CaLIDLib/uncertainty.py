@@ -30,14 +30,17 @@ TABLE_REFERENCE = "CaLIDPerSliceTable"
 COLUMNS = ("slice", "position (mm)", "expected |error|", "heart expected |error|")
 
 
-def show_uncertainty(scene, uncertainty, background) -> None:
+def show_uncertainty(scene, uncertainty, background, frames=None) -> None:
     """Overlay ``uncertainty`` on ``background`` in every slice view of ``scene`` (a bare scene has none).
 
-    Window from 0 to a high percentile of the nonzero voxels; the threshold starts just above 0, so acquired
-    slices (exactly 0) show the image unveiled. The colour legend names the unit; it needs the Colors module's
-    legend node class, registered by the application (and by tests that want it).
+    Window from 0 to a high percentile of the nonzero voxels (of every frame of ``frames``, a cine's sequence of
+    maps, whose proxy ``uncertainty`` is: one display serves them all); the threshold starts just above 0, so
+    acquired slices (exactly 0) show the image unveiled, and has no upper end, so no frame hides its largest
+    errors. The colour legend names the unit; it needs the Colors module's legend node class, registered by the
+    application (and by tests that want it).
     """
-    values = voxels(uncertainty)
+    values = voxels(uncertainty) if frames is None else np.concatenate(
+        [voxels(frames.GetNthDataNode(t)).ravel() for t in range(frames.GetNumberOfDataNodes())])
     nonzero = values[values > 0]
     high = float(np.percentile(nonzero, HIGH_PERCENTILE)) if nonzero.size else 1.0
     if uncertainty.GetDisplayNode() is None:
@@ -50,7 +53,7 @@ def show_uncertainty(scene, uncertainty, background) -> None:
     display.SetWindowLevelMinMax(0.0, high)
     lowest = float(np.nextafter(np.float32(0), np.float32(1)))  # the smallest positive float32: only 0 is hidden
     display.SetAutoThreshold(False)
-    display.SetThreshold(lowest, max(lowest, float(values.max(initial=0.0))))
+    display.SetThreshold(lowest, float(np.finfo(np.float32).max))
     display.SetApplyThreshold(True)
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         view = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")

@@ -217,6 +217,9 @@ def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: Upsa
         result.labels = sitk.JoinSeries(phases)
         result.labels.CopyInformation(result.image)
         result.volumes = cycle_volumes([structure_volumes(labels) for labels in phases], cine.times)
+        if result.uncertainty is not None:  # now with each phase's heart
+            result.uncertainty_slices = slice_summaries(result.uncertainty, result.slice_axis, result.factor,
+                                                        result.labels)
     write_cine(result.image, cine, output_path)
     if uncertainty_path is not None:
         write_cine(result.uncertainty, cine, uncertainty_path)

@@ -308,10 +308,13 @@ def _dicom_pixels(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
         return image, {}
     values = sitk.GetArrayViewFromImage(image)
     low, high = float(values.min()), float(values.max())
-    middle = float(f"{(low + high) / 2:.8g}")  # a DICOM decimal string holds at most 16 characters
-    slope = float(f"{max(high - low, 1e-12) / 65000:.8g}")
-    tags = {"0028|1052": f"{middle:.8g}", "0028|1053": f"{slope:.8g}", "0028|0100": "16", "0028|0101": "16",
-            "0028|0102": "15", "0028|0103": "1"}
+    if low >= 0:  # unsigned from an intercept of 0: a 0 (the map on acquired slices) reads back exactly 0
+        intercept, slope, signed = 0.0, float(f"{max(high, 1e-12) / 65000:.8g}"), "0"
+    else:
+        intercept = float(f"{(low + high) / 2:.8g}")  # a DICOM decimal string holds at most 16 characters
+        slope, signed = float(f"{max(high - low, 1e-12) / 65000:.8g}"), "1"
+    tags = {"0028|1052": f"{intercept:.8g}", "0028|1053": f"{slope:.8g}", "0028|0100": "16", "0028|0101": "16",
+            "0028|0102": "15", "0028|0103": signed}
     return sitk.Cast(image, sitk.sitkFloat64), tags
 
 

@@ -19,14 +19,16 @@ def slice_summaries(uncertainty: sitk.Image, axis: int, factor: int, labels: sit
     """One entry per generated slice of ``uncertainty`` (3D, or 4D for a cine: then each carries its ``phase``).
 
     ``slice`` is the dense index along ``axis``; ``expected_error`` the slice's mean; ``heart_expected_error`` the
-    mean over the voxels ``labels`` (same grid, 3D) marks > 0 on that slice, None without labels or heart there.
+    mean over the voxels ``labels`` (same grid and phases) marks > 0 on that slice, None without labels or heart
+    there.
     """
     values = sitk.GetArrayFromImage(uncertainty).astype(np.float64)
     phases = values if uncertainty.GetDimension() == 4 else values[None]
-    heart = None if labels is None else geometry.to_stack(sitk.GetArrayFromImage(labels), axis) > 0
+    label_phases = None if labels is None else sitk.GetArrayFromImage(labels).reshape(phases.shape)
     summaries = []
     for t, phase in enumerate(phases):
         stack = geometry.to_stack(phase, axis)
+        heart = None if label_phases is None else geometry.to_stack(label_phases[t], axis) > 0
         n = slice_positions.acquired_count(stack.shape[0], factor)
         for k in sorted(slice_positions.generated_slices(n, factor).tolist()):
             entry = {"slice": int(k), "expected_error": float(stack[k].mean()), "heart_expected_error": None}

@@ -165,6 +165,26 @@ def test_cine_uncertainty_is_a_map_per_phase_zero_on_acquired_slices(cine, tmp_p
     assert not np.allclose(expected[0, 1::2], expected[1, 1::2])  # each phase its own map
 
 
+def test_a_segmented_cines_map_figures_are_inside_each_phases_heart(sample_image, tmp_path, error_head_model_dir):
+    """With --segmentation and --uncertainty a cine's per-slice figures include each phase's heart (they had none).
+    The whole sample's field of view, where the segmenter finds the heart."""
+    from calid.engine import upsample_cine_file
+
+    options = UpsampleOptions(factor=2, steps=1, device="cpu", model=str(error_head_model_dir))
+    result = upsample_cine_file(Cine(make_cine(sample_image), TIMES), tmp_path / "out.nii.gz", options,
+                                tmp_path / "u.nii.gz", segmentation_path=tmp_path / "labels.nii.gz")
+    maps, labels = stacks(result.uncertainty), stacks(result.labels)
+    assert len(result.uncertainty_slices) == 3 * (sample_image.GetSize()[2] - 1)
+    with_heart = 0
+    for entry in result.uncertainty_slices:
+        t, k = entry["phase"], entry["slice"]
+        heart = labels[t, k] > 0
+        assert entry["heart_expected_error"] == (pytest.approx(float(maps[t, k][heart].mean()), rel=1e-5)
+                                                 if heart.any() else None)
+        with_heart += heart.any()
+    assert with_heart > 0
+
+
 def sequence_file(path: Path, volume: sitk.Image, values: str, index_type: str = "numeric") -> Path:
     frames = [sitk.Cast(volume, sitk.sitkInt16) + t for t in range(len(values.split()))]
     vector = sitk.Compose(frames)

@@ -311,6 +311,8 @@ def test_cine_uncertainty_is_a_second_sequence_in_the_browser_overlaid_on_the_ou
         assert frame.shape == node_array(browser.GetSequenceNode(out).GetNthDataNode(t)).shape
         assert not frame[::2].any() and frame[1::2].min() > 0  # 0 on acquired slices, an error on generated ones
     display = uncertainty.GetDisplayNode()  # overlaid as for a volume: 0 (acquired slices) hidden by the threshold
+    assert display.GetUpperThreshold() >= max(node_array(maps.GetNthDataNode(t)).max()
+                                              for t in range(maps.GetNumberOfDataNodes()))  # no frame's top hidden
     assert display is not None and display.GetApplyThreshold() and 0 < display.GetLowerThreshold() < 1e-30
     assert list(private_tmp.iterdir()) == []
 

@@ -17,6 +17,7 @@ import torch
 from calid import UpsampleOptions, upsample_image
 from calid.calibration import calibration_report
 from calid.cli import main
+from calid.imageio import read_image, write_image
 from calid.modelstore import load_model
 from calid.networks import ERROR_HEAD_CONFIG, CaLID, ErrorHead, laplace_nll
 from calid.uncertainty import slice_summaries
@@ -99,6 +100,31 @@ def test_slice_summaries_average_inside_the_labels_of_each_generated_slice():
     summaries = slice_summaries(sitk.GetImageFromArray(values), 2, 2, sitk.GetImageFromArray(labels))
     assert summaries == [{"slice": 1, "expected_error": 2.0, "heart_expected_error": None},
                          {"slice": 3, "expected_error": 7.0, "heart_expected_error": 10.0}]
+
+
+def test_a_cines_slice_summaries_take_each_phases_own_heart():
+    """A cine's labels are 4D: each phase's figures are inside that phase's labels (with --segmentation a cine
+    gave no heart figure at all)."""
+    values = np.zeros((2, 3, 4, 6), np.float32)  # (phase, dense z, y, x): acquired 0 and 2
+    values[0, 1], values[1, 1] = 1.0, 3.0
+    values[1, 1, :2] = 9.0
+    labels = np.zeros_like(values, dtype=np.uint8)
+    labels[1, 1, :2, :3] = 3  # heart only in phase 1
+    summaries = slice_summaries(sitk.GetImageFromArray(values, isVector=False), 2, 2,
+                                sitk.GetImageFromArray(labels, isVector=False))
+    assert summaries == [{"slice": 1, "expected_error": 1.0, "heart_expected_error": None, "phase": 0},
+                         {"slice": 1, "expected_error": 6.0, "heart_expected_error": 9.0, "phase": 1}]
+
+
+def test_a_map_written_as_dicom_is_exactly_zero_on_acquired_slices(tmp_path):
+    """DICOM stores the map as integers with a slope: from an intercept of 0, so that its zeros stay zeros (from the
+    range's middle they read back 6e-6, which the overlay's threshold would colour)."""
+    values = np.zeros((5, 8, 8), np.float32)
+    values[1], values[3] = np.linspace(0, 0.37, 64).reshape(8, 8), 0.2
+    write_image(sitk.GetImageFromArray(values), tmp_path / "map")
+    back = sitk.GetArrayFromImage(read_image(tmp_path / "map"))
+    assert not back[[0, 2, 4]].any()
+    np.testing.assert_allclose(back, values, rtol=0, atol=0.37 / 65000)
 
 
 def test_upsample_json_names_the_unit_and_every_generated_slice_with_its_heart_figure(tmp_path, small_image,
