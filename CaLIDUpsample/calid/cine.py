@@ -209,6 +209,8 @@ def check_cine_output(path: str | os.PathLike, labels: bool = False) -> None:
     """A one-line error for a path a cine cannot be written to, so that it comes before anything is computed or
     written. ``labels``: a cine of labels, which is written as one 4D file (not as DICOM MR images)."""
     if Path(path).name.lower().endswith(".nhdr"):
+        if labels:
+            raise CalidError("a cine's labels are written as .seq.nrrd, .nrrd, .nii.gz, .nii or .mha, not .nhdr")
         raise CalidError("a cine is written as .seq.nrrd, .nrrd, .nii.gz, .nii, .mha or a DICOM folder, not .nhdr")
     if labels and not has_image_suffix(path):
         raise CalidError(f"a cine's labels are written as one 4D file (.nii.gz, .nii, .mha or .seq.nrrd), not as a "

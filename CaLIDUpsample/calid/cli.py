@@ -506,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Cancelled):
         print("calid: cancelled", file=sys.stderr)
         return EXIT_CANCELLED
+    except BrokenPipeError:  # the reader stopped reading (`calid models --json | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush does not fail
+        return 1
     except Exception as exc:  # an unexpected failure: one line, the traceback only on request
         if os.environ.get("CALID_DEBUG"):
             traceback.print_exc()

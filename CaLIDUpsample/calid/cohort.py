@@ -82,10 +82,16 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
     targets = [output_dir / name for name in output_names(items)]
     mine = list(zip(items, targets))[rank::world]
     rows = []
+    final_csv = csv_path or output_dir / "calid_cohort.csv"
+    done_before = _done_rows(final_csv)
     overall = Progress(progress_mode if progress_mode == "json" else "none", len(mine))
     for item, target in mine:
         row = {"input": str(item), "output": str(target), "rank": rank, "device": str(device)}
         started = time.perf_counter()
+        if target.exists() and str(target) in done_before:  # a resumed run keeps the record of the run that made it
+            rows.append(done_before[str(target)])
+            overall.advance(1, item=str(item), status="done")
+            continue
         if target.exists():
             row.update(status="skipped", message="output exists")
         else:
@@ -105,7 +111,6 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)
         overall.advance(1, item=str(item), status=row["status"])
-    final_csv = csv_path or output_dir / "calid_cohort.csv"
     part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
     _write_csv(part, rows)
     if world > 1:
@@ -121,6 +126,15 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         dist.barrier()
         dist.destroy_process_group()
     return sum(row["status"] == "failed" for row in rows)
+
+
+def _done_rows(path: Path) -> dict[str, dict]:
+    """The rows an earlier run of the cohort recorded as done, by output path (none if it left no readable record)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return {row["output"]: row for row in csv.DictReader(f) if row.get("status") == "done" and "output" in row}
+    except (OSError, csv.Error):
+        return {}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -143,9 +143,15 @@ def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, 
     (tmp_path / "out" / "case2.nrrd").unlink()  # as if interrupted before the last one
     proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
     assert proc.returncode == 0, proc.stderr
-    rows = {Path(r["input"]).name: r["status"] for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8"))}
-    assert rows == {"case0.nrrd": "skipped", "case1.nrrd": "skipped", "case2.nrrd": "done"}
+    resumed = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8"))}
+    assert {name: r["status"] for name, r in resumed.items()} == {"case0.nrrd": "done", "case1.nrrd": "done",
+                                                                  "case2.nrrd": "done"}
+    assert resumed["case0.nrrd"] == rows["case0.nrrd"]  # the first run's record kept (it was rewritten as skipped)
     assert (tmp_path / "out" / "case0.nrrd").stat().st_mtime_ns == first_mtime
+    (tmp_path / "out" / "calid_cohort.csv").unlink()  # outputs with no record of the run that made them
+    proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
+    statuses = {r["status"] for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8"))}
+    assert proc.returncode == 0 and statuses == {"skipped"}
 
 
 def test_cohort_list_file(tmp_path, small_image, tiny_model_dir):
