@@ -45,6 +45,19 @@ def image_from(array, spacing=(1.4, 1.4, 10.0)):
     return img
 
 
+def move_dicom_slice(path: Path, offset: np.ndarray) -> None:
+    """Rewrite one DICOM file with its Image Position (Patient) moved by ``offset`` mm."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    image = reader.Execute()
+    position = [float(v) for v in image.GetMetaData("0020|0032").split("\\")]
+    image.SetMetaData("0020|0032", "\\".join(f"{p + d:.6f}" for p, d in zip(position, offset)))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(image)
+
+
 def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]]:
     """Each case: (input path, a phrase the message must contain)."""
     cases = {}
@@ -100,33 +113,15 @@ def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]
     nan_img.CopyInformation(small_image)
     sitk.WriteImage(nan_img, str(nan))
     cases["NaN/Inf"] = (nan, "2 NaN/Inf voxels")
+    axes = np.array(small_image.GetDirection()).reshape(3, 3)
     dicom = tmp / "uneven_dicom"
     write_image(small_image, dicom)
-    third = sorted(dicom.iterdir())[3]
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(third))
-    sl = reader.Execute()
-    pos = [float(v) for v in sl.GetMetaData("0020|0032").split("\\")]
-    normal = np.cross(np.array(small_image.GetDirection()).reshape(3, 3)[:, 0], np.array(small_image.GetDirection()).reshape(3, 3)[:, 1])
-    sl.SetMetaData("0020|0032", "\\".join(f"{p + 3.0 * n:.6f}" for p, n in zip(pos, normal)))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetFileName(str(third))
-    writer.Execute(sl)
+    move_dicom_slice(sorted(dicom.iterdir())[3], 3.0 * np.cross(axes[:, 0], axes[:, 1]))
     cases["non-uniform DICOM"] = (dicom, "not uniformly spaced (positions")
     drifting = tmp / "drifting_dicom"  # uniform along the normal, but each slice 2 mm further along the rows
     write_image(small_image, drifting)
-    row = np.array(small_image.GetDirection()).reshape(3, 3)[:, 0]
     for k, name in enumerate(sorted(drifting.iterdir())):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(name))
-        sl = reader.Execute()
-        pos = [float(v) for v in sl.GetMetaData("0020|0032").split("\\")]
-        sl.SetMetaData("0020|0032", "\\".join(f"{p + 2.0 * k * r:.6f}" for p, r in zip(pos, row)))
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(name))
-        writer.Execute(sl)
+        move_dicom_slice(name, 2.0 * k * axes[:, 0])
     cases["DICOM slices drifting in-plane"] = (drifting, "moves up to 2.00 mm within the slice plane")
     sheared = tmp / "sheared.nrrd"  # axes 73 degrees apart: NIfTI cannot store it, ITK moved the voxels silently
     shear = sitk.Image(small_image)
