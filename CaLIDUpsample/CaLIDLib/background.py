@@ -204,6 +204,8 @@ class WorkerLogic:
             self.job = None
             if self.keepStandby:
                 self._startStandby()
-            self._onEnded(result)
-            if job.on_finished is not None:
-                job.on_finished(result, error)
+            try:
+                self._onEnded(result)
+            finally:  # the panel's buttons and progress are restored whatever the hook does
+                if job.on_finished is not None:
+                    job.on_finished(result, error)

@@ -71,13 +71,14 @@ class TrainingCurves:
         self._write({})
 
     def remove(self) -> None:
-        """Take the table, both charts and their series out of the scene."""
-        scene = self.table.GetScene()
-        for chart in (self.lossChart, self.psnrChart):
-            for index in reversed(range(chart.GetNumberOfPlotSeriesNodes())):
-                scene.RemoveNode(chart.GetNthPlotSeriesNode(index))
-            scene.RemoveNode(chart)
-        scene.RemoveNode(self.table)
+        """Take the table, both charts and their series out of the scene (those still in it: a closed scene or
+        the Data module may have taken them already)."""
+        nodes = [chart.GetNthPlotSeriesNode(index) for chart in (self.lossChart, self.psnrChart)
+                 for index in range(chart.GetNumberOfPlotSeriesNodes())]
+        for node in (*nodes, self.lossChart, self.psnrChart, self.table):
+            scene = node.GetScene() if node is not None else None
+            if scene is not None:
+                scene.RemoveNode(node)
 
     def _write(self, rows: dict[int, dict[str, float]]) -> None:
         table = self.table.GetTable()

@@ -39,7 +39,7 @@ def show_uncertainty(scene, uncertainty, background, frames=None) -> None:
     errors. The colour legend names the unit; it needs the Colors module's legend node class, registered by the
     application (and by tests that want it).
     """
-    values = voxels(uncertainty) if frames is None else np.concatenate(
+    values = voxels(uncertainty) if frames is None or not frames.GetNumberOfDataNodes() else np.concatenate(
         [voxels(frames.GetNthDataNode(t)).ravel() for t in range(frames.GetNumberOfDataNodes())])
     nonzero = values[values > 0]
     high = float(np.percentile(nonzero, HIGH_PERCENTILE)) if nonzero.size else 1.0

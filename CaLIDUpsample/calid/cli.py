@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import sys
 import traceback
@@ -494,6 +495,33 @@ def _tolerate_narrow_consoles() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _internal_error(exc: Exception) -> int:
+    """An unexpected failure: one line, the traceback only on request."""
+    if os.environ.get("CALID_DEBUG"):
+        traceback.print_exc()
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(f"calid: internal error: {type(exc).__name__}: {message} (set CALID_DEBUG=1 for details)", file=sys.stderr)
+    return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``poll`` reports an error on its end; a broken pipe
+    elsewhere, such as a worker's, is an internal error). If so, standard output is pointed at the null device, so
+    that the interpreter's own flush at exit does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+        return True
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no file behind sys.stdout
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     _tolerate_narrow_consoles()
     args = build_parser().parse_args(argv)
@@ -506,16 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Cancelled):
         print("calid: cancelled", file=sys.stderr)
         return EXIT_CANCELLED
-    except BrokenPipeError:  # the reader stopped reading (`calid models --json | head`): nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush does not fail
-        return 1
-    except Exception as exc:  # an unexpected failure: one line, the traceback only on request
-        if os.environ.get("CALID_DEBUG"):
-            traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"calid: internal error: {type(exc).__name__}: {message} (set CALID_DEBUG=1 for details)",
-              file=sys.stderr)
-        return 1
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            return _internal_error(exc)
+        return 1  # the reader stopped reading (`calid models --json | head`): nothing more to say
+    except Exception as exc:  # noqa: BLE001
+        return _internal_error(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -129,12 +129,15 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
 
 
 def _done_rows(path: Path) -> dict[str, dict]:
-    """The rows an earlier run of the cohort recorded as done, by output path (none if it left no readable record)."""
+    """The rows an earlier run of the cohort recorded as done, by output path, in this version's columns (none if it
+    left no readable record; a copy saved by a spreadsheet, with a byte-order mark or columns of its own, is read)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return {row["output"]: row for row in csv.DictReader(f) if row.get("status") == "done" and "output" in row}
-    except (OSError, csv.Error):
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
         return {}
+    return {row["output"]: {field: row.get(field, "") for field in CSV_FIELDS}
+            for row in rows if row.get("status") == "done" and row.get("output")}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import re
 import struct
+import zlib
 from pathlib import Path
 
 from .errors import CalidError
@@ -51,7 +52,7 @@ def _check_nifti(path: Path) -> None:
             with open(path, "rb") as stream:
                 header = stream.read(540)
             size = path.stat().st_size
-    except (OSError, EOFError) as exc:  # a bad or cut gzip stream
+    except (OSError, EOFError, zlib.error) as exc:  # a bad or cut gzip stream
         raise CalidError(f"cannot read {path}: the file is damaged or incomplete ({exc})") from None
     promised = _nifti_bytes(header)
     if promised is not None and size < promised:
@@ -90,9 +91,9 @@ def _check_metaimage(path: Path) -> None:
         if fields is None:
             return
         data_file = fields.get("ElementDataFile", "")
-        if data_file == "LOCAL":
+        if data_file.upper() == "LOCAL":  # MetaIO reads the word in any case
             size = path.stat().st_size - header_bytes
-        elif data_file and "%" not in data_file and " " not in data_file and data_file != "LIST":
+        elif data_file and "%" not in data_file and " " not in data_file and data_file.upper() != "LIST":
             data_path = path.parent / data_file
             if not data_path.is_file():
                 raise CalidError(f"cannot read {path}: its voxel file {data_file} is not beside it")

@@ -153,8 +153,11 @@ def check_direction(image: sitk.Image, source: str = "input") -> None:
     dimension = image.GetDimension()
     axes = np.asarray(image.GetDirection()).reshape(dimension, dimension)[:3, :3]
     if not np.allclose(axes.T @ axes, np.eye(3), atol=DIRECTION_TOLERANCE):
-        angles = np.degrees(np.arccos(np.clip([axes[:, 0] @ axes[:, 1], axes[:, 0] @ axes[:, 2],
-                                                axes[:, 1] @ axes[:, 2]], -1, 1)))
+        unit = axes / np.maximum(np.linalg.norm(axes, axis=0), 1e-12)
+        angles = np.degrees(np.arccos(np.clip([unit[:, 0] @ unit[:, 1], unit[:, 0] @ unit[:, 2],
+                                                unit[:, 1] @ unit[:, 2]], -1, 1)))
+        if np.allclose(angles, 90, atol=0.06):
+            raise CalidError(f"{source} has a direction matrix whose axes are not of unit length: fix its header")
         raise CalidError(f"{source} has a sheared grid (its axes are {', '.join(f'{a:.2f}' for a in angles)} degrees "
                          "apart, not 90): resample it onto an orthogonal grid first")
 
@@ -301,14 +304,15 @@ DICOM_INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sit
 
 def _dicom_pixels(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
     """DICOM stores integers: integer volumes go in as they are; any other (a float input, the uncertainty map) as
-    signed 16-bit values with a rescale slope and intercept over its range, which every reader applies (each value
-    read back within half a slope, 1/130000 of the range). A plain cast to int16 had dropped the fractions, wrapped
+    16-bit values with a rescale slope and intercept over its range, which every reader applies (each value read back
+    within half a slope, 1/130000 of the range): unsigned from 0 when the minimum is 0 (so that the map's zeros stay
+    exactly 0), else signed around the range's middle. A plain cast to int16 had dropped the fractions, wrapped
     values over 32767 and written the map, a fraction of an intensity unit, as zeros."""
     if image.GetPixelID() in DICOM_INTEGER_PIXELS:
         return image, {}
     values = sitk.GetArrayViewFromImage(image)
     low, high = float(values.min()), float(values.max())
-    if low >= 0:  # unsigned from an intercept of 0: a 0 (the map on acquired slices) reads back exactly 0
+    if low == 0:  # unsigned from an intercept of 0: a 0 (the map on acquired slices) reads back exactly 0
         intercept, slope, signed = 0.0, float(f"{max(high, 1e-12) / 65000:.8g}"), "0"
     else:
         intercept = float(f"{(low + high) / 2:.8g}")  # a DICOM decimal string holds at most 16 characters

@@ -37,9 +37,11 @@ def _model_cards() -> Iterator[tuple[str, Path, dict[str, Any] | str]]:
             continue
         for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
             try:
-                yield source, folder, json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
+                card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 yield source, folder, f"its {CARD_FILE} cannot be read ({exc})"
+                continue
+            yield source, folder, card if isinstance(card, dict) else f"its {CARD_FILE} is not a JSON object"
 
 
 def list_models(card_format: str = INTERPOLATION_FORMAT) -> list[dict[str, Any]]:

@@ -54,6 +54,18 @@ def test_version_and_models_listing(tiny_model_dir, tmp_path):
         next(m for m in listed if m["name"] == "calid-seg-acdc").items()
 
 
+def test_a_reader_that_stops_reading_ends_the_listing_quietly():
+    """``calid models --json | head``: the closed pipe is the reader's choice, not an internal error."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "calid", "models", "--json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == ""
+
+
 def test_models_listing_skips_a_folder_whose_card_is_not_json_and_says_so(tmp_path):
     """A broken card is no model of either kind: it is neither listed (twice, as both kinds, it once was) nor
     offered, and the listing says which folder it skipped."""
@@ -148,6 +160,15 @@ def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, 
                                                                   "case2.nrrd": "done"}
     assert resumed["case0.nrrd"] == rows["case0.nrrd"]  # the first run's record kept (it was rewritten as skipped)
     assert (tmp_path / "out" / "case0.nrrd").stat().st_mtime_ns == first_mtime
+    record = tmp_path / "out" / "calid_cohort.csv"  # re-saved by a spreadsheet: a byte-order mark, a column of its own
+    lines = record.read_text(encoding="utf-8").splitlines()
+    record.write_text("\ufeff" + "\n".join([lines[0] + ",notes"] + [line + ",checked" for line in lines[1:]]) + "\n",
+                      encoding="utf-8")
+    (tmp_path / "out" / "case1.nrrd").unlink()
+    proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
+    again = {Path(r["input"]).name: r for r in csv.DictReader(open(record, encoding="utf-8"))}
+    assert proc.returncode == 0, proc.stderr
+    assert again["case0.nrrd"] == rows["case0.nrrd"] and again["case1.nrrd"]["status"] == "done"
     (tmp_path / "out" / "calid_cohort.csv").unlink()  # outputs with no record of the run that made them
     proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
     statuses = {r["status"] for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8"))}

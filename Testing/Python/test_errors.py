@@ -65,6 +65,12 @@ def bad_inputs(tmp: Path, small_image: sitk.Image) -> dict[str, tuple[Path, str]
     corrupt = tmp / "corrupt.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b garbage, not a gzip'd NIfTI")
     cases["corrupt"] = (corrupt, "cannot read")
+    damaged = tmp / "damaged.nii.gz"  # a whole gzip stream whose deflate data is damaged in the middle
+    write_image(small_image, damaged)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    damaged.write_bytes(bytes(data))
+    cases["damaged .nii.gz"] = (damaged, "damaged or incomplete")
     truncated = tmp / "truncated.nrrd"
     write_image(small_image, truncated)
     truncated.write_bytes(truncated.read_bytes()[:400])
@@ -137,7 +143,7 @@ def cases(tmp_path, small_image):
     return bad_inputs(tmp_path / "inputs", small_image)
 
 
-CASE_NAMES = ["missing", "corrupt", "truncated", "truncated .nrrd voxels", "truncated .nii.gz compressed",
+CASE_NAMES = ["missing", "corrupt", "damaged .nii.gz", "truncated", "truncated .nrrd voxels", "truncated .nii.gz compressed",
               "truncated .nii", "truncated .mha", "truncated .mha compressed", "truncated .mhd voxel file",
               ".mhd without its voxel file", "DICOM slices drifting in-plane", "sheared grid",
               "folder without DICOM", "unknown format", "2D", "one slice", "4D",
@@ -153,6 +159,16 @@ def test_bad_input(name, cases, tmp_path, tiny_model_dir, capfd):
     assert_clean_failure(code, err, tmp_path, expected)
     if before is not None:
         assert digest(source) == before
+
+
+def test_a_metaimage_naming_its_local_voxels_in_lower_case_is_read(tmp_path, small_image):
+    """MetaIO reads ``ElementDataFile = Local`` as LOCAL: the completeness check must too (it refused it)."""
+    path = tmp_path / "lower.mha"
+    sitk.WriteImage(small_image, str(path))
+    path.write_bytes(path.read_bytes().replace(b"ElementDataFile = LOCAL", b"ElementDataFile = Local", 1))
+    from calid.imageio import read_image
+
+    assert read_image(path).GetSize() == small_image.GetSize()
 
 
 @pytest.fixture

@@ -165,6 +165,17 @@ def test_bad_requests_fail_before_anything_starts(scene, nodes, models, name, kw
     assert scene.GetNumberOfNodes() == before  # no curves, charts or tables of a run that never started
 
 
+def test_curves_taken_out_of_a_scene_that_was_cleared_meanwhile(scene):
+    """A run refused after the user closed the scene: the curves are gone already, and removing them again must not
+    raise (it left the panel's buttons as during the run)."""
+    from CaLIDLib.curves import TrainingCurves
+
+    curves = TrainingCurves(scene, "closed")
+    scene.Clear(0)
+    curves.remove()
+    assert scene.GetNodesByClass("vtkMRMLTableNode").GetNumberOfItems() == 0
+
+
 def test_no_volumes_selected(scene):
     with pytest.raises(ValueError, match="at least one volume"):
         CaLIDTrainingLogic(scene, python=sys.executable).train([])
