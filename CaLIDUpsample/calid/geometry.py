@@ -48,7 +48,9 @@ def resolve_factor(image: sitk.Image, axis: int, factor: int | None, spacing_mm:
     if factor < 2:
         raise CalidError(f"factor must be at least 2, not {factor}")
     if factor > MAX_FACTOR:
-        raise CalidError(f"factor {factor} is too large (at most {MAX_FACTOR})")
+        asked = f"target spacing {spacing_mm:g} mm would take factor {factor}" if spacing_mm is not None else \
+            f"factor {factor} is too large"
+        raise CalidError(f"{asked} (at most {MAX_FACTOR})")
     n = image.GetSize()[axis]
     if n < 2:
         raise CalidError(f"input has {n} slice along axis {axis}: at least 2 acquired slices are needed")

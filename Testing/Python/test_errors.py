@@ -184,6 +184,7 @@ def good_input(tmp_path, small_image):
     (["--factor", "500"], "too large"),
     (["--spacing", "20"], "not finer than the slice spacing"),
     (["--spacing", "-1"], "must be positive"),
+    (["--spacing", "0.001"], "target spacing 0.001 mm would take factor"),  # not "factor N", which nobody asked for
     (["--steps", "0"], "--steps"),
     (["--samples", "0"], "--samples"),
     (["--uncertainty", "UNC"], "has no error head"),

@@ -13,6 +13,7 @@ from calid.cli import main
 from calid.imageio import write_image
 from calid.modelindex import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION_FORMAT, list_models
 from calid.segmentation.contour import contour_interpolation
+from calid.segmentation.inference import segment_image
 from calid.segmentation.measures import cycle_volumes, ejection_fractions, structure_volumes
 from calid.segmentation.sparse import densify, shape_depth
 from calid.segmentation.store import load_segmenter
@@ -202,6 +203,14 @@ def test_a_cycle_takes_each_ventricles_largest_and_smallest_cavity_and_reports_a
     assert cycle["ejection_fractions"] == {"lv_stroke_volume_ml": 90.0, "lv_ejection_fraction_percent": 60.0,
                                            "rv_stroke_volume_ml": 60.0, "rv_ejection_fraction_percent": 60.0}
     assert cycle_volumes([phase(150, 0), phase(60, 0)], (0.0, 40.0))["ejection_fractions"] is None
+
+
+def test_a_field_of_view_smaller_than_the_networks_deepest_layer_is_segmented(small_image):
+    """8 x 8 pixels (11 mm) reach the segmenter's deepest layer as one pixel, which its normalisation refuses: the
+    input is padded to two of its strides (it ended in an internal error and no output at all)."""
+    network, card = load_segmenter()
+    labels = segment_image(small_image[28:36, 28:36, :], network, card["config"], "cpu")
+    assert labels.GetSize() == (8, 8, small_image.GetSize()[2])
 
 
 @pytest.mark.parametrize("problem, expected", [

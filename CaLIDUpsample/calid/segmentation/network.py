@@ -39,8 +39,10 @@ def to_grid(slices: torch.Tensor, size: tuple[int, int], labels: bool = False) -
 
 
 def pad_to_multiple(x: torch.Tensor, value: float, multiple: int = SPATIAL_MULTIPLE) -> tuple[torch.Tensor, tuple]:
-    """Pad the last two dimensions to a multiple of the U-Net's total stride; returns the crop to undo it."""
+    """Pad the last two dimensions to a multiple of the U-Net's total stride, and to at least two of it (its deepest
+    layer normalises over its pixels and refuses a single one: a field of view under 24 mm failed); returns the crop
+    to undo it."""
     h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
+    ph, pw = (max(-size % multiple, 2 * multiple - size) for size in (h, w))
     x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
     return x, (slice(ph // 2, ph // 2 + h), slice(pw // 2, pw // 2 + w))
