@@ -99,6 +99,14 @@ def selectComboData(combo, value):
         combo.currentIndex = index
 
 
+def nodeOfItsOwn(node):
+    """``node``, or a new node of its class and name when it already plays a sequence (a cine run's proxy, which a
+    second run cannot fill)."""
+    if node is None or sequenceBrowserOf(node) is None:
+        return node
+    return slicer.mrmlScene.AddNewNodeByClass(node.GetClassName(), node.GetName())
+
+
 def fillModelCombo(combo, selected: str):
     """Bundled and user models (a model fine-tuned or imported meanwhile appears); quiet, so nothing is stored."""
     combo.blockSignals(True)
@@ -372,13 +380,9 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         self.ui.logTextEdit.clear()
         browser = sequenceBrowserOf(p.inputVolume)
         output = None if browser is not None and sequenceBrowserOf(p.outputVolume) is not None else p.outputVolume
-        # The last cine run's segmentation and map sequences play in the browser: this run's get nodes of their own.
-        if browser is not None and p.outputSegmentation is not None and sequenceBrowserOf(p.outputSegmentation):
-            p.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                                      p.outputSegmentation.GetName())
-        if browser is not None and p.uncertaintyVolume is not None and sequenceBrowserOf(p.uncertaintyVolume):
-            p.uncertaintyVolume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
-                                                                     p.uncertaintyVolume.GetName())
+        if browser is not None:  # the last cine run's label and map sequences play in it: this run's get new nodes
+            p.outputSegmentation = nodeOfItsOwn(p.outputSegmentation)
+            p.uncertaintyVolume = nodeOfItsOwn(p.uncertaintyVolume)
         with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
             self.logic.process(
                 p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,

@@ -25,7 +25,8 @@ import SimpleITK as sitk
 
 from . import geometry
 from .errors import CalidError
-from .imageio import has_image_suffix, output_folder, read_dicom_files, read_image, write_image, writing
+from .imageio import (has_image_suffix, output_folder, read_dicom_files, read_header, read_image, write_image,
+                      writing)
 
 TIME_TOLERANCE = 0.1
 """Frame intervals may differ by this fraction of the mean interval (trigger times are rounded to ms)."""
@@ -193,15 +194,10 @@ def input_warning(path: str | os.PathLike, slice_axis: int | None = None) -> str
     comes from the slice positions. Unreadable inputs raise the engine's own one-line error.
     """
     path = Path(path)
-    if path.is_file() and has_image_suffix(path):
-        header = sitk.ImageFileReader()
-        header.SetFileName(str(path))
-        try:
-            header.ReadImageInformation()
-            return geometry.sparse_stack_warning(header, slice_axis)
-        except RuntimeError:
-            pass  # read_input below says what is wrong with it
-    source = read_input(path)
+    header = read_header(path) if path.is_file() and has_image_suffix(path) else None
+    if header is not None:
+        return geometry.sparse_stack_warning(header, slice_axis)
+    source = read_input(path)  # a DICOM folder, or a file it says what is wrong with
     return geometry.sparse_stack_warning(source.image if isinstance(source, Cine) else source, slice_axis)
 
 

@@ -26,7 +26,7 @@ from .devices import resolve_device
 from .engine import UpsampleOptions, upsample_image
 from .errors import CalidError
 from .generation import default_steps
-from .imageio import FILE_SUFFIXES, find_labels, read_image, validate_volume
+from .imageio import FILE_SUFFIXES, find_labels, read_header, read_image, validate_volume
 from .metrics import heart_box, linear_missing, slice_scores, unit_range, unit_scale
 from .modelstore import load_model
 from .motion import morph_missing
@@ -172,12 +172,12 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     overall = Progress(progress_mode, len(entries) * len(factors), "evaluating")
     cines = []
     for patient, path in entries:
-        image = read_image(path)
-        if image.GetDimension() == 4 and image.GetSize()[3] > 1:  # ACDC's patientNNN_4d.nii.gz beside the frames
+        header = read_header(path)  # ACDC's patientNNN_4d.nii.gz beside the frames: known without its voxels
+        if header is not None and header.GetDimension() == 4 and header.GetSize()[3] > 1:
             cines.append(str(path))
             overall.advance(len(factors))
             continue
-        image = validate_volume(image, str(path))
+        image = validate_volume(read_image(path), str(path))
         spacing = image.GetSpacing()[geometry.find_slice_axis(image)]
         if (cfg.max_spacing and spacing > cfg.max_spacing) or (cfg.min_spacing and spacing < cfg.min_spacing):
             overall.advance(len(factors))
@@ -211,8 +211,8 @@ def evaluate(cfg: EvaluateConfig, progress_mode: str = "bar") -> str:
     table = markdown_table(summary, str(device), cfg.uncertainty)
     if cines:
         report["skipped_cines"] = cines
-        table += (f"\n\nSkipped {len(cines)} cine(s) (4D files; the protocol scores the single-phase volumes, ACDC's ED "
-                  "and ES frames): " + ", ".join(Path(c).name for c in cines))
+        table += (f"\n\nSkipped {len(cines)} cine(s) (4D files; the protocol scores the single-phase volumes, "
+                  "ACDC's ED and ES frames): " + ", ".join(Path(c).name for c in cines))
     if selection.left_out:
         report["left_out"] = selection.left_out
         table += "\n\n" + selection.note()
@@ -281,9 +281,9 @@ def markdown_table(summary: list[dict], device: str, with_map: bool) -> str:
                        "morph": f"{s['morph_seconds_per_volume']:.2f}"}.get(method, "")
             lines.append(f"| {setting} | {s['volumes']} | {method} | {s[f'{method}_psnr']:.2f} ± "
                          f"{s[f'{method}_psnr_sd']:.2f} | {s[f'{method}_ssim']:.3f} | {heart} | {seconds} |")
-    lines += ["", "Scores per removed slice, averaged per volume, then over the volumes (each ED and each ES stack once); "
-              "± is the standard deviation across volumes. Heart: the in-plane box of all labels of the volume, 10 px "
-              f"margin. s/vol: in process on {device}, model load and process start excluded"
+    lines += ["", "Scores per removed slice, averaged per volume, then over the volumes (each ED and each ES stack "
+              "once); ± is the standard deviation across volumes. Heart: the in-plane box of all labels of the volume, "
+              f"10 px margin. s/vol: in process on {device}, model load and process start excluded"
               f"{', the uncertainty map included' if with_map else ''}; the morph's: its TV-L1 flows and warps.",
               "", "CaLID minus each peer, paired volume by volume: mean ± standard error (volumes where CaLID "
               "scores higher / volumes).", "",

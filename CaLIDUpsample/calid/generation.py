@@ -257,11 +257,12 @@ def generate_renditions(
     z_final = _denoised(model, scheduler, z_init, latents, gaps, steps, batches)
     progress.set_stage("decoding")
     out = _decoded(model, z_final, gaps, batches)
-    out += _lost_detail(model, stacks.reshape(acquired, h, w), latents, gaps, batches)
+    acquired_slices = stacks.reshape(acquired, h, w)
+    out += _lost_detail(model, acquired_slices, latents, gaps, batches)
     if refine and model.refiner is not None:
         progress.set_stage("refining")
         _refine(model, out, gaps, batches)
-    finished = _last_step(model, out, gaps, stacks.reshape(acquired, h, w), gap_mm, renditions) if refine else \
+    finished = _last_step(model, out, gaps, acquired_slices, gap_mm, renditions) if refine else \
         dict.fromkeys(renditions, out)
     return {name: x.reshape(samples, phases, missing, h, w) for name, x in finished.items()}
 

@@ -77,6 +77,18 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise CalidError(f"cannot read {path}: {_first_line(exc)}") from None
 
 
+def read_header(path: str | os.PathLike) -> sitk.ImageFileReader | None:
+    """The header of an image file (dimension, size, spacing: no voxels read), or None when ITK cannot read it
+    (``read_image`` then says why in its one line)."""
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(path))
+    try:
+        header.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return header
+
+
 def _read_dicom_series(folder: Path) -> sitk.Image:
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:

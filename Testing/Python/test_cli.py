@@ -155,12 +155,13 @@ def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, 
     (tmp_path / "out" / "case2.nrrd").unlink()  # as if interrupted before the last one
     proc = calid("upsample", tmp_path / "in", tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
     assert proc.returncode == 0, proc.stderr
-    resumed = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8"))}
+    record = tmp_path / "out" / "calid_cohort.csv"
+    resumed = {Path(r["input"]).name: r for r in csv.DictReader(open(record, encoding="utf-8"))}
     assert {name: r["status"] for name, r in resumed.items()} == {"case0.nrrd": "done", "case1.nrrd": "done",
                                                                   "case2.nrrd": "done"}
     assert resumed["case0.nrrd"] == rows["case0.nrrd"]  # the first run's record kept (it was rewritten as skipped)
     assert (tmp_path / "out" / "case0.nrrd").stat().st_mtime_ns == first_mtime
-    record = tmp_path / "out" / "calid_cohort.csv"  # re-saved by a spreadsheet: a byte-order mark, a column of its own
+    # the record re-saved by a spreadsheet: a byte-order mark, a column of its own
     lines = record.read_text(encoding="utf-8").splitlines()
     record.write_text("\ufeff" + "\n".join([lines[0] + ",notes"] + [line + ",checked" for line in lines[1:]]) + "\n",
                       encoding="utf-8")

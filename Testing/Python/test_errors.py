@@ -143,7 +143,8 @@ def cases(tmp_path, small_image):
     return bad_inputs(tmp_path / "inputs", small_image)
 
 
-CASE_NAMES = ["missing", "corrupt", "damaged .nii.gz", "truncated", "truncated .nrrd voxels", "truncated .nii.gz compressed",
+CASE_NAMES = ["missing", "corrupt", "damaged .nii.gz", "truncated", "truncated .nrrd voxels",
+              "truncated .nii.gz compressed",
               "truncated .nii", "truncated .mha", "truncated .mha compressed", "truncated .mhd voxel file",
               ".mhd without its voxel file", "DICOM slices drifting in-plane", "sheared grid",
               "folder without DICOM", "unknown format", "2D", "one slice", "4D",

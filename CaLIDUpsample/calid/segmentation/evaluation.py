@@ -2,10 +2,10 @@
 
 Per labelled stack: (1) the network on every acquired slice against the manual labels; (2) for each K, keep
 slices 0, K, 2K, ..., rebuild the removed slices and score the labels there against the manual ones:
-the network on the real removed slices (the ceiling of the rows that follow), on the CaLID volume, on its sharp rendition (``generation.RENDITIONS``: what ``--segmentation``
-segments), on the optical-flow morph, on linear and on cubic B-spline interpolation (the peers of ``calid
-evaluate``), morphological contour interpolation
-of the kept slices' manual labels (``contour``: what a Slicer user would run otherwise), and
+the network on the real removed slices (the ceiling of the rows that follow), on the CaLID volume, on its sharp
+rendition (``generation.RENDITIONS``: what ``--segmentation`` segments), on the optical-flow morph, on linear and on
+cubic B-spline interpolation (the peers of ``calid evaluate``), morphological contour interpolation of the kept
+slices' manual labels (``contour``: what a Slicer user would run otherwise), and
 ``--input-segmentation`` (kept manual labels + the network on the sharp rendition, as the product does) for each
 ``shape_mm`` weight.
 """

@@ -314,13 +314,15 @@ class Trainer:
                 loss_fn = refiner_loss(cfg.refiner_loss, device)
 
                 def refined_loss(net: torch.nn.Module) -> torch.Tensor:
-                    estimate, below, above, target, alpha, _ = (t.to(device) for t in sampler.batch(cfg.denoiser_batch))
+                    estimate, below, above, target, alpha, _ = (t.to(device)
+                                                                for t in sampler.batch(cfg.denoiser_batch))
                     return loss_fn(net(estimate, below, above, alpha).float(), target)
 
                 return sampler, refined_loss
 
             def error_loss(net: torch.nn.Module) -> torch.Tensor:
-                estimate, below, above, target, alpha, gap_mm = (t.to(device) for t in sampler.batch(cfg.denoiser_batch))
+                estimate, below, above, target, alpha, gap_mm = (t.to(device)
+                                                                 for t in sampler.batch(cfg.denoiser_batch))
                 return laplace_nll(net(estimate, below, above, alpha, gap_mm).float(), estimate, target)
 
             return sampler, error_loss
