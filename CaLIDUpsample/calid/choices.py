@@ -12,7 +12,7 @@ CINE_NOISE = ("shared", "independent")  # ``--cine-noise``: one starting noise f
 PROGRESS_MODES = ("bar", "json", "none")  # ``--progress`` (``calid.progress.Progress``)
 
 FLOW_METHODS = ("dis", "dis-fine", "tvl1")  # optical-flow estimators (``calid.motion``)
-# How final slices are averaged with the morph (``CaLID.set_morph_mix``).
+# How final slices are averaged with the morph (``pipeline_settings.LastStep``).
 MORPH_MIX_SPACES = ("pixel", "shape", "aligned")
 REFINER_KINDS = ("residual", "synthesis")  # a new refiner's design (``calid.networks.REFINERS``, same keys)
 REFINER_LOSSES = ("mse", "l1", "l1+ssim", "l1+ssim+seg")  # ``calid.training.losses.refiner_loss``

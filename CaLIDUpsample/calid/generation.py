@@ -122,7 +122,7 @@ def gap_flows(model: CaLID, stacks: np.ndarray) -> torch.Tensor | None:
     if model.motion is None:
         return None
     padded = pad_to_multiple(stacks, model.spatial_multiple)[0]
-    return motion.motion_flows(padded, model.motion)
+    return model.motion.flows(padded)
 
 
 class GapItems:
@@ -226,13 +226,13 @@ def generate_renditions(
     ``refine=False`` leaves out a model's pixel-space refiner and its morph mix (the refiner's training data is the
     unrefined output). ``flows``: the stacks' ``gap_flows``, when the caller has them already. ``gap_mm``: the
     distance between neighbouring acquired slices (the input's slice spacing), which a model with a per-gap last
-    step (``CaLID.set_gap_mix``) needs. Every rendition comes from the same estimate; ``refine=False`` gives the
+    step (``LastStep.gap_mix``) needs. Every rendition comes from the same estimate; ``refine=False`` gives the
     estimate under every name.
     """
     unknown = set(renditions) - set(RENDITIONS)
     if unknown or not renditions:
         raise ValueError(f"renditions must be some of {RENDITIONS}, not {renditions}")
-    if refine and model.gap_mix is not None and gap_mm is None:
+    if refine and model.last_step.gap_mix is not None and gap_mm is None:
         raise ValueError("this model's last step depends on the gap between acquired slices: pass gap_mm")
     device = torch.device(device)
     phases, n, h, w = stacks.shape
@@ -365,23 +365,24 @@ def _refine(model: CaLID, out: np.ndarray, gaps: GapItems, batches: _Batches) ->
 
 def _last_step(model: CaLID, out: np.ndarray, gaps: GapItems, acquired: np.ndarray, gap_mm: float | None,
                renditions: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The model's slices averaged with the morph (``CaLID.set_morph_mix``; in the ``"aligned"`` space with the
-    warped neighbours carried onto the slices, ``motion.carried_onto``), then with the linear cross-fade of the
-    acquired neighbours: by the weights the model sets for this gap (``CaLID.final_mix``) for the balanced
+    """The model's slices averaged with the morph (``pipeline_settings.LastStep``; in the ``"aligned"`` space with
+    the warped neighbours carried onto the slices, ``motion.carried_onto``), then with the linear cross-fade of the
+    acquired neighbours: by the weights the model's last step sets for this gap for the balanced
     rendition, all weight on the partner resampled once and no cross-fade for the sharp one (``RENDITIONS``). Both
     partners come from one set of alignment flows."""
-    balanced = model.final_mix(gap_mm)
+    step = model.last_step
+    balanced = step.at(gap_mm)
     weights = {"balanced": balanced, "sharp": balanced if model.motion is None else (1.0, 0.0)}
     partners = None
     finished = {}
     for name in renditions:
         weight, linear = weights[name]
         mixed = out
-        if weight and model.morph_mix_space == "shape":
-            mixed = motion.shape_average(out, gaps.morph(), weight, model.motion["flow"])
+        if weight and step.space == "shape":
+            mixed = motion.shape_average(out, gaps.morph(), weight, model.motion.flow)
         elif weight:
             if partners is None:  # (resampled twice, once) or the morph for both
-                partners = gaps.carried_onto(out) if model.morph_mix_space == "aligned" else (gaps.morph(),) * 2
+                partners = gaps.carried_onto(out) if step.space == "aligned" else (gaps.morph(),) * 2
             mixed = out + weight * (partners[name == "sharp"] - out)
         if linear:
             mixed = mixed + linear * (gaps.cross_fade(acquired) - mixed)

@@ -47,10 +47,6 @@ from .slice_positions import dense_positions
 # In-plane orientations (quarter turns, column flip) in the order ``views`` takes them: the identity first, so one
 # view is the plain flow.
 VIEWS = ((0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True))
-PRODUCT_MORPH = {"flow": "dis-fine", "views": len(VIEWS), "smooth": 0.15}
-"""The product's own morph (``--method morph``, the demo's picture), in a model config's ``"motion"`` form: the
-bundled models' flow settings (a test keeps them equal), so that a user comparing methods sees the morph the models
-build on. The evaluation's peer stays the protocol's one TV-L1 flow, unsmoothed."""
 TVL1_SETTINGS = dict(attachment=10, tightness=0.3, num_warp=5, num_iter=10)  # evaluation.md's settings
 
 
@@ -181,12 +177,10 @@ def smooth_along_stack(flows: torch.Tensor, phases: int, weight: float) -> torch
     return (total / norm.view(1, gaps, 1, 1, 1)).reshape(flows.shape)
 
 
-def motion_flows(stacks: np.ndarray, settings: dict) -> torch.Tensor:
-    """The flows a model config's ``"motion"`` settings ({"flow", "views", "smooth"}) give every gap of stacks
-    (phases, n, h, w): ``stack_flows`` smoothed along each stack. One place for the models' flows and the product's
-    morph (``PRODUCT_MORPH``), so that the two cannot drift apart."""
-    flows = torch.from_numpy(stack_flows(stacks, settings["flow"], settings["views"]))
-    return smooth_along_stack(flows, stacks.shape[0], settings.get("smooth", 0.0))
+def motion_flows(stacks: np.ndarray, method: str, views: int, smooth: float) -> torch.Tensor:
+    """The flows of every gap of stacks (phases, n, h, w): ``stack_flows`` smoothed along each stack. One place for
+    the models' flows (``pipeline_settings.MotionSettings``) and the morphs', so that the two cannot drift apart."""
+    return smooth_along_stack(torch.from_numpy(stack_flows(stacks, method, views)), stacks.shape[0], smooth)
 
 
 def shape_average(first: np.ndarray, second: np.ndarray, weight: float, method: str = "dis",
@@ -270,13 +264,8 @@ def morph_missing(kept: np.ndarray, factor: int, method: str = "dis", views: int
     ``smooth``: each gap's flow averaged with its neighbouring gaps' (``smooth_along_stack``)."""
     below, above, alpha = dense_positions(kept.shape[0], factor)
     stack = np.asarray(kept, np.float32)
-    flows = motion_flows(stack[None], {"flow": method, "views": views, "smooth": smooth})[below]
+    flows = motion_flows(stack[None], method, views, smooth)[below]
     images = torch.from_numpy(stack)[:, None]
     alpha_t = torch.as_tensor(alpha, dtype=torch.float32)
     wb, wa = warped_neighbours(images[below], images[above], flows, alpha_t)
     return blend(wb, wa, alpha_t)[:, 0].numpy().astype(np.float64)
-
-
-def product_morph(kept: np.ndarray, factor: int) -> np.ndarray:
-    """``morph_missing`` with ``PRODUCT_MORPH``'s settings."""
-    return morph_missing(kept, factor, PRODUCT_MORPH["flow"], PRODUCT_MORPH["views"], PRODUCT_MORPH["smooth"])

@@ -23,10 +23,9 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, UNet
 from torch import nn
 
-from .choices import FLOW_METHODS, MORPH_MIX_SPACES
 from .error_calibration import ErrorCalibration
-from .gap_mix import GapMix
-from .motion import check_smoothing, check_views, warp
+from .motion import warp
+from .pipeline_settings import LastStep, MotionSettings
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "vae": {
@@ -324,80 +323,43 @@ class CaLID(nn.Module):
             raise ValueError(f"diffusion_target must be one of {DIFFUSION_TARGETS}, not {self.diffusion_target!r}")
         # Residuals are divided by this so that they have roughly unit variance (set by the trainer).
         self.register_buffer("residual_scale", torch.tensor(1.0))
-        # {"flow": "dis", "views": 8}: a motion-aware model. Its "neighbours" are the acquired neighbours warped
-        # along their optical flow (averaged over "views" in-plane orientations) to the new slice's position
-        # (``calid.motion``), so its residual base is the optical-flow morph instead of the cross-fade, and
-        # tau_theta1 sees the two warped slices (their disagreement shows where the flow failed). Same networks and
-        # weights layout as a model without it.
+        # A motion-aware model (``motion`` set, ``calid.pipeline_settings``) builds on the acquired neighbours warped
+        # along their optical flow to the new slice's position (``calid.motion``): its residual base is the
+        # optical-flow morph instead of the cross-fade, and tau_theta1 sees the two warped slices (their
+        # disagreement shows where the flow failed). Same networks and weights layout as a model without it.
         self.motion = None
         if config.get("motion") is not None:
-            self.make_motion_aware(config["motion"].get("flow"), config["motion"].get("views", 1))
-            if config["motion"].get("smooth"):
-                self.set_flow_smoothing(config["motion"]["smooth"])
+            self.set_motion(MotionSettings.from_config(config["motion"]))  # written back in today's form
         self.refiner = None
         if config.get("refiner") is not None:
             self.add_refiner(config["refiner"])
         self.error_head = None
         if config.get("error_head") is not None:
             self.add_error_head(config["error_head"])
-        self.morph_mix = 0.0
-        self.morph_mix_space = "pixel"
-        self.gap_mix = None
-        if config.get("morph_mix"):
-            self.set_morph_mix(config["morph_mix"], config.get("morph_mix_space", "pixel"))
-        if config.get("gap_mix") is not None:
-            self.set_gap_mix(GapMix.from_config(config["gap_mix"]))
+        self.last_step = LastStep.from_config(config)
+        self._check_last_step(self.last_step)
 
-    def set_morph_mix(self, weight: float | None, space: str | None = None) -> None:
-        """Average a motion-aware model's final slices with the morph, ``(1 - weight) * model + weight * morph``.
+    def set_motion(self, settings: MotionSettings) -> None:
+        """Make the model motion-aware, or change its flow settings. Turning a model of the older design into one
+        keeps every weight (fine-tuning then teaches it the new base); other views or smoothing change no network
+        (the bundled models took 8 views without retraining; docs/measurements.md)."""
+        self._check_motion_base()
+        self.motion = settings
+        self.config["motion"] = settings.to_config()
 
-        The latent estimate and the morph are about equally good on unseen patients and wrong in different ways (the
-        estimate's walls are soft, the morph's are sharp but misplaced where the flow fails), so their average beats
-        both. Why a fixed weight and not a learned one: no trained refiner beat the fixed mix on the segmenter's Dice
-        of unseen patients (docs/measurements.md).
+    def set_last_step(self, step: LastStep) -> None:
+        """How the final slices are mixed (``pipeline_settings.LastStep``), written to the card."""
+        self._check_last_step(step)
+        self.last_step = step
+        step.write_to(self.config)
 
-        ``space`` (default: as set before, first ``"pixel"``): ``"pixel"`` averages pixel by pixel; ``"shape"``
-        averages the two in shape space (``motion.shape_average``: each carried toward the other along a DIS flow
-        between them), one wall where the two put it in different places; ``"aligned"`` averages the estimate with
-        the warped neighbours carried onto it along a flow from it to each (``motion.carried_onto``): the acquired
-        slices' own sharp pixels where the estimate puts the walls (taken alone, above the morph in PSNR and SSIM
-        with 10 and 20 mm gaps on training and validation patients, the segmenter's Dice level or above; what both
-        bundled models use since stop 32, docs/measurements.md).
+    def _check_motion_base(self) -> None:
+        if self.diffusion_target != "residual":
+            raise ValueError("a motion-aware model diffuses residuals to the morph: this one diffuses latents")
 
-        A ``weight`` is the same at every gap: it replaces a per-gap table (``set_gap_mix``). ``None`` keeps the
-        weights and changes only the space.
-        """
-        if self.motion is None:
+    def _check_last_step(self, step: LastStep) -> None:
+        if step.needs_motion and self.motion is None:
             raise ValueError("the morph mix needs the warped neighbours: it needs a motion-aware model")
-        if weight is not None and not 0.0 <= weight <= 1.0:
-            raise ValueError(f"the morph mix weight must lie in [0, 1], not {weight}")
-        space = space or self.morph_mix_space
-        if space not in MORPH_MIX_SPACES:
-            raise ValueError(f"the morph mix space must be one of {MORPH_MIX_SPACES}, not {space!r}")
-        if weight is not None:
-            self.morph_mix = float(weight)
-            self.set_gap_mix(None)
-        self.morph_mix_space = space
-        self.config["morph_mix"] = self.morph_mix
-        if space != "pixel":
-            self.config["morph_mix_space"] = space
-        else:
-            self.config.pop("morph_mix_space", None)
-
-    def set_gap_mix(self, gap_mix: GapMix | None) -> None:
-        """Set the last step per gap size (``calid.gap_mix``): the morph weight and the linear share at each gap
-        knot, in the morph mix's space. ``None``: the one morph weight at every gap, no linear share."""
-        if gap_mix is not None and self.motion is None:
-            raise ValueError("the gap mix needs the warped neighbours: it needs a motion-aware model")
-        self.gap_mix = gap_mix
-        if gap_mix is None:
-            self.config.pop("gap_mix", None)
-        else:
-            self.config["gap_mix"] = gap_mix.to_config()
-
-    def final_mix(self, gap_mm: float) -> tuple[float, float]:
-        """(morph weight, linear share) of the last step at a gap of ``gap_mm`` between the acquired neighbours."""
-        return (self.morph_mix, 0.0) if self.gap_mix is None else self.gap_mix.at(gap_mm)
 
     def add_error_head(self, cfg: dict[str, Any] | None = None) -> None:
         """Give a motion-aware model the ``ErrorHead`` behind its calibrated uncertainty map (untrained until
@@ -419,40 +381,6 @@ class CaLID(nn.Module):
             raise ValueError(f"refiner kind must be one of {tuple(REFINERS)}, not {kind!r}")
         self.refiner = REFINERS[kind](cfg)
         self.config["refiner"] = cfg
-
-    def make_motion_aware(self, flow: str, views: int = 1) -> None:
-        """Condition on (and build the residual on) the neighbours warped along their flow: see ``motion``.
-
-        Turning a model of the older design into one keeps every weight: fine-tuning then teaches it the new base. A
-        motion-aware model given another flow keeps its other flow settings (views, smoothing).
-        """
-        if self.diffusion_target != "residual" or flow not in FLOW_METHODS:
-            raise ValueError(f"a motion-aware model diffuses residuals and names a flow in {FLOW_METHODS}, not {flow!r}")
-        self.motion = {**(self.motion or {}), "flow": flow}
-        self.set_flow_views(views)
-
-    def set_flow_views(self, views: int) -> None:
-        """Average each gap's flow over this many in-plane orientations of the pair (``motion.pair_flow``).
-
-        The networks do not change: a better flow gives them better-aligned neighbours (the bundled models took 8
-        views without retraining; docs/measurements.md). Old configs without ``views`` mean one.
-        """
-        if self.motion is None:
-            raise ValueError("flow views belong to a motion-aware model")
-        check_views(views)
-        self.motion["views"] = views
-        self.config["motion"] = dict(self.motion)
-
-    def set_flow_smoothing(self, weight: float) -> None:
-        """Average each gap's flow with its neighbouring gaps' along the stack (``motion.smooth_along_stack``);
-        like the views, no network changes. 0 turns it off."""
-        if self.motion is None:
-            raise ValueError("flow smoothing belongs to a motion-aware model")
-        check_smoothing(weight)
-        self.motion.pop("smooth", None)
-        if weight:
-            self.motion["smooth"] = float(weight)
-        self.config["motion"] = dict(self.motion)
 
     def new_denoiser(self, channels: list[int]) -> None:
         """Replace tau_theta1, tau_theta2 and the U-Net by untrained ones with these widths per level (as many levels

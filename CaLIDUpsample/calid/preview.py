@@ -30,10 +30,10 @@ from .devices import resolve_device  # noqa: E402
 from .engine import UpsampleOptions, upsample_image  # noqa: E402
 from .errors import CalidError  # noqa: E402
 from .imageio import read_image  # noqa: E402
-from .metrics import linear_missing, slice_scores, unit_scale  # noqa: E402
+from .metrics import linear_missing, slice_scores  # noqa: E402
 from .modelindex import DEFAULT_MODEL  # noqa: E402
 from .modelstore import load_model  # noqa: E402
-from .motion import product_morph  # noqa: E402
+from .pipeline_settings import PRODUCT_MORPH  # noqa: E402
 
 
 @dataclass
@@ -75,7 +75,7 @@ def removed_slice_panels(image: sitk.Image, axis: int, options: UpsampleOptions
     result = upsample_image(kept_image, options, model, want_uncertainty=with_map)
     dense = geometry.to_stack(sitk.GetArrayFromImage(result.image), axis)
     estimates = {"linear interpolation": linear_missing(kept, 2),
-                 "optical-flow morph": product_morph(kept, 2),
+                 "optical-flow morph": PRODUCT_MORPH.morph_missing(kept, 2),
                  f"CaLID ({Path(options.model or DEFAULT_MODEL).name})": dense[removed].astype(np.float64)}
     shown = len(removed) // 2
     real = stack[removed[shown]]

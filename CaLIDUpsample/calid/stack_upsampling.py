@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import motion
 from .choices import CINE_NOISE, UPSAMPLE_METHODS
 from .errors import CalidError
 from .generation import MAX_SAMPLES, MAX_STEPS, expected_error, gap_flows, generate_renditions
 from .intensity import IntensityMap
 from .metrics import linear_missing
 from .networks import CaLID
+from .pipeline_settings import PRODUCT_MORPH
 from .progress import Progress
 
 
@@ -90,7 +90,7 @@ def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.nda
     out = []
     for stack in stacks:
         if options.method == "morph":
-            out.append(motion.product_morph(stack, factor))
+            out.append(PRODUCT_MORPH.morph_missing(stack, factor))
         else:
             out.append(linear_missing(stack, factor))
         progress.advance(1)

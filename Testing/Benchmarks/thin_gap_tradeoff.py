@@ -8,7 +8,7 @@ bundled model already makes.
 Every ACDC patient with 5 mm slices that the model's card names, in two groups: its validation patients and its
 training patients (choose on the second, report on the first). Per stack, K=2 (10 mm gaps, the removed-slice
 protocol of ``calid evaluate``): the model's slices with its bundled settings (its last step at a 10 mm gap,
-``CaLID.final_mix``), its latent estimate before that step, its own morph (``GapItems``: the flow it conditions
+``LastStep.at``), its latent estimate before that step, its own morph (``GapItems``: the flow it conditions
 on), the TV-L1 morph, linear and cubic B-spline interpolation (``calid evaluate``'s peers), and variants of the last
 step made of the same parts:
 
@@ -169,11 +169,11 @@ def command_line(description: str) -> tuple[argparse.ArgumentParser, argparse.Na
 
 def main() -> None:
     parser, args, model, card = command_line(__doc__.splitlines()[0])
-    if model.motion is None or model.morph_mix_space == "pixel":
+    if model.motion is None or model.last_step.space == "pixel":
         parser.error(f"{args.model} does not mix with the morph in shape or aligned space: this benchmark varies "
                      "that mix")
-    weight, share = model.final_mix(GAP_MM)
-    bundled = (f"bundled: {model.morph_mix_space} mix {weight:g} + linear cross-fade, share {share:g} "
+    weight, share = model.last_step.at(GAP_MM)
+    bundled = (f"bundled: {model.last_step.space} mix {weight:g} + linear cross-fade, share {share:g} "
                "(its 10 mm setting)")
     split = card["training"]["split"]
     validation = set(split["validation"])
@@ -186,7 +186,7 @@ def main() -> None:
             continue
         group = "validation" if patient in validation else "training"
         for name, values in score_stack(image, labels_path, model, segmenter, bundled,
-                                        model.motion["flow"]).items():
+                                        model.motion.flow).items():
             groups[group][name].append(values)
         counts[group] += 1
         print(f"{Path(path).name}: done", file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "CaLIDUpsample"))  # the calid engine and CaLIDLib
 from calid.imageio import write_image  # noqa: E402
 from calid.modelstore import save_model  # noqa: E402
 from calid.networks import TINY_CONFIG, CaLID  # noqa: E402
+from calid.pipeline_settings import MotionSettings  # noqa: E402
 
 SAMPLE = REPO / "CaLIDUpsample" / "Resources" / "SampleData" / "CaLIDSample_SCD0000101_phase07.nrrd"
 SAMPLE_LABELS = REPO / "Testing" / "Data" / "CaLIDSample_SCD0000101_phase07_contours.nrrd"
@@ -47,7 +48,7 @@ def error_head_model_dir(tmp_path_factory) -> Path:
     """A tiny random motion-aware model with an (untrained) error head: the calibrated uncertainty map's plumbing."""
     torch.manual_seed(0)
     model = CaLID(TINY_CONFIG)
-    model.make_motion_aware("dis")
+    model.set_motion(MotionSettings("dis"))
     model.add_error_head()
     return save_model(model, tmp_path_factory.mktemp("models") / "tiny-error-head", {"name": "tiny-error-head"})
 

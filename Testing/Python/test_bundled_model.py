@@ -19,7 +19,7 @@ from calid.devices import for_inference
 from calid.engine import UpsampleOptions, upsample_image
 from calid.modelindex import ACDC_MODEL, BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, list_models
 from calid.modelstore import load_model, save_model
-from calid.motion import PRODUCT_MORPH
+from calid.pipeline_settings import PRODUCT_MORPH
 from conftest import is_channels_last
 
 ACDC = BUNDLED_DIR / ACDC_MODEL
@@ -46,7 +46,7 @@ def test_bundled_weights_are_small_fp16_safetensors(name):
 @pytest.mark.parametrize("name", [ACDC_MODEL, DEFAULT_MODEL])
 def test_bundled_models_build_on_the_morph_the_user_can_compare_with(name):
     card = json.loads((BUNDLED_DIR / name / CARD_FILE).read_text(encoding="utf-8"))
-    assert card["config"]["motion"] == PRODUCT_MORPH  # ``--method morph`` shows the morph the model starts from
+    assert card["config"]["motion"] == PRODUCT_MORPH.to_config()  # ``--method morph`` shows the morph the model starts from
     assert card["config"]["error_head"]["calibration"], "an error head recalibrated on this flow's output"
 
 

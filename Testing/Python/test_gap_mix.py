@@ -14,13 +14,14 @@ from calid.generation import GapItems, generate_missing, generate_renditions
 from calid.metrics import linear_missing
 from calid.modelstore import save_model
 from calid.networks import TINY_CONFIG, CaLID
+from calid.pipeline_settings import LastStep, MotionSettings
 
 
 @pytest.fixture(scope="module")
 def motion_model() -> CaLID:
     torch.manual_seed(0)
     model = CaLID(TINY_CONFIG)
-    model.make_motion_aware("dis")
+    model.set_motion(MotionSettings("dis"))
     return model.eval()
 
 
@@ -39,10 +40,10 @@ def test_weights_are_linear_in_the_gap_between_knots_and_constant_beyond():
 
 def test_the_model_takes_the_weights_of_the_gap_it_is_given(motion_model, small_image):
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
-    motion_model.set_morph_mix(0.5)
+    motion_model.set_last_step(LastStep(0.5))
     mixed = generate_missing(motion_model, stack, 2, 1)
     unmixed = generate_missing(motion_model, stack, 2, 1, refine=False)
-    motion_model.set_gap_mix(GapMix((10.0, 20.0), (0.5, 0.5), (1.0, 0.0)))
+    motion_model.set_last_step(LastStep(0.5, gap_mix=GapMix((10.0, 20.0), (0.5, 0.5), (1.0, 0.0))))
     linear = linear_missing(stack, 2)
     np.testing.assert_allclose(generate_missing(motion_model, stack, 2, 1, gap_mm=8.0)[0], linear, atol=1e-5)
     np.testing.assert_allclose(generate_missing(motion_model, stack, 2, 1, gap_mm=20.0), mixed, atol=1e-5)
@@ -52,18 +53,16 @@ def test_the_model_takes_the_weights_of_the_gap_it_is_given(motion_model, small_
     with pytest.raises(ValueError, match="gap_mm"):
         generate_missing(motion_model, stack, 2, 1)
     rebuilt = CaLID(motion_model.config)  # the card carries the table
-    assert rebuilt.gap_mix == motion_model.gap_mix and rebuilt.final_mix(12.0) == pytest.approx((0.5, 0.8))
-    motion_model.set_morph_mix(0.3)  # one weight at every gap replaces the table
-    assert motion_model.gap_mix is None and "gap_mix" not in motion_model.config
-    assert motion_model.final_mix(12.0) == (0.3, 0.0)
+    assert rebuilt.last_step == motion_model.last_step and rebuilt.last_step.at(12.0) == pytest.approx((0.5, 0.8))
+    motion_model.set_last_step(LastStep(0.3))  # one weight at every gap: no table
+    assert "gap_mix" not in motion_model.config and motion_model.last_step.at(12.0) == (0.3, 0.0)
 
 
 def test_the_sharp_rendition_is_the_partner_alone_from_the_same_pass(motion_model, small_image):
     """Balanced: the gap's weights (here half the partner, a fifth of the cross-fade); sharp: the aligned partner
     alone whatever the weights, each neighbour resampled once, from the same estimate."""
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32)[None] / 500 - 1
-    motion_model.set_morph_mix(0.5, "aligned")
-    motion_model.set_gap_mix(GapMix((10.0, 20.0), (0.5, 0.5), (0.2, 0.2)))
+    motion_model.set_last_step(LastStep(0.5, "aligned", GapMix((10.0, 20.0), (0.5, 0.5), (0.2, 0.2))))
     both = generate_renditions(motion_model, stack, 2, 1, gap_mm=10.0, renditions=("balanced", "sharp"))
     alone = generate_renditions(motion_model, stack, 2, 1, gap_mm=10.0)
     assert set(alone) == {"balanced"} and np.array_equal(both["balanced"], alone["balanced"])
@@ -82,11 +81,10 @@ def test_upsample_reads_the_gap_from_the_input_slice_spacing(motion_model, small
     """A table that is all linear at the input's slice spacing, and none of it 5 mm away: the product's slices
     are linear interpolation, so the engine gave the model the input's spacing as the gap."""
     spacing = small_image.GetSpacing()[2]
-    motion_model.set_morph_mix(0.0)
     linear = sitk.GetArrayFromImage(upsample_image(small_image, UpsampleOptions(factor=2, method="linear")).image)
-    motion_model.set_gap_mix(GapMix((spacing, spacing + 5), (0.0, 0.0), (1.0, 0.0)))
+    motion_model.set_last_step(LastStep(gap_mix=GapMix((spacing, spacing + 5), (0.0, 0.0), (1.0, 0.0))))
     at_spacing = sitk.GetArrayFromImage(upsample_image(small_image, UpsampleOptions(factor=2), motion_model).image)
-    motion_model.set_gap_mix(GapMix((spacing - 5, spacing), (0.0, 0.0), (1.0, 0.0)))
+    motion_model.set_last_step(LastStep(gap_mix=GapMix((spacing - 5, spacing), (0.0, 0.0), (1.0, 0.0))))
     beyond = sitk.GetArrayFromImage(upsample_image(small_image, UpsampleOptions(factor=2), motion_model).image)
     assert np.abs(at_spacing.astype(float) - linear).max() <= 1  # the same up to rounding of float32 sums
     assert np.abs(beyond.astype(float) - linear).mean() > 5  # the model's own slices

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,8 +19,9 @@ from calid.metrics import linear_missing
 from calid.modelstore import load_model, save_model
 from calid import motion
 from calid.choices import FLOW_METHODS
-from calid.motion import PRODUCT_MORPH, VIEWS, morph_missing, pair_flow, product_morph, warp
+from calid.motion import VIEWS, morph_missing, pair_flow, warp
 from calid.networks import TINY_CONFIG, CaLID
+from calid.pipeline_settings import PRODUCT_MORPH, LastStep, MotionSettings
 from calid.training.data import MotionTripletSampler, TripletSampler, Volume
 
 
@@ -57,7 +59,7 @@ def test_morph_of_equal_slices_is_that_slice_in_dense_positions_order(real_slice
 def motion_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = CaLID(TINY_CONFIG)
-    model.make_motion_aware("dis")
+    model.set_motion(MotionSettings("dis"))
     return save_model(model, tmp_path_factory.mktemp("models") / "tiny-motion", {"name": "tiny-motion"})
 
 
@@ -125,9 +127,8 @@ def test_every_flow_method_has_an_estimator_and_fine_dis_is_another_flow():
 
 def test_another_flow_keeps_a_motion_aware_models_views_and_smoothing(motion_model_dir):
     model, _ = load_model(motion_model_dir)
-    model.set_flow_views(8)
-    model.set_flow_smoothing(0.15)
-    model.make_motion_aware("dis-fine", model.motion["views"])
+    model.set_motion(replace(model.motion, views=8, smooth=0.15))
+    model.set_motion(replace(model.motion, flow="dis-fine"))
     assert model.config["motion"] == {"flow": "dis-fine", "views": 8, "smooth": 0.15}
 
 
@@ -135,11 +136,11 @@ def test_flow_views_change_the_model_output_and_travel_in_its_card(tmp_path, mot
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
     model, card = load_model(motion_model_dir)
     one = generate_missing(model, stack, 2, 1)
-    model.set_flow_views(8)
-    assert model.config["motion"] == {"flow": "dis", "views": 8} and CaLID(model.config).motion["views"] == 8
+    model.set_motion(replace(model.motion, views=8))
+    assert model.config["motion"] == {"flow": "dis", "views": 8} and CaLID(model.config).motion.views == 8
     assert not np.allclose(generate_missing(model, stack, 2, 1), one, atol=1e-3)
     with pytest.raises(ValueError, match="1 to 8"):
-        model.set_flow_views(0)
+        replace(model.motion, views=0)
     older = tmp_path / "older"  # a card written before views existed: one view, the same slices as before
     older.mkdir()
     for f in motion_model_dir.iterdir():
@@ -147,7 +148,7 @@ def test_flow_views_change_the_model_output_and_travel_in_its_card(tmp_path, mot
     card["config"]["motion"] = {"flow": "dis"}
     (older / "model.json").write_text(json.dumps(card), encoding="utf-8")
     old_model, _ = load_model(older)
-    assert old_model.motion["views"] == 1
+    assert old_model.motion.views == 1
     np.testing.assert_array_equal(generate_missing(old_model, stack, 2, 1), one)
 
 
@@ -175,7 +176,7 @@ def test_motion_sampler_warps_neighbours_towards_the_target():
 
 def test_motion_aware_model_round_trips_keeps_acquired_slices_and_oblique_geometry(small_image, motion_model_dir):
     model, card = load_model(motion_model_dir)
-    assert model.motion == {"flow": "dis", "views": 1} and card["config"]["motion"] == {"flow": "dis", "views": 1}
+    assert model.motion == MotionSettings("dis") and card["config"]["motion"] == {"flow": "dis", "views": 1}
     oblique = sitk.Image(small_image)
     oblique.SetDirection((0.8, -0.6, 0.0, 0.36, 0.48, -0.8, 0.48, 0.64, 0.6))
     result = upsample_image(oblique, UpsampleOptions(factor=3, steps=1, device="cpu"), model)
@@ -225,7 +226,8 @@ def test_method_option_gives_the_peers_through_the_same_geometry(tmp_path, small
         expected = np.rint(linear_missing(acquired.astype(np.float64), 2))
         np.testing.assert_allclose(array[1::2], expected, atol=1)
     else:  # the product's morph is the one the bundled models build on (PRODUCT_MORPH), not the plain one-view DIS
-        product, plain = np.rint(product_morph(acquired.astype(np.float64), 2)), np.rint(morph_missing(acquired, 2))
+        product = np.rint(PRODUCT_MORPH.morph_missing(acquired.astype(np.float64), 2))
+        plain = np.rint(morph_missing(acquired, 2))
         assert np.abs(array[1::2] - product).mean() < 0.1 * np.abs(array[1::2] - plain).mean()
 
 
@@ -329,17 +331,17 @@ def test_morph_mix_averages_the_final_slices_with_the_morph(motion_model_dir, sm
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
     model, _ = load_model(motion_model_dir)
     unmixed = generate_missing(model, stack, 2, 1)
-    model.set_morph_mix(1.0)
+    model.set_last_step(LastStep(1.0))
     morph = generate_missing(model, stack, 2, 1)
     assert not np.allclose(morph, unmixed)
     assert 64 % model.spatial_multiple == 0  # 64 x 64 slices: no padding, so the flows are those of morph_missing
     np.testing.assert_allclose(morph[0], morph_missing(stack, 2), atol=1e-5)  # weight 1: the model's own DIS morph
-    model.set_morph_mix(0.3)
+    model.set_last_step(LastStep(0.3))
     np.testing.assert_allclose(generate_missing(model, stack, 2, 1), 0.7 * unmixed + 0.3 * morph, atol=1e-5)
     np.testing.assert_allclose(generate_missing(model, stack, 2, 1, refine=False), unmixed, atol=1e-6)
-    assert CaLID(model.config).morph_mix == 0.3  # the card carries it
+    assert CaLID(model.config).last_step == LastStep(0.3)  # the card carries it
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        model.set_morph_mix(1.5)
+        LastStep(1.5)
 
 
 def test_flow_smoothing_averages_each_gap_with_its_neighbours_within_a_phase():
@@ -358,13 +360,12 @@ def test_flow_smoothing_averages_each_gap_with_its_neighbours_within_a_phase():
 def test_the_product_morph_is_the_morph_a_model_with_its_settings_builds_on(motion_model_dir, small_image):
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
     model, _ = load_model(motion_model_dir)
-    model.make_motion_aware(PRODUCT_MORPH["flow"], PRODUCT_MORPH["views"])
-    model.set_flow_smoothing(PRODUCT_MORPH["smooth"])
-    model.set_morph_mix(1.0)  # the model's slices are its morph alone
-    assert model.config["motion"] == PRODUCT_MORPH
-    np.testing.assert_allclose(generate_missing(model, stack, 3, 1)[0], product_morph(stack, 3), atol=1e-5)
-    unsmoothed = morph_missing(stack, 3, PRODUCT_MORPH["flow"], PRODUCT_MORPH["views"])
-    assert not np.allclose(product_morph(stack, 3), unsmoothed, atol=1e-4)
+    model.set_motion(PRODUCT_MORPH)
+    model.set_last_step(LastStep(1.0))  # the model's slices are its morph alone
+    product = PRODUCT_MORPH.morph_missing(stack, 3)
+    np.testing.assert_allclose(generate_missing(model, stack, 3, 1)[0], product, atol=1e-5)
+    unsmoothed = morph_missing(stack, 3, PRODUCT_MORPH.flow, PRODUCT_MORPH.views)
+    assert not np.allclose(product, unsmoothed, atol=1e-4)
 
 
 def test_shape_average_moves_one_wall_halfway_where_a_pixel_average_shows_two():
@@ -410,14 +411,14 @@ def test_one_resampling_along_composed_displacements_keeps_the_detail_two_resamp
 def test_the_aligned_mix_blends_the_estimate_with_the_neighbours_carried_onto_it(motion_model_dir, small_image):
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
     model, _ = load_model(motion_model_dir)
-    model.set_morph_mix(0.0)
+    model.set_last_step(LastStep(0.0))
     estimate = generate_missing(model, stack, 3, 1)
-    model.set_morph_mix(1.0, "aligned")
+    model.set_last_step(LastStep(1.0, "aligned"))
     aligned = generate_missing(model, stack, 3, 1)
-    model.set_morph_mix(0.5)
-    assert model.morph_mix_space == "aligned" and CaLID(model.config).morph_mix_space == "aligned"
+    model.set_last_step(LastStep(0.5, "aligned"))
+    assert CaLID(model.config).last_step.space == "aligned"
     np.testing.assert_allclose(generate_missing(model, stack, 3, 1), (estimate + aligned) / 2, atol=1e-4)
-    model.set_morph_mix(1.0, "pixel")
+    model.set_last_step(LastStep(1.0, "pixel"))
     morph = generate_missing(model, stack, 3, 1)
     assert not np.allclose(aligned, estimate, atol=1e-3) and not np.allclose(aligned, morph, atol=1e-3)
 
@@ -425,21 +426,21 @@ def test_the_aligned_mix_blends_the_estimate_with_the_neighbours_carried_onto_it
 def test_flow_smoothing_and_shape_mix_change_the_slices_and_travel_in_the_card(motion_model_dir, small_image):
     stack = sitk.GetArrayFromImage(small_image).astype(np.float32) / 500 - 1
     model, _ = load_model(motion_model_dir)
-    model.set_morph_mix(0.5)
+    model.set_last_step(LastStep(0.5))
     plain = generate_missing(model, stack, 3, 1)
-    model.set_flow_smoothing(0.15)
+    model.set_motion(replace(model.motion, smooth=0.15))
     smoothed = generate_missing(model, stack, 3, 1)
-    model.set_morph_mix(0.5, "shape")
+    model.set_last_step(LastStep(0.5, "shape"))
     both = generate_missing(model, stack, 3, 1)
     assert not np.allclose(smoothed, plain, atol=1e-4) and not np.allclose(both, smoothed, atol=1e-4)
     rebuilt = CaLID(model.config)
-    assert rebuilt.motion["smooth"] == 0.15 and (rebuilt.morph_mix, rebuilt.morph_mix_space) == (0.5, "shape")
-    model.set_flow_smoothing(0.0)
-    model.set_morph_mix(0.5, "pixel")
+    assert rebuilt.motion.smooth == 0.15 and rebuilt.last_step == LastStep(0.5, "shape")
+    model.set_motion(replace(model.motion, smooth=0.0))
+    model.set_last_step(LastStep(0.5, "pixel"))
     assert "smooth" not in model.config["motion"] and "morph_mix_space" not in model.config  # the old cards' form
     np.testing.assert_array_equal(generate_missing(model, stack, 3, 1), plain)
     with pytest.raises(ValueError, match="pixel"):
-        model.set_morph_mix(0.5, "latent")
+        LastStep(0.5, "latent")
 
 
 @pytest.mark.parametrize("change", [{"morph_mix": 0.5}, {"flow_views": 2}, {"flow_smooth": 0.2},
@@ -456,18 +457,18 @@ def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(
     mixed, card = load_model(model_dir)
     base, base_card = load_model(error_head_model_dir)
     if "morph_mix" in change:
-        assert card["config"]["morph_mix"] == 0.5 and mixed.morph_mix == 0.5
-        assert mixed.morph_mix_space == change.get("morph_mix_space", "pixel")
+        assert card["config"]["morph_mix"] == 0.5 and mixed.last_step.morph_mix == 0.5
+        assert mixed.last_step.space == change.get("morph_mix_space", "pixel")
     elif "gap_mix" in change:
         assert card["config"]["gap_mix"] == {"gaps_mm": [10.0, 20.0], "morph": [0.8, 0.5], "linear": [0.2, 0.0]}
-        assert mixed.final_mix(15.0) == pytest.approx((0.65, 0.1))
+        assert mixed.last_step.at(15.0) == pytest.approx((0.65, 0.1))
     elif "motion" in change:
-        assert card["config"]["motion"]["flow"] == "dis-fine" == mixed.motion["flow"]
-        assert mixed.motion["views"] == base.motion["views"]  # the other flow settings are kept
+        assert card["config"]["motion"]["flow"] == "dis-fine" == mixed.motion.flow
+        assert mixed.motion.views == base.motion.views  # the other flow settings are kept
     elif "flow_smooth" in change:
-        assert card["config"]["motion"]["smooth"] == 0.2 and mixed.motion["smooth"] == 0.2
+        assert card["config"]["motion"]["smooth"] == 0.2 and mixed.motion.smooth == 0.2
     else:
-        assert card["config"]["motion"]["views"] == 2 and mixed.motion["views"] == 2
+        assert card["config"]["motion"]["views"] == 2 and mixed.motion.views == 2
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in mixed.state_dict().items())  # no weight changed
     assert card["config"]["error_head"]["calibration"] != base_card["config"]["error_head"].get("calibration")
 

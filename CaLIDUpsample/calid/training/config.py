@@ -18,7 +18,7 @@ class TrainConfig:
     refiner_loss: str = "mse"  # one of calid.choices.REFINER_LOSSES (calid.training.losses)
     refiner_kind: str = "residual"  # one of calid.choices.REFINER_KINDS: a new refiner's design (calid.networks.REFINERS)
     refiner_thin_weight: float = 1.0  # draw thin-slice stacks' examples this many times as often
-    morph_mix: float | None = None  # set the model's morph mix (calid.networks.CaLID.set_morph_mix); None: keep it
+    morph_mix: float | None = None  # set the model's morph mix (calid.pipeline_settings.LastStep); None: keep it
     error_head_steps: int = 0  # > 0: then train the error head behind the calibrated uncertainty map (motion-aware)
     denoiser_channels: list[int] | None = None  # a new, untrained denoiser of these widths (with init: on its VAE)
     denoiser_minutes: float | None = None  # end the denoiser stage after this many minutes of it
@@ -32,7 +32,7 @@ class TrainConfig:
     motion: str | None = None  # "dis", "dis-fine" or "tvl1": make the model motion-aware (calid.motion) before training
     flow_views: int | None = None  # average each flow over this many in-plane views (calid.motion); None: keep it
     flow_smooth: float | None = None  # smooth each gap's flow along the stack by this weight (calid.motion); None: keep
-    morph_mix_space: str | None = None  # "pixel" or "shape" (calid.networks.CaLID.set_morph_mix); None: keep it
+    morph_mix_space: str | None = None  # "pixel", "shape" or "aligned" (calid.pipeline_settings.LastStep); None: keep
     gap_mix: str | None = None  # per-gap last step "GAP_MM:MORPH:LINEAR,..." (calid.gap_mix); None: keep it
     min_timestep: int = 0  # > 0: train the denoiser only where a few-step sampler asks it (see sampling)
     val_fraction: float = 0.15

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +33,7 @@ from ..generation import default_steps, expected_error, generate_missing
 from ..metrics import linear_missing, slice_scores
 from ..modelstore import inherited_provenance, load_model, save_model
 from ..networks import DEFAULT_CONFIG, REFINER_CONFIG, TINY_CONFIG, CaLID, laplace_nll
+from ..pipeline_settings import MotionSettings
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data, pack
@@ -93,18 +94,7 @@ class Trainer:
                 self.model.new_denoiser(cfg.denoiser_channels)
             except ValueError as error:
                 raise CalidError(f"--denoiser-channels: {error}") from None
-        if cfg.motion:
-            self.model.make_motion_aware(cfg.motion, (self.model.motion or {}).get("views", 1))
-        if cfg.flow_views is not None:
-            try:
-                self.model.set_flow_views(cfg.flow_views)
-            except ValueError as error:
-                raise CalidError(f"--flow-views: {error}") from None
-        if cfg.flow_smooth is not None:
-            try:
-                self.model.set_flow_smoothing(cfg.flow_smooth)
-            except ValueError as error:
-                raise CalidError(f"--flow-smooth: {error}") from None
+        self._set_motion(cfg)
         if cfg.refiner_loss not in REFINER_LOSSES:
             raise CalidError(f"--refiner-loss must be one of {', '.join(REFINER_LOSSES)}, not {cfg.refiner_loss}")
         if cfg.refiner_kind not in REFINER_KINDS:
@@ -113,16 +103,7 @@ class Trainer:
             if self.model.motion is None:
                 raise CalidError("--refiner-steps needs a motion-aware model (--motion, or an --init model that is one)")
             self.model.add_refiner({**REFINER_CONFIG, "kind": cfg.refiner_kind})
-        if cfg.morph_mix is not None or cfg.morph_mix_space is not None:
-            try:
-                self.model.set_morph_mix(cfg.morph_mix, cfg.morph_mix_space)
-            except ValueError as error:
-                raise CalidError(f"--morph-mix / --morph-mix-space: {error}") from None
-        if cfg.gap_mix is not None:
-            try:
-                self.model.set_gap_mix(GapMix.parse(cfg.gap_mix))
-            except ValueError as error:
-                raise CalidError(f"--gap-mix: {error}") from None
+        self._set_last_step(cfg)
         if cfg.error_head_steps > 0 and self.model.error_head is None:
             if self.model.motion is None:
                 raise CalidError("--error-head-steps needs a motion-aware model (--motion, or an --init model that is one)")
@@ -139,6 +120,45 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.last_validation: dict[str, float] = {}
         self.denoiser_steps_trained: int | None = None  # set when --denoiser-minutes ended the stage early
+
+    def _set_motion(self, cfg: TrainConfig) -> None:
+        """``--motion``, ``--flow-views``, ``--flow-smooth``: each changes only what it names of the model's flow."""
+        settings = self.model.motion
+        if cfg.motion:
+            settings = MotionSettings(cfg.motion) if settings is None else replace(settings, flow=cfg.motion)
+        for option, field, value in (("--flow-views", "views", cfg.flow_views),
+                                     ("--flow-smooth", "smooth", cfg.flow_smooth)):
+            if value is not None and settings is None:
+                raise CalidError(f"{option} needs a motion-aware model (--motion, or an --init model that is one)")
+            if value is not None:
+                try:
+                    settings = replace(settings, **{field: value})
+                except ValueError as error:
+                    raise CalidError(f"{option}: {error}") from None
+        if settings is not None:
+            try:
+                self.model.set_motion(settings)
+            except ValueError as error:
+                raise CalidError(f"--motion: {error}") from None
+
+    def _set_last_step(self, cfg: TrainConfig) -> None:
+        """``--morph-mix`` (one weight at every gap: it replaces a per-gap table), ``--morph-mix-space`` (keeps the
+        weights) and ``--gap-mix`` (the per-gap table)."""
+        step = self.model.last_step
+        try:
+            if cfg.morph_mix is not None:
+                step = replace(step, morph_mix=cfg.morph_mix, gap_mix=None)
+            if cfg.morph_mix_space is not None:
+                step = replace(step, space=cfg.morph_mix_space)
+            if cfg.morph_mix is not None or cfg.morph_mix_space is not None:
+                self.model.set_last_step(step)
+        except ValueError as error:
+            raise CalidError(f"--morph-mix / --morph-mix-space: {error}") from None
+        if cfg.gap_mix is not None:
+            try:
+                self.model.set_last_step(replace(step, gap_mix=GapMix.parse(cfg.gap_mix)))
+            except ValueError as error:
+                raise CalidError(f"--gap-mix: {error}") from None
 
     def _keep_sampling_on_trained_timesteps(self) -> int:
         """The lowest timestep the denoiser trains on: ``min_timestep``, or its base model's if higher.
@@ -440,7 +460,7 @@ class Trainer:
         if self.model.motion is None:
             return data.TripletSampler(latents, self.cfg.latent_crop, generator)
         sampler = data.MotionTripletSampler(self.train_volumes, self.cfg.latent_crop * self.model.vae_downsampling,
-                                            generator, self.model.motion["flow"])
+                                            generator, self.model.motion.flow)
         if self.cfg.flows_up_front:
             sampler.estimate_all_flows()
         return sampler
