@@ -15,9 +15,12 @@ Every failure (no PyTorch extension, pip failing offline or behind a proxy, a fu
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
@@ -106,17 +109,45 @@ def _install_torch() -> bool:
     return torch is not None
 
 
+def _slicer_installer():
+    """Slicer's requirement installer module (``pip_ensure``): ``slicer.packaging`` (Slicer >= 5.12),
+    ``slicer.pydeps`` (its name in 5.11), or None before them (``slicer.util.pip_install``). ``slicer`` does not
+    import either by itself, and some versions' ``slicer.packaging`` is another module without ``pip_ensure``."""
+    for name in ("slicer.packaging", "slicer.pydeps"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "pip_ensure"):
+            return module
+    return None
+
+
+def _torch_constraint(folder: Path) -> Path | None:
+    """A pip constraints file holding the installed torch at its version, or None without torch. MONAI's newest
+    release needs a newer torch than an older NVIDIA driver allows: unconstrained, pip would replace the build
+    the PyTorch extension chose (CUDA or CPU) with PyPI's; constrained, it picks a MONAI that fits, or fails."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = folder / "calid-torch-constraint.txt"
+    path.write_text(f"torch=={version}\n", encoding="utf-8")
+    return path
+
+
 def _install_requirements(missing: list[str]) -> None:
     try:
-        try:
-            import slicer.packaging as packaging  # Slicer >= 5.12; ``slicer`` does not import it by itself
-        except ImportError:
-            import slicer.util
+        with tempfile.TemporaryDirectory() as folder:
+            constraint = _torch_constraint(Path(folder))
+            installer = _slicer_installer()
+            if installer is None:
+                import slicer.util
 
-            slicer.util.pip_install(missing)
-        else:
-            packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS)), skip_packages=["torch", "SimpleITK"],
-                                 prompt_install=False, requester="CaLID")
+                slicer.util.pip_install(missing + (["-c", str(constraint)] if constraint else []))
+            else:
+                installer.pip_ensure(installer.load_requirements(str(REQUIREMENTS)), constraints=constraint,
+                                     skip_packages=["torch", "SimpleITK"], prompt_install=False, requester="CaLID")
     except Exception as exc:
         raise _failure(", ".join(requirement_name(line) for line in missing), exc) from exc
 

@@ -73,20 +73,42 @@ def load_labels_into_segmentation(scene, path: Path, segmentation, reference_vol
             segment.SetTerminology(terminology(label))
 
 
+SEGMENT_NAMES = {
+    1: ("right ventricle", "right ventricle cavity", "right ventricular cavity", "right ventricle blood pool", "rv",
+        "rv cavity", "rv blood pool", "rv bp"),
+    2: ("myocardium", "myo", "left ventricle myocardium", "left ventricular myocardium", "lv myocardium", "lv myo"),
+    3: ("left ventricle", "left ventricle cavity", "left ventricular cavity", "left ventricle blood pool", "lv",
+        "lv cavity", "lv blood pool", "lv bp"),
+}
+"""The names a user's segment may carry for each structure, compared whole (lower case, ``_`` and ``-`` read as
+spaces): a part of a name is not enough, since whole-heart segmentations hold "Left atrium", "Right atrium" and
+"Right ventricle myocardium", which must not become a ventricle's cavity or the left ventricle's myocardium."""
+
+
+def _terminology_codes(entry: str) -> tuple[str, str]:
+    """(type code, anatomic region code) of a Slicer terminology entry string (``terminology``'s fields), each the
+    code value alone ("" where absent)."""
+    fields = entry.split("~")
+    code = lambda field: field.split("^")[1] if field.count("^") >= 2 else ""
+    return (code(fields[2]) if len(fields) > 2 else "", code(fields[5]) if len(fields) > 5 else "")
+
+
 def structure_of_segment(segment) -> int | None:
-    """Which label a user's segment stands for: by its terminology codes, else by its name."""
-    entry = segment.GetTerminology() or ""
-    for label, (_, type_code, region, _) in STRUCTURES.items():
-        if type_code and type_code.split("^")[1] in entry and (not region or region.split("^")[1] in entry):
-            return label
-    name = segment.GetName().lower()
-    if "myo" in name:
-        return 2
-    if "right" in name or name.startswith("rv"):
-        return 1
-    if "left" in name or name.startswith("lv"):
-        return 3
-    return None
+    """Which label a user's segment stands for: by its terminology's type and region codes where its type is one
+    of the structures' (Myocardium in the Right ventricle region is none of them), else by its whole name
+    (``SEGMENT_NAMES``: the Segment Editor gives new segments a generic type such as Tissue); None for anything
+    else, which the caller refuses."""
+    type_code, region = _terminology_codes(segment.GetTerminology() or "")
+    cardiac = {structure_type.split("^")[1] for _, structure_type, _, _ in STRUCTURES.values()}
+    if type_code in cardiac:
+        for label, (_, structure_type, structure_region, _) in STRUCTURES.items():
+            wanted_region = structure_region.split("^")[1] if structure_region else ""
+            if type_code == structure_type.split("^")[1] and region in {wanted_region, ""}:
+                return label
+        return None
+    name = " ".join(segment.GetName().lower().replace("_", " ").replace("-", " ").split())
+    return next((label for label, names in SEGMENT_NAMES.items()
+                 if name in names or name == STRUCTURES[label][0].lower()), None)
 
 
 def write_segmentation_labels(scene, segmentation, reference_volume, path: Path) -> None:
@@ -115,7 +137,8 @@ def write_segmentation_labels(scene, segmentation, reference_volume, path: Path)
         labels[mask] = label
     if unknown:
         raise ValueError(f"segments {', '.join(unknown)} match no structure (name them right ventricle, "
-                         "myocardium or left ventricle, or set their terminology)")
+                         "myocardium or left ventricle, or set their terminology; remove atria and the right "
+                         "ventricle's myocardium)")
     if labels is None:
         raise ValueError(f"segmentation {segmentation.GetName()} has no segments")
     reference = image_from_node(reference_volume)
@@ -177,22 +200,29 @@ def segmentation_sequence(scene, labels_path: Path, like, reference_volume, name
     return output
 
 
+FRAME_UNIT = "frame (from 1)"
+"""Frames are counted from 1 in the tables, as the sequence browser counts them (the JSON's ``phase`` from 0)."""
+
+
 def cycle_tables(scene, cycle: dict, name: str, table=None) -> tuple:
     """The worker's ``volumes`` of a segmented cine (``calid.segmentation.measures.cycle_volumes``) as two table
     nodes: each ventricle's end-diastolic and end-systolic volume, frame, stroke volume and ejection fraction
     (``table``, refilled, or a new one named ``name``), and every frame's volumes (``<name> per frame``)."""
     rows = []
     fractions = cycle["ejection_fractions"] or {}
+    volume = lambda phase, key: None if phase is None else cycle["phases"][phase][key]
+    frame = lambda phase: None if phase is None else phase + 1
     for side, title, key in (("lv", "Left ventricle", "lv_cavity_ml"), ("rv", "Right ventricle", "rv_cavity_ml")):
         ed, es = cycle[f"{side}_end_diastole_phase"], cycle[f"{side}_end_systole_phase"]
-        rows += [(f"{title} end-diastolic volume", cycle["phases"][ed][key], "mL"),
-                 (f"{title} end-systolic volume", cycle["phases"][es][key], "mL"),
-                 (f"{title} end-diastolic frame", ed, "index"), (f"{title} end-systolic frame", es, "index"),
+        rows += [(f"{title} end-diastolic volume", volume(ed, key), "mL"),
+                 (f"{title} end-systolic volume", volume(es, key), "mL"),
+                 (f"{title} end-diastolic frame", frame(ed), FRAME_UNIT),
+                 (f"{title} end-systolic frame", frame(es), FRAME_UNIT),
                  (f"{title} stroke volume", fractions.get(f"{side}_stroke_volume_ml"), "mL"),
                  (f"{title} ejection fraction", fractions.get(f"{side}_ejection_fraction_percent"), "%")]
     summary = _measures_table(scene, rows, name, table)
     frames = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} per frame")
-    columns = (("Frame", "phase"), ("Time (ms)", "time_ms"), ("Right ventricle cavity (mL)", "rv_cavity_ml"),
+    columns = (("Frame (from 1)", "phase"), ("Time (ms)", "time_ms"), ("Right ventricle cavity (mL)", "rv_cavity_ml"),
                ("Left ventricle myocardium (mL)", "lv_myocardium_ml"), ("Left ventricle cavity (mL)", "lv_cavity_ml"),
                ("Left ventricle myocardium mass (g)", "lv_myocardium_mass_g"))
     for title, _ in columns:
@@ -200,6 +230,7 @@ def cycle_tables(scene, cycle: dict, name: str, table=None) -> tuple:
     for phase in cycle["phases"]:
         row = frames.AddEmptyRow()
         for column, (_, key) in enumerate(columns):
-            frames.GetTable().SetValue(row, column, vtk.vtkVariant(float(phase[key])))
+            value = frame(phase[key]) if key == "phase" else phase[key]
+            frames.GetTable().SetValue(row, column, vtk.vtkVariant(float("nan") if value is None else float(value)))
     frames.Modified()
     return summary, frames

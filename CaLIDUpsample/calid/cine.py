@@ -38,17 +38,36 @@ NRRD_TYPES = {"int8": "signed char", "uint8": "uchar", "int16": "short", "uint16
               "uint32": "uint", "int64": "longlong", "uint64": "ulonglong", "float32": "float", "float64": "double"}
 
 
+MS_PER_TIME_UNIT = {"ms": 1.0, "msec": 1.0, "millisecond": 1.0, "milliseconds": 1.0,
+                    "s": 1000.0, "sec": 1000.0, "second": 1000.0, "seconds": 1000.0}
+NIFTI_TIME_UNIT_BITS = 0x38
+"""The time unit's bits of a NIfTI header's ``xyzt_units``; ITK reads a NIfTI time axis in seconds when they name a
+unit, and leaves it as stored when they do not (Sunnybrook's cines: 1 per frame, no unit)."""
+
+
 @dataclass
 class Cine:
-    """A 4D scalar image (x, y, z, t) with its frame times and the sequence header fields to write back."""
+    """A 4D scalar image (x, y, z, t) with its frame times and the sequence header fields to write back.
+
+    ``times`` are kept as read, so that an output in the input's form has the same time axis; ``time_unit`` is
+    what the source says they are in (None where it does not say: a NIfTI without a time unit, a MetaImage), and
+    ``times_ms`` what is reported to a user, only where that is known.
+    """
 
     image: sitk.Image
     times: tuple[float, ...]
     sequence_fields: dict[str, str] = field(default_factory=dict)  # "index type", "quantity", ... (no axis number)
+    time_unit: str | None = None
 
     @property
     def phases(self) -> int:
         return self.image.GetSize()[3]
+
+    @property
+    def times_ms(self) -> tuple[float | None, ...]:
+        """Each frame's time in ms, or None for every frame where the source names no time unit."""
+        scale = MS_PER_TIME_UNIT.get((self.time_unit or "").strip().lower())
+        return tuple(None if scale is None else round(t * scale, 3) for t in self.times)
 
 
 def check_uniform_times(times: list[float] | tuple[float, ...], where: str) -> None:
@@ -76,9 +95,11 @@ def phase_of(image: sitk.Image, t: int) -> sitk.Image:
 
 
 def cine_from_4d(image: sitk.Image) -> Cine:
-    """A 4D file: its time axis is uniform by construction."""
+    """A 4D file: its time axis is uniform by construction, in seconds where a NIfTI header names a time unit."""
     origin, step = image.GetOrigin()[3], image.GetSpacing()[3]
-    return Cine(image, tuple(origin + t * step for t in range(image.GetSize()[3])))
+    units = image.GetMetaData("xyzt_units") if image.HasMetaDataKey("xyzt_units") else "0"
+    unit = "s" if units.isdigit() and int(units) & NIFTI_TIME_UNIT_BITS else None
+    return Cine(image, tuple(origin + t * step for t in range(image.GetSize()[3])), time_unit=unit)
 
 
 def sequence_axis(image: sitk.Image) -> int | None:
@@ -111,7 +132,7 @@ def cine_from_sequence(image: sitk.Image, axis: int, where: str) -> Cine:
     check_uniform_times(times, where)
     frames = [sitk.VectorIndexSelectionCast(image, t) for t in range(count)]
     fields["index type"] = "numeric"
-    return Cine(_with_time_axis(frames, times), times, fields)
+    return Cine(_with_time_axis(frames, times), times, fields, fields.get("unit"))
 
 
 def _dicom_header(name: str) -> tuple[float, float | None]:
@@ -179,7 +200,8 @@ def read_input(path: str | os.PathLike) -> sitk.Image | Cine:
         found = dicom_cine_frames(path)
         if found is not None:
             frames, times = found
-            return Cine(_with_time_axis([read_dicom_files(files, path) for files in frames], times), times)
+            return Cine(_with_time_axis([read_dicom_files(files, path) for files in frames], times), times,
+                        time_unit="ms")  # trigger times
     image = read_image(path)
     if image.GetDimension() == 4 and image.GetSize()[3] > 1:
         return cine_from_4d(image)

@@ -352,7 +352,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .imageio import read_image, validate_volume, write_image
     from .segmentation.inference import segment_image
-    from .segmentation.measures import structure_volumes
+    from .segmentation.measures import absence_warning, structure_volumes
     from .segmentation.store import load_segmenter
 
     _set_threads(args.threads)
@@ -363,7 +363,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     network, card = load_segmenter(args.model, device)
     labels = segment_image(image, network, card["config"], device, args.slice_axis)
     write_image(labels, args.output)
-    print(json.dumps({"output": str(args.output), "volumes": structure_volumes(labels)}))
+    volumes = structure_volumes(labels)
+    if absence_warning(volumes):
+        print(f"calid: warning: {absence_warning(volumes)}", file=sys.stderr)
+    print(json.dumps({"output": str(args.output), "volumes": volumes}))
     return 0
 
 
@@ -381,19 +384,26 @@ def cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
 
 def cmd_volumes(args: argparse.Namespace) -> int:
     from .imageio import read_image, validate_volume
-    from .segmentation.measures import ejection_fractions, structure_volumes
+    from .segmentation.measures import absence_warning, ejection_fractions, structure_volumes
     from .segmentation.sparse import check_labels
 
     phases = {"end_diastole" if args.end_systole else "volumes": args.labels}
     if args.end_systole:
         phases["end_systole"] = args.end_systole
     report = {}
+    warnings = []
     for phase, path in phases.items():
-        labels = validate_volume(read_image(path), str(path))  # a cine's 4D labels summed every phase
+        labels = validate_volume(read_image(path), str(path))  # 3D only: a 4D label file is refused here
         check_labels(labels, labels, source=str(path))
         report[phase] = structure_volumes(labels)
+        if absence_warning(report[phase]):
+            warnings.append(f"{path}: {absence_warning(report[phase])}")
     if args.end_systole:
-        report.update(ejection_fractions(report["end_diastole"], report["end_systole"]))
+        fractions, problems = ejection_fractions(report["end_diastole"], report["end_systole"])
+        report.update(fractions)
+        warnings += problems
+    for warning in warnings:
+        print(f"calid: warning: {warning}", file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -113,6 +114,8 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         overall.advance(1, item=str(item), status=row["status"])
     part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
     _write_csv(part, rows)
+    if progress_mode != "json":  # JSON mode gave each input's status as it went
+        _print_summary(rows, final_csv)
     if world > 1:
         dist.barrier()
         if rank == 0:
@@ -126,6 +129,17 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         dist.barrier()
         dist.destroy_process_group()
     return sum(row["status"] == "failed" for row in rows)
+
+
+def _print_summary(rows: list[dict], record: Path) -> None:
+    """Each failed input with its reason, and the counts, on stderr: a cohort that failed some inputs said nothing
+    outside its CSV record."""
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"calid: failed: {row['input']}: {row['message']}", file=sys.stderr)
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed")}
+    print(f"calid: {len(rows)} inputs: {counts['done']} done, {counts['skipped']} skipped (output exists), "
+          f"{counts['failed']} failed; record: {record}", file=sys.stderr)
 
 
 def _done_rows(path: Path) -> dict[str, dict]:

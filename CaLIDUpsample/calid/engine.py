@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,7 +25,8 @@ from .cine import Cine, check_cine_output, phase_of, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import default_steps, require_error_head
-from .imageio import check_direction, check_outputs, check_pixels, read_image, validate_volume, write_image
+from .imageio import (check_direction, check_outputs, check_pixels, read_image, remove_output, validate_volume,
+                      write_image)
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
@@ -216,15 +219,15 @@ def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: Upsa
                   for t in range(result.sharp_image.GetSize()[3])]
         result.labels = sitk.JoinSeries(phases)
         result.labels.CopyInformation(result.image)
-        result.volumes = cycle_volumes([structure_volumes(labels) for labels in phases], cine.times)
+        result.volumes, problems = cycle_volumes([structure_volumes(labels) for labels in phases],
+                                                    cine.times_ms)
+        for problem in problems:
+            (progress or Progress("none")).warning(problem)
         if result.uncertainty is not None:  # now with each phase's heart
             result.uncertainty_slices = slice_summaries(result.uncertainty, result.slice_axis, result.factor,
                                                         result.labels)
-    write_cine(result.image, cine, output_path)
-    if uncertainty_path is not None:
-        write_cine(result.uncertainty, cine, uncertainty_path)
-    if segmentation_path is not None:
-        write_cine(result.labels, cine, segmentation_path)
+    write_outputs([(result.image, output_path), (result.uncertainty, uncertainty_path),
+                   (result.labels, segmentation_path)], lambda image, path: write_cine(image, cine, path))
     return result
 
 
@@ -269,16 +272,31 @@ def upsample_file(
     result = upsample_image(image, options, model, progress, want_uncertainty=uncertainty_path is not None,
                             want_sharp=segmenter is not None)
     if segmenter is not None:
-        from .segmentation.measures import structure_volumes
+        from .segmentation.measures import absence_warning, structure_volumes
 
         result.labels = _segment_phase(result, result.sharp_image, segmenter, sparse, progress)
         result.volumes = structure_volumes(result.labels)
+        if absence_warning(result.volumes):
+            (progress or Progress("none")).warning(absence_warning(result.volumes))
         if result.uncertainty is not None:
             result.uncertainty_slices = slice_summaries(result.uncertainty, result.slice_axis, result.factor,
                                                         result.labels)
-    write_image(result.image, output_path)
-    if uncertainty_path is not None:
-        write_image(result.uncertainty, uncertainty_path)
-    if segmentation_path is not None:
-        write_image(result.labels, segmentation_path)
+    write_outputs([(result.image, output_path), (result.uncertainty, uncertainty_path),
+                   (result.labels, segmentation_path)], write_image)
     return result
+
+
+def write_outputs(outputs: list[tuple[sitk.Image | None, str | os.PathLike | None]],
+                  write: Callable[[sitk.Image, str | os.PathLike], Path]) -> None:
+    """Write a run's outputs (those with a path) in turn; should one fail (a full disk, a path no check could
+    foresee), remove those already written, so that a failed run leaves none of its result, as a refused one."""
+    written = []
+    try:
+        for image, path in outputs:
+            if path is not None:
+                write(image, path)
+                written.append(path)
+    except BaseException:
+        for path in written:
+            remove_output(path)
+        raise

@@ -195,6 +195,22 @@ def output_folder(path: Path) -> Path:
     return parent
 
 
+def check_output_path(path: str | os.PathLike) -> Path:
+    """``output_folder``, and the output itself can be made there: a file format's path is not a folder, and a DICOM
+    series' folder (a path without a file suffix) does not exist yet, as ``write_image`` would refuse after the run.
+    Returns the folder."""
+    path = Path(path)
+    parent = output_folder(path)
+    if has_image_suffix(path) and path.is_dir():
+        raise CalidError(f"output path is a folder: {path}")
+    if not has_image_suffix(path) and path.is_dir():
+        raise CalidError(f"output folder already exists: {path}")
+    if not has_image_suffix(path) and path.exists():
+        raise CalidError(f"output {path} is a file without an image suffix (.nii.gz, .nrrd, ...); a path without one "
+                         "is written as a new DICOM folder")
+    return parent
+
+
 def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[str | os.PathLike | None]) -> None:
     """All of a run's output paths, checked before anything is computed or written: each one's folder exists and is
     writable, none is an input, and no two are the same (the map or the labels would replace the volume). A run
@@ -202,7 +218,7 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
     read = {Path(p).resolve() for p in inputs if p is not None}
     written: set[Path] = set()
     for path in (Path(p) for p in outputs if p is not None):
-        output_folder(path)
+        check_output_path(path)
         resolved = path.resolve()
         if resolved in read:
             raise CalidError(f"output {path} would overwrite the input")
@@ -228,12 +244,26 @@ def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequenc
     ``frame_times`` (ms) when given, else the time axis' origin and spacing.
     """
     path = Path(path)
-    parent = output_folder(path)
-    if path.exists() and path.is_dir() and has_image_suffix(path):
-        raise CalidError(f"output path is a folder: {path}")
+    parent = check_output_path(path)
     with writing(path):
         _write_staged(image, path, parent, frame_times)
     return path
+
+
+DETACHED_DATA_SUFFIXES = (".raw", ".zraw", ".raw.gz")
+"""The data files ITK writes beside a ``.mhd`` or ``.nhdr`` header, named after it."""
+
+
+def remove_output(path: str | os.PathLike) -> None:
+    """Take back what ``write_image`` wrote at ``path`` (a DICOM folder, or a file and a detached header's data
+    file): a run whose later output failed leaves no part of its result behind."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    detached = path.suffix.lower() in (".mhd", ".nhdr")
+    for file in [path] + [path.with_suffix(s) for s in DETACHED_DATA_SUFFIXES if detached]:
+        file.unlink(missing_ok=True)
 
 
 def _write_staged(image: sitk.Image, path: Path, parent: Path, frame_times: Sequence[float] | None) -> None:

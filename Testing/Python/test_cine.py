@@ -253,7 +253,7 @@ def test_a_cine_is_segmented_phase_by_phase_as_its_volumes_are(sample_image, tmp
     # The whole field of view (the segmenter finds the heart in it), each phase the same volume: the cine's one
     # intensity map is then that volume's own, and each phase is upsampled exactly as the volume alone is.
     volume = sitk.Cast(sample_image, sitk.sitkInt16)
-    cine = sitk.JoinSeries([volume] * len(TIMES), TIMES[0], TIMES[1] - TIMES[0])
+    cine = sitk.JoinSeries([volume] * len(TIMES), TIMES[0] / 1000, (TIMES[1] - TIMES[0]) / 1000)  # NIfTI: seconds
     source, labels_path = tmp_path / "cine.nii.gz", tmp_path / "labels.nii.gz"
     sitk.WriteImage(cine, str(source))
     assert upsample(source, tmp_path / "out.nii.gz", "--segmentation", labels_path, model=tiny_model_dir) == 0
@@ -304,3 +304,19 @@ def test_a_cine_output_that_cannot_be_written_is_refused_before_any_is(extra, me
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["cine.nii.gz"]
+
+
+def test_frame_times_are_reported_in_ms_only_where_the_file_names_their_unit(small_image, tmp_path):
+    """ITK reads a NIfTI time axis in seconds (the JSON's ``time_ms`` was 1000 times too small); a MetaImage, like a
+    NIfTI without a time unit (Sunnybrook's: 1 per frame), does not say: no time rather than frame numbers as ms."""
+    cine = make_cine(small_image, tuple(t / 1000 for t in TIMES))
+    sitk.WriteImage(cine, str(tmp_path / "cine.nii.gz"))
+    sitk.WriteImage(cine, str(tmp_path / "cine.mha"))
+    assert read_input(tmp_path / "cine.nii.gz").times_ms == TIMES
+    assert read_input(tmp_path / "cine.mha").times_ms == (None,) * len(TIMES)
+    assert read_input(sequence_file(tmp_path / "plain.seq.nrrd", small_image, "25 65 105")).times_ms == (None,) * 3
+    vector = sitk.ReadImage(str(tmp_path / "plain.seq.nrrd"))
+    vector.SetMetaData("axis 0 index values", "0.025 0.065 0.105")
+    vector.SetMetaData("axis 0 unit", "s")
+    sitk.WriteImage(vector, str(tmp_path / "seconds.seq.nrrd"))
+    assert read_input(tmp_path / "seconds.seq.nrrd").times_ms == TIMES

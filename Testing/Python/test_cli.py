@@ -150,6 +150,10 @@ def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, 
     rows = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8"))}
     assert [rows[p.name]["status"] for p in inputs] == ["done"] * 3
     assert rows["broken.nii.gz"]["status"] == "failed" and "cannot read" in rows["broken.nii.gz"]["message"]
+    told = proc.stderr.splitlines()  # not only in the record: it said nothing at all
+    assert told[-2].startswith("calid: failed: ") and "broken.nii.gz: cannot read" in told[-2]
+    record = tmp_path / "out" / "calid_cohort.csv"
+    assert told[-1] == f"calid: 4 inputs: 3 done, 0 skipped (output exists), 1 failed; record: {record}"
     (tmp_path / "in" / "broken.nii.gz").unlink()
     first_mtime = (tmp_path / "out" / "case0.nrrd").stat().st_mtime_ns
     (tmp_path / "out" / "case2.nrrd").unlink()  # as if interrupted before the last one

@@ -58,13 +58,16 @@ def own_slicer_modules():
     sys.modules.update(saved)
 
 
-def test_a_fresh_slicer_module_still_uses_slicer_packaging(requirements, tmp_path, monkeypatch, own_slicer_modules):
-    """``slicer/__init__.py`` does not import ``slicer.packaging``: the attribute appears only once imported."""
+def slicer_stand_in(tmp_path, monkeypatch, installer: str, other: str | None = None) -> None:
+    """A stand-in ``slicer`` package whose module ``installer`` records its ``pip_ensure`` calls and installs by
+    writing the missing module, beside an ``other`` module without ``pip_ensure``."""
     package = tmp_path / "stand-in" / "slicer"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text('"""Stand-in for a freshly imported slicer package."""\n')
-    (package / "packaging.py").write_text(
-        '"""Stand-in for slicer.packaging (Slicer >= 5.12): records the call, installs by writing the module."""\n'
+    if other:
+        (package / f"{other}.py").write_text(f'"""Stand-in for a slicer.{other} without pip_ensure."""\n')
+    (package / f"{installer}.py").write_text(
+        f'"""Stand-in for slicer.{installer}: records the call, installs by writing the module."""\n'
         "import pathlib\ncalls = []\n"
         "def load_requirements(path):\n    return pathlib.Path(path).read_text().split()\n"
         "def pip_ensure(requirements, **options):\n"
@@ -73,6 +76,12 @@ def test_a_fresh_slicer_module_still_uses_slicer_packaging(requirements, tmp_pat
     (tmp_path / "site").mkdir()
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.syspath_prepend(str(package.parent))
+
+
+def test_a_fresh_slicer_module_still_uses_slicer_packaging(requirements, tmp_path, monkeypatch, own_slicer_modules):
+    """``slicer/__init__.py`` does not import ``slicer.packaging`` (Slicer >= 5.12): the attribute appears only once
+    imported."""
+    slicer_stand_in(tmp_path, monkeypatch, "packaging")
     import slicer
 
     assert not hasattr(slicer, "packaging")
@@ -80,6 +89,36 @@ def test_a_fresh_slicer_module_still_uses_slicer_packaging(requirements, tmp_pat
     (requested, options), = sys.modules["slicer.packaging"].calls
     assert MISSING in requested and options["skip_packages"] == ["torch", "SimpleITK"]
     assert options["prompt_install"] is False  # CaLID's own confirmation, with the sizes, came first
+
+
+def test_slicer_5_11_installer_is_found_under_its_first_name(requirements, tmp_path, monkeypatch,
+                                                               own_slicer_modules):
+    """Slicer 5.11 named the module ``slicer.pydeps``; a ``slicer.packaging`` without ``pip_ensure`` (another
+    module of that name in some versions) is not it."""
+    slicer_stand_in(tmp_path, monkeypatch, "pydeps", other="packaging")
+    assert ensureDependencies(askConfirmation=False)
+    (requested, options), = sys.modules["slicer.pydeps"].calls
+    assert MISSING in requested and options["skip_packages"] == ["torch", "SimpleITK"]
+
+
+def test_an_older_slicer_installs_with_the_installed_torch_pinned(requirements, monkeypatch):
+    """Without the skip of newer Slicers, pip would upgrade the PyTorch extension's torch for the newest MONAI."""
+    util = pytest.importorskip("slicer.util", reason="slicer-core is not installed")
+    import importlib.metadata
+
+    seen = []
+
+    def record(arguments, **options):
+        """Stand-in for Slicer's ``slicer.util.pip_install``: reads the constraints file it is given."""
+        constraint = arguments[arguments.index("-c") + 1]
+        seen.append((arguments, open(constraint, encoding="utf-8").read()))
+
+    monkeypatch.setattr(dependencies, "_slicer_installer", lambda: None)
+    monkeypatch.setattr(util, "pip_install", record, raising=False)
+    with pytest.raises(InstallError, match="cannot be found after installing"):  # the stand-in installs nothing
+        ensureDependencies(askConfirmation=False)
+    (arguments, constraint), = seen
+    assert MISSING in arguments and constraint == f"torch=={importlib.metadata.version('torch')}\n"
 
 
 def offline_pip(requirements, **options):

@@ -234,6 +234,38 @@ def test_a_bad_second_output_leaves_no_first_output(second, good_input, tmp_path
     assert_clean_failure(code, err, tmp_path, "output folder does not exist")
 
 
+@pytest.mark.parametrize("second, make, expected", [
+    ("--segmentation", "folder", "output folder already exists"),  # a DICOM series' folder
+    ("--uncertainty", "file", "file without an image suffix"),
+    ("--uncertainty", "folder.nrrd", "output path is a folder")])
+def test_a_second_output_that_cannot_be_made_there_is_refused_before_the_run(second, make, expected, good_input,
+                                                                           tmp_path, capsys):
+    """Its folder exists and is writable, but the path is taken: this was found only when it was written, after
+    the volume had been."""
+    taken = tmp_path / make
+    taken.mkdir() if make.startswith("folder") else taken.write_text("mine")
+    code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--method", "linear", second, taken], capsys)
+    assert_clean_failure(code, err, tmp_path, expected)
+
+
+def test_a_failed_later_write_takes_back_the_outputs_already_written(good_input, tmp_path, error_head_model_dir,
+                                                                     monkeypatch):
+    """A failure no check can foresee (here the map's write; a full disk) leaves neither the volume nor its data."""
+    import calid.engine
+    from calid.modelstore import load_model
+
+    def refuse_the_map(image, path):
+        if "map" in str(path):
+            raise OSError("No space left on device")
+        return write_image(image, path)
+
+    monkeypatch.setattr(calid.engine, "write_image", refuse_the_map)
+    with pytest.raises(OSError):
+        calid.engine.upsample_file(good_input, tmp_path / "out.mhd", calid.engine.UpsampleOptions(steps=1),
+                                   uncertainty_path=tmp_path / "map.nrrd", model=load_model(error_head_model_dir)[0])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []
+
+
 @pytest.mark.parametrize("second", ["--uncertainty", "--segmentation"])
 def test_a_second_output_on_the_volumes_path_is_refused(second, good_input, tmp_path, tiny_model_dir, capsys):
     code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--model", tiny_model_dir, second,

@@ -14,7 +14,7 @@ from calid.imageio import write_image
 from calid.modelindex import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION_FORMAT, list_models
 from calid.segmentation.contour import contour_interpolation
 from calid.segmentation.inference import segment_image
-from calid.segmentation.measures import cycle_volumes, ejection_fractions, structure_volumes
+from calid.segmentation.measures import absence_warning, cycle_volumes, ejection_fractions, structure_volumes
 from calid.segmentation.sparse import densify, shape_depth
 from calid.segmentation.store import load_segmenter
 from conftest import SAMPLE_LABELS
@@ -156,6 +156,30 @@ def test_volumes_and_ejection_fractions(tmp_path, capsys):
         ejection_fractions(report["end_systole"], report["end_diastole"])
 
 
+def test_one_ventricle_that_cannot_be_measured_leaves_the_other_and_every_volume(tmp_path, capsys):
+    """Labels without an RV, or with only the RV larger at end systole (a segmenter's miss): the LV's ejection
+    fraction and every volume are still given, the RV's null with a warning (all of it was lost to one error)."""
+    ed = np.zeros((4, 10, 10), np.uint8)
+    ed[:, :5, :], ed[:, 5:7, :] = 3, 2
+    es = ed.copy()
+    es[:, :2, :] = 0
+    paths = [tmp_path / "ed.nrrd", tmp_path / "es.nrrd"]
+    for path, array in zip(paths, (ed, es)):
+        write_image(sitk.GetImageFromArray(array), path)
+    assert main(["volumes", str(paths[0]), str(paths[1])]) == 0
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
+    assert report["lv_ejection_fraction_percent"] == 40.0 and report["rv_ejection_fraction_percent"] is None
+    assert report["end_diastole"]["rv_cavity_ml"] is None and report["end_diastole"]["lv_cavity_ml"] == 0.2
+    warnings = printed.err.splitlines()
+    assert len(warnings) == 3 and all(w.startswith("calid: warning:") for w in warnings)
+    assert "found no RV cavity" in warnings[0] and "no RV cavity at end diastole" in warnings[2]
+    larger_rv = dict(report["end_systole"], rv_cavity_ml=5.0)
+    fractions, problems = ejection_fractions(dict(report["end_diastole"], rv_cavity_ml=4.0), larger_rv)
+    assert fractions["lv_ejection_fraction_percent"] == 40.0 and fractions["rv_ejection_fraction_percent"] is None
+    assert len(problems) == 1 and "larger at end systole" in problems[0]
+
+
 def test_a_cines_labels_are_refused_by_volumes_and_evaluate_segmentation(tmp_path, capsys):
     """Both read one phase: ``volumes`` summed a cine's phases into one wrong figure, exit 0; evaluate-segmentation
     failed as an internal error."""
@@ -196,13 +220,45 @@ def test_a_cycle_takes_each_ventricles_largest_and_smallest_cavity_and_reports_a
     def phase(lv, rv):
         return {"rv_cavity_ml": rv, "lv_myocardium_ml": 90.0, "lv_cavity_ml": lv, "lv_myocardium_mass_g": 94.5}
 
-    cycle = cycle_volumes([phase(150, 90), phase(120, 100), phase(60, 40), phase(100, 70)], (0.0, 40.0, 80.0, 120.0))
+    cycle, problems = cycle_volumes([phase(150, 90), phase(120, 100), phase(60, 40), phase(100, 70)],
+                                    (0.0, 40.0, 80.0, 120.0))
     assert [p["time_ms"] for p in cycle["phases"]] == [0.0, 40.0, 80.0, 120.0] and cycle["phases"][2]["lv_cavity_ml"] == 60
     assert (cycle["lv_end_diastole_phase"], cycle["lv_end_systole_phase"]) == (0, 2)
     assert (cycle["rv_end_diastole_phase"], cycle["rv_end_systole_phase"]) == (1, 2)  # the RV's own extremes
     assert cycle["ejection_fractions"] == {"lv_stroke_volume_ml": 90.0, "lv_ejection_fraction_percent": 60.0,
                                            "rv_stroke_volume_ml": 60.0, "rv_ejection_fraction_percent": 60.0}
-    assert cycle_volumes([phase(150, 0), phase(60, 0)], (0.0, 40.0))["ejection_fractions"] is None
+    assert problems == [] and cycle["rv_missing_phases"] == []
+    cycle, problems = cycle_volumes([phase(150, None), phase(60, None)], (None, None))
+    assert cycle["ejection_fractions"]["rv_ejection_fraction_percent"] is None and cycle["rv_end_systole_phase"] is None
+    assert cycle["ejection_fractions"]["lv_ejection_fraction_percent"] == 60.0  # the LV's is still given
+    assert problems == ["no RV cavity found in any phase: no RV ejection fraction"]
+
+
+def test_a_phase_whose_ventricle_the_segmenter_missed_is_not_its_end_systole():
+    """An RV found in every phase but one: its end systole was that empty phase, and its ejection fraction 100 %."""
+    volumes = [{"rv_cavity_ml": rv, "lv_myocardium_ml": 90.0, "lv_cavity_ml": 100.0, "lv_myocardium_mass_g": 94.5}
+               for rv in (160.0, 120.0, None, 75.0, 130.0)]
+    cycle, problems = cycle_volumes(volumes, (0.0, 40.0, 80.0, 120.0, 160.0))
+    assert (cycle["rv_end_diastole_phase"], cycle["rv_end_systole_phase"]) == (0, 3)
+    assert cycle["ejection_fractions"]["rv_ejection_fraction_percent"] == pytest.approx(53.1)
+    assert cycle["rv_missing_phases"] == [2] and "1 of 5 phases (2)" in problems[0]
+
+
+def test_a_volume_without_a_heart_gives_null_volumes_and_says_so():
+    empty = sitk.GetImageFromArray(np.zeros((4, 10, 10), np.uint8))
+    volumes = structure_volumes(empty)
+    assert volumes == {"rv_cavity_ml": None, "lv_myocardium_ml": None, "lv_cavity_ml": None,
+                       "lv_myocardium_mass_g": None}
+    assert "no RV cavity, LV myocardium, LV cavity" in absence_warning(volumes)
+    assert absence_warning(structure_volumes(sitk.GetImageFromArray(np.full((2, 3, 3), 3, np.uint8)))).startswith(
+        "the segmentation found no RV cavity, LV myocardium: their")
+
+
+def test_the_mass_is_computed_before_the_volume_is_rounded():
+    labels = sitk.GetImageFromArray(np.full((1, 1, 1), 2, np.uint8))
+    labels.SetSpacing((1.0, 1.0, 188916.0))  # one voxel of 188.916 mL
+    volumes = structure_volumes(labels)
+    assert volumes["lv_myocardium_ml"] == 188.92 and volumes["lv_myocardium_mass_g"] == 198.36  # not 198.37
 
 
 def test_a_field_of_view_smaller_than_the_networks_deepest_layer_is_segmented(small_image):
@@ -211,6 +267,14 @@ def test_a_field_of_view_smaller_than_the_networks_deepest_layer_is_segmented(sm
     network, card = load_segmenter()
     labels = segment_image(small_image[28:36, 28:36, :], network, card["config"], "cpu")
     assert labels.GetSize() == (8, 8, small_image.GetSize()[2])
+
+
+def test_an_image_given_as_labels_is_named_as_such_in_a_short_line(small_image, tmp_path, capsys):
+    """Its hundreds of intensities were all listed in the one line."""
+    write_image(small_image, tmp_path / "sax.nrrd")
+    code, err = run_cli(["volumes", tmp_path / "sax.nrrd"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and len(err) < 300, err
+    assert "more: is it an image, not a label map?" in err
 
 
 @pytest.mark.parametrize("problem, expected", [

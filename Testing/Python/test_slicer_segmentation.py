@@ -12,7 +12,9 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
 from CaLIDLib import CaLIDUpsampleLogic  # noqa: E402
-from CaLIDLib.segmentations import STRUCTURES, load_labels_into_segmentation, write_segmentation_labels  # noqa: E402
+from CaLIDLib.segmentations import (LEFT_VENTRICLE, RIGHT_VENTRICLE, STRUCTURES,  # noqa: E402
+                                    load_labels_into_segmentation, structure_of_segment, terminology,
+                                    write_segmentation_labels)
 from conftest import SAMPLE_LABELS  # noqa: E402
 from test_slicer_logic import node_array, private_tmp, volume_node  # noqa: E402, F401
 
@@ -90,6 +92,27 @@ def test_user_segments_are_kept_on_acquired_slices(scene, sample_node, private_t
     result = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "dense.nrrd")))
     np.testing.assert_array_equal(result[::2], sparse)
     assert (result[1::2][1:8] == 3).sum() > 0.5 * (sparse[1:9] == 3).sum() / 2
+
+
+@pytest.mark.parametrize("name, terminology_of, expected", [
+    ("LV blood pool", 3, 3), ("anything", 1, 1), ("anything", 2, 2), ("lv_cavity", None, 3), ("MYO", None, 2),
+    ("Right-Ventricle", None, 1), ("Left atrium", None, None), ("Right atrium", None, None),
+    ("RV myocardium", None, None), ("Right ventricle myocardium", None, None), ("Left ventricle cavity", None, 3)])
+def test_user_segments_are_matched_whole_never_by_a_part_of_their_name(scene, name, terminology_of, expected):
+    """Whole-heart segmentations hold atria and the RV's myocardium: a part of a name ("left", "myo") or a code
+    found anywhere in the terminology took them for a ventricle's cavity or the LV's myocardium."""
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode").GetSegmentation()
+    segment = segmentation.GetSegment(segmentation.AddEmptySegment("", name))
+    if terminology_of is not None:
+        segment.SetTerminology(terminology(terminology_of))
+    assert structure_of_segment(segment) == expected
+
+
+def test_myocardium_of_the_right_ventricle_is_not_the_left_ventricles(scene):
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode").GetSegmentation()
+    segment = segmentation.GetSegment(segmentation.AddEmptySegment("", "Myocardium"))
+    segment.SetTerminology(terminology(2).replace(LEFT_VENTRICLE, RIGHT_VENTRICLE))
+    assert structure_of_segment(segment) is None
 
 
 def test_unknown_user_segment_is_refused(scene, sample_node, tmp_path):

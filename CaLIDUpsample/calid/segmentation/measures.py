@@ -15,47 +15,88 @@ from ..errors import CalidError
 from .labels import LABELS
 
 KEYS = {1: "rv_cavity_ml", 2: "lv_myocardium_ml", 3: "lv_cavity_ml"}
+NAMES = {"rv_cavity_ml": "RV cavity", "lv_myocardium_ml": "LV myocardium", "lv_cavity_ml": "LV cavity"}
 MYOCARDIUM_DENSITY_G_PER_ML = 1.05
+VENTRICLES = (("lv", "lv_cavity_ml"), ("rv", "rv_cavity_ml"))
 
 
-def structure_volumes(labels: sitk.Image) -> dict[str, float]:
-    """``rv_cavity_ml``, ``lv_myocardium_ml``, ``lv_cavity_ml`` and ``lv_myocardium_mass_g``."""
+def structure_volumes(labels: sitk.Image) -> dict[str, float | None]:
+    """``rv_cavity_ml``, ``lv_myocardium_ml``, ``lv_cavity_ml`` and ``lv_myocardium_mass_g``.
+
+    A structure with no voxel is None, not 0 mL: a short-axis stack of the heart holds all three, so none found
+    means the segmenter failed there (a field of view without the heart, an image it cannot read), and a zero would
+    read as a measurement and enter a cohort's averages (``absence_warning`` names them for the user).
+    """
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel().astype(np.int64), minlength=max(LABELS) + 1)
-    volumes = {KEYS[c]: round(float(counts[c]) * voxel_ml, 2) for c in LABELS}
-    volumes["lv_myocardium_mass_g"] = round(volumes["lv_myocardium_ml"] * MYOCARDIUM_DENSITY_G_PER_ML, 2)
+    volumes = {KEYS[c]: round(float(counts[c]) * voxel_ml, 2) if counts[c] else None for c in LABELS}
+    myocardium_ml = float(counts[2]) * voxel_ml  # the mass from the volume before rounding
+    volumes["lv_myocardium_mass_g"] = round(myocardium_ml * MYOCARDIUM_DENSITY_G_PER_ML, 2) if counts[2] else None
     return volumes
 
 
-def ejection_fractions(end_diastole: dict[str, float], end_systole: dict[str, float]) -> dict[str, float]:
-    """Stroke volumes (mL) and ejection fractions (%) of both ventricles from ED and ES volumes."""
-    out = {}
-    for side, key in (("lv", "lv_cavity_ml"), ("rv", "rv_cavity_ml")):
+def absence_warning(volumes: dict[str, float | None]) -> str | None:
+    """A line naming the structures ``structure_volumes`` found no voxel of, or None when all three are there."""
+    absent = [NAMES[key] for key in KEYS.values() if volumes[key] is None]
+    if not absent:
+        return None
+    return (f"the segmentation found no {', '.join(absent)}: its volume is null (is the heart in the field of view?)"
+            if len(absent) == 1 else f"the segmentation found no {', '.join(absent)}: their volumes are null (is the "
+            "heart in the field of view?)")
+
+
+def ejection_fractions(end_diastole: dict[str, float | None], end_systole: dict[str, float | None]
+                       ) -> tuple[dict[str, float | None], list[str]]:
+    """Stroke volumes (mL) and ejection fractions (%) of both ventricles from ED and ES volumes, each ventricle on
+    its own: one it cannot be computed for (its cavity absent in a phase, or larger at end systole) is None, with
+    the reason in the returned list, and the other is still given. Both larger at end systole is refused: the two
+    phases were given the wrong way round."""
+    out: dict[str, float | None] = {}
+    problems = []
+    larger = [side for side, key in VENTRICLES if None not in (end_diastole[key], end_systole[key])
+              and end_systole[key] > end_diastole[key]]
+    if len(larger) == len(VENTRICLES):
+        raise CalidError("both ventricles are larger at end systole than at end diastole: are the phases swapped?")
+    for side, key in VENTRICLES:
         edv, esv = end_diastole[key], end_systole[key]
-        if edv <= 0:
-            raise CalidError(f"end-diastolic {side.upper()} cavity volume is 0: cannot compute an ejection fraction")
-        if esv > edv:
-            raise CalidError(f"end-systolic {side.upper()} volume ({esv} mL) exceeds end-diastolic ({edv} mL): "
-                             "are the phases swapped?")
-        out[f"{side}_stroke_volume_ml"] = round(edv - esv, 2)
-        out[f"{side}_ejection_fraction_percent"] = round(100.0 * (edv - esv) / edv, 1)
-    return out
+        if edv is None or esv is None:
+            problems.append(f"no {side.upper()} cavity at end {'diastole' if edv is None else 'systole'}: "
+                            f"no {side.upper()} ejection fraction")
+        elif side in larger:
+            problems.append(f"the {side.upper()} cavity is larger at end systole ({esv} mL) than at end diastole "
+                            f"({edv} mL): no {side.upper()} ejection fraction")
+        ok = edv is not None and esv is not None and side not in larger
+        out[f"{side}_stroke_volume_ml"] = round(edv - esv, 2) if ok else None
+        out[f"{side}_ejection_fraction_percent"] = round(100.0 * (edv - esv) / edv, 1) if ok else None
+    return out, problems
 
 
-def cycle_volumes(phase_volumes: list[dict[str, float]], times_ms: tuple[float, ...]) -> dict:
+def cycle_volumes(phase_volumes: list[dict[str, float | None]], times_ms: tuple[float | None, ...]
+                  ) -> tuple[dict, list[str]]:
     """Every phase's ``structure_volumes`` (with its index and time), and each ventricle's end diastole and end
     systole over the cycle: the phases of its largest and smallest cavity volume, as a reader picks them from a
-    cine. The stroke volumes and ejection fractions (``ejection_fractions``) are None when a ventricle is found
-    in no phase, which is reported, not raised: the labels are still written."""
+    cine, among the phases where that cavity was found (``{side}_missing_phases`` lists the others: a phase the
+    segmenter missed must not pass for end systole). The stroke volumes and ejection fractions
+    (``ejection_fractions``) of a ventricle found in no phase are None; what is missing is returned as warnings,
+    not raised: the labels are still written. ``times_ms``: None where the cine names no time unit."""
     phases = [{"phase": t, "time_ms": times_ms[t], **v} for t, v in enumerate(phase_volumes)]
     out: dict = {"phases": phases}
-    ends = {}
-    for side, key in (("lv", "lv_cavity_ml"), ("rv", "rv_cavity_ml")):
-        cavity = [v[key] for v in phase_volumes]
-        ed, es = int(np.argmax(cavity)), int(np.argmin(cavity))
+    ends: dict[str, dict[str, float | None]] = {"ed": {}, "es": {}}
+    problems = []
+    for side, key in VENTRICLES:
+        found = [t for t, v in enumerate(phase_volumes) if v[key] is not None]
+        ed = max(found, key=lambda t: phase_volumes[t][key]) if found else None
+        es = min(found, key=lambda t: phase_volumes[t][key]) if found else None
+        missing = [t for t in range(len(phase_volumes)) if t not in found]
         out[f"{side}_end_diastole_phase"], out[f"{side}_end_systole_phase"] = ed, es
-        ends[key] = (cavity[ed], cavity[es])
-    found = all(ed > 0 for ed, _ in ends.values())
-    out["ejection_fractions"] = ejection_fractions({k: ed for k, (ed, _) in ends.items()},
-                                                   {k: es for k, (_, es) in ends.items()}) if found else None
-    return out
+        out[f"{side}_missing_phases"] = missing
+        if not found:
+            problems.append(f"no {side.upper()} cavity found in any phase: no {side.upper()} ejection fraction")
+        elif missing:
+            problems.append(f"no {side.upper()} cavity found in {len(missing)} of {len(phases)} phases "
+                            f"({', '.join(map(str, missing))}): its end diastole and end systole are chosen among the "
+                            "others")
+        ends["ed"][key] = None if ed is None else phase_volumes[ed][key]
+        ends["es"][key] = None if es is None else phase_volumes[es][key]
+    out["ejection_fractions"], _ = ejection_fractions(ends["ed"], ends["es"])  # its reasons are the ones above
+    return out, problems

@@ -26,6 +26,10 @@ ORIGIN_TOLERANCE_MM = 1e-3
 relative to it let labels 0.4 mm off through at an origin of 5 m)."""
 
 
+SHOWN_VALUES = 8
+"""Unknown label values named in a refusal; an image given as labels has hundreds."""
+
+
 def check_labels(labels: sitk.Image, image: sitk.Image, source: str = "input segmentation") -> np.ndarray:
     """The label array of a segmentation drawn on ``image``; one-line errors for any mismatch."""
     if labels.GetDimension() != image.GetDimension() or labels.GetSize() != image.GetSize():
@@ -44,7 +48,10 @@ def check_labels(labels: sitk.Image, image: sitk.Image, source: str = "input seg
     unknown = sorted(values - {0, *LABELS})
     if unknown:
         known = ", ".join(f"{k} {v}" for k, v in LABELS.items())
-        raise CalidError(f"{source} has unknown label values {', '.join(map(str, unknown))} (expected 0 and {known})")
+        listed = ", ".join(map(str, unknown[:SHOWN_VALUES]))
+        if len(unknown) > SHOWN_VALUES:
+            listed += f" and {len(unknown) - SHOWN_VALUES} more: is it an image, not a label map?"
+        raise CalidError(f"{source} has unknown label values {listed} (expected 0 and {known})")
     return array.astype(np.uint8)
 
 
