@@ -87,7 +87,7 @@ def score_cine(path: Path, network, card, model: str, peers: tuple[str, ...]) ->
     def at_experts(arrays, label) -> tuple[float, float]:
         return lv_ml(arrays[ed], label, drawn[ed], voxel_ml), lv_ml(arrays[es], label, drawn[es], voxel_ml)
 
-    whole_acquired = cycle_volumes([structure_volumes(labels) for labels in acquired], cine.times)
+    whole_acquired, _ = cycle_volumes([structure_volumes(labels) for labels in acquired], cine.times_ms)
     return {"experts": at_experts(contours, EXPERT_LV), "dense": at_experts(dense, OUR_LV),
             "acquired": at_experts(acquired_arrays, OUR_LV),
             "dense cycle": result.volumes["ejection_fractions"]["lv_ejection_fraction_percent"],
