@@ -66,8 +66,20 @@ class Cine:
     @property
     def times_ms(self) -> tuple[float | None, ...]:
         """Each frame's time in ms, or None for every frame where the source names no time unit."""
-        scale = MS_PER_TIME_UNIT.get((self.time_unit or "").strip().lower())
-        return tuple(None if scale is None else round(t * scale, 3) for t in self.times)
+        if self._ms_per_unit is None:
+            return (None,) * len(self.times)
+        return tuple(round(t, 3) for t in self.times_in("ms"))
+
+    def times_in(self, unit: str) -> tuple[float, ...]:
+        """The frame times in ``unit`` (a key of ``MS_PER_TIME_UNIT``), or as read where the source names no unit:
+        an output in another format says the same times in its own unit (NIfTI seconds, DICOM ms)."""
+        if self._ms_per_unit is None:
+            return self.times
+        return tuple(t * self._ms_per_unit / MS_PER_TIME_UNIT[unit] for t in self.times)
+
+    @property
+    def _ms_per_unit(self) -> float | None:
+        return MS_PER_TIME_UNIT.get((self.time_unit or "").strip().lower())
 
 
 def check_uniform_times(times: list[float] | tuple[float, ...], where: str) -> None:
@@ -81,11 +93,19 @@ def check_uniform_times(times: list[float] | tuple[float, ...], where: str) -> N
 
 def _with_time_axis(volumes: list[sitk.Image], times: tuple[float, ...]) -> sitk.Image:
     """Join equally shaped 3D phases into one 4D image whose time origin/spacing are the first time and mean step."""
-    step = float(np.mean(np.diff(times))) if len(times) > 1 else 1.0
     try:
-        return sitk.JoinSeries(volumes, float(times[0]), step)
+        joined = sitk.JoinSeries(volumes)
     except RuntimeError as exc:
         raise CalidError(f"the phases of the cine do not share one grid: {str(exc).strip().splitlines()[-1]}") from None
+    _set_times(joined, times)
+    return joined
+
+
+def _set_times(image: sitk.Image, times: tuple[float, ...]) -> None:
+    """Give a 4D image the time axis of ``times``: the first as origin, their mean interval as spacing (1 for one)."""
+    step = float(np.mean(np.diff(times))) if len(times) > 1 else 1.0
+    image.SetOrigin((*image.GetOrigin()[:3], float(times[0])))
+    image.SetSpacing((*image.GetSpacing()[:3], step))
 
 
 def phase_of(image: sitk.Image, t: int) -> sitk.Image:
@@ -237,12 +257,16 @@ def check_cine_output(path: str | os.PathLike, labels: bool = False) -> None:
 
 def write_cine(image: sitk.Image, like: Cine, path: str | os.PathLike) -> Path:
     """Write a 4D image with ``like``'s frame times: ``.nrrd`` as a Slicer sequence, a suffix-less path as a
-    DICOM cine folder, other suffixes (NIfTI, MetaImage) as a 4D file."""
+    DICOM cine folder (trigger times in ms), other suffixes (NIfTI: time in seconds; MetaImage) as a 4D file. Times
+    whose unit the input did not name are written as read."""
     check_cine_output(path)
     path = Path(path)
     if path.name.lower().endswith(".nrrd"):
         return _write_sequence_nrrd(image, like, path)
-    return write_image(image, path, frame_times=like.times)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        image = sitk.Image(image)  # the caller's image keeps its axis
+        _set_times(image, like.times_in("s"))
+    return write_image(image, path, frame_times=like.times_in("ms"))
 
 
 def _sequence_header(image: sitk.Image, like: Cine) -> str:
@@ -252,7 +276,8 @@ def _sequence_header(image: sitk.Image, like: Cine) -> str:
     axes = " ".join("(" + ",".join(f"{v:.17g}" for v in direction[:, j] * spacing[j]) + ")" for j in range(3))
     dtype = sitk.GetArrayViewFromImage(image).dtype
     values = " ".join(quote(f"{t:.17g}") for t in like.times)
-    fields = {"index type": "numeric", **like.sequence_fields, "index values": values}
+    unit = {"unit": like.time_unit} if like.time_unit else {}  # a DICOM cine's ms, a NIfTI's seconds
+    fields = {"index type": "numeric", **unit, **like.sequence_fields, "index values": values}
     lines = ["NRRD0004", f"type: {NRRD_TYPES[dtype.name]}", "dimension: 4", "space: left-posterior-superior",
              "sizes: " + " ".join(str(s) for s in size), f"space directions: {axes} none",
              "kinds: domain domain domain list", "endian: little", "encoding: gzip",

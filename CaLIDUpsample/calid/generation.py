@@ -138,6 +138,7 @@ class GapItems:
                  flows: torch.Tensor | None = None):
         phases, n, self.h, self.w = stacks.shape
         self.padded, self.ph, self.pw = pad_to_multiple(stacks, model.spatial_multiple)
+        self.latent_hw = tuple(s // model.vae_downsampling for s in self.padded.shape[2:])  # the latents' grid
         self.below, self.above, self.alpha = _gap_items(phases, n, factor, samples)
         self.images = torch.from_numpy(self.padded.reshape(phases * n, 1, *self.padded.shape[2:]))
         self.flows = self.gap_of = None
@@ -150,7 +151,8 @@ class GapItems:
     def __len__(self) -> int:
         return len(self.alpha)
 
-    def warped(self, part: slice | torch.Tensor, images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def warped(self, part: slice | torch.Tensor, images: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both acquired neighbours (of ``images``, default the padded slices) of the items in ``part``, warped
         along their flow to the items' positions."""
         images = self.images if images is None else images
@@ -241,13 +243,12 @@ def generate_renditions(
     progress = progress or Progress("none")
     progress.set_stage("estimating motion" if model.motion is not None and flows is None else "preparing")
     gaps = GapItems(model, stacks, factor, samples, flows)
-    latent_hw = (gaps.padded.shape[2] // model.vae_downsampling, gaps.padded.shape[3] // model.vae_downsampling)
-    batches = _Batches(device, batch_size or choose_batch_size(device, latent_hw[0] * latent_hw[1]), progress)
+    batches = _Batches(device, batch_size or choose_batch_size(device, gaps.latent_hw[0] * gaps.latent_hw[1]), progress)
     progress.total = acquired + (acquired * steps if plus else 0) + len(gaps) * steps + len(gaps) + acquired
     scheduler = make_scheduler(model.config["diffusion"])
 
     progress.set_stage("encoding acquired slices")
-    latents = _encoded(model, gaps.images, batches)
+    latents = _encoded(model, gaps, batches)
     if plus:
         progress.set_stage("inverting acquired slices (CaLID+)")
         z_init = _inverted_start(model, scheduler, latents, gaps, phases, n, steps, batches)
@@ -267,10 +268,11 @@ def generate_renditions(
     return {name: x.reshape(samples, phases, missing, h, w) for name, x in finished.items()}
 
 
-def _encoded(model: CaLID, images: torch.Tensor, batches: _Batches) -> torch.Tensor:
-    """The VAE latents of the acquired slices (N, 1, H, W), one progress unit each."""
-    latents = torch.empty((len(images), model.config["vae"]["latent_channels"],
-                           *(s // model.vae_downsampling for s in images.shape[2:])), device=batches.device)
+def _encoded(model: CaLID, gaps: GapItems, batches: _Batches) -> torch.Tensor:
+    """The VAE latents of the acquired slices (``gaps.images``, N, 1, H, W), one progress unit each."""
+    images = gaps.images
+    latents = torch.empty((len(images), model.config["vae"]["latent_channels"], *gaps.latent_hw),
+                          device=batches.device)
 
     def encode(part: slice) -> None:
         with autocast(batches.device):
@@ -415,15 +417,14 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
     gaps = GapItems(model, stacks, factor, 1, flows)
     flat = np.ascontiguousarray(generated.reshape(phases * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)
-    latent_pixels = gaps.padded.shape[2] * gaps.padded.shape[3] // model.vae_downsampling ** 2
-    batch = batch_size or choose_batch_size(device, latent_pixels)
+    batch = batch_size or choose_batch_size(device, gaps.latent_hw[0] * gaps.latent_hw[1])
     gap = torch.full((len(gaps),), float(gap_mm), device=device)
 
     def predict(part: slice) -> None:
         estimate = gaps.pad(flat[part], float(gaps.padded.min())).to(device)
         with autocast(device):
-            log_scale = model.error_head(estimate, *(w.to(device) for w in gaps.warped(part)), gaps.alpha[part].to(device),
-                                         gap[part])
+            log_scale = model.error_head(estimate, *(w.to(device) for w in gaps.warped(part)),
+                                         gaps.alpha[part].to(device), gap[part])
             out[part] = gaps.crop(log_scale.float().exp())
 
     run_batched(predict, len(gaps), batch)

@@ -320,3 +320,20 @@ def test_frame_times_are_reported_in_ms_only_where_the_file_names_their_unit(sma
     vector.SetMetaData("axis 0 unit", "s")
     sitk.WriteImage(vector, str(tmp_path / "seconds.seq.nrrd"))
     assert read_input(tmp_path / "seconds.seq.nrrd").times_ms == TIMES
+
+
+def test_a_cine_written_in_another_format_keeps_its_times_in_that_formats_unit(cine, tmp_path):
+    """A DICOM cine's trigger times are ms, a NIfTI's time axis seconds: 40 ms frames were written to NIfTI as 40 s,
+    and a NIfTI's 0.04 s frames to DICOM as 0.04 ms; a sequence NRRD names its unit."""
+    write_image(cine, tmp_path / "dicom")
+    from_dicom = read_input(tmp_path / "dicom")
+    assert from_dicom.time_unit == "ms" and from_dicom.times == TIMES
+    write_cine(from_dicom.image, from_dicom, tmp_path / "cine.nii.gz")
+    nifti = read_input(tmp_path / "cine.nii.gz")
+    np.testing.assert_allclose(nifti.times, [t / 1000 for t in TIMES], rtol=1e-6)  # seconds in the file
+    assert nifti.times_ms == TIMES and from_dicom.image.GetSpacing()[3] == 40.0  # the caller's image kept its axis
+    write_cine(nifti.image, nifti, tmp_path / "again")
+    assert read_input(tmp_path / "again").times == TIMES  # back to ms trigger times
+    write_cine(from_dicom.image, from_dicom, tmp_path / "cine.seq.nrrd")
+    sequence = read_input(tmp_path / "cine.seq.nrrd")
+    assert sequence.sequence_fields["unit"] == "ms" and sequence.times_ms == TIMES
