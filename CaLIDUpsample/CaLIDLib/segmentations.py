@@ -9,6 +9,7 @@ show the standard meaning.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -74,15 +75,21 @@ def load_labels_into_segmentation(scene, path: Path, segmentation, reference_vol
 
 
 SEGMENT_NAMES = {
-    1: ("right ventricle", "right ventricle cavity", "right ventricular cavity", "right ventricle blood pool", "rv",
-        "rv cavity", "rv blood pool", "rv bp"),
-    2: ("myocardium", "myo", "left ventricle myocardium", "left ventricular myocardium", "lv myocardium", "lv myo"),
-    3: ("left ventricle", "left ventricle cavity", "left ventricular cavity", "left ventricle blood pool", "lv",
-        "lv cavity", "lv blood pool", "lv bp"),
+    1: ("right ventricle", "right ventricle cavity", "right ventricular cavity", "right ventricle blood pool",
+        "right ventricular blood pool", "rv", "rv cavity", "rv blood pool", "rv blood", "rvbp", "rv bp", "rvc",
+        "rv endo", "heart ventricle right"),
+    2: ("myocardium", "myo", "left ventricle myocardium", "left ventricular myocardium", "lv myocardium", "lv myo",
+        "lvmyo", "myocardium (lv)", "heart myocardium"),
+    3: ("left ventricle", "left ventricle cavity", "left ventricular cavity", "left ventricle blood pool",
+        "left ventricular blood pool", "lv", "lv cavity", "lv blood pool", "lv blood", "lvbp", "lv bp", "lvc",
+        "lv endo", "heart ventricle left"),
 }
-"""The names a user's segment may carry for each structure, compared whole (lower case, ``_`` and ``-`` read as
-spaces): a part of a name is not enough, since whole-heart segmentations hold "Left atrium", "Right atrium" and
-"Right ventricle myocardium", which must not become a ventricle's cavity or the left ventricle's myocardium."""
+"""The names a user's segment may carry for each structure (ACDC's, TotalSegmentator's, common abbreviations),
+compared whole (lower case, ``_`` and ``-`` read as spaces, a copy's trailing number dropped): a part of a name is
+not enough, since whole-heart segmentations hold "Left atrium", "Right atrium" and "Right ventricle myocardium",
+which must not become a ventricle's cavity or the left ventricle's myocardium."""
+HEART = "80891009"
+"""SNOMED CT Heart: a region that says no more than the type does (Myocardium in the Heart is the LV's here)."""
 
 
 def _terminology_codes(entry: str) -> tuple[str, str]:
@@ -103,10 +110,10 @@ def structure_of_segment(segment) -> int | None:
     if type_code in cardiac:
         for label, (_, structure_type, structure_region, _) in STRUCTURES.items():
             wanted_region = structure_region.split("^")[1] if structure_region else ""
-            if type_code == structure_type.split("^")[1] and region in {wanted_region, ""}:
+            if type_code == structure_type.split("^")[1] and region in {wanted_region, "", HEART}:
                 return label
         return None
-    name = " ".join(segment.GetName().lower().replace("_", " ").replace("-", " ").split())
+    name = re.sub(r"( \d+)+$", "", " ".join(segment.GetName().lower().replace("_", " ").replace("-", " ").split()))
     return next((label for label, names in SEGMENT_NAMES.items()
                  if name in names or name == STRUCTURES[label][0].lower()), None)
 

@@ -152,7 +152,12 @@ def cine_from_sequence(image: sitk.Image, axis: int, where: str) -> Cine:
     check_uniform_times(times, where)
     frames = [sitk.VectorIndexSelectionCast(image, t) for t in range(count)]
     fields["index type"] = "numeric"
-    return Cine(_with_time_axis(frames, times), times, fields, fields.get("unit"))
+    unit = fields.get("unit") or _nrrd_field(image, "NRRD_units[pixel]")  # Slicer writes the NRRD "units" field
+    return Cine(_with_time_axis(frames, times), times, fields, unit or None)
+
+
+def _nrrd_field(image: sitk.Image, key: str) -> str | None:
+    return image.GetMetaData(key).strip().strip('"') if image.HasMetaDataKey(key) else None
 
 
 def _dicom_header(name: str) -> tuple[float, float | None]:
@@ -276,11 +281,11 @@ def _sequence_header(image: sitk.Image, like: Cine) -> str:
     axes = " ".join("(" + ",".join(f"{v:.17g}" for v in direction[:, j] * spacing[j]) + ")" for j in range(3))
     dtype = sitk.GetArrayViewFromImage(image).dtype
     values = " ".join(quote(f"{t:.17g}") for t in like.times)
-    unit = {"unit": like.time_unit} if like.time_unit else {}  # a DICOM cine's ms, a NIfTI's seconds
-    fields = {"index type": "numeric", **unit, **like.sequence_fields, "index values": values}
+    fields = {"index type": "numeric", **like.sequence_fields, "index values": values}
+    time = [f'labels: "" "" "" "time"', f'units: "" "" "" "{like.time_unit}"'] if like.time_unit else []
     lines = ["NRRD0004", f"type: {NRRD_TYPES[dtype.name]}", "dimension: 4", "space: left-posterior-superior",
              "sizes: " + " ".join(str(s) for s in size), f"space directions: {axes} none",
-             "kinds: domain domain domain list", "endian: little", "encoding: gzip",
+             "kinds: domain domain domain list", *time, "endian: little", "encoding: gzip",
              "space origin: (" + ",".join(f"{v:.17g}" for v in image.GetOrigin()[:3]) + ")",
              "DataNodeClassName:=vtkMRMLScalarVolumeNode"]
     lines += [f"axis 3 {key}:={value}" for key, value in fields.items()]

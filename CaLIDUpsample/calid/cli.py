@@ -364,8 +364,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     labels = segment_image(image, network, card["config"], device, args.slice_axis)
     write_image(labels, args.output)
     volumes = structure_volumes(labels)
-    if absence_warning(volumes):
-        print(f"calid: warning: {absence_warning(volumes)}", file=sys.stderr)
+    absent = absence_warning(volumes)
+    if absent:
+        print(f"calid: warning: {absent}", file=sys.stderr)
     print(json.dumps({"output": str(args.output), "volumes": volumes}))
     return 0
 
@@ -391,19 +392,18 @@ def cmd_volumes(args: argparse.Namespace) -> int:
     if args.end_systole:
         phases["end_systole"] = args.end_systole
     report = {}
-    warnings = []
     for phase, path in phases.items():
         labels = validate_volume(read_image(path), str(path))  # 3D only: a 4D label file is refused here
         check_labels(labels, labels, source=str(path))
         report[phase] = structure_volumes(labels)
-        if absence_warning(report[phase]):
-            warnings.append(f"{path}: {absence_warning(report[phase])}")
+        absent = absence_warning(report[phase])
+        if absent:
+            print(f"calid: warning: {path}: {absent}", file=sys.stderr)
     if args.end_systole:
         fractions, problems = ejection_fractions(report["end_diastole"], report["end_systole"])
         report.update(fractions)
-        warnings += problems
-    for warning in warnings:
-        print(f"calid: warning: {warning}", file=sys.stderr)
+        for problem in problems:
+            print(f"calid: warning: {problem}", file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0
 

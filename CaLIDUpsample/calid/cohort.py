@@ -114,7 +114,7 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         overall.advance(1, item=str(item), status=row["status"])
     part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
     _write_csv(part, rows)
-    if progress_mode != "json":  # JSON mode gave each input's status as it went
+    if world == 1 and progress_mode != "json":  # JSON mode gave each input's status as it went
         _print_summary(rows, final_csv)
     if world > 1:
         dist.barrier()
@@ -126,6 +126,8 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
                     merged.extend(csv.DictReader(f))
                 shard.unlink()
             _write_csv(final_csv, sorted(merged, key=lambda row: row["input"]))
+            if progress_mode != "json":
+                _print_summary(merged, final_csv)  # every process's inputs, once
         dist.barrier()
         dist.destroy_process_group()
     return sum(row["status"] == "failed" for row in rows)

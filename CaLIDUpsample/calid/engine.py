@@ -276,8 +276,9 @@ def upsample_file(
 
         result.labels = _segment_phase(result, result.sharp_image, segmenter, sparse, progress)
         result.volumes = structure_volumes(result.labels)
-        if absence_warning(result.volumes):
-            (progress or Progress("none")).warning(absence_warning(result.volumes))
+        absent = absence_warning(result.volumes)
+        if absent:
+            (progress or Progress("none")).warning(absent)
         if result.uncertainty is not None:
             result.uncertainty_slices = slice_summaries(result.uncertainty, result.slice_axis, result.factor,
                                                         result.labels)
@@ -289,7 +290,8 @@ def upsample_file(
 def write_outputs(outputs: list[tuple[sitk.Image | None, str | os.PathLike | None]],
                   write: Callable[[sitk.Image, str | os.PathLike], Path]) -> None:
     """Write a run's outputs (those with a path) in turn; should one fail (a full disk, a path no check could
-    foresee), remove those already written, so that a failed run leaves none of its result, as a refused one."""
+    foresee), remove those already written, so that a failed run leaves no part of its result. (A file that was
+    there before and was overwritten is gone then too: its old content was lost when it was overwritten.)"""
     written = []
     try:
         for image, path in outputs:

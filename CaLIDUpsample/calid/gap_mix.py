@@ -1,8 +1,8 @@
 """The last step of a motion-aware model's slices, set per gap: how much of the morph and of linear they take.
 
 A motion-aware model's final slices are ``(1 - linear) * mix + linear * L``, where ``mix`` is the model's slice
-averaged with the optical-flow morph by the weight ``morph`` (``pipeline_settings.LastStep``, in pixel, shape or aligned space)
-and ``L`` the linear cross-fade of the two acquired neighbours. Both weights are read off a table of gap sizes
+averaged with the optical-flow morph by the weight ``morph`` (``pipeline_settings.LastStep``, in pixel, shape or
+aligned space) and ``L`` the linear cross-fade of the two acquired neighbours. Both weights are read off a table of gap sizes
 (the distance between the two acquired neighbours, in mm): linear in the gap between its knots, constant beyond
 the first and last.
 

@@ -359,7 +359,8 @@ class CaLID(nn.Module):
 
     def _check_last_step(self, step: LastStep) -> None:
         if step.needs_motion and self.motion is None:
-            raise ValueError("the morph mix needs the warped neighbours: it needs a motion-aware model")
+            raise ValueError("the last step's mix (morph mix, its space, a gap mix) needs the warped neighbours: it "
+                             "needs a motion-aware model")
 
     def add_error_head(self, cfg: dict[str, Any] | None = None) -> None:
         """Give a motion-aware model the ``ErrorHead`` behind its calibrated uncertainty map (untrained until

@@ -47,7 +47,7 @@ class MotionSettings:
         """A card's ``"motion"``; cards written before views or smoothing existed mean one view, no smoothing."""
         if cfg is None:
             return None
-        return cls(cfg.get("flow"), cfg.get("views", 1), float(cfg.get("smooth", 0.0)))
+        return cls(cfg.get("flow"), cfg.get("views", 1), float(cfg.get("smooth") or 0.0))
 
     def to_config(self) -> dict[str, Any]:
         """The card's form: ``"smooth"`` only where the flows are smoothed, as the cards before it had none."""
@@ -103,8 +103,9 @@ class LastStep:
         """Whether the step names anything of the warped neighbours, which only a motion-aware model has."""
         return bool(self.morph_mix) or self.gap_mix is not None or self.space != "pixel"
 
-    def at(self, gap_mm: float) -> tuple[float, float]:
-        """(morph weight, linear share) at a gap of ``gap_mm`` between the acquired neighbours."""
+    def at(self, gap_mm: float | None) -> tuple[float, float]:
+        """(morph weight, linear share) at a gap of ``gap_mm`` between the acquired neighbours (None: a step
+        without a per-gap table)."""
         return (self.morph_mix, 0.0) if self.gap_mix is None else self.gap_mix.at(gap_mm)
 
     @classmethod

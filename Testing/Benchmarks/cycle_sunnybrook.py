@@ -62,6 +62,12 @@ def lv_ml(labels: np.ndarray, label: int, slices: list[int], voxel_ml: float) ->
     return float((labels[slices] == label).sum()) * voxel_ml
 
 
+def lv_ejection_fraction(cycle: dict) -> float:
+    """The LV ejection fraction of ``cycle_volumes``' report, NaN where the product gives none (no LV found)."""
+    value = cycle["ejection_fractions"]["lv_ejection_fraction_percent"]
+    return float("nan") if value is None else value
+
+
 def whole_cycle(path: Path, options: UpsampleOptions) -> tuple[object, float]:
     """``calid upsample PATH --segmentation`` in process with ``options``: (its result, seconds)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -78,8 +84,8 @@ def score_cine(path: Path, network, card, model: str, peers: tuple[str, ...]) ->
     voxel_ml = float(np.prod(cine.image.GetSpacing()[:3])) / 1000.0
 
     result, product_s = whole_cycle(path, UpsampleOptions(factor=FACTOR, device="cpu", model=model))
-    peer_fractions = {f"{method} cycle": whole_cycle(path, UpsampleOptions(factor=FACTOR, device="cpu", method=method))[0]
-                      .volumes["ejection_fractions"]["lv_ejection_fraction_percent"] for method in peers}
+    peer_fractions = {f"{method} cycle": lv_ejection_fraction(whole_cycle(
+        path, UpsampleOptions(factor=FACTOR, device="cpu", method=method))[0].volumes) for method in peers}
     dense = sitk.GetArrayFromImage(result.labels)[:, ::FACTOR]  # (t, z, y, x): the acquired slices' positions
     acquired = [segment_image(phase_of(cine.image, t), network, card["config"]) for t in range(len(cine.times))]
     acquired_arrays = [sitk.GetArrayFromImage(labels) for labels in acquired]
@@ -90,8 +96,8 @@ def score_cine(path: Path, network, card, model: str, peers: tuple[str, ...]) ->
     whole_acquired, _ = cycle_volumes([structure_volumes(labels) for labels in acquired], cine.times_ms)
     return {"experts": at_experts(contours, EXPERT_LV), "dense": at_experts(dense, OUR_LV),
             "acquired": at_experts(acquired_arrays, OUR_LV),
-            "dense cycle": result.volumes["ejection_fractions"]["lv_ejection_fraction_percent"],
-            "acquired cycle": whole_acquired["ejection_fractions"]["lv_ejection_fraction_percent"],
+            "dense cycle": lv_ejection_fraction(result.volumes),
+            "acquired cycle": lv_ejection_fraction(whole_acquired),
             "phases": (ed, es, result.volumes["lv_end_diastole_phase"], result.volumes["lv_end_systole_phase"]),
             "seconds": product_s, **peer_fractions}
 

@@ -46,7 +46,7 @@ def test_bundled_weights_are_small_fp16_safetensors(name):
 @pytest.mark.parametrize("name", [ACDC_MODEL, DEFAULT_MODEL])
 def test_bundled_models_build_on_the_morph_the_user_can_compare_with(name):
     card = json.loads((BUNDLED_DIR / name / CARD_FILE).read_text(encoding="utf-8"))
-    assert card["config"]["motion"] == PRODUCT_MORPH.to_config()  # ``--method morph`` shows the morph the model starts from
+    assert card["config"]["motion"] == PRODUCT_MORPH.to_config()  # ``--method morph``: the morph it starts from
     assert card["config"]["error_head"]["calibration"], "an error head recalibrated on this flow's output"
 
 

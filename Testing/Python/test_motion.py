@@ -319,6 +319,16 @@ def test_refiner_segmentation_term_is_least_where_the_bundled_segmenter_sees_the
     assert flattened.grad is not None and float(flattened.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("option", [{"morph_mix": 0.0}, {"morph_mix_space": "pixel"}, {"gap_mix": "10:0:0"}])
+def test_a_last_step_option_needs_a_motion_aware_model_even_when_it_would_change_nothing(option, dataset, tmp_path,
+                                                                                         tiny_model_dir):
+    from calid.training.config import TrainConfig
+    from calid.training.trainer import Trainer
+
+    with pytest.raises(CalidError, match="needs a motion-aware model"):
+        Trainer(TrainConfig(data=[str(dataset)], output=str(tmp_path / "r"), init=str(tiny_model_dir), **option))
+
+
 def test_refiner_needs_a_motion_aware_model(dataset, tmp_path, tiny_model_dir):
     from calid.training.config import TrainConfig
     from calid.training.trainer import Trainer

@@ -244,6 +244,14 @@ def test_a_phase_whose_ventricle_the_segmenter_missed_is_not_its_end_systole():
     assert cycle["rv_missing_phases"] == [2] and "1 of 5 phases (2)" in problems[0]
 
 
+def test_a_cavity_of_a_few_voxels_rounding_to_zero_gives_no_ejection_fraction_not_a_crash():
+    volumes = [{"rv_cavity_ml": rv, "lv_myocardium_ml": 90.0, "lv_cavity_ml": 100.0 - 10 * t,
+                "lv_myocardium_mass_g": 94.5} for t, rv in enumerate((0.0, 0.0, 0.0))]
+    cycle, _ = cycle_volumes(volumes, (0.0, 40.0, 80.0))
+    assert cycle["ejection_fractions"]["rv_ejection_fraction_percent"] is None
+    assert cycle["ejection_fractions"]["lv_ejection_fraction_percent"] == 20.0
+
+
 def test_a_volume_without_a_heart_gives_null_volumes_and_says_so():
     empty = sitk.GetImageFromArray(np.zeros((4, 10, 10), np.uint8))
     volumes = structure_volumes(empty)

@@ -193,6 +193,7 @@ def test_a_cine_segmentation_is_a_sequence_of_segmentations_with_its_cycle_in_ta
     assert tuple(frames.GetNthIndexValue(i) for i in range(3)) == TIMES
     per_frame, cycle = logic.lastFramesTable, logic.lastVolumesTable
     assert per_frame.GetNumberOfRows() == 3 and per_frame.GetColumnName(4) == "Left ventricle cavity (mL)"
+    assert [per_frame.GetTable().GetValue(t, 1).ToDouble() for t in range(3)] == [float(t) for t in TIMES]  # ms
     voxel_ml = float(np.prod(out.GetSpacing())) / 1000.0
     for t in range(3):
         lv = segment_voxels(frames.GetNthDataNode(t), "Left ventricle cavity") * voxel_ml

@@ -97,7 +97,9 @@ def test_user_segments_are_kept_on_acquired_slices(scene, sample_node, private_t
 @pytest.mark.parametrize("name, terminology_of, expected", [
     ("LV blood pool", 3, 3), ("anything", 1, 1), ("anything", 2, 2), ("lv_cavity", None, 3), ("MYO", None, 2),
     ("Right-Ventricle", None, 1), ("Left atrium", None, None), ("Right atrium", None, None),
-    ("RV myocardium", None, None), ("Right ventricle myocardium", None, None), ("Left ventricle cavity", None, 3)])
+    ("RV myocardium", None, None), ("Right ventricle myocardium", None, None), ("Left ventricle cavity", None, 3),
+    ("LVBP", None, 3), ("heart_ventricle_right", None, 1), ("heart_myocardium", None, 2),
+    ("Left ventricle cavity 1", None, 3), ("Myocardium (LV)", None, 2)])
 def test_user_segments_are_matched_whole_never_by_a_part_of_their_name(scene, name, terminology_of, expected):
     """Whole-heart segmentations hold atria and the RV's myocardium: a part of a name ("left", "myo") or a code
     found anywhere in the terminology took them for a ventricle's cavity or the LV's myocardium."""
@@ -113,6 +115,8 @@ def test_myocardium_of_the_right_ventricle_is_not_the_left_ventricles(scene):
     segment = segmentation.GetSegment(segmentation.AddEmptySegment("", "Myocardium"))
     segment.SetTerminology(terminology(2).replace(LEFT_VENTRICLE, RIGHT_VENTRICLE))
     assert structure_of_segment(segment) is None
+    segment.SetTerminology(terminology(2).replace(LEFT_VENTRICLE, "SCT^80891009^Heart"))  # the region says no more
+    assert structure_of_segment(segment) == 2
 
 
 def test_unknown_user_segment_is_refused(scene, sample_node, tmp_path):

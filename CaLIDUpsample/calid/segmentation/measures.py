@@ -59,13 +59,13 @@ def ejection_fractions(end_diastole: dict[str, float | None], end_systole: dict[
         raise CalidError("both ventricles are larger at end systole than at end diastole: are the phases swapped?")
     for side, key in VENTRICLES:
         edv, esv = end_diastole[key], end_systole[key]
-        if edv is None or esv is None:
-            problems.append(f"no {side.upper()} cavity at end {'diastole' if edv is None else 'systole'}: "
+        if not edv or esv is None:  # none found, or a few voxels that round to 0.00 mL
+            problems.append(f"no {side.upper()} cavity at end {'systole' if edv else 'diastole'}: "
                             f"no {side.upper()} ejection fraction")
         elif side in larger:
             problems.append(f"the {side.upper()} cavity is larger at end systole ({esv} mL) than at end diastole "
                             f"({edv} mL): no {side.upper()} ejection fraction")
-        ok = edv is not None and esv is not None and side not in larger
+        ok = bool(edv) and esv is not None and side not in larger
         out[f"{side}_stroke_volume_ml"] = round(edv - esv, 2) if ok else None
         out[f"{side}_ejection_fraction_percent"] = round(100.0 * (edv - esv) / edv, 1) if ok else None
     return out, problems

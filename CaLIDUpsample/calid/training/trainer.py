@@ -145,6 +145,11 @@ class Trainer:
         """``--morph-mix`` (one weight at every gap: it replaces a per-gap table), ``--morph-mix-space`` (keeps the
         weights) and ``--gap-mix`` (the per-gap table)."""
         step = self.model.last_step
+        options = (("--morph-mix", cfg.morph_mix), ("--morph-mix-space", cfg.morph_mix_space), ("--gap-mix", cfg.gap_mix))
+        named = [option for option, value in options if value is not None]
+        if named and self.model.motion is None:  # even a mix of 0 or the pixel space: they mean nothing here
+            raise CalidError(f"{' / '.join(named)} needs a motion-aware model (--motion, or an --init model that is "
+                             "one)")
         try:
             if cfg.morph_mix is not None:
                 step = replace(step, morph_mix=cfg.morph_mix, gap_mix=None)
