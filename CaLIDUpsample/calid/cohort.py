@@ -86,51 +86,77 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
     final_csv = csv_path or output_dir / "calid_cohort.csv"
     done_before = _done_rows(final_csv)
     overall = Progress(progress_mode if progress_mode == "json" else "none", len(mine))
-    for item, target in mine:
-        row = {"input": str(item), "output": str(target), "rank": rank, "device": str(device)}
-        started = time.perf_counter()
-        if target.exists() and str(target) in done_before:  # a resumed run keeps the record of the run that made it
-            rows.append(done_before[str(target)])
-            overall.advance(1, item=str(item), status="done")
-            continue
-        if target.exists():
-            row.update(status="skipped", message="output exists")
-        else:
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                item_progress = Progress(progress_mode if progress_mode == "bar" else "none", description=item.name)
-                result = upsample_file(item, target, replace(options, device=str(device)), model=model,
-                                       progress=item_progress)
-                item_progress.close()
-                row.update(status="done", factor=result.factor)
-            except CalidError as exc:
-                row.update(status="failed", message=str(exc))
-            except Cancelled:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one input's failure must not stop the cohort
-                row.update(status="failed", message=f"internal error: {type(exc).__name__}: {exc}")
-        row["seconds"] = round(time.perf_counter() - started, 2)
-        rows.append(row)
-        overall.advance(1, item=str(item), status=row["status"])
-    part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
-    _write_csv(part, rows)
-    if world == 1 and progress_mode != "json":  # JSON mode gave each input's status as it went
-        _print_summary(rows, final_csv)
-    if world > 1:
-        dist.barrier()
-        if rank == 0:
-            merged = []
-            for r in range(world):
-                shard = final_csv.with_name(f"{final_csv.stem}.rank{r}.csv")
-                with open(shard, newline="", encoding="utf-8") as f:
-                    merged.extend(csv.DictReader(f))
-                shard.unlink()
-            _write_csv(final_csv, sorted(merged, key=lambda row: row["input"]))
-            if progress_mode != "json":
-                _print_summary(merged, final_csv)  # every process's inputs, once
-        dist.barrier()
-        dist.destroy_process_group()
-    return sum(row["status"] == "failed" for row in rows)
+    shard = {"rank": rank} if world > 1 else {}  # each process reports its own share of the inputs
+    try:
+        for item, target in mine:
+            row = _process(item, target, output_dir, done_before, options, device, model, progress_mode, rank)
+            rows.append(row)
+            told = {"message": row["message"]} if row.get("message") and row["status"] == "failed" else {}
+            overall.advance(1, item=str(item), status=row["status"], **told, **shard)
+    finally:  # a cancelled cohort keeps the record of what it finished, for the next run to resume from
+        part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
+        _write_csv(part, rows)
+    failed = sum(row["status"] == "failed" for row in rows)
+    if world == 1:
+        if progress_mode != "json":  # JSON mode gave each input's status as it went
+            _print_summary(rows, final_csv)
+        return failed
+    dist.barrier()
+    if rank == 0:
+        merged = []
+        for r in range(world):
+            shard_csv = final_csv.with_name(f"{final_csv.stem}.rank{r}.csv")
+            with open(shard_csv, newline="", encoding="utf-8") as f:
+                merged.extend(csv.DictReader(f))
+            shard_csv.unlink()
+        _write_csv(final_csv, sorted(merged, key=lambda row: row["input"]))
+        if progress_mode != "json":
+            _print_summary(merged, final_csv)  # every process's inputs, once
+    total = torch.tensor([failed])
+    dist.all_reduce(total)  # every process exits 1 when any input failed, whichever process had it
+    dist.destroy_process_group()
+    return int(total.item())
+
+
+def _process(item: Path, target: Path, output_dir: Path, done_before: dict[str, dict], options: UpsampleOptions,
+             device: torch.device, model, progress_mode: str, rank: int) -> dict:
+    """One input of the cohort: its record (done, skipped or failed, and why)."""
+    row = {"input": str(item), "output": str(target), "rank": rank, "device": str(device)}
+    started = time.perf_counter()
+    if target.exists() and str(target.resolve()) in done_before:  # a resumed run keeps the record that made it
+        return done_before[str(target.resolve())]
+    if target.exists():
+        row.update(status="skipped", message="output exists")
+    else:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            item_progress = Progress(progress_mode if progress_mode == "bar" else "none", description=item.name)
+            result = upsample_file(item, target, replace(options, device=str(device)), model=model,
+                                   progress=item_progress)
+            item_progress.close()
+            row.update(status="done", factor=result.factor)
+        except CalidError as exc:
+            row.update(status="failed", message=str(exc))
+        except Cancelled:
+            _remove_if_empty(target.parent, output_dir)
+            raise
+        except OSError as exc:
+            row.update(status="failed", message=f"cannot write {target.parent}: {exc.strerror or exc}")
+        except Exception as exc:  # noqa: BLE001 - one input's failure must not stop the cohort
+            row.update(status="failed", message=f"internal error: {type(exc).__name__}: {exc}")
+        if row["status"] == "failed":
+            _remove_if_empty(target.parent, output_dir)
+    row["seconds"] = round(time.perf_counter() - started, 2)
+    return row
+
+
+def _remove_if_empty(folder: Path, output_dir: Path) -> None:
+    """The folder made for an output that was not written, unless it is the cohort's own or holds anything."""
+    if folder.resolve() != output_dir.resolve():
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _print_summary(rows: list[dict], record: Path) -> None:
@@ -145,14 +171,15 @@ def _print_summary(rows: list[dict], record: Path) -> None:
 
 
 def _done_rows(path: Path) -> dict[str, dict]:
-    """The rows an earlier run of the cohort recorded as done, by output path, in this version's columns (none if it
+    """The rows an earlier run of the cohort recorded as done, by resolved output path (the folder may be named
+    another way this time), in this version's columns (none if it
     left no readable record; a copy saved by a spreadsheet, with a byte-order mark or columns of its own, is read)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError):
         return {}
-    return {row["output"]: {field: row.get(field, "") for field in CSV_FIELDS}
+    return {str(Path(row["output"]).resolve()): {field: row.get(field, "") for field in CSV_FIELDS}
             for row in rows if row.get("status") == "done" and row.get("output")}
 
 

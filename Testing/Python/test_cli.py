@@ -180,6 +180,47 @@ def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, 
     assert proc.returncode == 0 and statuses == {"skipped"}
 
 
+def test_a_cancelled_cohort_keeps_the_record_of_what_it_finished(tmp_path, small_image, tiny_model_dir, monkeypatch,
+                                                                   capsys):
+    """Stopped at its second input, it wrote no record: the next run listed the first output as skipped, and the
+    run in between left the second input's empty folder. A failed input's reason is in its JSON event too, and a
+    record is found again under another spelling of the output folder."""
+    import calid.cohort
+    from calid.engine import UpsampleOptions
+    from calid.errors import Cancelled
+
+    inputs = make_cohort(tmp_path / "in", small_image, 3)
+    (tmp_path / "in" / "sub").mkdir()
+    write_image(small_image, tmp_path / "in" / "sub" / "case9.nrrd")
+    listed = tmp_path / "cohort.txt"  # a list, so that the last input's output has a folder of its own
+    listed.write_text("\n".join(str(p) for p in [*inputs, tmp_path / "in" / "sub" / "case9.nrrd"]), encoding="utf-8")
+    real = calid.cohort.upsample_file
+
+    def stop_at_the_third(item, target, *args, **kwargs):
+        if item.name == "case9.nrrd":
+            raise Cancelled()
+        return real(item, target, *args, **kwargs)
+
+    monkeypatch.setattr(calid.cohort, "upsample_file", stop_at_the_third)
+    monkeypatch.chdir(tmp_path)
+    options = UpsampleOptions(method="linear", model=str(tiny_model_dir))
+    with pytest.raises(Cancelled):
+        calid.cohort.run_cohort(listed, Path("out"), options, "none")
+    record = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv",
+                                                                     encoding="utf-8"))}
+    assert [record[p.name]["status"] for p in inputs] == ["done"] * 3 and not (tmp_path / "out" / "sub").exists()
+    monkeypatch.setattr(calid.cohort, "upsample_file", real)
+    (tmp_path / "in" / "sub" / "case9.nrrd").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert calid.cohort.run_cohort(listed, tmp_path / "out", options, "json") == 1
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e.get("status") == "failed"]
+    assert len(failed) == 1 and "cannot read" in failed[0]["message"]
+    again = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv",
+                                                                    encoding="utf-8"))}
+    assert [again[p.name] for p in inputs] == [record[p.name] for p in inputs]  # kept, not "skipped"
+
+
 def test_cohort_list_file(tmp_path, small_image, tiny_model_dir):
     inputs = make_cohort(tmp_path / "in", small_image, 2)
     listing = tmp_path / "cases.txt"

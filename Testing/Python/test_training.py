@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from calid.modelstore import inherited_provenance, load_model, save_model
-from calid.training.checkpoint import read_checkpoint_info
+from calid.training.checkpoint import (CHECKPOINT, load_rank_random_state, rank_random_state_path,
+                                      read_checkpoint_info)
 from calid.training.config import TrainConfig
 from calid.training.trainer import Trainer
 
@@ -99,6 +101,12 @@ def test_ddp_two_processes_with_gloo(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((run / "model" / "model.json").read_text(encoding="utf-8"))
     assert card["training"]["world_size"] == 2
+    # rank 1 draws its own batches: a resumed run gives it its own random state back, not rank 0's
+    assert rank_random_state_path(run / CHECKPOINT, 1).is_file()
+    rank0, rank1 = torch.Generator(), torch.Generator()
+    rank0.set_state(load_file(str(run / CHECKPOINT))["rng.sampler"])
+    load_rank_random_state(run / CHECKPOINT, 1, rank1)
+    assert not torch.equal(rank0.get_state(), rank1.get_state())
 
 
 def test_ddp_processes_end_a_timed_denoiser_stage_after_the_same_step(dataset, tmp_path, tiny_model_dir):

@@ -83,6 +83,29 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
     os.replace(tmp, path)
 
 
+def rank_random_state_path(path: Path, rank: int) -> Path:
+    """Where a process other than rank 0 keeps its own random state beside the checkpoint rank 0 writes."""
+    return path.with_name(f"{path.stem}.rank{rank}.rng{path.suffix}")
+
+
+def save_rank_random_state(path: Path, rank: int, generator: torch.Generator) -> None:
+    """A process's batch and noise random state at a checkpoint: each process draws its own batches (its
+    generator is seeded by its rank), so a resumed run must give each its own state back, not rank 0's to all."""
+    target = rank_random_state_path(path, rank)
+    tmp = target.with_name(target.name + ".tmp")
+    save_file({"rng.sampler": generator.get_state(), "rng.torch": torch.get_rng_state()}, str(tmp))
+    os.replace(tmp, target)
+
+
+def load_rank_random_state(path: Path, rank: int, generator: torch.Generator) -> None:
+    """Restore what ``save_rank_random_state`` kept (a checkpoint written before it existed keeps rank 0's)."""
+    source = rank_random_state_path(path, rank)
+    if source.is_file():
+        tensors = load_file(str(source))
+        generator.set_state(tensors["rng.sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+
+
 def read_checkpoint_info(path: Path) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["info"])

@@ -37,7 +37,8 @@ from ..pipeline_settings import MotionSettings
 from ..progress import Progress
 from ..sampling import make_scheduler, max_sampling_steps, training_target
 from . import data, pack
-from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_info, run_folder, save_checkpoint
+from .checkpoint import (CHECKPOINT, load_checkpoint, load_rank_random_state, read_checkpoint_info, run_folder,
+                         save_checkpoint, save_rank_random_state)
 from .config import TrainConfig
 from .losses import refiner_loss
 from .metrics_log import append_metrics, forget_after
@@ -278,8 +279,7 @@ class Trainer:
         self.model.load_state_dict(state.ema.module.state_dict())
         if stage == "error_head":
             calibrate_error_head(self.model, sampler, self.device)
-        if self.rank == 0:
-            self._save(self.out / CHECKPOINT, state.ema, state.optimizer, step, stage)
+        self._save(self.out / CHECKPOINT, state.ema, state.optimizer, step, stage)
         return step
 
     def _stage_state(self, stage: str, step: int) -> _StageState:
@@ -297,7 +297,7 @@ class Trainer:
         checkpoint = self.out / CHECKPOINT
         info: dict[str, Any] = {}
         if step == start and step > 0 and checkpoint.is_file():  # resuming at a stage boundary: weights only
-            info = load_checkpoint(checkpoint, {"model": self.model}, None, self.generator)
+            info = self._load(checkpoint, {"model": self.model}, None)
         if stage == "error_head":  # trained uncalibrated; its calibration is fitted anew at the end of the stage
             self.model.error_head.calibration = ErrorCalibration()
             self.model.config["error_head"].pop("calibration", None)
@@ -305,7 +305,7 @@ class Trainer:
             self._set_latent_scale()  # before the EMA copy is made: the EMA must never see another scale
         ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         if step > start and checkpoint.is_file():  # resuming inside this stage: restore everything
-            info = load_checkpoint(checkpoint, {"model": self.model, "ema": ema}, optimizer, self.generator)
+            info = self._load(checkpoint, {"model": self.model, "ema": ema}, optimizer)
         self.history = info.get("history", self.history)
         self.last_validation = info.get("last_validation", self.last_validation)
         self.model.config["latent_scale"] = float(self.model.latent_scale)
@@ -400,7 +400,10 @@ class Trainer:
             loss_value = loss.item()
             running, count = running + loss_value, count + 1
             progress.advance(step - before, loss=round(loss_value, 5))
+            checkpoint_now = step % cfg.checkpoint_every == 0 and step < end
             if self.rank != 0:
+                if checkpoint_now:  # its own random state, beside rank 0's checkpoint of this step
+                    self._save(self.out / CHECKPOINT, state.ema, state.optimizer, step, stage)
                 continue
             if step % cfg.log_every == 0 or step == end:
                 self._log({"step": step, "stage": stage, "loss": running / count,
@@ -410,7 +413,7 @@ class Trainer:
             if stage != "vae" and (step % cfg.val_every == 0 or step == end) and self.val_volumes:
                 self._validate(state.ema.module, step, progress)
                 state.trained.train()
-            if step % cfg.checkpoint_every == 0 and step < end:
+            if checkpoint_now:  # after this step's log and validation, which a resumed run must not repeat
                 self._save(self.out / CHECKPOINT, state.ema, state.optimizer, step, stage)
         return step
 
@@ -448,8 +451,21 @@ class Trainer:
                                         refine=refine)
 
     def _save(self, path: Path, ema: AveragedModel, optimizer: torch.optim.Optimizer, step: int, stage: str) -> None:
+        """The checkpoint (rank 0: weights, optimizer, its random state, the log so far); every other process keeps
+        its own random state beside it."""
+        if self.rank != 0:
+            save_rank_random_state(path, self.rank, self.generator)
+            return
         info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation}
         save_checkpoint(path, {"model": self.model, "ema": ema}, optimizer, self.generator, info)
+
+    def _load(self, path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None
+              ) -> dict[str, Any]:
+        """``_save``'s inverse on every process: the checkpoint, then this process's own random state."""
+        info = load_checkpoint(path, modules, optimizer, self.generator)
+        if self.rank != 0:
+            load_rank_random_state(path, self.rank, self.generator)
+        return info
 
     @torch.no_grad()
     def _set_latent_scale(self) -> None:
