@@ -55,6 +55,9 @@ class ErrorCalibration:
         self.gaps_mm = torch.tensor(cfg.get("gaps_mm", [GAP_KNOTS_MM[0]]), dtype=torch.float32)
         self.log_scale = torch.tensor(cfg.get("log_scale", [0.0]), dtype=torch.float32)
         self.correction = torch.tensor(cfg.get("correction", [[0.0]]), dtype=torch.float32)
+        if self.correction.shape != (len(self.gaps_mm), len(self.log_scale)):
+            raise ValueError(f"the calibration's correction must be {len(self.gaps_mm)} x {len(self.log_scale)} (gap "
+                             f"knots x log-scale knots), not {tuple(self.correction.shape)}")
 
     def to_config(self) -> dict[str, Any]:
         return {"gaps_mm": [round(float(g), 3) for g in self.gaps_mm],

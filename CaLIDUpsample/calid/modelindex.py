@@ -6,9 +6,11 @@ A model is a folder holding ``model.json`` (the card) and ``model.safetensors``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -60,15 +62,54 @@ def unreadable_models() -> list[dict[str, str]]:
             for source, folder, card in _model_cards() if isinstance(card, str)]
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def import_model(source: str | os.PathLike, name: str | None = None) -> Path:
-    """Copy a model folder (or the folder of a given ``model.json``) into the user models folder."""
+    """Copy a model folder (or the folder of a given ``model.json``) into the user models folder as ``name``
+    (default: the folder's name), and return where.
+
+    Only the card and the weights are copied (a folder from elsewhere may hold anything else, pickles included),
+    after checking that the card is a CaLID card whose checksum the weights match, into a folder that appears whole
+    or not at all. The name is one folder name, and not a bundled model's: the bundled one would always be found
+    first. Raises FileNotFoundError, FileExistsError or ValueError with a one-line reason.
+    """
     source = Path(source)
     folder = source.parent if source.is_file() else source
     if not (folder / CARD_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a CaLID model folder (needs {CARD_FILE} and {WEIGHTS_FILE})")
-    target = user_models_dir() / (name or folder.name)
+    name = name or folder.resolve().name
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"a model's name is one folder name, not {name!r}")
+    if (BUNDLED_DIR / name).is_dir():
+        raise FileExistsError(f"{name} is a bundled model's name: import the model under another name")
+    _check_importable(folder)
+    target = user_models_dir() / name
     if target.exists():
         raise FileExistsError(f"a user model named {target.name} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(folder, target)
+    staging = Path(tempfile.mkdtemp(prefix=".calid-import-", dir=target.parent))
+    try:
+        for file in (CARD_FILE, WEIGHTS_FILE):
+            shutil.copyfile(folder / file, staging / file)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _check_importable(folder: Path) -> None:
+    """A CaLID card (a JSON object of either kind) whose weights match its checksum."""
+    try:
+        card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{folder / CARD_FILE} cannot be read as JSON ({exc})") from None
+    if not isinstance(card, dict) or card.get("format") not in (INTERPOLATION_FORMAT, SEGMENTATION_FORMAT):
+        raise ValueError(f"{folder / CARD_FILE} is not a CaLID model card")
+    if sha256_of(folder / WEIGHTS_FILE) != card.get("sha256"):
+        raise ValueError(f"the weights in {folder} do not match the checksum in its card")

@@ -8,13 +8,12 @@ which is checked before loading. Models are looked up by path, then among the bu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -22,29 +21,26 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CalidError
 from .modelindex import (BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, INTERPOLATION_FORMAT, WEIGHTS_FILE, list_models,
-                         user_models_dir)
+                         sha256_of, user_models_dir)
 from .networks import CONFIG_KEYS, CaLID
+from .sampling import make_scheduler, max_sampling_steps
 
 CARD_FORMAT = INTERPOLATION_FORMAT
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_model_dir(name_or_dir: str | os.PathLike | None, default: str = DEFAULT_MODEL,
                       card_format: str = CARD_FORMAT) -> Path:
     name = str(name_or_dir or default)
     candidate = Path(name).expanduser()
-    if candidate.is_dir():
+    # A path (with a separator, or . / ~) is that folder; a bare name is a model's before it is a folder of the
+    # working directory, so that a folder there named like a bundled model cannot stand in for it.
+    if ("/" in name or os.sep in name or name.startswith((".", "~"))) and candidate.is_dir():
         return candidate
     for root in (BUNDLED_DIR, user_models_dir()):
         if (root / name).is_dir():
             return root / name
+    if candidate.is_dir():
+        return candidate
     known = ", ".join(m["name"] for m in list_models(card_format)) or "none"
     raise CalidError(f"model not found: {name} (available: {known})")
 
@@ -55,10 +51,12 @@ def read_card_of(model_dir: Path, card_format: str) -> dict[str, Any]:
         card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CalidError(f"model {model_dir} has no {CARD_FILE}") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CalidError(f"model card {model_dir / CARD_FILE} is not valid JSON: {exc}") from None
-    if card.get("format") != card_format:
+    if not isinstance(card, dict) or card.get("format") != card_format:
         raise CalidError(f"model card {model_dir / CARD_FILE} is not a {card_format} card")
+    if not isinstance(card.get("config"), dict):
+        raise CalidError(f"model card {model_dir / CARD_FILE} has no config object")
     return card
 
 
@@ -73,6 +71,46 @@ def read_weights(model_dir: Path, card: dict[str, Any]) -> dict[str, torch.Tenso
         return {k: v.float() for k, v in load_file(str(weights)).items()}
     except (SafetensorError, OSError) as exc:
         raise CalidError(f"corrupt weights file {weights}: {exc}") from None
+
+
+def build_checked(build: Callable[[dict[str, Any]], torch.nn.Module], config: dict[str, Any],
+                  state: dict[str, torch.Tensor], model_dir: Path) -> torch.nn.Module:
+    """The networks a card's ``config`` describes, built for real only once a shapeless copy (PyTorch's ``meta``
+    device) has the weights' names and shapes: a card claiming 4096-channel layers was refused after allocating
+    10 GB, and a config no network can be built from is one line, whatever the builder raised."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - any way a config fails to build is a bad card, named as such
+        raise CalidError(f"model card {model_dir / CARD_FILE} has an invalid config: {_reason(exc)}") from None
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        differ = [k for k in sorted(expected.keys() & found.keys()) if expected[k] != found[k]]
+        first = (f"{differ[0]} is {found[differ[0]]} in the weights, {expected[differ[0]]} in the config" if differ
+                 else f"{missing[0]} is missing from the weights" if missing else f"{extra[0]} is not in the config")
+        raise CalidError(f"weights in {model_dir} do not fit the config in its card ({first})")
+    return build(config)
+
+
+def check_sampling(model: CaLID, model_dir: Path) -> None:
+    """The card's diffusion settings make a scheduler with at least one step on the timesteps the model was
+    trained on, and its ``default_steps`` (where it names them) are among those steps: found here, not as an
+    internal error after the slices are read."""
+    diffusion = model.config.get("diffusion")
+    try:
+        make_scheduler(diffusion)
+        most = max_sampling_steps(diffusion)
+        steps = model.config.get("default_steps", 1)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+            raise ValueError(f"default_steps must be a whole number from 1 to {most}, not {steps!r}")
+    except Exception as exc:  # noqa: BLE001 - as build_checked: a bad card, named as such
+        raise CalidError(f"model card {model_dir / CARD_FILE} has invalid diffusion settings: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else repr(exc)}"
 
 
 def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], model_dir: Path) -> None:
@@ -96,11 +134,9 @@ def load_model(name_or_dir: str | os.PathLike | None = None, device: str | torch
     model_dir = resolve_model_dir(name_or_dir)
     card = read_card(model_dir)
     state = read_weights(model_dir, card)
-    try:
-        model = CaLID(card["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CalidError(f"model card {model_dir / CARD_FILE} has an invalid config: {exc}") from None
+    model = build_checked(CaLID, card["config"], state, model_dir)
     load_state_checked(model, state, model_dir)
+    check_sampling(model, model_dir)
     return model.to(device).eval(), card
 
 

@@ -304,6 +304,20 @@ def broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
         return target
     elif how == "no weights":
         weights.unlink()
+    elif how == "huge layers":  # built at that size, this took 10 GB and 24 s before the weights were compared
+        card["config"]["vae"]["channels"] = [4096, 4096, 4096]
+    elif how == "card is a list":
+        card = [card]
+    elif how == "negative width":
+        card["config"]["vae"]["latent_channels"] = -4
+    elif how == "zero default steps":
+        card["config"]["default_steps"] = 0
+    elif how == "calibration of the wrong shape":
+        from calid.networks import ERROR_HEAD_CONFIG
+
+        card["config"]["error_head"] = {**ERROR_HEAD_CONFIG, "calibration": {
+            "gaps_mm": [10.0, 20.0], "log_scale": [0.0], "correction": [[0.0, 0.0]]}}
+        card["config"]["motion"] = {"flow": "dis"}
     (target / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
     return target
 
@@ -314,11 +328,54 @@ def broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
     ("incompatible config", "do not fit the config"),
     ("bad card", "not valid JSON"),
     ("no weights", "has no model.safetensors"),
+    ("huge layers", "do not fit the config in its card (vae."),
+    ("card is a list", "is not a calid-model/1 card"),
+    ("negative width", "has an invalid config: RuntimeError"),
+    ("zero default steps", "invalid diffusion settings: ValueError: default_steps must be a whole number"),
+    ("calibration of the wrong shape", "has an invalid config: ValueError: the calibration's correction must be 2 x 1"),
 ])
 def test_bad_models(how, expected, good_input, tmp_path, tiny_model_dir, capsys):
     model = broken_model(tiny_model_dir, tmp_path, how)
     code, err = run_cli(["upsample", good_input, tmp_path / "out.nrrd", "--model", model], capsys)
     assert_clean_failure(code, err, tmp_path, expected)
+
+
+def test_a_folder_named_like_a_bundled_model_does_not_stand_in_for_it(good_input, tmp_path, tiny_model_dir, capsys,
+                                                                      monkeypatch):
+    """A bare name is a model's first: a (broken) copy in the working directory replaced the default model."""
+    from calid.modelstore import resolve_model_dir
+
+    broken = broken_model(tiny_model_dir, tmp_path, "bad card")
+    broken.rename(tmp_path / "calid-acdc-scd")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir(None).parent.name == "models" and resolve_model_dir(None) != tmp_path / "calid-acdc-scd"
+    assert resolve_model_dir("./calid-acdc-scd") == Path("calid-acdc-scd")  # as a path, it is that folder
+
+
+def test_an_imported_model_is_checked_named_and_copied_whole(tiny_model_dir, tmp_path, monkeypatch):
+    """Only its card and weights come in, under a name of one folder that no bundled model has; a folder that is no
+    CaLID model (a card of another kind, weights not matching it) is refused before anything is copied."""
+    from calid.modelindex import import_model
+
+    monkeypatch.setenv("CALID_MODELS_DIR", str(tmp_path / "user"))
+    source = tmp_path / "colleague"
+    shutil.copytree(tiny_model_dir, source)
+    (source / "model.pt").write_bytes(b"a pickle")
+    for name, error in (("../escape", ValueError), ("a/b", ValueError), ("calid-acdc", FileExistsError)):
+        with pytest.raises(error):
+            import_model(source, name)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "user").exists()
+    target = import_model(source, "mine")
+    assert sorted(p.name for p in target.iterdir()) == [CARD_FILE, WEIGHTS_FILE]
+    with pytest.raises(FileExistsError):
+        import_model(source, "mine")
+    (source / WEIGHTS_FILE).write_bytes(b"other weights")
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        import_model(source, "theirs")
+    (source / CARD_FILE).write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a CaLID model card"):
+        import_model(source, "theirs")
+    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == ["mine"]
 
 
 def test_missing_model_lists_what_exists(good_input, tmp_path, capsys):

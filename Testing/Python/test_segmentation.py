@@ -277,6 +277,28 @@ def test_a_field_of_view_smaller_than_the_networks_deepest_layer_is_segmented(sm
     assert labels.GetSize() == (8, 8, small_image.GetSize()[2])
 
 
+@pytest.mark.parametrize("change, expected", [({"pixel_mm": -1.5}, "pixel_mm must be a number of mm"),
+                                              ({"channels": [4096] * 5}, "do not fit the config in its card"),
+                                              ({"strides": "2"}, "has an invalid config")])
+def test_a_segmentation_model_with_a_bad_card_is_refused_in_one_line(change, expected, small_image, tmp_path,
+                                                                        capsys):
+    """A negative pixel size segmented nothing, silently; 4096 channels allocated 10 GB first; a bad stride was an
+    internal error."""
+    import shutil
+
+    from calid.modelstore import resolve_model_dir
+
+    model = tmp_path / "seg"
+    shutil.copytree(resolve_model_dir(DEFAULT_SEGMENTATION_MODEL, card_format=SEGMENTATION_FORMAT), model)
+    card = json.loads((model / "model.json").read_text(encoding="utf-8"))
+    card["config"].update(change)
+    (model / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    write_image(small_image, tmp_path / "sax.nrrd")
+    code, err = run_cli(["segment", tmp_path / "sax.nrrd", tmp_path / "labels.nrrd", "--model", model], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "labels.nrrd").exists()
+
+
 def test_an_image_given_as_labels_is_named_as_such_in_a_short_line(small_image, tmp_path, capsys):
     """Its hundreds of intensities were all listed in the one line."""
     write_image(small_image, tmp_path / "sax.nrrd")

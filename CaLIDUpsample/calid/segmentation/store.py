@@ -14,7 +14,8 @@ import torch
 
 from ..errors import CalidError
 from ..modelindex import CARD_FILE, DEFAULT_SEGMENTATION_MODEL, SEGMENTATION_FORMAT
-from ..modelstore import load_state_checked, read_card_of, read_weights, resolve_model_dir, write_model_dir
+from ..modelstore import (build_checked, load_state_checked, read_card_of, read_weights, resolve_model_dir,
+                          write_model_dir)
 from .network import build_segmenter
 
 CONFIG_KEYS = ("channels", "strides", "num_res_units", "pixel_mm", "classes")
@@ -29,8 +30,13 @@ def load_segmenter(name_or_dir: str | os.PathLike | None = None,
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise CalidError(f"model card {model_dir / CARD_FILE} lacks config entries: {', '.join(missing)}")
-    network = build_segmenter(config)
-    load_state_checked(network, read_weights(model_dir, card), model_dir)
+    pixel_mm = config["pixel_mm"]
+    if isinstance(pixel_mm, bool) or not isinstance(pixel_mm, (int, float)) or not 0.1 <= pixel_mm <= 10:
+        raise CalidError(f"model card {model_dir / CARD_FILE} has an invalid config: pixel_mm must be a number of mm "
+                         f"from 0.1 to 10, not {pixel_mm!r}")
+    state = read_weights(model_dir, card)
+    network = build_checked(build_segmenter, config, state, model_dir)
+    load_state_checked(network, state, model_dir)
     return network.to(device).eval(), card
 
 
