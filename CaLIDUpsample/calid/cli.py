@@ -452,6 +452,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         name=args.name, description=args.description, data_terms=args.data_terms, citation=args.citation,
     )
     model_dir = train(cfg, _progress_mode(args.progress))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, the process that wrote the model says so, once
+        return 0
     if args.progress == "json":
         print(json.dumps({"event": "done", "model": str(model_dir)}), flush=True)
     else:
@@ -486,6 +488,8 @@ def cmd_train_segmentation(args: argparse.Namespace) -> int:
 def cmd_standby(args: argparse.Namespace) -> int:
     from .standby import READY_EVENT, preload, wait_for_command
 
+    if not args.idle_minutes > 0:
+        raise CalidError(f"--idle-minutes must be positive, not {args.idle_minutes}")
     preload()
     print(json.dumps(READY_EVENT), flush=True)
     argv = wait_for_command(Path(args.command_file), args.idle_minutes)

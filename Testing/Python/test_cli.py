@@ -140,6 +140,9 @@ def test_standby_refuses_bad_command_files_and_ends_when_abandoned(tmp_path):
     assert waiting.wait(timeout=30) == 0
     idle = standby(tmp_path / "command.json", "--idle-minutes", "0.001")
     assert idle.wait(timeout=120) == 0 and not idle.stderr.read()
+    never = standby(tmp_path / "command.json", "--idle-minutes", "-1")  # it said ready and left, silently
+    _, err = never.communicate(timeout=120)
+    assert never.returncode == 2 and err.strip() == "calid: error: --idle-minutes must be positive, not -1.0"
 
 
 def test_cohort_folder_is_resumable_and_reports_failures(tmp_path, small_image, tiny_model_dir):
