@@ -24,7 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
-from calid.modelindex import DEFAULT_MODEL, import_model, list_models, user_models_dir
+from calid.modelindex import BUNDLED_DIR, DEFAULT_MODEL, import_model, user_models_dir
 
 from .background import FinishedCallback, ProgressCallback, WorkerLogic
 from .curves import TrainingCurves
@@ -106,7 +106,7 @@ class CaLIDTrainingLogic(WorkerLogic):
             raise ValueError(f"time limit must be 0 (none) or a number of minutes, not {timeLimitMinutes}")
         if not 0 <= validationFraction < 1:
             raise ValueError(f"validation fraction must be from 0 (none) to below 1, not {validationFraction}")
-        if (user_models_dir() / outputName).exists() or outputName in {m["name"] for m in list_models()}:
+        if (user_models_dir() / outputName).exists() or (BUNDLED_DIR / outputName).exists():  # of either kind
             raise ValueError(f"a model named {outputName} already exists: choose another name")
         source = self._source(volumesOrFolder)
         run = self.runFolder(outputName)

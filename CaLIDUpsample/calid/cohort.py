@@ -89,11 +89,15 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
     shard = {"rank": rank} if world > 1 else {}  # each process reports its own share of the inputs
     try:
         for item, target in mine:
-            row = _process(item, target, output_dir, done_before, options, device, model, progress_mode, rank)
+            row = _process(item, target, output_dir, done_before, options, device, model, progress_mode, rank,
+                           world)
             rows.append(row)
             told = {"message": row["message"]} if row.get("message") and row["status"] == "failed" else {}
             overall.advance(1, item=str(item), status=row["status"], **told, **shard)
-    finally:  # a cancelled cohort keeps the record of what it finished, for the next run to resume from
+    finally:  # a cancelled cohort keeps the record of what it and earlier runs finished, to resume from
+        reached = {str(Path(row["output"]).resolve()) for row in rows}
+        rows += [done_before[key] for key in (str(target.resolve()) for _, target in mine)
+                 if key in done_before and key not in reached and Path(key).exists()]
         part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
         _write_csv(part, rows)
     failed = sum(row["status"] == "failed" for row in rows)
@@ -105,9 +109,9 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
     if rank == 0:
         merged = []
         for r in range(world):
-            shard_csv = final_csv.with_name(f"{final_csv.stem}.rank{r}.csv")
-            with open(shard_csv, newline="", encoding="utf-8") as f:
+            with open(final_csv.with_name(f"{final_csv.stem}.rank{r}.csv"), newline="", encoding="utf-8") as f:
                 merged.extend(csv.DictReader(f))
+        for shard_csv in _shard_records(final_csv):  # a cancelled earlier run's too, now merged or redone
             shard_csv.unlink()
         _write_csv(final_csv, sorted(merged, key=lambda row: row["input"]))
         if progress_mode != "json":
@@ -119,9 +123,10 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
 
 
 def _process(item: Path, target: Path, output_dir: Path, done_before: dict[str, dict], options: UpsampleOptions,
-             device: torch.device, model, progress_mode: str, rank: int) -> dict:
-    """One input of the cohort: its record (done, skipped or failed, and why)."""
-    row = {"input": str(item), "output": str(target), "rank": rank, "device": str(device)}
+             device: torch.device, model, progress_mode: str, rank: int, world: int) -> dict:
+    """One input of the cohort: its record (done, skipped or failed, and why), its output recorded as an absolute
+    path so that a run from another folder finds it again."""
+    row = {"input": str(item), "output": str(target.resolve()), "rank": rank, "device": str(device)}
     started = time.perf_counter()
     if target.exists() and str(target.resolve()) in done_before:  # a resumed run keeps the record that made it
         return done_before[str(target.resolve())]
@@ -137,14 +142,15 @@ def _process(item: Path, target: Path, output_dir: Path, done_before: dict[str, 
             row.update(status="done", factor=result.factor)
         except CalidError as exc:
             row.update(status="failed", message=str(exc))
-        except Cancelled:
-            _remove_if_empty(target.parent, output_dir)
+        except (Cancelled, KeyboardInterrupt):
+            if world == 1:
+                _remove_if_empty(target.parent, output_dir)
             raise
         except OSError as exc:
             row.update(status="failed", message=f"cannot write {target.parent}: {exc.strerror or exc}")
         except Exception as exc:  # noqa: BLE001 - one input's failure must not stop the cohort
             row.update(status="failed", message=f"internal error: {type(exc).__name__}: {exc}")
-        if row["status"] == "failed":
+        if row["status"] == "failed" and world == 1:  # another process may be about to write into it
             _remove_if_empty(target.parent, output_dir)
     row["seconds"] = round(time.perf_counter() - started, 2)
     return row
@@ -170,15 +176,23 @@ def _print_summary(rows: list[dict], record: Path) -> None:
           f"{counts['failed']} failed; record: {record}", file=sys.stderr)
 
 
-def _done_rows(path: Path) -> dict[str, dict]:
-    """The rows an earlier run of the cohort recorded as done, by resolved output path (the folder may be named
-    another way this time), in this version's columns (none if it
-    left no readable record; a copy saved by a spreadsheet, with a byte-order mark or columns of its own, is read)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return {}
+def _shard_records(final_csv: Path) -> list[Path]:
+    """The per-process records a run under torchrun leaves until they are merged (all of them, if it was stopped)."""
+    return sorted(final_csv.parent.glob(f"{final_csv.stem}.rank*.csv"))
+
+
+def _done_rows(final_csv: Path) -> dict[str, dict]:
+    """The rows earlier runs of the cohort recorded as done, by resolved output path (the folder may be named
+    another way this time), in this version's columns: from its record, and from the per-process records a run
+    under torchrun left unmerged when it was stopped (none where no record can be read; a copy saved by a
+    spreadsheet, with a byte-order mark or columns of its own, is read)."""
+    rows = []
+    for path in [final_csv, *_shard_records(final_csv)]:
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows += list(csv.DictReader(f))
+        except (OSError, csv.Error, UnicodeDecodeError):
+            continue
     return {str(Path(row["output"]).resolve()): {field: row.get(field, "") for field in CSV_FIELDS}
             for row in rows if row.get("status") == "done" and row.get("output")}
 

@@ -70,6 +70,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def share_like_other_files(folder: Path) -> None:
+    """Give a finished model folder the permissions the user's umask gives any new file.
+
+    ``mkdtemp`` makes the staging folder private (0700) and safetensors writes its file 0600: left so, a model
+    saved into a shared models folder (``$CALID_MODELS_DIR`` on a team drive) is unreadable to everyone else.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
 def import_model(source: str | os.PathLike, name: str | None = None) -> Path:
     """Copy a model folder (or the folder of a given ``model.json``) into the user models folder as ``name``
     (default: the folder's name), and return where.
@@ -97,6 +110,7 @@ def import_model(source: str | os.PathLike, name: str | None = None) -> Path:
     try:
         for file in (CARD_FILE, WEIGHTS_FILE):
             shutil.copyfile(folder / file, staging / file)
+        share_like_other_files(staging)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CalidError
 from .modelindex import (BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, INTERPOLATION_FORMAT, WEIGHTS_FILE, list_models,
-                         sha256_of, user_models_dir)
+                         share_like_other_files, sha256_of, user_models_dir)
 from .networks import CONFIG_KEYS, CaLID
+from .generation import default_steps
 from .sampling import make_scheduler, max_sampling_steps
 
 CARD_FORMAT = INTERPOLATION_FORMAT
@@ -101,7 +102,7 @@ def check_sampling(model: CaLID, model_dir: Path) -> None:
     try:
         make_scheduler(diffusion)
         most = max_sampling_steps(diffusion)
-        steps = model.config.get("default_steps", 1)
+        steps = default_steps(model)
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
             raise ValueError(f"default_steps must be a whole number from 1 to {most}, not {steps!r}")
     except Exception as exc:  # noqa: BLE001 - as build_checked: a bad card, named as such
@@ -164,19 +165,6 @@ def inherited_provenance(terms: str, citation: str, base_card: dict[str, Any]) -
     return terms, citation
 
 
-def _share_like_other_files(folder: Path) -> None:
-    """Give a finished model folder the permissions the user's umask gives any new file.
-
-    ``mkdtemp`` makes the staging folder private (0700) and safetensors writes its file 0600: left so, a model
-    saved into a shared models folder (``$CALID_MODELS_DIR`` on a team drive) is unreadable to everyone else.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
 def write_model_dir(module: torch.nn.Module, model_dir: str | os.PathLike, card: dict[str, Any],
                     half: bool = True) -> Path:
     """Write any model folder: weights (fp16 by default), then the card with their dtype and SHA256."""
@@ -189,7 +177,7 @@ def write_model_dir(module: torch.nn.Module, model_dir: str | os.PathLike, card:
         save_file(state, str(staging / WEIGHTS_FILE))
         card = {**card, "weights_dtype": str(dtype).replace("torch.", ""), "sha256": sha256_of(staging / WEIGHTS_FILE)}
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-        _share_like_other_files(staging)
+        share_like_other_files(staging)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(staging, model_dir)

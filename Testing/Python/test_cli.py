@@ -223,6 +223,17 @@ def test_a_cancelled_cohort_keeps_the_record_of_what_it_finished(tmp_path, small
                                                                     encoding="utf-8"))}
     assert [again[p.name] for p in inputs] == [record[p.name] for p in inputs]  # kept, not "skipped"
 
+    def stop_at_the_first(item, target, *args, **kwargs):
+        raise Cancelled()
+
+    (tmp_path / "out" / "case0.nrrd").unlink()  # redone, and cancelled there: the later inputs' records stay
+    monkeypatch.setattr(calid.cohort, "upsample_file", stop_at_the_first)
+    with pytest.raises(Cancelled):
+        calid.cohort.run_cohort(listed, tmp_path / "out", options, "none")
+    kept = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv",
+                                                                   encoding="utf-8"))}
+    assert set(kept) == {"case1.nrrd", "case2.nrrd"} and kept["case1.nrrd"] == record["case1.nrrd"]
+
 
 def test_cohort_list_file(tmp_path, small_image, tiny_model_dir):
     inputs = make_cohort(tmp_path / "in", small_image, 2)

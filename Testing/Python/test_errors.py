@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -367,6 +368,9 @@ def test_an_imported_model_is_checked_named_and_copied_whole(tiny_model_dir, tmp
     assert not (tmp_path / "escape").exists() and not (tmp_path / "user").exists()
     target = import_model(source, "mine")
     assert sorted(p.name for p in target.iterdir()) == [CARD_FILE, WEIGHTS_FILE]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # readable in a shared models folder, not private
     with pytest.raises(FileExistsError):
         import_model(source, "mine")
     (source / WEIGHTS_FILE).write_bytes(b"other weights")

@@ -146,6 +146,7 @@ def test_data_folder_is_passed_as_is_and_worker_errors_are_raised(scene, tmp_pat
 @pytest.mark.parametrize("name, kwargs, message", [
     ("bad/name", {}, "letters, digits"),
     ("taken", {}, "already exists: choose another name"),
+    ("calid-seg-acdc", {}, "already exists: choose another name"),  # a bundled segmenter's: refused after training
     ("nothing", {"resume": True}, "no stopped run"),
     ("-x", {}, "begin with a letter or digit"),  # the worker read it as an option
     ("zero", {"steps": 0}, "steps must be a whole number of at least 1"),  # saved the base model as a new one

@@ -105,7 +105,7 @@ def test_ddp_two_processes_with_gloo(dataset, tmp_path):
     assert rank_random_state_path(run / CHECKPOINT, 1).is_file()
     rank0, rank1 = torch.Generator(), torch.Generator()
     rank0.set_state(load_file(str(run / CHECKPOINT))["rng.sampler"])
-    load_rank_random_state(run / CHECKPOINT, 1, rank1)
+    load_rank_random_state(run / CHECKPOINT, 1, rank1, read_checkpoint_info(run / CHECKPOINT)["step"])
     assert not torch.equal(rank0.get_state(), rank1.get_state())
 
 

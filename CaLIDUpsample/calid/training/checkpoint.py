@@ -88,22 +88,28 @@ def rank_random_state_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}.rng{path.suffix}")
 
 
-def save_rank_random_state(path: Path, rank: int, generator: torch.Generator) -> None:
-    """A process's batch and noise random state at a checkpoint: each process draws its own batches (its
-    generator is seeded by its rank), so a resumed run must give each its own state back, not rank 0's to all."""
+def save_rank_random_state(path: Path, rank: int, generator: torch.Generator, step: int) -> None:
+    """A process's batch and noise random state at a checkpoint's ``step``: each process draws its own batches
+    (its generator is seeded by its rank), so a resumed run must give each its own state back, not rank 0's to all."""
     target = rank_random_state_path(path, rank)
     tmp = target.with_name(target.name + ".tmp")
-    save_file({"rng.sampler": generator.get_state(), "rng.torch": torch.get_rng_state()}, str(tmp))
+    save_file({"rng.sampler": generator.get_state(), "rng.torch": torch.get_rng_state()}, str(tmp),
+              metadata={"step": str(step)})
     os.replace(tmp, target)
 
 
-def load_rank_random_state(path: Path, rank: int, generator: torch.Generator) -> None:
-    """Restore what ``save_rank_random_state`` kept (a checkpoint written before it existed keeps rank 0's)."""
+def load_rank_random_state(path: Path, rank: int, generator: torch.Generator, step: int) -> None:
+    """Restore what ``save_rank_random_state`` kept for the checkpoint's ``step`` (rank 0's state stays where there
+    is none: a checkpoint written before they existed, or a run stopped between rank 0's save and this one's)."""
     source = rank_random_state_path(path, rank)
-    if source.is_file():
-        tensors = load_file(str(source))
-        generator.set_state(tensors["rng.sampler"])
-        torch.set_rng_state(tensors["rng.torch"])
+    if not source.is_file():
+        return
+    with safe_open(str(source), framework="pt") as f:
+        if f.metadata().get("step") != str(step):
+            return
+    tensors = load_file(str(source))
+    generator.set_state(tensors["rng.sampler"])
+    torch.set_rng_state(tensors["rng.torch"])
 
 
 def read_checkpoint_info(path: Path) -> dict[str, Any]:

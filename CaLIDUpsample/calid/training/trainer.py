@@ -454,7 +454,7 @@ class Trainer:
         """The checkpoint (rank 0: weights, optimizer, its random state, the log so far); every other process keeps
         its own random state beside it."""
         if self.rank != 0:
-            save_rank_random_state(path, self.rank, self.generator)
+            save_rank_random_state(path, self.rank, self.generator, step)
             return
         info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation}
         save_checkpoint(path, {"model": self.model, "ema": ema}, optimizer, self.generator, info)
@@ -464,7 +464,7 @@ class Trainer:
         """``_save``'s inverse on every process: the checkpoint, then this process's own random state."""
         info = load_checkpoint(path, modules, optimizer, self.generator)
         if self.rank != 0:
-            load_rank_random_state(path, self.rank, self.generator)
+            load_rank_random_state(path, self.rank, self.generator, info["step"])
         return info
 
     @torch.no_grad()
