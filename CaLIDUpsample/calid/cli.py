@@ -320,10 +320,15 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     progress = Progress(mode, description="upsampling")
     try:
         from .cine import input_warning
+        from .imageio import FILE_SUFFIXES, has_image_suffix
 
         warning = input_warning(source, args.slice_axis)  # an isotropic volume is upsampled too: say so first
         if warning:
             progress.warning(warning)
+        for path in (args.output, args.uncertainty, args.segmentation):
+            if path is not None and Path(path).suffix and not has_image_suffix(path):  # a typo such as .nrd
+                progress.warning(f"{path} has no image file suffix ({', '.join(FILE_SUFFIXES)}): it is written as "
+                                 "a DICOM series into a folder of that name")
         result = upsample_file(source, args.output, options, args.uncertainty, progress=progress,
                                segmentation_path=args.segmentation, input_segmentation_path=args.input_segmentation,
                                segmentation_model=args.segmentation_model)

@@ -274,6 +274,14 @@ def test_a_second_output_on_the_volumes_path_is_refused(second, good_input, tmp_
     assert_clean_failure(code, err, tmp_path, "two outputs are the same path")
 
 
+def test_an_output_suffix_that_is_no_image_format_is_named_before_it_becomes_a_dicom_folder(good_input, tmp_path,
+                                                                                              capsys):
+    code, err = run_cli(["upsample", good_input, tmp_path / "out.nrd", "--method", "linear", "--progress", "none"],
+                        capsys)
+    assert code == 0 and (tmp_path / "out.nrd").is_dir()  # a folder name with a dot stays allowed
+    assert err.splitlines()[0].startswith("calid: warning: ") and "written as a DICOM series" in err, err
+
+
 def test_output_folder_missing(good_input, tmp_path, tiny_model_dir, capsys):
     code, err = run_cli(["upsample", good_input, tmp_path / "no" / "such" / "out.nrrd", "--model", tiny_model_dir], capsys)
     assert code == 2 and "output folder does not exist" in err
