@@ -32,8 +32,8 @@ def user_models_dir() -> Path:
 
 
 def _model_cards() -> Iterator[tuple[str, Path, dict[str, Any] | str]]:
-    """(source, folder, card) of every model folder, bundled first; the card is the reason it cannot be read when
-    its ``model.json`` is not JSON."""
+    """(source, folder, card) of every model folder, bundled first; the card is the reason it cannot be used when
+    its ``model.json`` is not a JSON object naming one of the two model formats."""
     for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
         if not root.is_dir():
             continue
@@ -43,7 +43,12 @@ def _model_cards() -> Iterator[tuple[str, Path, dict[str, Any] | str]]:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 yield source, folder, f"its {CARD_FILE} cannot be read ({exc})"
                 continue
-            yield source, folder, card if isinstance(card, dict) else f"its {CARD_FILE} is not a JSON object"
+            if not isinstance(card, dict):
+                yield source, folder, f"its {CARD_FILE} is not a JSON object"
+            elif card.get("format") not in (INTERPOLATION_FORMAT, SEGMENTATION_FORMAT):  # loading refuses it
+                yield source, folder, f"its {CARD_FILE} names no CaLID model format ({card.get('format')!r})"
+            else:
+                yield source, folder, card
 
 
 def list_models(card_format: str = INTERPOLATION_FORMAT) -> list[dict[str, Any]]:
@@ -53,7 +58,7 @@ def list_models(card_format: str = INTERPOLATION_FORMAT) -> list[dict[str, Any]]
     return [{"name": folder.name, "source": source, "path": str(folder), "description": card.get("description", ""),
              "metrics": card.get("metrics", {})}
             for source, folder, card in _model_cards()
-            if isinstance(card, dict) and card.get("format", card_format) == card_format]
+            if isinstance(card, dict) and card["format"] == card_format]
 
 
 def unreadable_models() -> list[dict[str, str]]:

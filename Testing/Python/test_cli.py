@@ -77,6 +77,10 @@ def test_models_listing_skips_a_folder_whose_card_is_not_json_and_says_so(tmp_pa
     assert "half-copied" not in {m["name"] for m in json.loads(proc.stdout)}
     assert proc.stderr.strip() == f"calid: skipped {broken}: its model.json cannot be read " \
         "(Expecting property name enclosed in double quotes: line 1 column 40 (char 39))"
+    (broken / "model.json").write_text('{"config": {}}', encoding="utf-8")  # no format: listed as both kinds
+    proc = calid("models", "--json")
+    assert "half-copied" not in {m["name"] for m in json.loads(proc.stdout)}
+    assert proc.stderr.strip() == f"calid: skipped {broken}: its model.json names no CaLID model format (None)"
 
 
 def test_devices_names_the_releases_a_timing_depends_on():
