@@ -92,12 +92,16 @@ HEART = "80891009"
 """SNOMED CT Heart: a region that says no more than the type does (Myocardium in the Heart is the LV's here)."""
 
 
+def _code_value(code: str) -> str:
+    """The value of a coded term ``scheme^value^meaning`` ("SCT^87878005^Left ventricle" -> "87878005"), or ""."""
+    return code.split("^")[1] if code.count("^") >= 2 else ""
+
+
 def _terminology_codes(entry: str) -> tuple[str, str]:
     """(type code, anatomic region code) of a Slicer terminology entry string (``terminology``'s fields), each the
     code value alone ("" where absent)."""
     fields = entry.split("~")
-    code = lambda field: field.split("^")[1] if field.count("^") >= 2 else ""
-    return (code(fields[2]) if len(fields) > 2 else "", code(fields[5]) if len(fields) > 5 else "")
+    return (_code_value(fields[2]) if len(fields) > 2 else "", _code_value(fields[5]) if len(fields) > 5 else "")
 
 
 def structure_of_segment(segment) -> int | None:
@@ -106,13 +110,10 @@ def structure_of_segment(segment) -> int | None:
     (``SEGMENT_NAMES``: the Segment Editor gives new segments a generic type such as Tissue); None for anything
     else, which the caller refuses."""
     type_code, region = _terminology_codes(segment.GetTerminology() or "")
-    cardiac = {structure_type.split("^")[1] for _, structure_type, _, _ in STRUCTURES.values()}
-    if type_code in cardiac:
-        for label, (_, structure_type, structure_region, _) in STRUCTURES.items():
-            wanted_region = structure_region.split("^")[1] if structure_region else ""
-            if type_code == structure_type.split("^")[1] and region in {wanted_region, "", HEART}:
-                return label
-        return None
+    if type_code in {_code_value(structure_type) for _, structure_type, _, _ in STRUCTURES.values()}:
+        return next((label for label, (_, structure_type, structure_region, _) in STRUCTURES.items()
+                     if type_code == _code_value(structure_type)
+                     and region in {_code_value(structure_region), "", HEART}), None)
     name = re.sub(r"( \d+)+$", "", " ".join(segment.GetName().lower().replace("_", " ").replace("-", " ").split()))
     return next((label for label, names in SEGMENT_NAMES.items()
                  if name in names or name == STRUCTURES[label][0].lower()), None)

@@ -126,10 +126,11 @@ def _process(item: Path, target: Path, output_dir: Path, done_before: dict[str, 
              device: torch.device, model, progress_mode: str, rank: int, world: int) -> dict:
     """One input of the cohort: its record (done, skipped or failed, and why), its output recorded as an absolute
     path so that a run from another folder finds it again."""
-    row = {"input": str(item), "output": str(target.resolve()), "rank": rank, "device": str(device)}
+    output = str(target.resolve())
+    row = {"input": str(item), "output": output, "rank": rank, "device": str(device)}
     started = time.perf_counter()
-    if target.exists() and str(target.resolve()) in done_before:  # a resumed run keeps the record that made it
-        return done_before[str(target.resolve())]
+    if target.exists() and output in done_before:  # a resumed run keeps the record that made it
+        return done_before[output]
     if target.exists():
         row.update(status="skipped", message="output exists")
     else:

@@ -282,8 +282,8 @@ def markdown_table(summary: list[dict], device: str, with_map: bool) -> str:
             lines.append(f"| {setting} | {s['volumes']} | {method} | {s[f'{method}_psnr']:.2f} ± "
                          f"{s[f'{method}_psnr_sd']:.2f} | {s[f'{method}_ssim']:.3f} | {heart} | {seconds} |")
     lines += ["", "Scores per removed slice, averaged per volume, then over the volumes (each ED and each ES stack "
-              "once); ± is the standard deviation across volumes. Heart: the in-plane box of all labels of the volume, "
-              f"10 px margin. s/vol: in process on {device}, model load and process start excluded"
+              "once); ± is the standard deviation across volumes. Heart: the in-plane box of all labels of the "
+              f"volume, 10 px margin. s/vol: in process on {device}, model load and process start excluded"
               f"{', the uncertainty map included' if with_map else ''}; the morph's: its TV-L1 flows and warps.",
               "", "CaLID minus each peer, paired volume by volume: mean ± standard error (volumes where CaLID "
               "scores higher / volumes).", "",

@@ -2,9 +2,9 @@
 
 A motion-aware model's final slices are ``(1 - linear) * mix + linear * L``, where ``mix`` is the model's slice
 averaged with the optical-flow morph by the weight ``morph`` (``pipeline_settings.LastStep``, in pixel, shape or
-aligned space) and ``L`` the linear cross-fade of the two acquired neighbours. Both weights are read off a table of gap sizes
-(the distance between the two acquired neighbours, in mm): linear in the gap between its knots, constant beyond
-the first and last.
+aligned space) and ``L`` the linear cross-fade of the two acquired neighbours. Both weights are read off a table of
+gap sizes (the distance between the two acquired neighbours, in mm): linear in the gap between its knots, constant
+beyond the first and last.
 
 Why per gap: the best last step is not the same at every gap (``Testing/Benchmarks/thin_gap_tradeoff.py``,
 docs/measurements.md "The 10 mm gap"). At 10 mm gaps, chosen on the training patients, more of the morph (0.8:

@@ -201,11 +201,12 @@ def check_output_path(path: str | os.PathLike) -> Path:
     Returns the folder."""
     path = Path(path)
     parent = output_folder(path)
-    if has_image_suffix(path) and path.is_dir():
-        raise CalidError(f"output path is a folder: {path}")
-    if not has_image_suffix(path) and path.is_dir():
+    if has_image_suffix(path):
+        if path.is_dir():
+            raise CalidError(f"output path is a folder: {path}")
+    elif path.is_dir():
         raise CalidError(f"output folder already exists: {path}")
-    if not has_image_suffix(path) and path.exists():
+    elif path.exists():
         raise CalidError(f"output {path} is a file without an image suffix (.nii.gz, .nrrd, ...); a path without one "
                          "is written as a new DICOM folder")
     return parent

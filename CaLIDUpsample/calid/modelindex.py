@@ -38,17 +38,21 @@ def _model_cards() -> Iterator[tuple[str, Path, dict[str, Any] | str]]:
         if not root.is_dir():
             continue
         for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
-            try:
-                card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                yield source, folder, f"its {CARD_FILE} cannot be read ({exc})"
-                continue
-            if not isinstance(card, dict):
-                yield source, folder, f"its {CARD_FILE} is not a JSON object"
-            elif card.get("format") not in (INTERPOLATION_FORMAT, SEGMENTATION_FORMAT):  # loading refuses it
-                yield source, folder, f"its {CARD_FILE} names no CaLID model format ({card.get('format')!r})"
-            else:
-                yield source, folder, card
+            yield source, folder, _card_or_reason(folder)
+
+
+def _card_or_reason(folder: Path) -> dict[str, Any] | str:
+    """A model folder's card, or why it is none: not JSON, not an object, or naming neither model format (which
+    loading refuses)."""
+    try:
+        card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its {CARD_FILE} cannot be read ({exc})"
+    if not isinstance(card, dict):
+        return f"its {CARD_FILE} is not a JSON object"
+    if card.get("format") not in (INTERPOLATION_FORMAT, SEGMENTATION_FORMAT):
+        return f"its {CARD_FILE} names no CaLID model format ({card.get('format')!r})"
+    return card
 
 
 def list_models(card_format: str = INTERPOLATION_FORMAT) -> list[dict[str, Any]]:
@@ -123,12 +127,10 @@ def import_model(source: str | os.PathLike, name: str | None = None) -> Path:
 
 
 def _check_importable(folder: Path) -> None:
-    """A CaLID card (a JSON object of either kind) whose weights match its checksum."""
-    try:
-        card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{folder / CARD_FILE} cannot be read as JSON ({exc})") from None
-    if not isinstance(card, dict) or card.get("format") not in (INTERPOLATION_FORMAT, SEGMENTATION_FORMAT):
-        raise ValueError(f"{folder / CARD_FILE} is not a CaLID model card")
+    """A CaLID card (a JSON object of either kind, as ``calid models`` lists them) whose weights match its
+    checksum."""
+    card = _card_or_reason(folder)
+    if isinstance(card, str):
+        raise ValueError(f"{folder / CARD_FILE} is not a CaLID model card: {card}")
     if sha256_of(folder / WEIGHTS_FILE) != card.get("sha256"):
         raise ValueError(f"the weights in {folder} do not match the checksum in its card")

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from .errors import CalidError
 from .modelindex import (BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, INTERPOLATION_FORMAT, WEIGHTS_FILE, list_models,
                          share_like_other_files, sha256_of, user_models_dir)
-from .networks import CONFIG_KEYS, CaLID
 from .generation import default_steps
+from .networks import CONFIG_KEYS, CaLID
 from .sampling import make_scheduler, max_sampling_steps
 
 CARD_FORMAT = INTERPOLATION_FORMAT
@@ -102,8 +102,8 @@ def check_sampling(model: CaLID, model_dir: Path) -> None:
     try:
         make_scheduler(diffusion)
         most = max_sampling_steps(diffusion)
-        steps = default_steps(model)
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+        steps = default_steps(model)  # a whole number already (or a ValueError)
+        if not 1 <= steps <= most:
             raise ValueError(f"default_steps must be a whole number from 1 to {most}, not {steps!r}")
     except Exception as exc:  # noqa: BLE001 - as build_checked: a bad card, named as such
         raise CalidError(f"model card {model_dir / CARD_FILE} has invalid diffusion settings: {_reason(exc)}") from None

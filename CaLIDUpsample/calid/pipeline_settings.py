@@ -43,10 +43,8 @@ class MotionSettings:
         motion.check_smoothing(self.smooth)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any] | None) -> MotionSettings | None:
+    def from_config(cls, cfg: dict[str, Any]) -> MotionSettings:
         """A card's ``"motion"``; cards written before views or smoothing existed mean one view, no smoothing."""
-        if cfg is None:
-            return None
         return cls(cfg.get("flow"), cfg.get("views", 1), float(cfg.get("smooth") or 0.0))
 
     def to_config(self) -> dict[str, Any]:

@@ -40,9 +40,8 @@ def absence_warning(volumes: dict[str, float | None]) -> str | None:
     absent = [NAMES[key] for key in KEYS.values() if volumes[key] is None]
     if not absent:
         return None
-    return (f"the segmentation found no {', '.join(absent)}: its volume is null (is the heart in the field of view?)"
-            if len(absent) == 1 else f"the segmentation found no {', '.join(absent)}: their volumes are null (is the "
-            "heart in the field of view?)")
+    null = "its volume is" if len(absent) == 1 else "their volumes are"
+    return f"the segmentation found no {', '.join(absent)}: {null} null (is the heart in the field of view?)"
 
 
 def ejection_fractions(end_diastole: dict[str, float | None], end_systole: dict[str, float | None]
@@ -59,15 +58,15 @@ def ejection_fractions(end_diastole: dict[str, float | None], end_systole: dict[
         raise CalidError("both ventricles are larger at end systole than at end diastole: are the phases swapped?")
     for side, key in VENTRICLES:
         edv, esv = end_diastole[key], end_systole[key]
+        problem = None
         if not edv or esv is None:  # none found, or a few voxels that round to 0.00 mL
-            problems.append(f"no {side.upper()} cavity at end {'systole' if edv else 'diastole'}: "
-                            f"no {side.upper()} ejection fraction")
+            problem = f"no {side.upper()} cavity at end {'systole' if edv else 'diastole'}"
         elif side in larger:
-            problems.append(f"the {side.upper()} cavity is larger at end systole ({esv} mL) than at end diastole "
-                            f"({edv} mL): no {side.upper()} ejection fraction")
-        ok = bool(edv) and esv is not None and side not in larger
-        out[f"{side}_stroke_volume_ml"] = round(edv - esv, 2) if ok else None
-        out[f"{side}_ejection_fraction_percent"] = round(100.0 * (edv - esv) / edv, 1) if ok else None
+            problem = f"the {side.upper()} cavity is larger at end systole ({esv} mL) than at end diastole ({edv} mL)"
+        if problem:
+            problems.append(f"{problem}: no {side.upper()} ejection fraction")
+        out[f"{side}_stroke_volume_ml"] = None if problem else round(edv - esv, 2)
+        out[f"{side}_ejection_fraction_percent"] = None if problem else round(100.0 * (edv - esv) / edv, 1)
     return out, problems
 
 

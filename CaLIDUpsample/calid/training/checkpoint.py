@@ -75,9 +75,21 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
                for k, v in m.state_dict().items()}
     optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors.update(optim_tensors)
-    tensors["rng.sampler"] = generator.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()  # MONAI's VAE draws its reparameterisation noise here
-    metadata = {"info": json.dumps(info), "optimizer": json.dumps(optim_meta)}
+    tensors.update(_random_state(generator))
+    _save_atomically(path, tensors, {"info": json.dumps(info), "optimizer": json.dumps(optim_meta)})
+
+
+def _random_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The batch sampler's random state, and torch's (MONAI's VAE draws its reparameterisation noise there)."""
+    return {"rng.sampler": generator.get_state(), "rng.torch": torch.get_rng_state()}
+
+
+def _restore_random_state(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    generator.set_state(tensors["rng.sampler"])
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -91,11 +103,7 @@ def rank_random_state_path(path: Path, rank: int) -> Path:
 def save_rank_random_state(path: Path, rank: int, generator: torch.Generator, step: int) -> None:
     """A process's batch and noise random state at a checkpoint's ``step``: each process draws its own batches
     (its generator is seeded by its rank), so a resumed run must give each its own state back, not rank 0's to all."""
-    target = rank_random_state_path(path, rank)
-    tmp = target.with_name(target.name + ".tmp")
-    save_file({"rng.sampler": generator.get_state(), "rng.torch": torch.get_rng_state()}, str(tmp),
-              metadata={"step": str(step)})
-    os.replace(tmp, target)
+    _save_atomically(rank_random_state_path(path, rank), _random_state(generator), {"step": str(step)})
 
 
 def load_rank_random_state(path: Path, rank: int, generator: torch.Generator, step: int) -> None:
@@ -107,9 +115,7 @@ def load_rank_random_state(path: Path, rank: int, generator: torch.Generator, st
     with safe_open(str(source), framework="pt") as f:
         if f.metadata().get("step") != str(step):
             return
-    tensors = load_file(str(source))
-    generator.set_state(tensors["rng.sampler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    _restore_random_state(load_file(str(source)), generator)
 
 
 def read_checkpoint_info(path: Path) -> dict[str, Any]:
@@ -129,6 +135,5 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
     if optimizer is not None:
         optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer.load_state_dict(_unflatten_optimizer(optim, json.loads(metadata["optimizer"])))
-    generator.set_state(tensors["rng.sampler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    _restore_random_state(tensors, generator)
     return json.loads(metadata["info"])

@@ -129,13 +129,14 @@ class Trainer:
             settings = MotionSettings(cfg.motion) if settings is None else replace(settings, flow=cfg.motion)
         for option, field, value in (("--flow-views", "views", cfg.flow_views),
                                      ("--flow-smooth", "smooth", cfg.flow_smooth)):
-            if value is not None and settings is None:
+            if value is None:
+                continue
+            if settings is None:
                 raise CalidError(f"{option} needs a motion-aware model (--motion, or an --init model that is one)")
-            if value is not None:
-                try:
-                    settings = replace(settings, **{field: value})
-                except ValueError as error:
-                    raise CalidError(f"{option}: {error}") from None
+            try:
+                settings = replace(settings, **{field: value})
+            except ValueError as error:
+                raise CalidError(f"{option}: {error}") from None
         if settings is not None:
             try:
                 self.model.set_motion(settings)
@@ -146,7 +147,8 @@ class Trainer:
         """``--morph-mix`` (one weight at every gap: it replaces a per-gap table), ``--morph-mix-space`` (keeps the
         weights) and ``--gap-mix`` (the per-gap table)."""
         step = self.model.last_step
-        options = (("--morph-mix", cfg.morph_mix), ("--morph-mix-space", cfg.morph_mix_space), ("--gap-mix", cfg.gap_mix))
+        options = (("--morph-mix", cfg.morph_mix), ("--morph-mix-space", cfg.morph_mix_space),
+                   ("--gap-mix", cfg.gap_mix))
         named = [option for option, value in options if value is not None]
         if named and self.model.motion is None:  # even a mix of 0 or the pixel space: they mean nothing here
             raise CalidError(f"{' / '.join(named)} needs a motion-aware model (--motion, or an --init model that is "
