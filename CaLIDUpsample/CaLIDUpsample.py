@@ -38,6 +38,7 @@ from CaLIDLib.dependencies import (  # noqa: E402
     missing_requirements,
     self_test_skip_reason,
 )
+from CaLIDLib.sequences import playing_browser  # noqa: E402
 from CaLIDLib.uncertainty import largest_error_sentence  # noqa: E402
 from CaLIDLib.views import show_table  # noqa: E402
 from calid.modelindex import DEFAULT_MODEL, import_model, list_models, user_models_dir  # noqa: E402
@@ -84,27 +85,19 @@ def registerSampleData():
     )
 
 
-def sequenceBrowserOf(node):
-    """The browser playing ``node`` (a volume or segmentation) as a proxy (a cine frame), or None: a cine is
-    upsampled as a sequence, and a previous result's proxy must not be reused as the output of the next one (that
-    would tie two sequences)."""
-    if node is None:
-        return None
-    return slicer.modules.sequences.logic().GetFirstBrowserNodeForProxyNode(node)
-
-
 def selectComboData(combo, value):
     index = combo.findData(value)
     if index >= 0:
         combo.currentIndex = index
 
 
-def nodeOfItsOwn(node):
-    """``node``, or a new node of its class and name when it already plays a sequence (a cine run's proxy, which a
-    second run cannot fill)."""
-    if node is None or sequenceBrowserOf(node) is None:
+def nodeOfItsOwn(node, created: list):
+    """``node``, or a new node of its class and name (appended to ``created``) when it already plays a sequence (a
+    cine run's proxy, which a second run cannot fill)."""
+    if node is None or playing_browser(slicer.mrmlScene, node) is None:
         return node
-    return slicer.mrmlScene.AddNewNodeByClass(node.GetClassName(), node.GetName())
+    created.append(slicer.mrmlScene.AddNewNodeByClass(node.GetClassName(), node.GetName()))
+    return created[-1]
 
 
 def fillModelCombo(combo, selected: str):
@@ -210,6 +203,7 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = qt.QTimer()
+        self._nodesForRun = []
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
 
@@ -378,11 +372,14 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             return
         p = self._parameterNode
         self.ui.logTextEdit.clear()
-        browser = sequenceBrowserOf(p.inputVolume)
-        output = None if browser is not None and sequenceBrowserOf(p.outputVolume) is not None else p.outputVolume
-        if browser is not None:  # the last cine run's label and map sequences play in it: this run's get new nodes
-            p.outputSegmentation = nodeOfItsOwn(p.outputSegmentation)
-            p.uncertaintyVolume = nodeOfItsOwn(p.uncertaintyVolume)
+        browser = playing_browser(slicer.mrmlScene, p.inputVolume)
+        output = None if playing_browser(slicer.mrmlScene, p.outputVolume) is not None else p.outputVolume
+        # A cine run's label and map proxies play their sequences: this run's go to new nodes, removed again when
+        # the run ends without a result.
+        self._nodesForRun = []
+        p.outputSegmentation = nodeOfItsOwn(p.outputSegmentation, self._nodesForRun)
+        if p.method == "calid":  # the map is the model's: no peer fills one
+            p.uncertaintyVolume = nodeOfItsOwn(p.uncertaintyVolume, self._nodesForRun)
         with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
             self.logic.process(
                 p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,
@@ -394,16 +391,31 @@ class CaLIDUpsampleWidget(CaLIDPanel):
                 progressCallback=self._onProgress, onFinished=self._onFinished,
             )
             self._runStarted(_("Cancel"))
+        if not self.logic.isRunning:  # refused before it started
+            self._dropNodesForRun()
+
+    def _dropNodesForRun(self):
+        """Remove the nodes made for a run that ended without a result: they would stay empty."""
+        for node in self._nodesForRun:
+            slicer.mrmlScene.RemoveNode(node)
+        self._nodesForRun = []
 
     def _onFinished(self, outputVolume, error):
         self._runEnded()
+        if outputVolume is None:
+            self._dropNodesForRun()
+        else:
+            self._nodesForRun = []
         if error is not None:
             slicer.util.errorDisplay(_("CaLID failed: ") + str(error))
         elif outputVolume is None:
             self._log(_("Cancelled."))
         else:
-            self._parameterNode.outputVolume = outputVolume
-            slicer.util.setSliceViewerLayers(background=outputVolume, fit=True)
+            # The output selector keeps the user's choice: a result put there would be overwritten by the next run.
+            # This run's map over its result, or none: an earlier run's map would read as this one's.
+            p = self._parameterNode
+            errorMap = p.uncertaintyVolume if p.method == "calid" else None
+            slicer.util.setSliceViewerLayers(background=outputVolume, foreground=errorMap, fit=True)
             self._log(_("Done: ") + outputVolume.GetName())
             sentence = largest_error_sentence(self.logic.lastUncertaintySlices)
             if sentence:

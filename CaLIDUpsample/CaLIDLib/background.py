@@ -84,7 +84,7 @@ class WorkerLogic:
         job = self.job
         if job is None:
             return False
-        if job.worker.poll(self._onLine):
+        if self._forward(job, wait=False):
             return True
         self._finish(job, raise_errors=False)
         return False
@@ -150,7 +150,7 @@ class WorkerLogic:
         if not waitForCompletion:
             return None
         job = self.job
-        job.worker.wait(self._onLine)
+        self._forward(job, wait=True)
         return self._finish(job, raise_errors=True)
 
     def _checkIdle(self) -> None:
@@ -165,6 +165,22 @@ class WorkerLogic:
         ``onFinished``; nothing to do unless overridden."""
 
     # ------------------------------------------------------------------ internals
+    def _forward(self, job: _Job, wait: bool) -> bool:
+        """Deliver the worker's lines to the callbacks (until it ends when ``wait``); True while it runs.
+
+        A callback that raises (or Ctrl-C in a blocking wait) ends the run as a cancel would, worker stopped and
+        folder removed, and its exception goes on to the caller; before, the logic stayed "running" for ever."""
+        try:
+            if wait:
+                job.worker.wait(self._onLine)
+                return False
+            return job.worker.poll(self._onLine)
+        except BaseException:
+            self.cancel()
+            job.worker.wait(lambda line: None)
+            self._finish(job, raise_errors=False)
+            raise
+
     def _onLine(self, line: str) -> None:
         job = self.job
         event = parse_line(line)
@@ -180,6 +196,8 @@ class WorkerLogic:
                 job.error = event.text.split(": ", 2)[-1] if event.text.startswith("calid: error:") else event.text
             if self.logCallback is not None:
                 self.logCallback(event.text)
+            elif event.text.startswith("calid: warning:"):  # a script without a log still hears the warnings
+                print(event.text)
         else:
             self._onEvent(event)
 

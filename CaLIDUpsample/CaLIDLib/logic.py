@@ -19,7 +19,7 @@ from .background import ProgressCallback, WorkerError, WorkerLogic
 from .protocol import WorkerEvent
 from .segmentations import (cycle_tables, load_labels_into_segmentation, segmentation_sequence, volumes_table,
                             write_segmentation_labels)
-from .sequences import add_to_browser, find_sequence, read_sequence_like, write_sequence
+from .sequences import add_to_browser, find_sequence, playing_browser, read_sequence_like, write_sequence
 from .uncertainty import per_slice, show_uncertainty, uncertainty_table
 from .volumes import update_node_from_file, write_node
 
@@ -109,6 +109,11 @@ class CaLIDUpsampleLogic(WorkerLogic):
         if inputSegmentation is not None and outputSegmentation is None:
             raise ValueError("an input segmentation needs an output segmentation to fill")
         cine = find_sequence(self.scene, inputVolume, sequenceBrowser)
+        for node in filter(None, (outputVolume, uncertaintyVolume, outputSegmentation)):
+            browser = playing_browser(self.scene, node)
+            if browser is not None:  # it would play two sequences, or lose this result at the next frame shown
+                raise ValueError(f"{node.GetName()} already plays a sequence in {browser.GetName()}: "
+                                 "give a new node (or none)")
         if cine is not None:
             return self._processSequence(inputVolume, *cine, outputVolume, factor, spacing, device, steps, seed, model,
                                          samples, progressCallback, onFinished, waitForCompletion,
@@ -117,7 +122,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
                                          outputTable=outputTable)
 
         def prepare(folder: Path):
-            self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None  # this run's only
+            self._forgetLastRun()
             write_node(inputVolume, folder / "input.nrrd")
             uncertaintyPath = folder / "uncertainty.nrrd" if uncertaintyVolume is not None else None
             labelsPath = folder / "labels.nrrd" if outputSegmentation is not None else None
@@ -134,6 +139,11 @@ class CaLIDUpsampleLogic(WorkerLogic):
         return self._runWorker(prepare, progressCallback, onFinished, waitForCompletion)
 
     # ------------------------------------------------------------------ internals
+    def _forgetLastRun(self) -> None:
+        """A run's figures and tables are its own: none of an earlier run's stays behind to be read as this one's."""
+        self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None
+        self.lastVolumesTable = self.lastFramesTable = None
+
     def _processSequence(self, inputVolume, browser, sequence, outputVolume, factor, spacing, device, steps, seed,
                          model, samples, progressCallback, onFinished, waitForCompletion, method,
                          uncertaintyVolume=None, outputSegmentation=None, inputSegmentation=None, outputTable=None):
@@ -144,14 +154,10 @@ class CaLIDUpsampleLogic(WorkerLogic):
         if inputSegmentation is not None:
             raise ValueError("an input segmentation (your segments on the acquired slices) is for single volumes, "
                              "not for sequences: leave it out to segment the whole cine")
-        for node in filter(None, (outputVolume, uncertaintyVolume, outputSegmentation)):
-            if browser.IsProxyNode(node.GetID()):  # it would play two sequences, the earlier run's and this one's
-                raise ValueError(f"{node.GetName()} already plays a sequence in {browser.GetName()}: "
-                                 "give a new node (or none)")
         name = _output_name(sequence.GetName(), method, factor, spacing)
 
         def prepare(folder: Path):
-            self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None
+            self._forgetLastRun()
             write_sequence(sequence, folder / "input.seq.nrrd")
             uncertaintyPath = folder / "uncertainty.seq.nrrd" if uncertaintyVolume is not None else None
             labelsPath = folder / "labels.nii.gz" if outputSegmentation is not None else None
@@ -188,8 +194,8 @@ class CaLIDUpsampleLogic(WorkerLogic):
                 self.scene.RemoveNode(node)
             raise
         if outputSegmentation is not None:
-            self.lastVolumesTable, self.lastFramesTable = cycle_tables(
-                self.scene, self._done["volumes"], f"{outputSegmentation.GetName()} ejection fractions", outputTable)
+            self.lastVolumesTable, self.lastFramesTable = cycle_tables(self.scene, self._done["volumes"],
+                                                                       outputSegmentation, outputTable)
             for node in (outputSegmentation, segments, self.lastVolumesTable, self.lastFramesTable):
                 self._placeBeside(inputVolume, node)
         self._showLikeInput(inputVolume, proxy)
@@ -209,8 +215,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
             self._loadUncertainty(folder / "uncertainty.nrrd", inputVolume, output, uncertaintyVolume)
         if outputSegmentation is not None:
             load_labels_into_segmentation(self.scene, folder / "labels.nrrd", outputSegmentation, output)
-            self.lastVolumesTable = volumes_table(self.scene, folder / "labels.nrrd",
-                                                  f"{outputSegmentation.GetName()} volumes", outputTable)
+            self.lastVolumesTable = volumes_table(self.scene, folder / "labels.nrrd", outputSegmentation, outputTable)
             self._placeBeside(inputVolume, outputSegmentation)
             self._placeBeside(inputVolume, self.lastVolumesTable)
         return output

@@ -23,6 +23,7 @@ from calid.segmentation.labels import LABELS
 from calid.segmentation.measures import structure_volumes
 
 from .sequences import new_sequence_like
+from .tables import referenced_table
 from .volumes import image_from_node, update_node_from_file
 
 ANATOMY = "SCT^123037004^Anatomical Structure"
@@ -155,19 +156,26 @@ def write_segmentation_labels(scene, segmentation, reference_volume, path: Path)
     sitk.WriteImage(image, str(path))
 
 
-def volumes_table(scene, labels_path: Path, name: str, table=None):
-    """A table node of structure volumes (mL) and myocardial mass (g) of a label file."""
+VOLUMES_TABLE = "CaLIDVolumesTable"
+FRAMES_TABLE = "CaLIDFramesTable"
+"""Node references from an output segmentation to its tables (``tables.referenced_table``)."""
+
+
+def volumes_table(scene, labels_path: Path, segmentation, table=None):
+    """A table node of structure volumes (mL) and myocardial mass (g) of a label file: ``table``, refilled, or
+    the one ``segmentation`` keeps, ``<segmentation> volumes``."""
     volumes = structure_volumes(sitk.ReadImage(str(labels_path)))
     rows = [(STRUCTURES[label][0] + " volume", volumes[key], "mL")
             for label, key in ((1, "rv_cavity_ml"), (2, "lv_myocardium_ml"), (3, "lv_cavity_ml"))]
     rows.append(("Left ventricle myocardium mass", volumes["lv_myocardium_mass_g"], "g"))
-    return _measures_table(scene, rows, name, table)
+    if table is None:
+        table = referenced_table(scene, segmentation, VOLUMES_TABLE, f"{segmentation.GetName()} volumes")
+    return _measures_table(rows, table)
 
 
-def _measures_table(scene, rows: list[tuple[str, float | None, str]], name: str, table=None):
-    """A Measure / Value / Unit table node (``table``, refilled, or a new one); a None value (nothing to compute it
-    from) is NaN, not a zero that would read as a measurement."""
-    table = table or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+def _measures_table(rows: list[tuple[str, float | None, str]], table):
+    """``table`` refilled as Measure / Value / Unit; a None value (nothing to compute it from) is NaN, not a zero
+    that would read as a measurement."""
     table.RemoveAllColumns()
     measure = table.AddColumn(vtk.vtkStringArray())
     measure.SetName("Measure")
@@ -212,10 +220,11 @@ FRAME_UNIT = "frame (from 1)"
 """Frames are counted from 1 in the tables, as the sequence browser counts them (the JSON's ``phase`` from 0)."""
 
 
-def cycle_tables(scene, cycle: dict, name: str, table=None) -> tuple:
+def cycle_tables(scene, cycle: dict, segmentation, table=None) -> tuple:
     """The worker's ``volumes`` of a segmented cine (``calid.segmentation.measures.cycle_volumes``) as two table
     nodes: each ventricle's end-diastolic and end-systolic volume, frame, stroke volume and ejection fraction
-    (``table``, refilled, or a new one named ``name``), and every frame's volumes (``<name> per frame``)."""
+    (``table``, refilled, or the one ``segmentation`` keeps, ``<segmentation> ejection fractions``), and every
+    frame's volumes (``... per frame``, also kept by ``segmentation``)."""
     rows = []
     fractions = cycle["ejection_fractions"] or {}
     volume = lambda phase, key: None if phase is None else cycle["phases"][phase][key]
@@ -228,8 +237,9 @@ def cycle_tables(scene, cycle: dict, name: str, table=None) -> tuple:
                  (f"{title} end-systolic frame", frame(es), FRAME_UNIT),
                  (f"{title} stroke volume", fractions.get(f"{side}_stroke_volume_ml"), "mL"),
                  (f"{title} ejection fraction", fractions.get(f"{side}_ejection_fraction_percent"), "%")]
-    summary = _measures_table(scene, rows, name, table)
-    frames = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} per frame")
+    name = f"{segmentation.GetName()} ejection fractions"
+    summary = _measures_table(rows, table or referenced_table(scene, segmentation, VOLUMES_TABLE, name))
+    frames = referenced_table(scene, segmentation, FRAMES_TABLE, f"{name} per frame")
     columns = (("Frame (from 1)", "phase"), ("Time (ms)", "time_ms"), ("Right ventricle cavity (mL)", "rv_cavity_ml"),
                ("Left ventricle myocardium (mL)", "lv_myocardium_ml"), ("Left ventricle cavity (mL)", "lv_cavity_ml"),
                ("Left ventricle myocardium mass (g)", "lv_myocardium_mass_g"))

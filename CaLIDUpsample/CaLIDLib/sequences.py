@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["find_sequence", "write_sequence", "new_sequence_like", "read_sequence_like", "add_to_browser"]
+__all__ = ["find_sequence", "playing_browser", "write_sequence", "new_sequence_like", "read_sequence_like",
+           "add_to_browser"]
 
 
 def find_sequence(scene, proxyVolume, browser=None):
@@ -29,6 +30,14 @@ def find_sequence(scene, proxyVolume, browser=None):
     if browser is not None:
         raise ValueError(f"{proxyVolume.GetName()} is not a proxy node of the browser {browser.GetName()}")
     return None
+
+
+def playing_browser(scene, node):
+    """The browser that plays ``node`` as a proxy (a frame of a cine), or None. Such a node shows whatever frame
+    its browser is at: a result written into it would be replaced by the next frame shown."""
+    if node is None:
+        return None
+    return next((browser for browser in _browsers(scene) if browser.IsProxyNode(node.GetID())), None)
 
 
 def _browsers(scene) -> list:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import vtk
 
+from .tables import referenced_table
 from .volumes import ijk_to_ras, voxels
 
 UNIT = "input intensity units"
@@ -86,12 +87,7 @@ def uncertainty_table(scene, slices: list[dict], uncertainty):
     """The per-slice figures of ``per_slice`` as a table node ``<uncertainty> per slice``: the one already
     referenced by ``uncertainty`` when it is still in the scene, else a new one. A null heart figure (no
     segmentation, or no heart on that slice) is an empty cell, not 0: that column holds text."""
-    table = uncertainty.GetNodeReference(TABLE_REFERENCE)
-    if table is None:
-        table = scene.AddNewNodeByClass("vtkMRMLTableNode")
-        uncertainty.SetNodeReferenceID(TABLE_REFERENCE, table.GetID())
-    table.SetName(f"{uncertainty.GetName()} per slice")
-    table.RemoveAllColumns()
+    table = referenced_table(scene, uncertainty, TABLE_REFERENCE, f"{uncertainty.GetName()} per slice")
     for name, array in zip(COLUMNS, (vtk.vtkIntArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(),
                                      vtk.vtkStringArray())):
         array.SetName(name)

@@ -23,13 +23,15 @@ MAX_DENSE_SLICES = 2048
 
 
 def find_slice_axis(image: sitk.Image, override: int | None = None) -> int:
-    """The axis with the largest spacing (the last one on ties, which is k for isotropic stacks)."""
+    """The axis with the largest spacing (the last one on ties, which is k for isotropic stacks); a single slice's
+    one-voxel axis whatever its spacing, so that it is refused as one slice instead of upsampled in its plane."""
     if override is not None:
         if override not in (0, 1, 2):
             raise CalidError(f"--slice-axis must be 0, 1 or 2, not {override}")
         return override
-    spacing = image.GetSpacing()
-    return max(range(3), key=lambda a: (round(spacing[a], 6), a))
+    size, spacing = image.GetSize(), image.GetSpacing()
+    flat = [a for a in range(3) if size[a] == 1]
+    return flat[-1] if flat else max(range(3), key=lambda a: (round(spacing[a], 6), a))
 
 
 def resolve_factor(image: sitk.Image, axis: int, factor: int | None, spacing_mm: float | None) -> int:

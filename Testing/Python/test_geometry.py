@@ -8,6 +8,7 @@ import SimpleITK as sitk
 
 from calid import UpsampleOptions, upsample_file, upsample_image
 from calid import geometry, slice_positions
+from calid.errors import CalidError
 from calid.imageio import read_image, write_image
 
 FORMATS = [".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", "dicom"]
@@ -86,6 +87,14 @@ def test_slice_axis_found_on_axis_zero_of_a_permuted_oblique_volume(small_image,
     result = upsample_image(permuted, UpsampleOptions(factor=2, steps=2, model=str(tiny_model_dir), device="cpu"))
     assert result.slice_axis == 0
     assert_dense_geometry(permuted, result.image, 0, 2)
+
+
+def test_a_single_slice_is_refused_whatever_spacing_its_header_gives_it(small_image):
+    """Slicer gives a 2D image a 1 mm third axis: the largest spacing is then in its plane, which was upsampled."""
+    single = small_image[:, :, 4:5]
+    single.SetSpacing((1.37, 1.37, 1.0))
+    with pytest.raises(CalidError, match="1 slice along axis 2: at least 2 acquired slices"):
+        upsample_image(single, UpsampleOptions(factor=2, method="linear"))
 
 
 def test_slice_axis_override(small_image, tiny_model_dir):

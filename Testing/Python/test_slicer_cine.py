@@ -113,6 +113,10 @@ def test_the_last_runs_proxy_is_refused_as_the_next_runs_output(cine, tiny_model
     first = logic.process(proxy, factor=2, device="cpu", method="linear")
     with pytest.raises(ValueError, match="already plays a sequence"):
         logic.process(proxy, first, factor=3, device="cpu", method="linear")
+    # Nor may a single volume's result go there: the browser's next frame would replace it.
+    plain = volume_node(scene, node_array(proxy).copy(), name="plain")
+    with pytest.raises(ValueError, match="already plays a sequence"):
+        logic.process(plain, first, factor=3, device="cpu", method="linear")
 
 
 def test_a_one_frame_sequence_is_upsampled_as_its_volume(sequences_logic, sample_array, private_tmp):

@@ -138,6 +138,22 @@ def test_cancel_in_the_middle_leaves_no_node_and_no_files(scene, sample_array, t
     assert not logic.isRunning
 
 
+def test_a_progress_callback_that_raises_ends_the_run_and_the_next_one_runs(scene, sample_array, private_tmp):
+    """The callback's exception reaches the caller; the worker is stopped, its folder (the patient's volume)
+    removed, and the logic is free again: before, every later run was refused as "already in progress"."""
+    node = volume_node(scene, sample_array)
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    before = volumes(scene)
+
+    def broken(fraction, stage, eta):
+        raise ZeroDivisionError("the caller's bug")
+
+    with pytest.raises(ZeroDivisionError, match="the caller's bug"):
+        logic.process(node, factor=2, method="linear", progressCallback=broken)
+    assert not logic.isRunning and volumes(scene) == before and list(private_tmp.iterdir()) == []
+    assert node_array(logic.process(node, factor=2, method="linear")).shape[0] == 2 * sample_array.shape[0] - 1
+
+
 def test_failing_worker_raises_its_message_and_leaves_the_scene_unchanged(scene, sample_array, tiny_model_dir, private_tmp):
     broken = sample_array.astype(np.float32)
     broken[1, 3, 3] = np.nan

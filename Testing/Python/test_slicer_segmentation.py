@@ -72,6 +72,10 @@ def test_segmentation_output_has_standard_segments_geometry_and_volumes(scene, s
     assert table.GetNumberOfRows() == 4 and table.GetCellText(2, 0) == "Left ventricle cavity volume"
     assert float(table.GetCellText(2, 1)) > 10  # mL: a real LV, not a few voxels
     assert list(private_tmp.iterdir()) == []
+    # Run again into the same segmentation: its table is refilled, not joined by a second one of the same name.
+    logic.process(sample_node, factor=3, device="cpu", method="linear", outputSegmentation=segmentation)
+    tables = scene.GetNodesByClass("vtkMRMLTableNode")
+    assert logic.lastVolumesTable is table and tables.GetNumberOfItems() == 1 and table.GetName() == "Heart volumes"
 
 
 def test_user_segments_are_kept_on_acquired_slices(scene, sample_node, private_tmp, tmp_path):
