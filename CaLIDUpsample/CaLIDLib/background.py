@@ -196,8 +196,8 @@ class WorkerLogic:
                 job.error = event.text.split(": ", 2)[-1] if event.text.startswith("calid: error:") else event.text
             if self.logCallback is not None:
                 self.logCallback(event.text)
-            elif event.text.startswith("calid: warning:"):  # a script without a log still hears the warnings
-                print(event.text)
+            elif event.data.get("event") == "warning":  # a script without a log still hears the warnings
+                print(f"calid: warning: {event.text}")
         else:
             self._onEvent(event)
 

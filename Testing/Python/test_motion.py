@@ -483,14 +483,21 @@ def test_a_new_morph_mix_or_flow_recalibrates_an_error_head_it_does_not_retrain(
     assert card["config"]["error_head"]["calibration"] != base_card["config"]["error_head"].get("calibration")
 
 
-def test_fine_tuning_the_denoiser_recalibrates_the_error_head_it_carries(dataset, tmp_path, error_head_model_dir):
+def test_fine_tuning_the_denoiser_recalibrates_the_error_head_it_carries(dataset, tmp_path, error_head_model_dir,
+                                                                         capsys):
     """A site fine-tune (``--init M --denoiser-steps N``) changes the slices the map describes: the head is kept,
-    its calibration refitted on the tuned model's output."""
+    its calibration refitted on the tuned model's output, and that refit (minutes) is shown as progress: the bar
+    stood at 100 % with 0 s left through it."""
     from calid.training.config import TrainConfig
     from calid.training.trainer import train
 
     model_dir = train(TrainConfig(data=[str(dataset)], output=str(tmp_path / "tuned"), init=str(error_head_model_dir),
-                                  denoiser_steps=2, val_fraction=0.25, device="cpu"), "none")
+                                  denoiser_steps=2, val_fraction=0.25, device="cpu"), "json")
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["event"] == "progress"]
+    refit = [e for e in progress if e["stage"].startswith("recalibrating the error head")]
+    assert len(refit) == 3 and refit[-1]["fraction"] == 1.0  # one per training stack, the last of the run
+    assert all(e["fraction"] < 1.0 for e in progress[:-1])
     tuned, card = load_model(model_dir)
     base, base_card = load_model(error_head_model_dir)
     assert not all(torch.equal(v, base.interpolator.state_dict()[k]) for k, v in tuned.interpolator.state_dict().items())

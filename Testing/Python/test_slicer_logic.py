@@ -154,6 +154,17 @@ def test_a_progress_callback_that_raises_ends_the_run_and_the_next_one_runs(scen
     assert node_array(logic.process(node, factor=2, method="linear")).shape[0] == 2 * sample_array.shape[0] - 1
 
 
+def test_the_workers_warnings_reach_the_log_or_a_scripts_output(scene, sample_array, private_tmp, capsys):
+    dense = volume_node(scene, sample_array, spacing=(1.3, 1.4, 1.5))  # not a sparse stack: upsampled, with a warning
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    logic.process(dense, factor=2, method="linear")
+    assert "calid: warning: the volume does not look like a sparse short-axis stack" in capsys.readouterr().out
+    logged = []
+    logic.logCallback = logged.append
+    logic.process(dense, factor=2, method="linear")
+    assert any(line.startswith("the volume does not look like") for line in logged)
+
+
 def test_failing_worker_raises_its_message_and_leaves_the_scene_unchanged(scene, sample_array, tiny_model_dir, private_tmp):
     broken = sample_array.astype(np.float32)
     broken[1, 3, 3] = np.nan

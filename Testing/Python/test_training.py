@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from calid.modelstore import inherited_provenance, load_model, save_model
 from calid.training.checkpoint import (CHECKPOINT, load_rank_random_state, rank_random_state_path,
                                       read_checkpoint_info)
+from calid.imageio import write_image
 from calid.training.config import TrainConfig
+from calid.training.data import find_volumes, load_volumes, split_patients
 from calid.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -89,6 +91,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset, tmp_path):
                       map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines())]
     rows = [len((folder / "metrics.csv").read_text().splitlines()) for folder in (run, tmp_path / "ref")]
     assert rows[0] == rows[1]
+    # Resumed with another learning rate it would train another model than the checkpoint's: refused, named.
+    other = train(*common, "--output", run, "--resume", "--lr", "0.001")
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert "started with --lr 0.0002; now --lr 0.001" in other.stderr
 
 
 def test_ddp_two_processes_with_gloo(dataset, tmp_path):
@@ -216,6 +222,33 @@ def test_a_refused_run_leaves_no_output_folder(tmp_path):
     (tmp_path / "labels_only").mkdir()
     proc = train(tmp_path / "labels_only", "--output", tmp_path / "run", *TINY)
     assert proc.returncode == 2 and not (tmp_path / "run").exists(), proc.stderr
+
+
+def test_an_output_that_is_a_file_is_refused_in_one_line(dataset, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    for output, message in ((tmp_path / "afile", "is a file, not a folder"),
+                            (tmp_path / "afile" / "run", "cannot make the output folder")):
+        proc = train(dataset, "--output", output, *TINY)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_few_patients_each_of_its_own_group_still_split_and_unusable_files_are_left_out(tmp_path, sample_image):
+    """Four ACDC-like patients of four pathologies: each group gave one validation patient, all four, so no
+    validation share could train. A 2D image and a two-slice stack give no stack: not split, not an error."""
+    root = tmp_path / "data"
+    for i, group in enumerate(("DCM", "HCM", "MINF", "NOR", "RV")):
+        folder = root / f"patient{i:03d}"
+        folder.mkdir(parents=True)
+        (folder / "Info.cfg").write_text(f"ED: 1\nGroup: {group}\n")
+        image = sample_image[16 + 8 * i: 80 + 8 * i, 16:80, :]  # distinct scans, not copies of one
+        write_image(image[:, :, 4] if i == 3 else image[:, :, :2] if i == 4 else image,
+                    folder / f"patient{i:03d}_frame01.nii.gz")
+    volumes = find_volumes([root])
+    split = split_patients(volumes[:4], 0.2, 0, {})
+    assert len(split["validation"]) == 1 and len(split["train"]) == 3
+    stacks = load_volumes(volumes)
+    assert sorted({v.patient for v in stacks}) == ["patient000", "patient001", "patient002"]
 
 
 def test_denoiser_sees_every_in_plane_orientation_of_each_training_stack(dataset, tmp_path, tiny_model_dir):

@@ -37,11 +37,16 @@ def run_folder(out: Path, resume: bool):
         raise CalidError(f"--resume given but no checkpoint in {out}")
     if not resume and checkpoint.is_file():
         raise CalidError(f"{out} already holds a training run: use --resume or another output folder")
+    if out.exists() and not out.is_dir():
+        raise CalidError(f"output {out} is a file, not a folder")
     made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CalidError(f"cannot make the output folder {out}: {error.strerror or error}") from None
     try:
         yield checkpoint
-    except CalidError:
+    except BaseException:  # refused, failed or cancelled before training: no folder of this call's is left
         if made:
             shutil.rmtree(out, ignore_errors=True)
         raise
@@ -131,7 +136,11 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
         metadata = f.metadata()
     for name, module in modules.items():
         prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        try:
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        except RuntimeError:  # another network than the one this run builds (another --init, --denoiser-channels)
+            raise CalidError(f"the checkpoint in {path.parent} holds another model than these options build: resume "
+                             "with the options the run was started with") from None
     if optimizer is not None:
         optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer.load_state_dict(_unflatten_optimizer(optim, json.loads(metadata["optimizer"])))

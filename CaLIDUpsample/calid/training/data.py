@@ -15,6 +15,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,13 +112,18 @@ def _split_distinct(volumes: list[tuple[str, Path]], val_fraction: float, seed: 
             pick = next((p for p in by_group[g] if thin_spacings.get(p) and p not in validation), None)
             if pick and sum(p in validation for p in thin) < thin_quota:
                 validation.append(pick)
-    for g in groups:
-        quota = max(1, round(val_fraction * len(by_group[g])))
+    for g in groups:  # every group of two or more patients is seen in validation; a lone patient trains
+        quota = max(1 if len(by_group[g]) > 1 else 0, round(val_fraction * len(by_group[g])))
         for p in by_group[g]:
             if sum(q in validation for q in by_group[g]) >= quota:
                 break
             if p not in validation:
                 validation.append(p)
+    wanted = min(max(1, round(val_fraction * len(patients))), len(patients) - 1)
+    for p in (q for g in groups for q in by_group[g] if q not in validation):  # a few lone patients: still one
+        if len(validation) >= wanted:
+            break
+        validation.append(p)
     train = [p for p in patients if p not in validation]
     if not train:
         raise CalidError("validation split leaves no training patients: lower --val-fraction")
@@ -135,7 +141,8 @@ def load_split(path: Path) -> dict[str, list[str]]:
 
 
 def load_volumes(entries: list[tuple[str, Path]]) -> list[Volume]:
-    """Read each file; a 4D cine gives one stack per phase. Stacks with fewer than 3 slices are dropped."""
+    """Read each file; a 4D cine gives one stack per phase. Stacks with fewer than 3 slices (and 2D images) are
+    dropped."""
     import SimpleITK as sitk
 
     from ..geometry import find_slice_axis, to_stack
@@ -144,6 +151,8 @@ def load_volumes(entries: list[tuple[str, Path]]) -> list[Volume]:
     volumes = []
     for patient, path in entries:
         image = read_image(path)
+        if image.GetDimension() < 3:
+            continue
         frames = [image[:, :, :, t] for t in range(image.GetSize()[3])] if image.GetDimension() == 4 else [image]
         for frame in frames:
             axis = find_slice_axis(frame)
@@ -350,7 +359,7 @@ class EstimateSampler:
     REMOVALS = ((2, 0), (2, 1), (3, 0))  # (K, first kept slice)
 
     def __init__(self, model, volumes: list[Volume], crop: int, generator: torch.Generator, device, steps: int,
-                 thin_weight: float = 1.0, refine: bool = False):
+                 thin_weight: float = 1.0, refine: bool = False, on_volume: Callable[[], None] | None = None):
         from ..generation import GapItems, generate_missing
 
         self.crop = crop
@@ -372,6 +381,8 @@ class EstimateSampler:
                     self.items.append((torch.stack([torch.from_numpy(estimate[i]), wb[i], wa[i], target]).half(), float(a),
                                        gap_mm))
                     weights.append(thin_weight if v.slice_spacing <= THIN_SLICE_MM else 1.0)
+            if on_volume is not None:  # minutes in all: the caller shows them as progress
+                on_volume()
         self.weights = torch.tensor(weights, dtype=torch.float64)
 
     def whole_slices(self, multiple: int):

@@ -20,7 +20,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
             ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{stage} loss")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
-    ax_loss.legend()
+    if ax_loss.lines:  # a validation logged before the first loss row: no curve yet, and no legend to warn about
+        ax_loss.legend()
     val = [r for r in history if r.get("stage") == "validation"]
     if val:
         for key, label in (("val_psnr_model", "CaLID"), ("val_psnr_linear", "linear")):

@@ -46,6 +46,11 @@ from .plots import plot_curves
 from .schedule import warmup_cosine
 
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
+RESUMABLE = frozenset({"data", "pack", "split", "val_fraction", "output", "resume", "device", "flows_up_front",
+                       "recalibrate", "denoiser_minutes", "val_every", "val_volumes", "log_every", "checkpoint_every",
+                       "name", "description", "data_terms", "citation", "extra"})
+"""Options a resumed run may give otherwise than its stopped run: where its data lies (the split is the run
+folder's own), where and how long it runs, what it logs and what it is called; not what it trains."""
 KL_WEIGHT = 1e-6
 METRIC_FIELDS = ["step", "stage", "loss", "lr", "seconds_per_step", "val_psnr_model", "val_psnr_linear",
                  "val_ssim_model", "val_ssim_linear", "val_error_ratio"]
@@ -197,21 +202,33 @@ class Trainer:
             return
         entries = data.find_volumes(cfg.data)
         split_file = self.out / "split.json"
+        stacks = None
         if cfg.resume and split_file.is_file():
             split = data.load_split(split_file)
+            self._check_resumed_data(split, entries)
         elif cfg.split:
             split = data.load_split(Path(cfg.split))
-        else:
-            volumes_all = data.load_volumes(entries)
-            thin = {v.patient: v.slice_spacing <= data.THIN_SLICE_MM for v in volumes_all}
-            split = data.split_patients(entries, cfg.val_fraction, cfg.seed, thin)
+        else:  # split the patients that gave a stack: one whose files are all too short would validate nothing
+            stacks = data.load_volumes(entries)
+            usable = {v.patient for v in stacks}
+            thin = {v.patient: v.slice_spacing <= data.THIN_SLICE_MM for v in stacks}
+            split = data.split_patients([e for e in entries if e[0] in usable], cfg.val_fraction, cfg.seed, thin)
         if self.rank == 0:
             split_file.write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
         self.split = split
         train_set, val_set = set(split["train"]), set(split["validation"])
-        self._use_volumes(data.load_volumes([e for e in entries if e[0] in train_set]),
-                          data.load_volumes([e for e in entries if e[0] in val_set]))
+        if stacks is None:
+            stacks = data.load_volumes([e for e in entries if e[0] in train_set | val_set])
+        self._use_volumes([v for v in stacks if v.patient in train_set], [v for v in stacks if v.patient in val_set])
         self.sources = sorted({str(Path(p).resolve()) for p in cfg.data})
+
+    def _check_resumed_data(self, split: dict[str, list[str]], entries: list[tuple[str, Path]]) -> None:
+        """A resumed run reads its stopped run's split: its patients must be in the data given now."""
+        missing = sorted(set(split["train"]) - {patient for patient, _ in entries})
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise CalidError(f"--resume: the stopped run trained on patients not in the data given now ({shown}): "
+                             "give the same data")
 
     def _prepare_pack(self) -> None:
         """The stacks and split of a pack (``pack.read_pack``); the split it was made with is the run's."""
@@ -249,11 +266,15 @@ class Trainer:
     # ---------------------------------------------------------------- stages
     def run(self) -> Path:
         with run_folder(self.out, self.cfg.resume) as checkpoint:
+            info = read_checkpoint_info(checkpoint) if self.cfg.resume else {"step": 0}
+            self._check_resumed_settings(info.get("settings"))
             self._prepare_data()
-        step = read_checkpoint_info(checkpoint)["step"] if self.cfg.resume else 0
+        step = info["step"]
         if step and self.rank == 0:
             forget_after(self.out, step)
         progress = Progress(self.progress_mode, self.total_steps, "training")
+        if self.rank == 0 and self._calibration_is_stale():
+            progress.reserve(len(self.train_volumes))  # the refit at the end: one unit per training stack
         if step:
             progress.advance(step)
         ran = False
@@ -440,9 +461,10 @@ class Trainer:
         """Refit the head's calibration on the model's new final output (its weights stay): the map must describe
         the slices the model now makes."""
         progress.set_stage("recalibrating the error head on the new output")
-        calibrate_error_head(self.model, self._estimate_sampler(refine=True), self.device)
+        sampler = self._estimate_sampler(refine=True, on_volume=progress.advance)
+        calibrate_error_head(self.model, sampler, self.device)
 
-    def _estimate_sampler(self, refine: bool) -> data.EstimateSampler:
+    def _estimate_sampler(self, refine: bool, on_volume: Callable[[], None] | None = None) -> data.EstimateSampler:
         """The model's own output on slices removed from the training stacks (``data.EstimateSampler``): the examples
         of the refiner (``refine=False``) and of the error head and its calibration (``refine=True``)."""
         self.model.eval()
@@ -450,7 +472,7 @@ class Trainer:
             return data.EstimateSampler(self.model, self.train_volumes,
                                         self.cfg.latent_crop * self.model.vae_downsampling, self.generator,
                                         self.device, default_steps(self.model), self.cfg.refiner_thin_weight,
-                                        refine=refine)
+                                        refine=refine, on_volume=on_volume)
 
     def _save(self, path: Path, ema: AveragedModel, optimizer: torch.optim.Optimizer, step: int, stage: str) -> None:
         """The checkpoint (rank 0: weights, optimizer, its random state, the log so far); every other process keeps
@@ -458,8 +480,32 @@ class Trainer:
         if self.rank != 0:
             save_rank_random_state(path, self.rank, self.generator, step)
             return
-        info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation}
+        info = {"step": step, "stage": stage, "history": self.history, "last_validation": self.last_validation,
+                "settings": self._run_settings()}
         save_checkpoint(path, {"model": self.model, "ema": ema}, optimizer, self.generator, info)
+
+    def _run_settings(self) -> dict[str, Any]:
+        """What this run trains, as a resumed run must give it again: every option but those of ``RESUMABLE``, and
+        the base model by its weights' checksum (``calid-acdc`` and its folder's path are one base)."""
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE}
+        settings["init"] = [self.base_card.get("name"), self.base_card.get("sha256")] if self.cfg.init else None
+        return json.loads(json.dumps(settings))  # as the checkpoint's JSON gives them back (tuples become lists)
+
+    def _check_resumed_settings(self, stopped: dict[str, Any] | None) -> None:
+        """Refuse a resume whose options would train another model than the stopped run's (another base, schedule,
+        batch or learning rate), naming them; a checkpoint written before settings were kept is not checked."""
+        if stopped is None:
+            return
+        now = self._run_settings()
+        changed = sorted(k for k in now.keys() | stopped.keys() if now.get(k) != stopped.get(k))
+        if changed:
+            def shown(settings: dict[str, Any], key: str) -> str:
+                value = settings.get(key)
+                return f"--{key.replace('_', '-')} {value[0] if key == 'init' and value else value}"
+
+            raise CalidError("--resume with other options than the stopped run's: it was started with "
+                             + ", ".join(shown(stopped, k) for k in changed) + "; now "
+                             + ", ".join(shown(now, k) for k in changed) + ": give the same options")
 
     def _load(self, path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None
               ) -> dict[str, Any]:
@@ -563,7 +609,10 @@ class Trainer:
                 "error_head_steps": cfg.error_head_steps,
                 "base_model": self.base_card.get("name") if cfg.init else None,
                 "base_model_sha256": self.base_card.get("sha256") if cfg.init else None,
-                "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "extra")},
+                # As the run used them: an --init run trains no VAE whatever --vae-steps says; resumed or not is
+                # no setting of the model.
+                "settings": {**{k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "extra", "resume")},
+                             "vae_steps": self.vae_steps},
                 "device": str(self.device),
                 "world_size": self.world,
             },
