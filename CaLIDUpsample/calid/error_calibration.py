@@ -76,11 +76,20 @@ class ErrorCalibration:
         w = gap_weights(gap_mm, self.gaps_mm.to(log_scale.device))
         return (x + (per_gap * w.reshape(*w.shape, 1, 1, 1)).sum(1)).to(log_scale.dtype)
 
+    def correction_at(self, gap_mm: float, log_scale: np.ndarray) -> np.ndarray:
+        """The correction this calibration adds at ``gap_mm`` to each raw log b of ``log_scale``."""
+        x = torch.tensor(log_scale, dtype=torch.float32).reshape(1, 1, 1, -1)
+        return (self(x, torch.tensor([gap_mm])) - x).reshape(-1).double().numpy()
+
     @classmethod
-    def fit(cls, pairs) -> "ErrorCalibration":
+    def fit(cls, pairs, keep: "ErrorCalibration | None" = None) -> "ErrorCalibration":
         """From (raw log b (N, 1, H, W), |error| (N, 1, H, W), gap mm (N,)) tensors: every training voxel binned by
         log b and weighted onto the gap knots; per knot, the bins' mean |error|, made non-decreasing in b by
-        isotonic regression, over the bins' mean b is the correction."""
+        isotonic regression, over the bins' mean b is the correction.
+
+        ``keep``, the calibration a refit replaces, lends its own row to a gap knot the new slices do not reach: a
+        site whose stacks are all 8-10 mm apart gives no 10 mm gaps, and without the measured row the 20 mm one
+        stood in for them."""
         knots = torch.tensor(GAP_KNOTS_MM, dtype=torch.float64)
         edges = torch.from_numpy(LOG_SCALE_EDGES)
         bins = len(edges) - 1
@@ -102,6 +111,9 @@ class ErrorCalibration:
         for k in range(len(knots)):
             full = (weight[k] >= MIN_BIN_WEIGHT).numpy()
             if not full.any():
+                if keep is not None and float(knots[k]) in keep.gaps_mm.tolist():
+                    gaps.append(float(knots[k]))
+                    rows.append(keep.correction_at(float(knots[k]), centres).tolist())
                 continue
             log_b = np.log((predicted[k] / weight[k].clamp(min=1e-12)).numpy()[full])
             mean_error = (actual[k] / weight[k].clamp(min=1e-12)).numpy()[full]

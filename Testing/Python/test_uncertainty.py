@@ -220,6 +220,22 @@ def test_calibration_learns_a_head_that_is_too_flat_per_gap_and_keeps_its_order(
     assert bool((mapped.diff(dim=-1) >= 0).all())  # a larger b still means a larger expected error
 
 
+def test_a_refit_on_slices_without_10_mm_gaps_keeps_the_calibration_it_replaces_there():
+    """A site whose stacks are all 8-10 mm apart gives 16-20 mm gaps only: the measured 10 mm row stays."""
+    from calid.error_calibration import ErrorCalibration
+
+    before = ErrorCalibration.fit((r, e, g) for r, e, g, _ in _laplace_pairs(0, power=1.4))
+    assert before.gaps_mm.tolist() == [10.0, 20.0]
+    wide_only = [(r, e * 1.3, g) for r, e, g, _ in _laplace_pairs(2, power=1.4, gaps=(20.0,))]
+    assert ErrorCalibration.fit(iter(wide_only)).gaps_mm.tolist() == [20.0]  # alone, 20 mm stands in for 10 mm
+    refit = ErrorCalibration.fit(iter(wide_only), keep=before)
+    assert refit.gaps_mm.tolist() == [10.0, 20.0]
+    raw = torch.linspace(-4, -1, 50).reshape(1, 1, 1, -1)
+    ten = torch.tensor([10.0])
+    assert torch.allclose(refit(raw, ten), before(raw, ten), atol=2e-3)  # the kept row, resampled on the new knots
+    assert not torch.allclose(refit(raw, torch.tensor([20.0])), before(raw, torch.tensor([20.0])), atol=1e-2)
+
+
 def test_calibration_of_the_first_heads_a_factor_per_gap_still_loads():
     from calid.error_calibration import ErrorCalibration
 

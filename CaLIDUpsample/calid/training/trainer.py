@@ -462,7 +462,7 @@ class Trainer:
         the slices the model now makes."""
         progress.set_stage("recalibrating the error head on the new output")
         sampler = self._estimate_sampler(refine=True, on_volume=progress.advance)
-        calibrate_error_head(self.model, sampler, self.device)
+        calibrate_error_head(self.model, sampler, self.device, refit=True)
 
     def _estimate_sampler(self, refine: bool, on_volume: Callable[[], None] | None = None) -> data.EstimateSampler:
         """The model's own output on slices removed from the training stacks (``data.EstimateSampler``): the examples
@@ -622,9 +622,11 @@ class Trainer:
 
 
 @torch.no_grad()
-def calibrate_error_head(model: CaLID, sampler: data.EstimateSampler, device: torch.device) -> dict[str, Any]:
+def calibrate_error_head(model: CaLID, sampler: data.EstimateSampler, device: torch.device,
+                         refit: bool = False) -> dict[str, Any]:
     """Fit the trained error head's calibration (``calid.error_calibration``) on whole training slices and record it
-    in the config; training examples only, no validation patient. Returns the calibration's config."""
+    in the config; training examples only, no validation patient. Returns the calibration's config. ``refit``: the
+    head's current calibration keeps the gap knots these slices do not reach (``ErrorCalibration.fit``'s ``keep``)."""
     model.eval()
     head = model.error_head
 
@@ -634,7 +636,7 @@ def calibrate_error_head(model: CaLID, sampler: data.EstimateSampler, device: to
                 raw = head.uncalibrated(*(t.to(device) for t in (estimate, below, above, alpha, gap_mm))).float()
             yield raw.cpu(), (target - estimate).abs(), gap_mm
 
-    head.calibration = ErrorCalibration.fit(pairs())
+    head.calibration = ErrorCalibration.fit(pairs(), keep=head.calibration if refit else None)
     model.config["error_head"]["calibration"] = head.calibration.to_config()
     return model.config["error_head"]["calibration"]
 
