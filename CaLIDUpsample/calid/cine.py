@@ -25,8 +25,8 @@ import SimpleITK as sitk
 
 from . import geometry
 from .errors import CalidError
-from .imageio import (has_image_suffix, output_folder, read_dicom_files, read_header, read_image, write_image,
-                      writing)
+from .imageio import (DICOM_DESCRIPTION, dicom_identity, has_image_suffix, output_folder, read_dicom_files,
+                      read_header, read_image, single_series_files, write_image, writing)
 
 TIME_TOLERANCE = 0.1
 """Frame intervals may differ by this fraction of the mean interval (trigger times are rounded to ms)."""
@@ -41,6 +41,7 @@ NRRD_TYPES = {"int8": "signed char", "uint8": "uchar", "int16": "short", "uint16
 MS_PER_TIME_UNIT = {"ms": 1.0, "msec": 1.0, "millisecond": 1.0, "milliseconds": 1.0,
                     "s": 1000.0, "sec": 1000.0, "second": 1000.0, "seconds": 1000.0}
 NIFTI_TIME_UNIT_BITS = 0x38
+NIFTI_UNITS_OFFSET = 123  # xyzt_units in a NIfTI-1 header (little-endian, as ITK writes it)
 """The time unit's bits of a NIfTI header's ``xyzt_units``; ITK reads a NIfTI time axis in seconds when they name a
 unit, and leaves it as stored when they do not (Sunnybrook's cines: 1 per frame, no unit)."""
 
@@ -58,6 +59,7 @@ class Cine:
     times: tuple[float, ...]
     sequence_fields: dict[str, str] = field(default_factory=dict)  # "index type", "quantity", ... (no axis number)
     time_unit: str | None = None
+    identity: dict[str, str] = field(default_factory=dict)  # a DICOM source's patient, study (dicom_identity)
 
     @property
     def phases(self) -> int:
@@ -175,10 +177,10 @@ def _dicom_header(name: str) -> tuple[float, float | None]:
 def dicom_cine_frames(folder: Path) -> tuple[list[list[str]], tuple[float, ...]] | None:
     """Files of a DICOM cine folder as (frames[phase] = files in slice order, frame times in ms), or None when
     no slice position repeats (a 3D series: ``imageio.read_image`` handles it and its errors)."""
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if len(series) != 1:
-        return None
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    try:
+        files = single_series_files(folder)
+    except CalidError:
+        return None  # read_image says what is wrong with the folder
     try:
         headers = [_dicom_header(name) for name in files]
     except (RuntimeError, ValueError):
@@ -225,8 +227,9 @@ def read_input(path: str | os.PathLike) -> sitk.Image | Cine:
         found = dicom_cine_frames(path)
         if found is not None:
             frames, times = found
-            return Cine(_with_time_axis([read_dicom_files(files, path) for files in frames], times), times,
-                        time_unit="ms")  # trigger times
+            phases = [read_dicom_files(files, path) for files in frames]
+            return Cine(_with_time_axis(phases, times), times, time_unit="ms",  # trigger times
+                        identity=dicom_identity(phases[0]))
     image = read_image(path)
     if image.GetDimension() == 4 and image.GetSize()[3] > 1:
         return cine_from_4d(image)
@@ -260,18 +263,35 @@ def check_cine_output(path: str | os.PathLike, labels: bool = False) -> None:
                          f"DICOM folder: {path}")
 
 
-def write_cine(image: sitk.Image, like: Cine, path: str | os.PathLike) -> Path:
+def write_cine(image: sitk.Image, like: Cine, path: str | os.PathLike, identity: dict[str, str] | None = None,
+               description: str = DICOM_DESCRIPTION) -> Path:
     """Write a 4D image with ``like``'s frame times: ``.nrrd`` as a Slicer sequence, a suffix-less path as a
-    DICOM cine folder (trigger times in ms), other suffixes (NIfTI: time in seconds; MetaImage) as a 4D file. Times
-    whose unit the input did not name are written as read."""
+    DICOM cine folder (trigger times in ms; ``identity`` and ``description`` as ``imageio.write_image``), other
+    suffixes (NIfTI: time in seconds; MetaImage) as a 4D file. Times whose unit the input did not name are written
+    as read."""
     check_cine_output(path)
     path = Path(path)
     if path.name.lower().endswith(".nrrd"):
         return _write_sequence_nrrd(image, like, path)
+    adjust = None
     if path.name.lower().endswith((".nii", ".nii.gz")):
         image = sitk.Image(image)  # the caller's image keeps its axis
         _set_times(image, like.times_in("s"))
-    return write_image(image, path, frame_times=like.times_in("ms"))
+        if like.time_unit is None:
+            adjust = _without_nifti_time_unit
+    return write_image(image, path, frame_times=like.times_in("ms"), identity=identity, description=description,
+                       adjust=adjust)
+
+
+def _without_nifti_time_unit(path: Path) -> None:
+    """Clear a written NIfTI header's time unit: ITK always writes seconds, so a cine whose source named no unit
+    (Sunnybrook's frames 1, 2, 3) read back as frames a second apart, and as 1000 ms frames in DICOM."""
+    compressed = path.name.lower().endswith(".gz")
+    data = bytearray(gzip.decompress(path.read_bytes()) if compressed else path.read_bytes())
+    if int.from_bytes(data[:4], "little") != 348:  # not the NIfTI-1 header ITK writes: leave it as it is
+        return
+    data[NIFTI_UNITS_OFFSET] &= ~NIFTI_TIME_UNIT_BITS & 0xFF
+    path.write_bytes(gzip.compress(bytes(data), compresslevel=6) if compressed else bytes(data))
 
 
 def _sequence_header(image: sitk.Image, like: Cine) -> str:

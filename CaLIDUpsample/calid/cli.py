@@ -315,6 +315,13 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     if is_cohort_input(source):
         if args.uncertainty or args.segmentation or args.input_segmentation:
             raise CalidError("--uncertainty and segmentations apply to a single input, not to a cohort")
+        from .imageio import has_image_suffix, series_folders_below
+
+        if has_image_suffix(args.output):  # it was made a folder of that name
+            below = series_folders_below(source) if source.is_dir() else []
+            nested = f"; its sub-folders hold DICOM series ({', '.join(below)}): give one of them" if below else ""
+            raise CalidError(f"{source} is a cohort (a folder of inputs or a list): give an output folder, not "
+                             f"the file {args.output}{nested}")
         failures = run_cohort(source, Path(args.output), options, mode, Path(args.csv) if args.csv else None)
         return 1 if failures else 0
     progress = Progress(mode, description="upsampling")

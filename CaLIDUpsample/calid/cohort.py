@@ -24,7 +24,7 @@ import torch.distributed as dist
 from .devices import resolve_device
 from .engine import UpsampleOptions, upsample_file
 from .errors import CalidError, Cancelled
-from .imageio import has_image_suffix
+from .imageio import has_image_suffix, holds_dicom_series
 from .modelstore import load_model
 from .progress import Progress
 
@@ -33,11 +33,12 @@ LIST_SUFFIXES = (".txt", ".csv", ".lst")
 
 
 def is_cohort_input(path: Path) -> bool:
-    """A list file, or a folder that holds image files or sub-folders (a DICOM series folder holds neither)."""
+    """A list file, or a folder that holds image files or sub-folders and is no DICOM series itself (an export's
+    series folder may hold a sub-folder too, such as ``__MACOSX``: it was taken for a cohort of one bad input)."""
     if path.is_file():
         return path.suffix.lower() in LIST_SUFFIXES
     if path.is_dir():
-        return any(has_image_suffix(p) or p.is_dir() for p in path.iterdir())
+        return any(has_image_suffix(p) or p.is_dir() for p in path.iterdir()) and not holds_dicom_series(path)
     return False
 
 

@@ -25,8 +25,8 @@ from .cine import Cine, check_cine_output, phase_of, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import default_steps, require_error_head
-from .imageio import (check_direction, check_outputs, check_pixels, read_image, remove_output, validate_volume,
-                      write_image)
+from .imageio import (DICOM_DESCRIPTION, check_direction, check_outputs, check_pixels, dicom_identity, read_image,
+                      remove_output, run_identity, validate_volume, write_image)
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
@@ -115,8 +115,12 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
                      want_uncertainty, want_sharp)
 
     def dense_image(acquired: np.ndarray, generated: np.ndarray, dtype: np.dtype) -> sitk.Image:
-        dense = np.stack([geometry.from_stack(dense_stack(acquired[t], generated[t], factor, dtype), axis)
-                          for t in range(len(acquired))])
+        dense = None  # filled phase by phase: stacking a list of them held the whole cine twice
+        for t in range(len(acquired)):
+            phase = geometry.from_stack(dense_stack(acquired[t], generated[t], factor, dtype), axis)
+            if dense is None:
+                dense = np.empty((len(acquired), *phase.shape), dtype)
+            dense[t] = phase
         return geometry.dense_image(dense if image.GetDimension() == 4 else dense[0], image, axis, factor)
 
     result = dense_image(stacks, new.balanced, phases.dtype)
@@ -226,8 +230,9 @@ def upsample_cine_file(cine: Cine, output_path: str | os.PathLike, options: Upsa
         if result.uncertainty is not None:  # now with each phase's heart
             result.uncertainty_slices = slice_summaries(result.uncertainty, result.slice_axis, result.factor,
                                                         result.labels)
-    write_outputs([(result.image, output_path), (result.uncertainty, uncertainty_path),
-                   (result.labels, segmentation_path)], lambda image, path: write_cine(image, cine, path))
+    identity = run_identity(cine.identity)
+    write_outputs(_outputs(result, output_path, uncertainty_path, segmentation_path),
+                  lambda image, path, description: write_cine(image, cine, path, identity, description))
     return result
 
 
@@ -282,21 +287,32 @@ def upsample_file(
         if result.uncertainty is not None:
             result.uncertainty_slices = slice_summaries(result.uncertainty, result.slice_axis, result.factor,
                                                         result.labels)
-    write_outputs([(result.image, output_path), (result.uncertainty, uncertainty_path),
-                   (result.labels, segmentation_path)], write_image)
+    identity = run_identity(dicom_identity(image))
+    write_outputs(_outputs(result, output_path, uncertainty_path, segmentation_path),
+                  lambda image, path, description: write_image(image, path, identity=identity,
+                                                               description=description))
     return result
 
 
-def write_outputs(outputs: list[tuple[sitk.Image | None, str | os.PathLike | None]],
-                  write: Callable[[sitk.Image, str | os.PathLike], Path]) -> None:
-    """Write a run's outputs (those with a path) in turn; should one fail (a full disk, a path no check could
-    foresee), remove those already written, so that a failed run leaves no part of its result. (A file that was
-    there before and was overwritten is gone then too: its old content was lost when it was overwritten.)"""
+def _outputs(result: UpsampleResult, output_path, uncertainty_path, segmentation_path) -> list[tuple]:
+    """A run's (image, path, DICOM series description) for ``write_outputs``: a viewer lists the volume, its map
+    and its labels by these names (the map was named like the volume)."""
+    return [(result.image, output_path, DICOM_DESCRIPTION),
+            (result.uncertainty, uncertainty_path, "CaLID expected absolute error"),
+            (result.labels, segmentation_path, "CaLID segmentation labels")]
+
+
+def write_outputs(outputs: list[tuple[sitk.Image | None, str | os.PathLike | None, str]],
+                  write: Callable[[sitk.Image, str | os.PathLike, str], Path]) -> None:
+    """Write a run's outputs (those with a path) in turn, each with its DICOM series description; should one fail
+    (a full disk, a path no check could foresee), remove those already written, so that a failed run leaves no part
+    of its result. (A file that was there before and was overwritten is gone then too: its old content was lost when
+    it was overwritten.)"""
     written = []
     try:
-        for image, path in outputs:
+        for image, path, description in outputs:
             if path is not None:
-                write(image, path)
+                write(image, path, description)
                 written.append(path)
     except BaseException:
         for path in written:

@@ -11,10 +11,10 @@ import os
 import re
 import shutil
 import tempfile
-import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,6 +26,18 @@ FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """Single-file (or header + data) formats, matched on the end of the file name."""
 
 DICOM_UNIFORMITY_TOLERANCE_MM = 0.05
+
+DICOM_IDENTITY_TAGS = (
+    "0008|0005",  # the character set the names below are written in
+    "0010|0010", "0010|0020", "0010|0030", "0010|0040",  # patient: name, ID, birth date, sex
+    "0020|000d", "0008|0020", "0008|0030", "0008|0050", "0020|0010", "0008|1030", "0008|0090",  # the study
+    "0020|0052",  # the frame of reference: the same patient coordinates as the acquired series
+)
+"""What a derived series keeps of its DICOM source, so that a viewer or PACS files it in the acquired series' study,
+with its patient: the written series had no patient, a study of its own and no frame of reference."""
+
+DICOM_DESCRIPTION = "CaLID upsampled"
+"""The series description of a dense volume; the map and the labels of the same run name themselves."""
 
 # ITK prints multi-line warnings to stderr (e.g. "unexpected scales in sform" for every ACDC file);
 # they would drown the one-line messages and the JSON progress protocol. Real problems raise instead.
@@ -90,23 +102,91 @@ def read_header(path: str | os.PathLike) -> sitk.ImageFileReader | None:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    return read_dicom_files(single_series_files(folder), folder)
+
+
+def holds_dicom_series(folder: Path) -> bool:
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def single_series_files(folder: Path) -> list[str]:
+    """The files of the one DICOM series in ``folder`` (not its sub-folders), refusing a folder with none (naming
+    the sub-folders that hold series, as a DICOMDIR export nests them), with several, or with a DICOM file that
+    GDCM cannot read: it leaves such a file out of the series without a word, and a truncated first or last file
+    cost the stack its base or apex slice silently."""
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise CalidError(f"no DICOM series found in folder {folder}")
+        below = series_folders_below(folder)
+        hint = f": the series are in sub-folders ({', '.join(below)}): give one of them" if below else ""
+        raise CalidError(f"no DICOM series found in folder {folder}{hint}")
     if len(series) > 1:
         raise CalidError(f"folder {folder} holds {len(series)} DICOM series; put one series per folder")
-    return read_dicom_files(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]), folder)
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    listed = {Path(name).name for name in files}
+    unreadable = [p.name for p in sorted(folder.iterdir()) if p.is_file() and p.name not in listed and _is_dicom(p)]
+    if unreadable:
+        shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+        raise CalidError(f"DICOM file(s) in {folder} that cannot be read (truncated or damaged?): {shown}")
+    return files
+
+
+def _is_dicom(path: Path) -> bool:
+    """A DICOM part-10 file: "DICM" after its 128-byte preamble."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def series_folders_below(folder: Path, most: int = 3, looked_at: int = 50) -> list[str]:
+    """Up to ``most`` sub-folders of ``folder`` (of the first ``looked_at`` walked) that hold a DICOM series."""
+    found = []
+    for count, (root, dirs, _files) in enumerate(os.walk(folder)):
+        dirs.sort()
+        if count >= looked_at or len(found) >= most:
+            break
+        if Path(root) != folder and holds_dicom_series(Path(root)):
+            found.append(str(root))
+    return found
 
 
 def read_dicom_files(files: Sequence[str], folder: Path) -> sitk.Image:
-    """One volume from DICOM slice files (also one phase of a cine), refusing non-uniform slice positions."""
+    """One volume from DICOM slice files (also one phase of a cine), refusing non-uniform slice positions; the
+    source's patient, study and frame of reference (``DICOM_IDENTITY_TAGS``) in its metadata (``dicom_identity``)."""
     _check_uniform_dicom_spacing(files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise CalidError(f"cannot read DICOM series in {folder}: {_first_line(exc)}") from None
+    header = sitk.ImageFileReader()
+    header.SetFileName(files[0])
+    header.ReadImageInformation()
+    for tag in DICOM_IDENTITY_TAGS:
+        if header.HasMetaDataKey(tag):
+            image.SetMetaData(tag, header.GetMetaData(tag))
+    return image
+
+
+def dicom_identity(image: sitk.Image) -> dict[str, str]:
+    """The ``DICOM_IDENTITY_TAGS`` an image read by ``read_dicom_files`` carries (none for other formats)."""
+    return {tag: image.GetMetaData(tag) for tag in DICOM_IDENTITY_TAGS if image.HasMetaDataKey(tag)}
+
+
+def run_identity(source: dict[str, str]) -> dict[str, str]:
+    """What every DICOM output of one run is written with: the source's identity (``dicom_identity``), and where
+    it has none (another format) a new study and frame of reference, so that a run's volume, map and labels are one
+    study in the same patient coordinates."""
+    return {"0020|000d": new_uid(), "0020|0052": new_uid(), **source}
+
+
+def new_uid() -> str:
+    """A DICOM UID of its own, in the UUID form (2.25.<128-bit integer>, ISO/IEC 9834-8). UIDs from the time to the
+    second gave two outputs written within one second (a cohort's, a volume and its map) the same series UID, which
+    a DICOM database reads as one series."""
+    return f"2.25.{uuid.uuid4().int}"
 
 
 def _check_uniform_dicom_spacing(files: Sequence[str]) -> None:
@@ -238,16 +318,20 @@ def writing(path: str | os.PathLike):
         raise CalidError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequence[float] | None = None) -> Path:
+def write_image(image: sitk.Image, path: str | os.PathLike, frame_times: Sequence[float] | None = None,
+                identity: dict[str, str] | None = None, description: str = DICOM_DESCRIPTION,
+                adjust: Callable[[Path], None] | None = None) -> Path:
     """Write atomically: a file format by its suffix, otherwise a DICOM series into the folder ``path``.
 
     A 4D (cine) image becomes, as DICOM, one file per slice and phase with its trigger time (0018,1060):
-    ``frame_times`` (ms) when given, else the time axis' origin and spacing.
+    ``frame_times`` (ms) when given, else the time axis' origin and spacing. A DICOM series is a new series named
+    ``description`` in the patient and study of ``identity`` (``run_identity``; a new study when None).
+    ``adjust``: called with a file format's written file before it is moved into place (what ITK cannot say).
     """
     path = Path(path)
     parent = check_output_path(path)
     with writing(path):
-        _write_staged(image, path, parent, frame_times)
+        _write_staged(image, path, parent, frame_times, identity or run_identity({}), description, adjust)
     return path
 
 
@@ -267,7 +351,8 @@ def remove_output(path: str | os.PathLike) -> None:
         file.unlink(missing_ok=True)
 
 
-def _write_staged(image: sitk.Image, path: Path, parent: Path, frame_times: Sequence[float] | None) -> None:
+def _write_staged(image: sitk.Image, path: Path, parent: Path, frame_times: Sequence[float] | None,
+                  identity: dict[str, str], description: str, adjust: Callable[[Path], None] | None) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".calid-", dir=parent))
     try:
         if has_image_suffix(path):
@@ -275,9 +360,11 @@ def _write_staged(image: sitk.Image, path: Path, parent: Path, frame_times: Sequ
                 sitk.WriteImage(image, str(staging / path.name), useCompression=str(path).endswith((".gz", ".nrrd", ".mha")))
             except RuntimeError as exc:
                 raise CalidError(f"cannot write {path}: {_first_line(exc)}") from None
+            if adjust is not None:
+                adjust(staging / path.name)
             _move_into_place(staging, parent, header_name=path.name)
         else:
-            _write_dicom_series(image, staging / "series", frame_times)
+            _write_dicom_series(image, staging / "series", frame_times, identity, description)
             if path.exists():
                 raise CalidError(f"output folder already exists: {path}")
             os.replace(staging / "series", path)
@@ -292,9 +379,10 @@ def _move_into_place(staging: Path, destination: Path, header_name: str) -> None
         os.replace(staging / name, destination / name)
 
 
-def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[float] | None = None) -> None:
+def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[float] | None,
+                        identity: dict[str, str], description: str) -> None:
     """One MR image per slice along the third axis (and per phase of a cine), each with its own position and
-    trigger time (a derived series)."""
+    trigger time: a derived series of its own in ``identity``'s patient and study."""
     folder.mkdir()
     image, pixel_tags = _dicom_pixels(image)
     if image.GetDimension() == 4:
@@ -304,13 +392,13 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
     else:
         frames = [(image, None)]
     direction = frames[0][0].GetDirection()
-    uid_root = "1.2.826.0.1.3680043.2.1125." + time.strftime("%Y%m%d%H%M%S")
+    series_uid = new_uid()
     series_tags = {
+        **identity,
         "0008|0060": "MR",
         "0008|0008": "DERIVED\\SECONDARY",
-        "0008|103e": "CaLID upsampled",
-        "0020|000d": uid_root + ".1",
-        "0020|000e": uid_root + ".2",
+        "0008|103e": description,
+        "0020|000e": series_uid,
         "0020|0037": "\\".join(f"{v:.10g}" for v in (direction[0], direction[3], direction[6],
                                                           direction[1], direction[4], direction[7])),
         "0018|0050": f"{image.GetSpacing()[2]:.6g}",
@@ -328,7 +416,7 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
             position = volume.TransformIndexToPhysicalPoint((0, 0, k))
             slice_image.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
             slice_image.SetMetaData("0020|0013", str(number))
-            slice_image.SetMetaData("0008|0018", f"{uid_root}.3.{number}")
+            slice_image.SetMetaData("0008|0018", f"{series_uid}.{number}")  # 44 + 6 characters: within 64
             name = f"slice{k + 1:04d}.dcm"
             if trigger_time is not None:
                 slice_image.SetMetaData("0018|1060", f"{trigger_time:.6g}")

@@ -32,8 +32,17 @@ class IntensityMap:
         return ((values.astype(np.float32) - self.low) / (self.high - self.low) * 2.0 - 1.0).astype(np.float32)
 
     def from_network(self, values: np.ndarray) -> np.ndarray:
-        return (values.astype(np.float64) + 1.0) / 2.0 * (self.high - self.low) + self.low
+        # In place on one float64 copy, the same operations in the same order: a cine's new slices are hundreds of
+        # MB, and each step of the plain expression held another copy of them.
+        out = values.astype(np.float64)
+        out += 1.0
+        out /= 2.0
+        out *= self.high - self.low
+        out += self.low
+        return out
 
     def size_from_network(self, sizes: np.ndarray) -> np.ndarray:
         """Differences or error sizes in network units -> the same in the input's units (no offset)."""
-        return sizes.astype(np.float64) * ((self.high - self.low) / 2.0)
+        out = sizes.astype(np.float64)
+        out *= (self.high - self.low) / 2.0
+        return out

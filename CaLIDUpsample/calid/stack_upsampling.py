@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import slice_positions
 from .choices import CINE_NOISE, UPSAMPLE_METHODS
 from .errors import CalidError
 from .generation import MAX_SAMPLES, MAX_STEPS, expected_error, gap_flows, generate_renditions
@@ -87,14 +88,13 @@ def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.nda
     progress = progress or Progress("none")
     progress.total = len(stacks)
     progress.set_stage(f"{options.method} interpolation")
-    out = []
-    for stack in stacks:
-        if options.method == "morph":
-            out.append(PRODUCT_MORPH.morph_missing(stack, factor))
-        else:
-            out.append(linear_missing(stack, factor))
+    missing = slice_positions.dense_count(stacks.shape[1], factor) - stacks.shape[1]
+    out = np.empty((1, len(stacks), missing, *stacks.shape[2:]), np.float32)  # filled stack by stack: a cine's
+    for t, stack in enumerate(stacks):  # phases in float64 all at once were 5x these slices' memory
+        out[0, t] = PRODUCT_MORPH.morph_missing(stack, factor) if options.method == "morph" else \
+            linear_missing(stack, factor)
         progress.advance(1)
-    return dict.fromkeys(renditions, np.stack(out)[None].astype(np.float32))
+    return dict.fromkeys(renditions, out)
 
 
 def new_slices(stacks: np.ndarray, options: UpsampleOptions, model: CaLID | None, factor: int, steps: int,
@@ -111,12 +111,17 @@ def new_slices(stacks: np.ndarray, options: UpsampleOptions, model: CaLID | None
         flows = gap_flows(model, network_stacks)
     renditions = missing_slices(options, model, network_stacks, factor, steps, device, gap_mm, progress, flows,
                                 ("balanced", "sharp") if want_sharp else ("balanced",))
-    balanced = renditions["balanced"].mean(axis=0)
+    balanced = _sample_mean(renditions["balanced"])
     error = None
     if want_uncertainty:
         if progress is not None:
             progress.set_stage("predicting the expected error")
         error = intensity.size_from_network(expected_error(model, network_stacks, balanced, factor, gap_mm, device,
                                                            options.batch_size, flows))
-    sharp = intensity.from_network(renditions["sharp"].mean(axis=0)) if want_sharp else None
+    sharp = intensity.from_network(_sample_mean(renditions["sharp"])) if want_sharp else None
     return NewSlices(intensity.from_network(balanced), sharp, error)
+
+
+def _sample_mean(samples: np.ndarray) -> np.ndarray:
+    """The mean over the samples axis; one sample is itself, not a copy (a cine's new slices are hundreds of MB)."""
+    return samples[0] if len(samples) == 1 else samples.mean(axis=0)

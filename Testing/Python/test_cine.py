@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from pathlib import Path
@@ -320,6 +321,18 @@ def test_frame_times_are_reported_in_ms_only_where_the_file_names_their_unit(sma
     vector.SetMetaData("axis 0 unit", "s")
     sitk.WriteImage(vector, str(tmp_path / "seconds.seq.nrrd"))
     assert read_input(tmp_path / "seconds.seq.nrrd").times_ms == TIMES
+
+
+def test_a_cine_whose_source_names_no_time_unit_is_written_to_nifti_without_one(small_image, tmp_path):
+    """ITK writes every NIfTI time axis in seconds: Sunnybrook's unit-less frames 1, 2, 3 came back a second apart,
+    and as 1000 ms trigger times in DICOM."""
+    sitk.WriteImage(make_cine(small_image, (1.0, 2.0, 3.0)), str(tmp_path / "cine.mha"))  # MetaImage: no unit
+    frames = read_input(tmp_path / "cine.mha")
+    assert frames.time_unit is None
+    write_cine(frames.image, frames, tmp_path / "cine.nii.gz")
+    again = read_input(tmp_path / "cine.nii.gz")
+    assert again.time_unit is None and again.times == (1.0, 2.0, 3.0) and again.times_ms == (None,) * 3
+    assert gzip.decompress((tmp_path / "cine.nii.gz").read_bytes())[123] & 0x38 == 0  # xyzt_units: no time unit
 
 
 def test_a_cine_written_in_another_format_keeps_its_times_in_that_formats_unit(cine, tmp_path):

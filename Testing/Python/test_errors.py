@@ -255,10 +255,10 @@ def test_a_failed_later_write_takes_back_the_outputs_already_written(good_input,
     import calid.engine
     from calid.modelstore import load_model
 
-    def refuse_the_map(image, path):
+    def refuse_the_map(image, path, **written_as):
         if "map" in str(path):
             raise OSError("No space left on device")
-        return write_image(image, path)
+        return write_image(image, path, **written_as)
 
     monkeypatch.setattr(calid.engine, "write_image", refuse_the_map)
     with pytest.raises(OSError):

@@ -1,0 +1,82 @@
+"""DICOM series in and out, as scanner exports and PACS meet them: a derived series keeps its source's patient and
+study, every output is a series of its own, and a damaged or nested export is named in one line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+from calid import UpsampleOptions, upsample_file
+from calid.cli import main
+from calid.errors import CalidError
+from calid.imageio import read_image, write_image
+
+LINEAR = UpsampleOptions(factor=2, method="linear", device="cpu")
+SOURCE = {"0010|0010": "DOE^JANE", "0010|0020": "PID12345", "0020|000d": "1.2.826.0.1.3680043.9.7.1",
+          "0020|0052": "1.2.826.0.1.3680043.9.7.2", "0008|1030": "CARDIAC MRI"}
+
+
+def header(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def tag(path: Path, key: str) -> str:
+    return header(path).GetMetaData(key).strip()
+
+
+@pytest.fixture
+def acquired(tmp_path, small_image) -> Path:
+    """A SAX series of the real sample in a patient's study, as a scanner writes one (here through our writer)."""
+    folder = tmp_path / "SE0005"
+    write_image(small_image, folder, identity=SOURCE, description="SAX stack")
+    return folder
+
+
+def test_a_derived_series_keeps_the_patient_study_and_frame_of_reference(acquired, tmp_path):
+    upsample_file(acquired, tmp_path / "dense", LINEAR)
+    first = sorted((tmp_path / "dense").iterdir())[0]
+    for key, value in SOURCE.items():
+        assert tag(first, key) == value, key
+    assert tag(first, "0020|000e") != tag(sorted(acquired.iterdir())[0], "0020|000e")  # a series of its own
+    assert tag(first, "0008|103e") == "CaLID upsampled"
+
+
+def test_every_output_is_a_series_of_its_own_even_within_one_second(tmp_path, small_image):
+    """UIDs from the time to the second gave two outputs written in the same second one series (and SOP UIDs)."""
+    for name in ("a", "b"):
+        write_image(small_image, tmp_path / name)
+    files = [sorted((tmp_path / name).iterdir())[0] for name in ("a", "b")]
+    for key in ("0020|000e", "0008|0018", "0020|000d"):
+        assert tag(files[0], key) != tag(files[1], key), key
+    assert all(len(tag(f, "0008|0018")) <= 64 for f in files)
+
+
+def test_a_truncated_end_slice_is_named_not_dropped(acquired):
+    last = sorted(acquired.iterdir())[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(CalidError, match=rf"cannot be read \(truncated or damaged\?\): {last.name}"):
+        read_image(acquired)  # GDCM left the file out of the series: the stack lost its end slice silently
+
+
+def test_a_series_folder_with_a_stray_sub_folder_is_one_input_not_a_cohort(acquired, tmp_path, capsys):
+    (acquired / "__MACOSX").mkdir()
+    assert main(["upsample", str(acquired), str(tmp_path / "dense.nrrd"), "--method", "linear",
+                 "--progress", "none"]) == 0
+    assert read_image(tmp_path / "dense.nrrd").GetSize()[2] == 2 * read_image(acquired).GetSize()[2] - 1
+
+
+def test_a_nested_export_names_the_folders_that_hold_series(acquired, tmp_path, capsys):
+    export = tmp_path / "export"
+    shutil.move(str(acquired), str(export / "DICOM" / "S0001" / "SE0005"))
+    assert main(["upsample", str(export), str(tmp_path / "dense.nrrd"), "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give an output folder" in err and "S0001/SE0005" in err, err
+    assert not (tmp_path / "dense.nrrd").exists()
+    with pytest.raises(CalidError, match="series are in sub-folders .*SE0005"):
+        read_image(export / "DICOM")
