@@ -25,8 +25,8 @@ import SimpleITK as sitk
 
 from . import geometry
 from .errors import CalidError
-from .imageio import (DICOM_DESCRIPTION, dicom_identity, has_image_suffix, output_folder, read_dicom_files,
-                      read_header, read_image, single_series_files, write_image, writing)
+from .imageio import (DICOM_DESCRIPTION, check_all_dicom_read, dicom_identity, has_image_suffix, output_folder,
+                      read_dicom_files, read_header, read_image, single_series_files, write_image, writing)
 
 TIME_TOLERANCE = 0.1
 """Frame intervals may differ by this fraction of the mean interval (trigger times are rounded to ms)."""
@@ -162,8 +162,8 @@ def _nrrd_field(image: sitk.Image, key: str) -> str | None:
     return image.GetMetaData(key).strip().strip('"') if image.HasMetaDataKey(key) else None
 
 
-def _dicom_header(name: str) -> tuple[float, float | None]:
-    """(position along the slice normal in mm, trigger time in ms or None) of one DICOM file."""
+def _dicom_header(name: str) -> tuple[float, float | None, tuple[float, ...]]:
+    """(position along the slice normal in mm, trigger time in ms or None, orientation rounded) of one DICOM file."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(name)
     reader.ReadImageInformation()
@@ -171,18 +171,21 @@ def _dicom_header(name: str) -> tuple[float, float | None]:
     orientation = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
     normal = np.cross(orientation[:3], orientation[3:])
     trigger = float(reader.GetMetaData("0018|1060")) if reader.HasMetaDataKey("0018|1060") else None
-    return float(position @ normal), trigger
+    return float(position @ normal), trigger, tuple(round(v, 4) for v in orientation)
 
 
 def dicom_cine_frames(folder: Path) -> tuple[list[list[str]], tuple[float, ...]] | None:
     """Files of a DICOM cine folder as (frames[phase] = files in slice order, frame times in ms), or None when
-    no slice position repeats (a 3D series: ``imageio.read_image`` handles it and its errors)."""
+    no slice position repeats (a 3D series: ``imageio.read_image`` handles it and its errors). The cine is one
+    series, or one series per slice position (``_slice_series_files``)."""
     try:
         files = single_series_files(folder)
     except CalidError:
-        return None  # read_image says what is wrong with the folder
+        files = _slice_series_files(folder)
+        if files is None:
+            return None  # read_image says what is wrong with the folder
     try:
-        headers = [_dicom_header(name) for name in files]
+        headers = [_dicom_header(name)[:2] for name in files]
     except (RuntimeError, ValueError):
         return None  # no usable position or orientation: not something to group into a cine
     positions: dict[float, list[tuple[float | None, str]]] = {}
@@ -191,6 +194,33 @@ def dicom_cine_frames(folder: Path) -> tuple[list[list[str]], tuple[float, ...]]
     if all(len(frames) == 1 for frames in positions.values()):
         return None
     return _order_frames(positions, folder)
+
+
+def _slice_series_files(folder: Path) -> list[str] | None:
+    """The files of a cine exported as one series per slice position (Siemens' usual short-axis cine), or None when
+    ``folder`` is not that: every series one position over several trigger times, all in one orientation, no two at
+    the same position. Refused as "several series" before, and one series per folder is one slice, which no
+    interpolation can use."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(series) < 2:
+        return None
+    files, positions, orientations = [], set(), set()
+    try:
+        for uid in series:
+            names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+            headers = [_dicom_header(name) for name in names]
+            distances = {round(distance, POSITION_DECIMALS) for distance, _, _ in headers}
+            if len(names) < 2 or len(distances) != 1 or any(trigger is None for _, trigger, _ in headers):
+                return None
+            positions |= distances
+            orientations |= {orientation for _, _, orientation in headers}
+            files += names
+    except (RuntimeError, ValueError):
+        return None
+    if len(orientations) != 1 or len(positions) != len(series):
+        return None
+    check_all_dicom_read(folder, files)
+    return files
 
 
 def _order_frames(positions: dict[float, list[tuple[float | None, str]]],

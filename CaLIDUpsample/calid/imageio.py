@@ -120,14 +120,30 @@ def single_series_files(folder: Path) -> list[str]:
         hint = f": the series are in sub-folders ({', '.join(below)}): give one of them" if below else ""
         raise CalidError(f"no DICOM series found in folder {folder}{hint}")
     if len(series) > 1:
-        raise CalidError(f"folder {folder} holds {len(series)} DICOM series; put one series per folder")
+        listed = "; ".join(f"{_series_description(folder, uid)}: "
+                           f"{len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))} files"
+                           for uid in series[:4]) + ("; ..." if len(series) > 4 else "")
+        raise CalidError(f"folder {folder} holds {len(series)} DICOM series ({listed}); put one series per folder")
     files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    check_all_dicom_read(folder, files)
+    return files
+
+
+def check_all_dicom_read(folder: Path, files: Sequence[str]) -> None:
+    """Refuse ``folder`` when a DICOM file of it is not among ``files``, those GDCM could read into series."""
     listed = {Path(name).name for name in files}
     unreadable = [p.name for p in sorted(folder.iterdir()) if p.is_file() and p.name not in listed and _is_dicom(p)]
     if unreadable:
         shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
         raise CalidError(f"DICOM file(s) in {folder} that cannot be read (truncated or damaged?): {shown}")
-    return files
+
+
+def _series_description(folder: Path, uid: str) -> str:
+    """A series' description (0008,103e) from its first file, for a message that tells the series apart."""
+    header = sitk.ImageFileReader()
+    header.SetFileName(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0])
+    header.ReadImageInformation()
+    return header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else "no description"
 
 
 def _is_dicom(path: Path) -> bool:

@@ -15,8 +15,8 @@ import torch
 from calid.cine import Cine, read_input, write_cine
 from calid.cli import main
 from calid.engine import UpsampleOptions
-from calid.generation import generate_missing, generate_missing_phases
 from calid.errors import CalidError
+from calid.generation import generate_missing, generate_missing_phases
 from calid.imageio import write_image
 from calid.modelstore import load_model
 from calid.progress import Progress
@@ -101,6 +101,30 @@ def test_dicom_cine_round_trip(cine, tmp_path, tiny_model_dir):
     dense = read_input(tmp_path / "dense_dicom")
     assert dense.times == TIMES and dense.image.GetSize() == (64, 64, 11, 3)
     assert np.array_equal(stacks(dense.image)[:, ::2], stacks(cine))
+
+
+def test_a_dicom_cine_of_one_series_per_slice_position_is_one_cine(cine, tmp_path):
+    """Siemens exports a short-axis cine as one series per slice position: "several series" was refused, and one
+    series per folder is a single slice. A localizer beside a stack is still refused, its series named."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for k in range(cine.GetSize()[2]):
+        write_image(cine[:, :, k:k + 1, :], tmp_path / f"slice{k}", description=f"cine slice {k}")
+        for file in (tmp_path / f"slice{k}").iterdir():
+            file.rename(folder / f"s{k}_{file.name}")
+    read = read_input(folder)
+    assert isinstance(read, Cine) and read.times == TIMES
+    assert np.array_equal(stacks(read.image), stacks(cine))
+    np.testing.assert_allclose(read.image.GetOrigin()[:3], cine.GetOrigin()[:3], atol=1e-4)
+    np.testing.assert_allclose(read.image.GetDirection(), cine.GetDirection(), atol=1e-6)
+    mixed = tmp_path / "mixed"
+    write_image(sitk.Cast(cine[:, :, :, 0], sitk.sitkInt16), mixed, description="SAX stack")
+    write_image(sitk.Cast(cine[:, :, :2, 0], sitk.sitkInt16), tmp_path / "scout", description="Localizer")
+    for file in (tmp_path / "scout").iterdir():
+        file.rename(mixed / f"scout_{file.name}")
+    with pytest.raises(CalidError, match=r"holds 2 DICOM series \(.*(SAX stack: 6 files.*Localizer: 2 files|"
+                                          r"Localizer: 2 files.*SAX stack: 6 files)"):
+        read_input(mixed)
 
 
 def test_phases_batched_with_shared_noise_equal_single_stacks(small_image, tiny_model_dir):
