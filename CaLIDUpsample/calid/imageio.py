@@ -445,8 +445,9 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
                 raise CalidError(f"cannot write DICOM series {folder}: {_first_line(exc)}") from None
 
 
-DICOM_INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32)
-"""Pixel types a DICOM series stores as they are (checked: each reads back equal)."""
+DICOM_INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16)
+"""Pixel types a DICOM MR series stores as they are (checked: each reads back equal); 32-bit integers go in as 16
+bits when their values fit, else with a rescale slope like floats."""
 
 
 def _dicom_pixels(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
@@ -455,10 +456,14 @@ def _dicom_pixels(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
     within half a slope, 1/130000 of the range): unsigned from 0 when the minimum is 0 (so that the map's zeros stay
     exactly 0), else signed around the range's middle. A plain cast to int16 had dropped the fractions, wrapped
     values over 32767 and written the map, a fraction of an intensity unit, as zeros."""
-    if image.GetPixelID() in DICOM_INTEGER_PIXELS:
-        return image, {}
     values = sitk.GetArrayViewFromImage(image)
     low, high = float(values.min()), float(values.max())
+    if image.GetPixelID() in (sitk.sitkUInt32, sitk.sitkInt32):  # an MR image holds 8 or 16 bits, not 32
+        for pixel, dtype in ((sitk.sitkInt16, np.int16), (sitk.sitkUInt16, np.uint16)):
+            if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+                return sitk.Cast(image, pixel), {}
+    elif image.GetPixelID() in DICOM_INTEGER_PIXELS:
+        return image, {}
     if low == 0:  # unsigned from an intercept of 0: a 0 (the map on acquired slices) reads back exactly 0
         intercept, slope, signed = 0.0, float(f"{max(high, 1e-12) / 65000:.8g}"), "0"
     else:

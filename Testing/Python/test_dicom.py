@@ -80,3 +80,12 @@ def test_a_nested_export_names_the_folders_that_hold_series(acquired, tmp_path, 
     assert not (tmp_path / "dense.nrrd").exists()
     with pytest.raises(CalidError, match="series are in sub-folders .*SE0005"):
         read_image(export / "DICOM")
+
+
+def test_32_bit_integers_are_written_as_the_16_bits_an_mr_image_holds(tmp_path, small_image):
+    """An input with an integer rescale is read as int32, and was written back as a 32-bit MR image (not allowed)."""
+    wide = sitk.Cast(small_image, sitk.sitkInt32)
+    write_image(wide, tmp_path / "out")
+    first = sorted((tmp_path / "out").iterdir())[0]
+    assert tag(first, "0028|0100") == "16"
+    assert (sitk.GetArrayFromImage(read_image(tmp_path / "out")) == sitk.GetArrayFromImage(wide)).all()
