@@ -203,7 +203,7 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = qt.QTimer()
-        self._nodesForRun = []
+        self._nodesForRun, self._selectionBeforeRun, self._mapOfRun = [], (None, None), None
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
 
@@ -374,12 +374,13 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         self.ui.logTextEdit.clear()
         browser = playing_browser(slicer.mrmlScene, p.inputVolume)
         output = None if playing_browser(slicer.mrmlScene, p.outputVolume) is not None else p.outputVolume
-        # A cine run's label and map proxies play their sequences: this run's go to new nodes, removed again when
-        # the run ends without a result.
-        self._nodesForRun = []
+        # A cine run's label and map proxies play their sequences: this run's go to new nodes, removed again (and the
+        # user's own selection given back) when the run ends without a result.
+        self._nodesForRun, self._selectionBeforeRun = [], (p.outputSegmentation, p.uncertaintyVolume)
         p.outputSegmentation = nodeOfItsOwn(p.outputSegmentation, self._nodesForRun)
         if p.method == "calid":  # the map is the model's: no peer fills one
             p.uncertaintyVolume = nodeOfItsOwn(p.uncertaintyVolume, self._nodesForRun)
+        self._mapOfRun = p.uncertaintyVolume if p.method == "calid" else None  # the selectors may change meanwhile
         with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
             self.logic.process(
                 p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,
@@ -395,7 +396,11 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             self._dropNodesForRun()
 
     def _dropNodesForRun(self):
-        """Remove the nodes made for a run that ended without a result: they would stay empty."""
+        """Remove the nodes made for a run that ended without a result (they would stay empty), and select again
+        what the user had selected."""
+        if self._nodesForRun:
+            p = self._parameterNode
+            p.outputSegmentation, p.uncertaintyVolume = self._selectionBeforeRun
         for node in self._nodesForRun:
             slicer.mrmlScene.RemoveNode(node)
         self._nodesForRun = []
@@ -413,15 +418,13 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         else:
             # The output selector keeps the user's choice: a result put there would be overwritten by the next run.
             # This run's map over its result, or none: an earlier run's map would read as this one's.
-            p = self._parameterNode
-            errorMap = p.uncertaintyVolume if p.method == "calid" else None
-            slicer.util.setSliceViewerLayers(background=outputVolume, foreground=errorMap, fit=True)
+            slicer.util.setSliceViewerLayers(background=outputVolume, foreground=self._mapOfRun, fit=True)
             self._log(_("Done: ") + outputVolume.GetName())
             sentence = largest_error_sentence(self.logic.lastUncertaintySlices)
             if sentence:
                 self._log(sentence)
             # One table view: the volumes when a segmentation was asked for, else the uncertainty's per-slice figures.
-            if self._parameterNode.outputSegmentation is not None and self.logic.lastVolumesTable is not None:
+            if self.logic.lastVolumesTable is not None:  # this run's own (the logic forgets the last run's)
                 show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastVolumesTable)
             elif self.logic.lastUncertaintyTable is not None:
                 show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastUncertaintyTable)

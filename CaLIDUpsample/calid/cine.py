@@ -40,8 +40,8 @@ NRRD_TYPES = {"int8": "signed char", "uint8": "uchar", "int16": "short", "uint16
 
 MS_PER_TIME_UNIT = {"ms": 1.0, "msec": 1.0, "millisecond": 1.0, "milliseconds": 1.0,
                     "s": 1000.0, "sec": 1000.0, "second": 1000.0, "seconds": 1000.0}
-NIFTI_TIME_UNIT_BITS = 0x38
 NIFTI_UNITS_OFFSET = 123  # xyzt_units in a NIfTI-1 header (little-endian, as ITK writes it)
+NIFTI_TIME_UNIT_BITS = 0x38
 """The time unit's bits of a NIfTI header's ``xyzt_units``; ITK reads a NIfTI time axis in seconds when they name a
 unit, and leaves it as stored when they do not (Sunnybrook's cines: 1 per frame, no unit)."""
 

@@ -362,7 +362,7 @@ def cmd_upsample(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .devices import resolve_device
-    from .imageio import read_image, validate_volume, write_image
+    from .imageio import LABELS_DESCRIPTION, dicom_identity, read_image, run_identity, validate_volume, write_image
     from .segmentation.inference import segment_image
     from .segmentation.measures import absence_warning, structure_volumes
     from .segmentation.store import load_segmenter
@@ -370,11 +370,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise CalidError(f"output {args.output} would overwrite the input")
-    image = validate_volume(read_image(args.input))
+    source = read_image(args.input)
+    image = validate_volume(source)
     device = resolve_device(args.device)
     network, card = load_segmenter(args.model, device)
     labels = segment_image(image, network, card["config"], device, args.slice_axis)
-    write_image(labels, args.output)
+    write_image(labels, args.output, identity=run_identity(dicom_identity(source)), description=LABELS_DESCRIPTION)
     volumes = structure_volumes(labels)
     absent = absence_warning(volumes)
     if absent:

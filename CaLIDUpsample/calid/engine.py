@@ -25,8 +25,9 @@ from .cine import Cine, check_cine_output, phase_of, read_input, write_cine
 from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import default_steps, require_error_head
-from .imageio import (DICOM_DESCRIPTION, check_direction, check_outputs, check_pixels, dicom_identity, read_image,
-                      remove_output, run_identity, validate_volume, write_image)
+from .imageio import (DICOM_DESCRIPTION, LABELS_DESCRIPTION, MAP_DESCRIPTION, check_direction, check_outputs,
+                      check_pixels, dicom_identity, read_image, remove_output, run_identity, validate_volume,
+                      write_image)
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
@@ -295,11 +296,9 @@ def upsample_file(
 
 
 def _outputs(result: UpsampleResult, output_path, uncertainty_path, segmentation_path) -> list[tuple]:
-    """A run's (image, path, DICOM series description) for ``write_outputs``: a viewer lists the volume, its map
-    and its labels by these names (the map was named like the volume)."""
-    return [(result.image, output_path, DICOM_DESCRIPTION),
-            (result.uncertainty, uncertainty_path, "CaLID expected absolute error"),
-            (result.labels, segmentation_path, "CaLID segmentation labels")]
+    """A run's (image, path, DICOM series description) for ``write_outputs`` (the map was named like the volume)."""
+    return [(result.image, output_path, DICOM_DESCRIPTION), (result.uncertainty, uncertainty_path, MAP_DESCRIPTION),
+            (result.labels, segmentation_path, LABELS_DESCRIPTION)]
 
 
 def write_outputs(outputs: list[tuple[sitk.Image | None, str | os.PathLike | None, str]],

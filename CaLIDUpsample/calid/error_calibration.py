@@ -25,6 +25,7 @@ from scipy.optimize import isotonic_regression
 GAP_KNOTS_MM = (10.0, 20.0, 30.0)  # the training examples' gaps: 5-10 mm stacks with every 2nd or 3rd slice removed
 LOG_SCALE_EDGES = np.linspace(-7.0, 1.0, 65)  # bins of log b 0.125 wide: b from 1e-3 to 2.7 network units
 MIN_BIN_WEIGHT = 500.0  # voxels (gap-weighted) a bin needs for its own correction; emptier bins are interpolated
+NEAR_KNOT_MM = 2.5  # a refit refits a gap knot only from gaps this near it (``fit``'s ``keep``)
 
 
 def _bracket(values: torch.Tensor, knots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,14 +88,17 @@ class ErrorCalibration:
         log b and weighted onto the gap knots; per knot, the bins' mean |error|, made non-decreasing in b by
         isotonic regression, over the bins' mean b is the correction.
 
-        ``keep``, the calibration a refit replaces, lends its own row to a gap knot the new slices do not reach: a
-        site whose stacks are all 8-10 mm apart gives no 10 mm gaps, and without the measured row the 20 mm one
-        stood in for them."""
+        ``keep``, the calibration a refit replaces, keeps its own row for a gap knot that no gap within
+        ``NEAR_KNOT_MM`` of it reaches: a site whose stacks are all 8-10 mm apart gives 16-20 mm gaps, and without
+        the measured row the 10 mm knot was refitted from 16 mm gaps (or the 20 mm row stood in for it)."""
         knots = torch.tensor(GAP_KNOTS_MM, dtype=torch.float64)
         edges = torch.from_numpy(LOG_SCALE_EDGES)
         bins = len(edges) - 1
         weight, predicted, actual = (torch.zeros(len(knots), bins, dtype=torch.float64) for _ in range(3))
+        near = torch.zeros(len(knots), dtype=torch.float64)  # voxels whose gap lies near each knot
         for log_scale, error, gap_mm in pairs:
+            near += ((gap_mm.double().reshape(-1, 1) - knots).abs() <= NEAR_KNOT_MM).double().T @ torch.full(
+                (len(gap_mm),), float(log_scale[0].numel()), dtype=torch.float64)
             index = torch.bucketize(log_scale.double().flatten(1), edges[1:-1]).flatten()  # per voxel, items first
             b, e = log_scale.double().exp().flatten(1), error.double().flatten(1)
             for k, wk in enumerate(gap_weights(gap_mm, knots).unbind(1)):
@@ -110,10 +114,11 @@ class ErrorCalibration:
         gaps, rows = [], []
         for k in range(len(knots)):
             full = (weight[k] >= MIN_BIN_WEIGHT).numpy()
+            if keep is not None and near[k] < MIN_BIN_WEIGHT and float(knots[k]) in keep.gaps_mm.tolist():
+                gaps.append(float(knots[k]))
+                rows.append(keep.correction_at(float(knots[k]), centres).tolist())
+                continue
             if not full.any():
-                if keep is not None and float(knots[k]) in keep.gaps_mm.tolist():
-                    gaps.append(float(knots[k]))
-                    rows.append(keep.correction_at(float(knots[k]), centres).tolist())
                 continue
             log_b = np.log((predicted[k] / weight[k].clamp(min=1e-12)).numpy()[full])
             mean_error = (actual[k] / weight[k].clamp(min=1e-12)).numpy()[full]

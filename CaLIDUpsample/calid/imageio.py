@@ -28,16 +28,29 @@ FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_UNIFORMITY_TOLERANCE_MM = 0.05
 
 DICOM_IDENTITY_TAGS = (
-    "0008|0005",  # the character set the names below are written in
     "0010|0010", "0010|0020", "0010|0030", "0010|0040",  # patient: name, ID, birth date, sex
     "0020|000d", "0008|0020", "0008|0030", "0008|0050", "0020|0010", "0008|1030", "0008|0090",  # the study
     "0020|0052",  # the frame of reference: the same patient coordinates as the acquired series
 )
 """What a derived series keeps of its DICOM source, so that a viewer or PACS files it in the acquired series' study,
-with its patient: the written series had no patient, a study of its own and no frame of reference."""
+with its patient: the written series had no patient, a study of its own and no frame of reference. The values are
+read in the source's character set and written in UTF-8 (``0008|0005`` ISO_IR 192)."""
+
+DICOM_CHARSETS = {"": "latin_1", "ISO_IR 6": "ascii", "ISO_IR 100": "latin_1", "ISO_IR 101": "iso8859_2",
+                  "ISO_IR 109": "iso8859_3", "ISO_IR 110": "iso8859_4", "ISO_IR 144": "iso8859_5",
+                  "ISO_IR 127": "iso8859_6", "ISO_IR 126": "iso8859_7", "ISO_IR 138": "iso8859_8",
+                  "ISO_IR 148": "iso8859_9", "ISO_IR 203": "iso8859_15", "ISO_IR 166": "tis_620",
+                  "ISO_IR 192": "utf_8", "GB18030": "gb18030", "GBK": "gbk"}
+"""DICOM's single-byte and Unicode character sets (0008,0005) by Python codec; a source without one is read as
+Latin-1, as scanners that omit it mostly write. ISO 2022 code extensions are not read: such a value is left out."""
+
+DICOMDIR_CLASS = re.compile(rb"1\.2\.840\.10008\.1\.3\.10(?![0-9.])")
+"""The Media Storage SOP Class of a DICOMDIR: a DICOM file of no series, which an export may put beside the images."""
 
 DICOM_DESCRIPTION = "CaLID upsampled"
-"""The series description of a dense volume; the map and the labels of the same run name themselves."""
+MAP_DESCRIPTION = "CaLID expected absolute error"
+LABELS_DESCRIPTION = "CaLID segmentation labels"
+"""The series descriptions of a dense volume, its uncertainty map and its labels: a viewer lists them by these."""
 
 # ITK prints multi-line warnings to stderr (e.g. "unexpected scales in sform" for every ACDC file);
 # they would drown the one-line messages and the JSON progress protocol. Real problems raise instead.
@@ -130,9 +143,11 @@ def single_series_files(folder: Path) -> list[str]:
 
 
 def check_all_dicom_read(folder: Path, files: Sequence[str]) -> None:
-    """Refuse ``folder`` when a DICOM file of it is not among ``files``, those GDCM could read into series."""
+    """Refuse ``folder`` when a DICOM file of it is not among ``files``, those GDCM could read into series, and its
+    header cannot be read either (a file of another series, or a DICOMDIR, is no concern of this one)."""
     listed = {Path(name).name for name in files}
-    unreadable = [p.name for p in sorted(folder.iterdir()) if p.is_file() and p.name not in listed and _is_dicom(p)]
+    unreadable = [p.name for p in sorted(folder.iterdir())
+                  if p.is_file() and p.name not in listed and _is_dicom(p) and read_header(p) is None]
     if unreadable:
         shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
         raise CalidError(f"DICOM file(s) in {folder} that cannot be read (truncated or damaged?): {shown}")
@@ -147,12 +162,13 @@ def _series_description(folder: Path, uid: str) -> str:
 
 
 def _is_dicom(path: Path) -> bool:
-    """A DICOM part-10 file: "DICM" after its 128-byte preamble."""
+    """A DICOM part-10 file other than a DICOMDIR: "DICM" after its 128-byte preamble."""
     try:
         with open(path, "rb") as file:
-            return file.read(132)[128:] == b"DICM"
+            start = file.read(1024)
     except OSError:
         return False
+    return start[128:132] == b"DICM" and not DICOMDIR_CLASS.search(start)
 
 
 def series_folders_below(folder: Path, most: int = 3, looked_at: int = 50) -> list[str]:
@@ -180,15 +196,31 @@ def read_dicom_files(files: Sequence[str], folder: Path) -> sitk.Image:
     header = sitk.ImageFileReader()
     header.SetFileName(files[0])
     header.ReadImageInformation()
-    for tag in DICOM_IDENTITY_TAGS:
-        if header.HasMetaDataKey(tag):
-            image.SetMetaData(tag, header.GetMetaData(tag))
+    for tag, value in _identity_of(header).items():
+        image.SetMetaData(tag, value)
     return image
 
 
+def _identity_of(header: sitk.ImageFileReader) -> dict[str, str]:
+    """A DICOM file's ``DICOM_IDENTITY_TAGS``, decoded from its character set, with ``0008|0005`` ISO_IR 192 (how
+    they are written). ITK hands other bytes than UTF-8 over undecoded (a Latin-1 "MÜLLER" could not even be set on
+    an image: the input was refused); a value in a set not read here is left out, not garbled."""
+    charset = header.GetMetaData("0008|0005").strip() if header.HasMetaDataKey("0008|0005") else ""
+    codec = DICOM_CHARSETS.get(charset)
+    identity = {}
+    for tag in DICOM_IDENTITY_TAGS:
+        if header.HasMetaDataKey(tag):
+            raw = header.GetMetaData(tag).encode("utf-8", "surrogateescape")
+            try:
+                identity[tag] = raw.decode(codec or "ascii").strip(" \x00")  # the padding to an even length
+            except UnicodeDecodeError:
+                continue
+    return {"0008|0005": "ISO_IR 192", **identity} if identity else {}
+
+
 def dicom_identity(image: sitk.Image) -> dict[str, str]:
-    """The ``DICOM_IDENTITY_TAGS`` an image read by ``read_dicom_files`` carries (none for other formats)."""
-    return {tag: image.GetMetaData(tag) for tag in DICOM_IDENTITY_TAGS if image.HasMetaDataKey(tag)}
+    """The identity an image read by ``read_dicom_files`` carries (``_identity_of``; none for other formats)."""
+    return {tag: image.GetMetaData(tag) for tag in ("0008|0005", *DICOM_IDENTITY_TAGS) if image.HasMetaDataKey(tag)}
 
 
 def run_identity(source: dict[str, str]) -> dict[str, str]:

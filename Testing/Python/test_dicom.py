@@ -89,3 +89,23 @@ def test_32_bit_integers_are_written_as_the_16_bits_an_mr_image_holds(tmp_path, 
     first = sorted((tmp_path / "out").iterdir())[0]
     assert tag(first, "0028|0100") == "16"
     assert (sitk.GetArrayFromImage(read_image(tmp_path / "out")) == sitk.GetArrayFromImage(wide)).all()
+
+
+def test_a_latin_1_patient_name_is_carried_in_utf_8(tmp_path, small_image):
+    """European scanners write names in ISO_IR 100: ITK hands such bytes over undecoded, and the input was refused."""
+    acquired = tmp_path / "latin"
+    write_image(small_image, acquired, identity={**SOURCE, "0008|0005": "ISO_IR 100"})
+    for file in acquired.iterdir():
+        data = file.read_bytes()
+        assert b"ISO_IR 100" in data and data.count(b"DOE^JANE") == 1
+        file.write_bytes(data.replace(b"DOE^JANE", b"D\xd6E^JANE"))  # the same length: the header stays valid
+    upsample_file(acquired, tmp_path / "dense", LINEAR)
+    first = sorted((tmp_path / "dense").iterdir())[0]
+    assert tag(first, "0010|0010") == "D\u00d6E^JANE" and tag(first, "0008|0005") == "ISO_IR 192"
+
+
+def test_a_dicomdir_beside_the_series_is_no_damaged_file(acquired, tmp_path):
+    """A DICOMDIR is a DICOM file of no series: the check for files GDCM left out took it for a damaged slice."""
+    meta = b"\x02\x00\x02\x00UI\x14\x001.2.840.10008.1.3.10"  # Media Storage SOP Class: Media Storage Directory
+    (acquired / "DICOMDIR").write_bytes(b"\x00" * 128 + b"DICM" + meta + b"\x04\x000\x11CS\x06\x00EXPORT")
+    assert read_image(acquired).GetSize()[2] == len(list(acquired.glob("*.dcm")))

@@ -76,6 +76,8 @@ def test_segmentation_output_has_standard_segments_geometry_and_volumes(scene, s
     logic.process(sample_node, factor=3, device="cpu", method="linear", outputSegmentation=segmentation)
     tables = scene.GetNodesByClass("vtkMRMLTableNode")
     assert logic.lastVolumesTable is table and tables.GetNumberOfItems() == 1 and table.GetName() == "Heart volumes"
+    logic.process(sample_node, factor=2, device="cpu", method="linear")  # no labels: no table of an earlier run's
+    assert logic.lastVolumesTable is None and logic.lastFramesTable is None
 
 
 def test_user_segments_are_kept_on_acquired_slices(scene, sample_node, private_tmp, tmp_path):

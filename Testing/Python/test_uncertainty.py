@@ -220,14 +220,17 @@ def test_calibration_learns_a_head_that_is_too_flat_per_gap_and_keeps_its_order(
     assert bool((mapped.diff(dim=-1) >= 0).all())  # a larger b still means a larger expected error
 
 
-def test_a_refit_on_slices_without_10_mm_gaps_keeps_the_calibration_it_replaces_there():
-    """A site whose stacks are all 8-10 mm apart gives 16-20 mm gaps only: the measured 10 mm row stays."""
+@pytest.mark.parametrize("site_gaps", [(20.0,), (16.0, 20.0)])
+def test_a_refit_on_slices_without_10_mm_gaps_keeps_the_calibration_it_replaces_there(site_gaps):
+    """A site whose stacks are all 8-10 mm apart gives 16-20 mm gaps only: the measured 10 mm row stays (16 mm gaps
+    weigh on the 10 mm knot too, and refitted it from gaps 6 mm away)."""
     from calid.error_calibration import ErrorCalibration
 
     before = ErrorCalibration.fit((r, e, g) for r, e, g, _ in _laplace_pairs(0, power=1.4))
     assert before.gaps_mm.tolist() == [10.0, 20.0]
-    wide_only = [(r, e * 1.3, g) for r, e, g, _ in _laplace_pairs(2, power=1.4, gaps=(20.0,))]
-    assert ErrorCalibration.fit(iter(wide_only)).gaps_mm.tolist() == [20.0]  # alone, 20 mm stands in for 10 mm
+    wide_only = [(r, e * 1.3, g) for r, e, g, _ in _laplace_pairs(2, power=1.4, gaps=site_gaps)]
+    alone = ErrorCalibration.fit(iter(wide_only))
+    assert alone.gaps_mm.tolist() == [10.0, 20.0][2 - len(site_gaps):]  # without keep: refitted, or 20 mm stands in
     refit = ErrorCalibration.fit(iter(wide_only), keep=before)
     assert refit.gaps_mm.tolist() == [10.0, 20.0]
     raw = torch.linspace(-4, -1, 50).reshape(1, 1, 1, -1)

@@ -119,11 +119,8 @@ def _split_distinct(volumes: list[tuple[str, Path]], val_fraction: float, seed: 
                 break
             if p not in validation:
                 validation.append(p)
-    wanted = min(max(1, round(val_fraction * len(patients))), len(patients) - 1)
-    for p in (q for g in groups for q in by_group[g] if q not in validation):  # a few lone patients: still one
-        if len(validation) >= wanted:
-            break
-        validation.append(p)
+    if not validation:  # every group a lone patient (a few patients of a few pathologies): still one
+        validation.append(by_group[groups[0]][0])
     train = [p for p in patients if p not in validation]
     if not train:
         raise CalidError("validation split leaves no training patients: lower --val-fraction")

@@ -231,8 +231,12 @@ class Trainer:
                              "give the same data")
 
     def _prepare_pack(self) -> None:
-        """The stacks and split of a pack (``pack.read_pack``); the split it was made with is the run's."""
+        """The stacks and split of a pack (``pack.read_pack``); the split it was made with is the run's, and a resumed
+        run's pack must hold the split it was started with."""
         train_volumes, val, self.split = pack.read_pack(self.cfg.pack)
+        split_file = self.out / "split.json"
+        if self.cfg.resume and split_file.is_file() and data.load_split(split_file) != self.split:
+            raise CalidError("--resume: this pack holds another split than the stopped run's: give the same pack")
         if self.rank == 0:
             (self.out / "split.json").write_text(json.dumps(self.split, indent=2) + "\n", encoding="utf-8")
         self._use_volumes(train_volumes, val)
@@ -487,7 +491,8 @@ class Trainer:
     def _run_settings(self) -> dict[str, Any]:
         """What this run trains, as a resumed run must give it again: every option but those of ``RESUMABLE``, and
         the base model by its weights' checksum (``calid-acdc`` and its folder's path are one base)."""
-        settings = {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE}
+        unused = {"preset", "vae_steps", "vae_batch", "vae_crop"} if self.cfg.init else set()  # no VAE is trained
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE | unused}
         settings["init"] = [self.base_card.get("name"), self.base_card.get("sha256")] if self.cfg.init else None
         return json.loads(json.dumps(settings))  # as the checkpoint's JSON gives them back (tuples become lists)
 
