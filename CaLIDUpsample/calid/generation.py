@@ -37,6 +37,8 @@ model's walls (``motion.carried_onto``): 0.2-0.5 dB less heart PSNR, but the sli
 has no carried partner: its sharp rendition is the morph itself. A model without motion has one rendition: both
 names give it."""
 CPU_BATCH = 16
+ITEMS_AT_ONCE = 64
+"""New slices warped and aligned in one pass (``GapItems.parts``): enough for the flows' thread pool."""
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
 
 def choose_batch_size(device: torch.device, latent_pixels: int) -> int:
@@ -161,16 +163,33 @@ class GapItems:
 
     def morph(self) -> np.ndarray:
         """Every item's optical-flow morph: both warped neighbours blended by its alpha, (items, h, w)."""
-        return self.crop(motion.blend(*self.warped(slice(None)), self.alpha))
+        return self.blended_warps(self.images)
 
     def carried_onto(self, estimate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every item's acquired neighbours carried onto its ``estimate`` (items, h, w) and blended by its alpha
         (``motion.carried_onto``): resampled twice (the ``"aligned"`` morph mix's partner) and once (the sharp
         rendition, ``RENDITIONS``), each (items, h, w)."""
-        padded = self.pad(estimate, float(self.padded.min()))
-        twice, once = motion.carried_onto(padded, self.images[self.below], self.images[self.above],
-                                          self.flows[self.gap_of], self.alpha)
-        return self.crop(twice), self.crop(once)
+        twice, once = np.empty_like(estimate), np.empty_like(estimate)
+        for part in self.parts():
+            padded = self.pad(estimate[part], float(self.padded.min()))
+            carried = motion.carried_onto(padded, self.images[self.below[part]], self.images[self.above[part]],
+                                          self.flows[self.gap_of[part]], self.alpha[part])
+            twice[part], once[part] = (self.crop(x) for x in carried)
+        return twice, once
+
+    def blended_warps(self, images: torch.Tensor) -> np.ndarray:
+        """Every item's two neighbours of ``images`` (padded, like ``self.images``) warped to it and blended by its
+        alpha, (items, h, w): the morph of those images."""
+        out = np.empty((len(self), self.h, self.w), np.float32)
+        for part in self.parts():
+            out[part] = self.crop(motion.blend(*self.warped(part, images), self.alpha[part]))
+        return out
+
+    def parts(self) -> list[slice]:
+        """The items in parts of ``ITEMS_AT_ONCE``: warping every item of a cine at once held several full-size
+        copies of each (neighbours, flows, sampling grids, alignment flows), about 8 MB per 256 x 256 item; each
+        item is computed on its own either way, so the result is the same."""
+        return [slice(start, start + ITEMS_AT_ONCE) for start in range(0, len(self), ITEMS_AT_ONCE)]
 
     def cross_fade(self, acquired: np.ndarray) -> np.ndarray:
         """Every item's two acquired neighbours in ``acquired`` (all phases' slices flattened, (phases * n, h, w)),
@@ -349,7 +368,7 @@ def _lost_detail(model: CaLID, acquired: np.ndarray, latents: torch.Tensor, gaps
     lost = acquired - _decoded(model, latents, gaps, batches)
     if gaps.flows is None:
         return gaps.cross_fade(lost)
-    return gaps.crop(motion.blend(*gaps.warped(slice(None), gaps.pad(lost)), gaps.alpha))
+    return gaps.blended_warps(gaps.pad(lost))
 
 
 def _refine(model: CaLID, out: np.ndarray, gaps: GapItems, batches: _Batches) -> None:
