@@ -445,6 +445,8 @@ def _write_dicom_series(image: sitk.Image, folder: Path, frame_times: Sequence[f
         **identity,
         "0008|0060": "MR",
         "0008|0008": "DERIVED\\SECONDARY",
+        "0018|0020": "RM",  # scanning sequence and variant, required of an MR image: "research mode", none
+        "0018|0021": "NONE",
         "0008|103e": description,
         "0020|000e": series_uid,
         "0020|0037": "\\".join(f"{v:.10g}" for v in (direction[0], direction[3], direction[6],

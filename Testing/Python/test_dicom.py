@@ -45,6 +45,7 @@ def test_a_derived_series_keeps_the_patient_study_and_frame_of_reference(acquire
         assert tag(first, key) == value, key
     assert tag(first, "0020|000e") != tag(sorted(acquired.iterdir())[0], "0020|000e")  # a series of its own
     assert tag(first, "0008|103e") == "CaLID upsampled"
+    assert (tag(first, "0018|0020"), tag(first, "0018|0021")) == ("RM", "NONE")  # required of an MR image
 
 
 def test_every_output_is_a_series_of_its_own_even_within_one_second(tmp_path, small_image):
