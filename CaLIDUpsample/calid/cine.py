@@ -229,6 +229,10 @@ def _order_frames(positions: dict[float, list[tuple[float | None, str]]],
     counts = {d: len(frames) for d, frames in positions.items()}
     most = Counter(counts.values()).most_common(1)[0][0]
     odd = {d: c for d, c in counts.items() if c != most}
+    if odd and most == 1:  # a stack, not a cine, with a slice acquired again
+        listed = ", ".join(f"{d:g} mm ({c} images)" for d, c in sorted(odd.items()))
+        raise CalidError(f"DICOM series in {folder} has several images at slice position {listed}: a slice acquired "
+                         "again? Keep one image per position")
     if odd:
         listed = ", ".join(f"{d:g} mm: {c}" for d, c in sorted(odd.items()))
         raise CalidError(f"DICOM cine in {folder} has mismatched phases (missing or extra frames): most slice "

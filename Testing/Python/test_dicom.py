@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from calid import UpsampleOptions, upsample_file
+from calid.cine import read_input
 from calid.cli import main
 from calid.errors import CalidError
 from calid.imageio import read_image, write_image
@@ -110,3 +111,17 @@ def test_a_dicomdir_beside_the_series_is_no_damaged_file(acquired, tmp_path):
     meta = b"\x02\x00\x02\x00UI\x14\x001.2.840.10008.1.3.10"  # Media Storage SOP Class: Media Storage Directory
     (acquired / "DICOMDIR").write_bytes(b"\x00" * 128 + b"DICM" + meta + b"\x04\x000\x11CS\x06\x00EXPORT")
     assert read_image(acquired).GetSize()[2] == len(list(acquired.glob("*.dcm")))
+
+
+def test_a_slice_acquired_again_is_named_as_such_not_as_a_cine(acquired):
+    """Two images at one position of a stack were reported as a cine "with mismatched phases"."""
+    again = sorted(acquired.iterdir())[2]
+    image = sitk.ReadImage(str(again))
+    image.SetMetaData("0008|0018", tag(again, "0008|0018") + ".9")  # another instance of the same series
+    image.SetMetaData("0020|0013", "99")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(acquired / "again.dcm"))
+    writer.Execute(image)
+    with pytest.raises(CalidError, match=r"several images at slice position .*\(2 images\): a slice acquired again"):
+        read_input(acquired)
