@@ -28,8 +28,9 @@ from .errors import CalidError
 from .imageio import (DICOM_DESCRIPTION, check_all_dicom_read, dicom_identity, has_image_suffix, output_folder,
                       read_dicom_files, read_header, read_image, single_series_files, write_image, writing)
 
-TIME_TOLERANCE = 0.1
-"""Frame intervals may differ by this fraction of the mean interval (trigger times are rounded to ms)."""
+TIME_TOLERANCE = 0.25
+"""Frame intervals may differ by this fraction of the mean interval: trigger times are rounded to ms and jitter with
+the heartbeat (±1.5 ms at 45 ms frames was refused at 0.1); a missing frame doubles an interval, far beyond it."""
 POSITION_DECIMALS = 2
 """DICOM slice positions (mm along the normal) that agree to this many decimals are the same slice."""
 INDEX_VALUES = re.compile(r"^axis (\d+) index values$")

@@ -125,3 +125,11 @@ def test_a_slice_acquired_again_is_named_as_such_not_as_a_cine(acquired):
     writer.Execute(image)
     with pytest.raises(CalidError, match=r"several images at slice position .*\(2 images\): a slice acquired again"):
         read_input(acquired)
+
+
+def test_trigger_times_that_jitter_with_the_heartbeat_are_a_cine_and_a_missing_frame_is_not():
+    from calid.cine import check_uniform_times
+
+    check_uniform_times([0.0, 46.5, 88.5, 136.5, 180.0], "cine")  # ±1.5 ms around 45 ms frames: refused at 10 %
+    with pytest.raises(CalidError, match="not uniform"):
+        check_uniform_times([0.0, 45.0, 135.0, 180.0], "cine")  # one frame missing
