@@ -22,9 +22,9 @@ def find_sequence(scene, proxyVolume, browser=None):
     A given ``browser`` must play ``proxyVolume`` (a mistake otherwise, not a reason to fall back to 3D);
     without one, the scene's browsers are searched, so scripts need not know which browser shows the cine.
     """
-    candidates = [browser] if browser is not None else _browsers(scene)
-    for candidate in candidates:
-        sequence = candidate.GetSequenceNode(proxyVolume) if candidate.IsProxyNode(proxyVolume.GetID()) else None
+    candidate = browser if browser is not None else playing_browser(scene, proxyVolume)
+    if candidate is not None and candidate.IsProxyNode(proxyVolume.GetID()):
+        sequence = candidate.GetSequenceNode(proxyVolume)
         if sequence is not None:
             return (candidate, sequence) if sequence.GetNumberOfDataNodes() > 1 else None
     if browser is not None:

@@ -97,8 +97,8 @@ class ErrorCalibration:
         weight, predicted, actual = (torch.zeros(len(knots), bins, dtype=torch.float64) for _ in range(3))
         near = torch.zeros(len(knots), dtype=torch.float64)  # voxels whose gap lies near each knot
         for log_scale, error, gap_mm in pairs:
-            near += ((gap_mm.double().reshape(-1, 1) - knots).abs() <= NEAR_KNOT_MM).double().T @ torch.full(
-                (len(gap_mm),), float(log_scale[0].numel()), dtype=torch.float64)
+            items_near = ((gap_mm.double().reshape(-1, 1) - knots).abs() <= NEAR_KNOT_MM).sum(0)  # per knot
+            near += items_near * log_scale[0].numel()
             index = torch.bucketize(log_scale.double().flatten(1), edges[1:-1]).flatten()  # per voxel, items first
             b, e = log_scale.double().exp().flatten(1), error.double().flatten(1)
             for k, wk in enumerate(gap_weights(gap_mm, knots).unbind(1)):

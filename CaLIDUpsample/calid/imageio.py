@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import CalidError
+from .errors import CalidError, first_few
 from .file_completeness import check_complete
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -133,10 +133,11 @@ def single_series_files(folder: Path) -> list[str]:
         hint = f": the series are in sub-folders ({', '.join(below)}): give one of them" if below else ""
         raise CalidError(f"no DICOM series found in folder {folder}{hint}")
     if len(series) > 1:
-        listed = "; ".join(f"{_series_description(folder, uid)}: "
-                           f"{len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))} files"
-                           for uid in series[:4]) + ("; ..." if len(series) > 4 else "")
-        raise CalidError(f"folder {folder} holds {len(series)} DICOM series ({listed}); put one series per folder")
+        listed = "; ".join(f"{_series_description(files[0])}: {len(files)} files" for files in
+                           (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series[:4]))
+        more = "; ..." if len(series) > 4 else ""
+        raise CalidError(f"folder {folder} holds {len(series)} DICOM series ({listed}{more}); put one series per "
+                         "folder")
     files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
     check_all_dicom_read(folder, files)
     return files
@@ -149,16 +150,15 @@ def check_all_dicom_read(folder: Path, files: Sequence[str]) -> None:
     unreadable = [p.name for p in sorted(folder.iterdir())
                   if p.is_file() and p.name not in listed and _is_dicom(p) and read_header(p) is None]
     if unreadable:
-        shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
-        raise CalidError(f"DICOM file(s) in {folder} that cannot be read (truncated or damaged?): {shown}")
+        raise CalidError(f"DICOM file(s) in {folder} that cannot be read (truncated or damaged?): "
+                         f"{first_few(unreadable)}")
 
 
-def _series_description(folder: Path, uid: str) -> str:
+def _series_description(first_file: str) -> str:
     """A series' description (0008,103e) from its first file, for a message that tells the series apart."""
-    header = sitk.ImageFileReader()
-    header.SetFileName(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0])
-    header.ReadImageInformation()
-    return header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else "no description"
+    header = read_header(first_file)
+    return header.GetMetaData("0008|103e").strip() if header and header.HasMetaDataKey("0008|103e") else \
+        "no description"
 
 
 def _is_dicom(path: Path) -> bool:
@@ -193,10 +193,8 @@ def read_dicom_files(files: Sequence[str], folder: Path) -> sitk.Image:
         image = reader.Execute()
     except RuntimeError as exc:
         raise CalidError(f"cannot read DICOM series in {folder}: {_first_line(exc)}") from None
-    header = sitk.ImageFileReader()
-    header.SetFileName(files[0])
-    header.ReadImageInformation()
-    for tag, value in _identity_of(header).items():
+    header = read_header(files[0])  # read into the series a moment ago
+    for tag, value in (_identity_of(header) if header is not None else {}).items():
         image.SetMetaData(tag, value)
     return image
 
@@ -490,14 +488,14 @@ def _dicom_pixels(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
     within half a slope, 1/130000 of the range): unsigned from 0 when the minimum is 0 (so that the map's zeros stay
     exactly 0), else signed around the range's middle. A plain cast to int16 had dropped the fractions, wrapped
     values over 32767 and written the map, a fraction of an intensity unit, as zeros."""
+    if image.GetPixelID() in DICOM_INTEGER_PIXELS:
+        return image, {}
     values = sitk.GetArrayViewFromImage(image)
     low, high = float(values.min()), float(values.max())
     if image.GetPixelID() in (sitk.sitkUInt32, sitk.sitkInt32):  # an MR image holds 8 or 16 bits, not 32
         for pixel, dtype in ((sitk.sitkInt16, np.int16), (sitk.sitkUInt16, np.uint16)):
             if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
                 return sitk.Cast(image, pixel), {}
-    elif image.GetPixelID() in DICOM_INTEGER_PIXELS:
-        return image, {}
     if low == 0:  # unsigned from an intercept of 0: a 0 (the map on acquired slices) reads back exactly 0
         intercept, slope, signed = 0.0, float(f"{max(high, 1e-12) / 65000:.8g}"), "0"
     else:

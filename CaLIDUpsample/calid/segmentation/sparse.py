@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt
 
 from .. import slice_positions
-from ..errors import CalidError
+from ..errors import CalidError, first_few
 from ..geometry import SPACING_TOLERANCE_MM
 from ..imageio import DIRECTION_TOLERANCE
 from .labels import LABELS
@@ -48,9 +48,9 @@ def check_labels(labels: sitk.Image, image: sitk.Image, source: str = "input seg
     unknown = sorted(values - {0, *LABELS})
     if unknown:
         known = ", ".join(f"{k} {v}" for k, v in LABELS.items())
-        listed = ", ".join(map(str, unknown[:SHOWN_VALUES]))
+        listed = first_few([str(value) for value in unknown], SHOWN_VALUES)
         if len(unknown) > SHOWN_VALUES:
-            listed += f" and {len(unknown) - SHOWN_VALUES} more: is it an image, not a label map?"
+            listed += ": is it an image, not a label map?"
         raise CalidError(f"{source} has unknown label values {listed} (expected 0 and {known})")
     return array.astype(np.uint8)
 

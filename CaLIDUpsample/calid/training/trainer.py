@@ -27,7 +27,7 @@ from .. import slice_positions
 from ..choices import REFINER_KINDS, REFINER_LOSSES
 from ..devices import autocast, inference_layout, resolve_device
 from ..error_calibration import ErrorCalibration
-from ..errors import CalidError
+from ..errors import CalidError, first_few
 from ..gap_mix import GapMix
 from ..generation import default_steps, expected_error, generate_missing
 from ..metrics import linear_missing, slice_scores
@@ -226,9 +226,8 @@ class Trainer:
         """A resumed run reads its stopped run's split: its patients must be in the data given now."""
         missing = sorted(set(split["train"]) - {patient for patient, _ in entries})
         if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise CalidError(f"--resume: the stopped run trained on patients not in the data given now ({shown}): "
-                             "give the same data")
+            raise CalidError(f"--resume: the stopped run trained on patients not in the data given now "
+                             f"({first_few(missing)}): give the same data")
 
     def _prepare_pack(self) -> None:
         """The stacks and split of a pack (``pack.read_pack``); the split it was made with is the run's, and a resumed
@@ -238,7 +237,7 @@ class Trainer:
         if self.cfg.resume and split_file.is_file() and data.load_split(split_file) != self.split:
             raise CalidError("--resume: this pack holds another split than the stopped run's: give the same pack")
         if self.rank == 0:
-            (self.out / "split.json").write_text(json.dumps(self.split, indent=2) + "\n", encoding="utf-8")
+            split_file.write_text(json.dumps(self.split, indent=2) + "\n", encoding="utf-8")
         self._use_volumes(train_volumes, val)
         self.sources = [str(Path(self.cfg.pack).resolve())]
 
