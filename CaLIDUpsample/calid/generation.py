@@ -80,12 +80,22 @@ def generate_missing_phases(model: CaLID, stacks: np.ndarray, factor: int, steps
     return generate_renditions(model, stacks, factor, steps, **options)["balanced"]
 
 
-def pad_to_multiple(stacks: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
-    """Pad (phases, n, h, w) in-plane to the network's multiple with the minimum; returns (padded, ph, pw)."""
+def pad_to_multiple(stacks: np.ndarray, multiple: int, value: float | None = None) -> tuple[np.ndarray, int, int]:
+    """Pad (phases, n, h, w) in-plane to the network's multiple with ``value`` (default their minimum); returns
+    (padded, ph, pw)."""
     h, w = stacks.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
     pads = ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
-    return np.pad(stacks, pads, constant_values=float(stacks.min())), ph, pw
+    return np.pad(stacks, pads, constant_values=float(stacks.min()) if value is None else value), ph, pw
+
+
+def generation_units(phases: int, n: int, factor: int, steps: int, samples: int = 1, plus: bool = False) -> int:
+    """The progress units ``generate_renditions`` counts for ``phases`` stacks of ``n`` slices: an encoding per
+    acquired slice (and its inversion steps for CaLID+), the denoising steps and a decoding per new slice, and the
+    decoding of the acquired slices for the detail transfer."""
+    acquired = phases * n
+    items = samples * phases * slice_positions.missing_count(n, factor)
+    return acquired + (acquired * steps if plus else 0) + items * steps + items + acquired
 
 
 def _gap_items(phases: int, n: int, factor: int, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,19 +113,32 @@ def _gap_items(phases: int, n: int, factor: int, samples: int) -> tuple[torch.Te
 
 
 def _initial_noise(seed: int, samples: int, phases: int, missing: int, shape: tuple[int, ...],
-                   shared: bool) -> torch.Tensor:
-    """Starting noise, ordered like ``_gap_items``. ``shared``: the same noise for a dense slice position in
-    every phase (temporal coherence); both draw exactly the single-stack noise when there is one phase."""
+                   shared: bool, part: range | None = None) -> torch.Tensor:
+    """Starting noise of the ``part`` of the run's ``phases`` being made (default all), ordered like
+    ``_gap_items``: what those phases get when the whole run is made at once. ``shared``: the same noise for a dense
+    slice position in every phase (temporal coherence); both draw exactly the single-stack noise when there is one
+    phase."""
+    part = range(phases) if part is None else part
     generator = torch.Generator().manual_seed(seed)
     if not shared:
-        return torch.randn((samples * phases * missing, *shape), generator=generator)
+        noise = torch.randn((samples, phases, missing, *shape), generator=generator)[:, part.start:part.stop]
+        return noise.reshape(samples * len(part) * missing, *shape)
     noise = torch.randn((samples, 1, missing, *shape), generator=generator)
-    return noise.expand(samples, phases, missing, *shape).reshape(samples * phases * missing, *shape)
+    return noise.expand(samples, len(part), missing, *shape).reshape(samples * len(part) * missing, *shape)
 
 
-def gap_flows(model: CaLID, stacks: np.ndarray) -> torch.Tensor | None:
-    """The optical flow of every gap of every phase of stacks (phases, n, h, w), on the padded grid the model works
-    on: (phases * (n - 1), 2, H, W), or None for a model without motion.
+def phase_range(stacks: np.ndarray, phases: slice | None) -> range:
+    """The phases of stacks (phases, n, h, w) that ``phases`` selects (all for None), as a range of step 1: a
+    long cine is made in consecutive parts of its phases (``stack_upsampling.phase_parts``)."""
+    part = range(len(stacks))[phases or slice(None)]
+    if part.step != 1 or not part:
+        raise ValueError(f"phases must select consecutive phases of the {len(stacks)}, not {phases}")
+    return part
+
+
+def gap_flows(model: CaLID, stacks: np.ndarray, phases: slice | None = None) -> torch.Tensor | None:
+    """The optical flow of every gap of the ``phases`` of stacks (phases, n, h, w) (default all), on the padded grid
+    the model works on: (phases * (n - 1), 2, H, W), or None for a model without motion.
 
     ``generate_missing_phases`` and ``expected_error`` estimate them when not given; a caller that needs both (an
     upsample with its uncertainty map, the error head's training examples) estimates them once here and passes
@@ -123,7 +146,8 @@ def gap_flows(model: CaLID, stacks: np.ndarray) -> torch.Tensor | None:
     """
     if model.motion is None:
         return None
-    padded = pad_to_multiple(stacks, model.spatial_multiple)[0]
+    part = phase_range(stacks, phases)
+    padded = pad_to_multiple(stacks[part.start:part.stop], model.spatial_multiple, float(stacks.min()))[0]
     return model.motion.flows(padded)
 
 
@@ -131,23 +155,28 @@ class GapItems:
     """Every item to generate (sample, phase, missing slice) and the padded grid the flows and networks work on;
     also what the error head's and refiner's examples are made of (``training.data.EstimateSampler``).
 
-    ``below``/``above`` index the acquired slices of all phases flattened; ``flows`` (motion-aware models) hold one
-    flow per gap (``gap_flows``: estimated here unless given), ``gap_of`` maps an item's lower acquired slice to its
-    gap.
+    ``phases``: the items of those phases of ``stacks`` only (default all; ``phase_range``), on the grid padded
+    with the minimum of all of them, so that an item is the same whichever part of a cine it is made in.
+    ``below``/``above`` index the acquired slices of those phases flattened; ``flows`` (motion-aware models) hold one
+    flow per gap of those phases (``gap_flows``: estimated here unless given), ``gap_of`` maps an item's lower
+    acquired slice to its gap.
     """
 
     def __init__(self, model: CaLID, stacks: np.ndarray, factor: int, samples: int,
-                 flows: torch.Tensor | None = None):
-        phases, n, self.h, self.w = stacks.shape
-        self.padded, self.ph, self.pw = pad_to_multiple(stacks, model.spatial_multiple)
+                 flows: torch.Tensor | None = None, phases: slice | None = None):
+        part = phase_range(stacks, phases)
+        self.pad_value = float(stacks.min())
+        mine = stacks[part.start:part.stop]
+        count, n, self.h, self.w = mine.shape
+        self.padded, self.ph, self.pw = pad_to_multiple(mine, model.spatial_multiple, self.pad_value)
         self.latent_hw = tuple(s // model.vae_downsampling for s in self.padded.shape[2:])  # the latents' grid
-        self.below, self.above, self.alpha = _gap_items(phases, n, factor, samples)
-        self.images = torch.from_numpy(self.padded.reshape(phases * n, 1, *self.padded.shape[2:]))
+        self.below, self.above, self.alpha = _gap_items(count, n, factor, samples)
+        self.images = torch.from_numpy(self.padded.reshape(count * n, 1, *self.padded.shape[2:]))
         self.flows = self.gap_of = None
         if model.motion is not None:
-            self.flows = gap_flows(model, stacks) if flows is None else flows
-            if self.flows.shape != (phases * (n - 1), 2, *self.padded.shape[2:]):
-                raise ValueError(f"flows of shape {tuple(self.flows.shape)} do not belong to stacks {stacks.shape}")
+            self.flows = gap_flows(model, stacks, phases) if flows is None else flows
+            if self.flows.shape != (count * (n - 1), 2, *self.padded.shape[2:]):
+                raise ValueError(f"flows of shape {tuple(self.flows.shape)} do not belong to stacks {mine.shape}")
             self.gap_of = self.below - self.below // n  # acquired slice (phase * n + i) -> gap (phase * (n - 1) + i)
 
     def __len__(self) -> int:
@@ -171,7 +200,7 @@ class GapItems:
         rendition, ``RENDITIONS``), each (items, h, w)."""
         twice, once = np.empty_like(estimate), np.empty_like(estimate)
         for part in self.parts():
-            padded = self.pad(estimate[part], float(self.padded.min()))
+            padded = self.pad(estimate[part], self.pad_value)
             carried = motion.carried_onto(padded, self.images[self.below[part]], self.images[self.above[part]],
                                           self.flows[self.gap_of[part]], self.alpha[part])
             twice[part], once[part] = (self.crop(x) for x in carried)
@@ -238,9 +267,14 @@ def generate_renditions(
     flows: torch.Tensor | None = None,
     gap_mm: float | None = None,
     renditions: tuple[str, ...] = ("balanced",),
+    phases: slice | None = None,
 ) -> dict[str, np.ndarray]:
     """Missing slices of every phase of normalised stacks (phases, n, h, w) -> for each of ``renditions``
     (``RENDITIONS``), (samples, phases, missing, h, w).
+
+    ``phases``: make those phases only (consecutive, ``phase_range``; default all), exactly as they come out when
+    every phase is made at once (the same starting noise and padding): ``stack_upsampling`` makes a long cine in
+    parts of its phases so that its memory stays bounded. ``flows`` are then those phases' only.
 
     All phases go through the same batched passes (one progress over the whole cine); per phase the result is what
     ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see ``_initial_noise``).
@@ -256,35 +290,37 @@ def generate_renditions(
     if refine and model.last_step.gap_mix is not None and gap_mm is None:
         raise ValueError("this model's last step depends on the gap between acquired slices: pass gap_mm")
     device = torch.device(device)
-    phases, n, h, w = stacks.shape
-    acquired = phases * n
-    missing = (n - 1) * (factor - 1)
+    part = phase_range(stacks, phases)
+    count, n, h, w = len(part), *stacks.shape[1:]
+    acquired = count * n
+    missing = slice_positions.missing_count(n, factor)
     progress = progress or Progress("none")
     progress.set_stage("estimating motion" if model.motion is not None and flows is None else "preparing")
-    gaps = GapItems(model, stacks, factor, samples, flows)
+    gaps = GapItems(model, stacks, factor, samples, flows, phases)
     batches = _Batches(device, batch_size or choose_batch_size(device, gaps.latent_hw[0] * gaps.latent_hw[1]), progress)
-    progress.total = acquired + (acquired * steps if plus else 0) + len(gaps) * steps + len(gaps) + acquired
+    progress.expect(generation_units(count, n, factor, steps, samples, plus))
     scheduler = make_scheduler(model.config["diffusion"])
 
     progress.set_stage("encoding acquired slices")
     latents = _encoded(model, gaps, batches)
     if plus:
         progress.set_stage("inverting acquired slices (CaLID+)")
-        z_init = _inverted_start(model, scheduler, latents, gaps, phases, n, steps, batches)
+        z_init = _inverted_start(model, scheduler, latents, gaps, count, n, steps, batches)
     else:
-        z_init = _initial_noise(seed, samples, phases, missing, tuple(latents.shape[1:]), shared_noise).to(device)
+        z_init = _initial_noise(seed, samples, len(stacks), missing, tuple(latents.shape[1:]), shared_noise,
+                                part).to(device)
     progress.set_stage("generating missing slices")
     z_final = _denoised(model, scheduler, z_init, latents, gaps, steps, batches)
     progress.set_stage("decoding")
     out = _decoded(model, z_final, gaps, batches)
-    acquired_slices = stacks.reshape(acquired, h, w)
+    acquired_slices = stacks[part.start:part.stop].reshape(acquired, h, w)
     out += _lost_detail(model, acquired_slices, latents, gaps, batches)
     if refine and model.refiner is not None:
         progress.set_stage("refining")
         _refine(model, out, gaps, batches)
     finished = _last_step(model, out, gaps, acquired_slices, gap_mm, renditions) if refine else \
         dict.fromkeys(renditions, out)
-    return {name: x.reshape(samples, phases, missing, h, w) for name, x in finished.items()}
+    return {name: x.reshape(samples, count, missing, h, w) for name, x in finished.items()}
 
 
 def _encoded(model: CaLID, gaps: GapItems, batches: _Batches) -> torch.Tensor:
@@ -376,7 +412,7 @@ def _refine(model: CaLID, out: np.ndarray, gaps: GapItems, batches: _Batches) ->
     device = batches.device
 
     def refine_part(part: slice) -> None:
-        estimate = gaps.pad(out[part], float(gaps.padded.min()))
+        estimate = gaps.pad(out[part], gaps.pad_value)
         with autocast(device):
             out[part] = gaps.crop(model.refiner(estimate.to(device), *(w.to(device) for w in gaps.warped(part)),
                                                 gaps.alpha[part].to(device)).float())
@@ -421,33 +457,34 @@ def require_error_head(model: CaLID) -> None:
 @torch.no_grad()
 def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, factor: int, gap_mm: float,
                    device: torch.device | str = "cpu", batch_size: int | None = None,
-                   flows: torch.Tensor | None = None) -> np.ndarray:
+                   flows: torch.Tensor | None = None, phases: slice | None = None) -> np.ndarray:
     """The model's error head on generated slices: expected absolute error (phases, missing, h, w), network units.
 
     ``gap_mm``: the distance between neighbouring acquired slices (the input's slice spacing).
     ``generated`` (phases, missing, h, w) is the estimate for ``stacks`` (phases, n, h, w) in the same range, as
     ``generate_missing_phases`` (averaged over samples) returns it, so the map can be asked of any estimate, the
     refined one included. ``flows``: the stacks' ``gap_flows`` if the caller has them (estimated here otherwise:
-    DIS, ~5 ms a gap and view).
+    DIS, ~5 ms a gap and view). ``phases``: ``generated`` (and ``flows``) are those phases' only, as
+    ``generate_renditions`` makes a part of a cine.
     """
     require_error_head(model)
     device = torch.device(device)
-    phases, missing, h, w = generated.shape
-    gaps = GapItems(model, stacks, factor, 1, flows)
-    flat = np.ascontiguousarray(generated.reshape(phases * missing, h, w), dtype=np.float32)
+    count, missing, h, w = generated.shape
+    gaps = GapItems(model, stacks, factor, 1, flows, phases)
+    flat = np.ascontiguousarray(generated.reshape(count * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)
     batch = batch_size or choose_batch_size(device, gaps.latent_hw[0] * gaps.latent_hw[1])
     gap = torch.full((len(gaps),), float(gap_mm), device=device)
 
     def predict(part: slice) -> None:
-        estimate = gaps.pad(flat[part], float(gaps.padded.min())).to(device)
+        estimate = gaps.pad(flat[part], gaps.pad_value).to(device)
         with autocast(device):
             log_scale = model.error_head(estimate, *(w.to(device) for w in gaps.warped(part)),
                                          gaps.alpha[part].to(device), gap[part])
             out[part] = gaps.crop(log_scale.float().exp())
 
     run_batched(predict, len(gaps), batch)
-    return out.reshape(phases, missing, h, w)
+    return out.reshape(count, missing, h, w)
 
 
 def default_steps(model: CaLID) -> int:

@@ -31,18 +31,28 @@ class IntensityMap:
     def to_network(self, values: np.ndarray) -> np.ndarray:
         return ((values.astype(np.float32) - self.low) / (self.high - self.low) * 2.0 - 1.0).astype(np.float32)
 
-    def from_network(self, values: np.ndarray) -> np.ndarray:
-        # In place on one float64 copy, the same operations in the same order: a cine's new slices are hundreds of
-        # MB, and each step of the plain expression held another copy of them.
-        out = values.astype(np.float64)
+    def from_network(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Network values -> the input's units, float64 (into ``out`` when given: a part of a larger result).
+
+        In place on one float64 copy, the same operations in the same order: a cine's new slices are hundreds of
+        MB, and each step of the plain expression held another copy of them."""
+        out = _float64_copy(values, out)
         out += 1.0
         out /= 2.0
         out *= self.high - self.low
         out += self.low
         return out
 
-    def size_from_network(self, sizes: np.ndarray) -> np.ndarray:
-        """Differences or error sizes in network units -> the same in the input's units (no offset)."""
-        out = sizes.astype(np.float64)
+    def size_from_network(self, sizes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Differences or error sizes in network units -> the same in the input's units (no offset), as
+        ``from_network``."""
+        out = _float64_copy(sizes, out)
         out *= (self.high - self.low) / 2.0
         return out
+
+
+def _float64_copy(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return values.astype(np.float64)
+    out[...] = values
+    return out

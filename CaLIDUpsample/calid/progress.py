@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from tqdm import tqdm
 
@@ -51,6 +51,20 @@ class Progress:
         slices were made, and a cine's segmentation then ran for minutes behind a full bar."""
         self.reserved += int(units)
         self.total = self._stage_total
+
+    def expect(self, units: int) -> None:
+        """A stage that knows its size says so when it starts: ``units`` more, after whatever the run has done (and
+        before the reserved units)."""
+        self.total = self.done + units
+
+    def in_parts(self, units: list[int]) -> Iterator[int]:
+        """Work made in parts whose stages each ``expect`` their own units (a long cine's phases, made a few at a
+        time): the parts not begun yet stay reserved, so the fraction runs once from 0 to 1 over all of them.
+        Yields each part's index as it begins."""
+        self.reserve(sum(units))
+        for index, part_units in enumerate(units):
+            self.reserve(-part_units)
+            yield index
 
     def set_stage(self, stage: str) -> None:
         if stage == self.stage:

@@ -17,6 +17,11 @@ def dense_count(n: int, factor: int) -> int:
     return (n - 1) * factor + 1
 
 
+def missing_count(n: int, factor: int) -> int:
+    """The new slices of an n-slice stack upsampled by K: K - 1 in each of its n - 1 gaps."""
+    return (n - 1) * (factor - 1)
+
+
 def acquired_count(dense: int, factor: int) -> int:
     """Acquired slices behind a dense grid of ``dense`` slices at K (the inverse of ``dense_count``)."""
     return (dense - 1) // factor + 1

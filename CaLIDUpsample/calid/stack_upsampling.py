@@ -18,12 +18,17 @@ import torch
 from . import slice_positions
 from .choices import CINE_NOISE, UPSAMPLE_METHODS
 from .errors import CalidError
-from .generation import MAX_SAMPLES, MAX_STEPS, expected_error, gap_flows, generate_renditions
+from .generation import (MAX_SAMPLES, MAX_STEPS, expected_error, gap_flows, generate_renditions,
+                         generation_units, phase_range)
 from .intensity import IntensityMap
 from .metrics import linear_missing
 from .networks import CaLID
 from .pipeline_settings import PRODUCT_MORPH
 from .progress import Progress
+
+PIXELS_AT_ONCE = 2 ** 24
+"""New-slice pixels (over all samples) made in one part of a cine (``phase_parts``): a 20-phase cine of 12 slices
+of 256 x 256 upsampled x2 (14 million) is one part; a 30-phase cine of 512 x 512 (87 million) is six."""
 
 
 @dataclass
@@ -75,51 +80,75 @@ class NewSlices:
 
 def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.ndarray, factor: int, steps: int,
                    device: torch.device, gap_mm: float, progress: Progress | None = None,
-                   flows: torch.Tensor | None = None,
-                   renditions: tuple[str, ...] = ("balanced",)) -> dict[str, np.ndarray]:
+                   flows: torch.Tensor | None = None, renditions: tuple[str, ...] = ("balanced",),
+                   phases: slice | None = None) -> dict[str, np.ndarray]:
     """Missing slices of normalised stacks (phases, n, h, w) by ``options.method``: for each of ``renditions``
     (``generation.RENDITIONS``; the classical methods have one), (samples, phases, missing, h, w).
-    ``gap_mm``: the stacks' slice spacing. ``flows``: the model's ``gap_flows`` of the stacks, if already estimated."""
+    ``gap_mm``: the stacks' slice spacing. ``flows``: the model's ``gap_flows`` of the stacks, if already estimated.
+    ``phases``: those phases only (``generation.phase_range``; default all), as they are when all are made."""
     if options.method == "calid":
         return generate_renditions(model, stacks, factor, steps, seed=options.seed, samples=options.samples,
                                    plus=options.plus, device=device, batch_size=options.batch_size, progress=progress,
                                    shared_noise=options.cine_noise == "shared", flows=flows, gap_mm=gap_mm,
-                                   renditions=renditions)
+                                   renditions=renditions, phases=phases)
+    part = phase_range(stacks, phases)
     progress = progress or Progress("none")
-    progress.total = len(stacks)
+    progress.expect(len(part))
     progress.set_stage(f"{options.method} interpolation")
-    missing = slice_positions.dense_count(stacks.shape[1], factor) - stacks.shape[1]
-    out = np.empty((1, len(stacks), missing, *stacks.shape[2:]), np.float32)  # filled stack by stack: a cine's
-    for t, stack in enumerate(stacks):  # phases in float64 all at once were 5x these slices' memory
+    missing = slice_positions.missing_count(stacks.shape[1], factor)
+    out = np.empty((1, len(part), missing, *stacks.shape[2:]), np.float32)  # filled stack by stack: a cine's
+    for t, stack in enumerate(stacks[part.start:part.stop]):  # phases in float64 all at once were 5x these slices'
         out[0, t] = PRODUCT_MORPH.morph_missing(stack, factor) if options.method == "morph" else \
-            linear_missing(stack, factor)
+            linear_missing(stack, factor)  # memory
         progress.advance(1)
     return dict.fromkeys(renditions, out)
+
+
+def phase_parts(stacks_shape: tuple[int, ...], factor: int, samples: int = 1) -> list[slice]:
+    """Consecutive parts of a cine's phases, each with at most ``PIXELS_AT_ONCE`` new-slice pixels (one phase at
+    least): made part by part, the generation's working copies (flows, warps, decoded and last-step slices, about
+    18 float32 copies of the new slices) are a part's, not the whole cine's."""
+    phases, n, h, w = stacks_shape
+    per_phase = samples * slice_positions.missing_count(n, factor) * h * w
+    at_once = max(1, PIXELS_AT_ONCE // per_phase)
+    return [slice(start, min(start + at_once, phases)) for start in range(0, phases, at_once)]
 
 
 def new_slices(stacks: np.ndarray, options: UpsampleOptions, model: CaLID | None, factor: int, steps: int,
                device: torch.device, gap_mm: float, progress: Progress | None = None, want_uncertainty: bool = False,
                want_sharp: bool = False) -> NewSlices:
     """The new slices of the input's stacks (phases, n, h, w), in its units; ``gap_mm``: their slice spacing.
-    ``model`` and ``steps`` as ``engine.prepare_run`` gives them (None and 0 for the classical methods)."""
+    ``model`` and ``steps`` as ``engine.prepare_run`` gives them (None and 0 for the classical methods).
+
+    A long cine is made in parts of its phases (``phase_parts``), each part's slices (and map) put in the result
+    before the next part begins; every phase comes out as it would with all made at once."""
     intensity = IntensityMap.fit(stacks)
     network_stacks = intensity.to_network(stacks)
-    flows = None
-    if want_uncertainty:  # the slices and their map are made on the same flows: estimated once
-        if progress is not None:
+    phases, n, h, w = stacks.shape
+    missing = slice_positions.missing_count(n, factor)
+    result = NewSlices(*(np.empty((phases, missing, h, w)) if wanted else None
+                         for wanted in (True, want_sharp, want_uncertainty)))
+    parts = phase_parts(stacks.shape, factor, options.samples)
+    progress = progress or Progress("none")
+    units = [generation_units(p.stop - p.start, n, factor, steps, options.samples, options.plus)
+             if options.method == "calid" else p.stop - p.start for p in parts]
+    for index in progress.in_parts(units):
+        part = parts[index]
+        flows = None
+        if want_uncertainty:  # the slices and their map are made on the same flows: estimated once
             progress.set_stage("estimating motion")
-        flows = gap_flows(model, network_stacks)
-    renditions = missing_slices(options, model, network_stacks, factor, steps, device, gap_mm, progress, flows,
-                                ("balanced", "sharp") if want_sharp else ("balanced",))
-    balanced = _sample_mean(renditions["balanced"])
-    error = None
-    if want_uncertainty:
-        if progress is not None:
+            flows = gap_flows(model, network_stacks, part)
+        renditions = missing_slices(options, model, network_stacks, factor, steps, device, gap_mm, progress, flows,
+                                    ("balanced", "sharp") if want_sharp else ("balanced",), part)
+        balanced = _sample_mean(renditions["balanced"])
+        if want_uncertainty:
             progress.set_stage("predicting the expected error")
-        error = intensity.size_from_network(expected_error(model, network_stacks, balanced, factor, gap_mm, device,
-                                                           options.batch_size, flows))
-    sharp = intensity.from_network(_sample_mean(renditions["sharp"])) if want_sharp else None
-    return NewSlices(intensity.from_network(balanced), sharp, error)
+            intensity.size_from_network(expected_error(model, network_stacks, balanced, factor, gap_mm, device,
+                                                       options.batch_size, flows, part), result.error[part])
+        intensity.from_network(balanced, result.balanced[part])
+        if want_sharp:
+            intensity.from_network(_sample_mean(renditions["sharp"]), result.sharp[part])
+    return result
 
 
 def _sample_mean(samples: np.ndarray) -> np.ndarray:

@@ -375,3 +375,27 @@ def test_a_cine_written_in_another_format_keeps_its_times_in_that_formats_unit(c
     sequence = read_input(tmp_path / "cine.seq.nrrd")  # the unit in NRRD's "units" field, as Slicer writes it
     assert sitk.ReadImage(str(tmp_path / "cine.seq.nrrd")).GetMetaData("NRRD_units[pixel]") == "ms"
     assert sequence.time_unit == "ms" and sequence.times_ms == TIMES
+
+
+def test_a_cine_made_in_parts_of_its_phases_equals_it_made_at_once(error_head_model_dir, monkeypatch):
+    """A long cine is made a few phases at a time (``stack_upsampling.phase_parts``: its memory); every phase's new
+    slices, sharp rendition and map come out the same, independent starting noise and padding included (30 x 30
+    slices are padded to the network's multiple), up to float32 rounding (a network's CPU kernels may round another
+    batch size differently), and the progress still runs once from 0 to 1."""
+    from calid import stack_upsampling
+
+    model, _ = load_model(str(error_head_model_dir), torch.device("cpu"))
+    stacks = (np.random.default_rng(2).normal(size=(5, 4, 30, 30)) * 100 + 300).astype(np.float32)
+    options = UpsampleOptions(factor=2, steps=1, samples=2, cine_noise="independent")
+    run = dict(want_uncertainty=True, want_sharp=True)
+    whole = stack_upsampling.new_slices(stacks, options, model, 2, 1, torch.device("cpu"), 10.0, **run)
+    monkeypatch.setattr(stack_upsampling, "PIXELS_AT_ONCE", 2 * 3 * 30 * 30 * 2)  # two phases' new slices
+    assert stack_upsampling.phase_parts(stacks.shape, 2, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    stream = io.StringIO()
+    parts = stack_upsampling.new_slices(stacks, options, model, 2, 1, torch.device("cpu"), 10.0,
+                                        Progress("json", stream=stream), **run)
+    for name in ("balanced", "sharp", "error"):
+        np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), rtol=1e-5, atol=1e-3, err_msg=name)
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] < 0.4
