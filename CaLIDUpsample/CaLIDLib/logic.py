@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from calid.choices import UPSAMPLE_METHODS
+
 from .background import ProgressCallback, WorkerError, WorkerLogic
 from .protocol import WorkerEvent
 from .segmentations import (cycle_tables, load_labels_into_segmentation, segmentation_sequence, volumes_table,
@@ -26,9 +28,11 @@ from .volumes import update_node_from_file, write_node
 __all__ = ["CaLIDUpsampleLogic", "WorkerError"]
 
 
-def _output_name(input_name: str, method: str, factor: int, spacing) -> str:
-    """``<input>_CaLID_x2``, or ``<input>_morph_x2`` / ``<input>_linear_x2`` for the peers, side by side in the scene."""
-    return f"{input_name}_{'CaLID' if method == 'calid' else method}" + ("" if spacing else f"_x{factor}")
+def _output_name(scene, input_name: str, method: str, factor: int, spacing) -> str:
+    """``<input>_CaLID_x2``, or ``<input>_morph_x2`` / ``<input>_linear_x2`` for the peers, side by side in the scene;
+    a second run's result is ``..._x2_1``, so that two results are never told apart by their order alone."""
+    return scene.GenerateUniqueName(f"{input_name}_{'CaLID' if method == 'calid' else method}"
+                                    + ("" if spacing else f"_x{factor}"))
 
 
 class CaLIDUpsampleLogic(WorkerLogic):
@@ -108,6 +112,11 @@ class CaLIDUpsampleLogic(WorkerLogic):
             raise ValueError("the uncertainty volume must be a node of its own, not the input or the output volume")
         if inputSegmentation is not None and outputSegmentation is None:
             raise ValueError("an input segmentation needs an output segmentation to fill")
+        if method not in UPSAMPLE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(UPSAMPLE_METHODS)}, not {method}")
+        if uncertaintyVolume is not None and method != "calid":
+            raise ValueError(f"an uncertainty map is the model's (method calid): {method} gives none; leave the "
+                             "uncertainty volume out")
         cine = find_sequence(self.scene, inputVolume, sequenceBrowser)
         for node in filter(None, (outputVolume, uncertaintyVolume, outputSegmentation)):
             browser = playing_browser(self.scene, node)
@@ -132,7 +141,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
                 write_segmentation_labels(self.scene, inputSegmentation, inputVolume, sparsePath)
             command = self.workerCommand(folder / "input.nrrd", folder / "output.nrrd", factor, spacing, device, steps,
                                          seed, model, samples, uncertaintyPath, labelsPath, sparsePath, method)
-            name = _output_name(inputVolume.GetName(), method, factor, spacing)
+            name = _output_name(self.scene, inputVolume.GetName(), method, factor, spacing)
             return command, lambda: self._loadOutputs(folder, inputVolume, outputVolume, uncertaintyVolume, name,
                                                       outputSegmentation, outputTable)
 
@@ -154,7 +163,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
         if inputSegmentation is not None:
             raise ValueError("an input segmentation (your segments on the acquired slices) is for single volumes, "
                              "not for sequences: leave it out to segment the whole cine")
-        name = _output_name(sequence.GetName(), method, factor, spacing)
+        name = _output_name(self.scene, sequence.GetName(), method, factor, spacing)
 
         def prepare(folder: Path):
             self._forgetLastRun()
@@ -172,12 +181,14 @@ class CaLIDUpsampleLogic(WorkerLogic):
     def _loadSequence(self, folder: Path, inputVolume, browser, sequence, outputVolume, name: str,
                       uncertaintyVolume=None, outputSegmentation=None, outputTable=None):
         """Output sequence (and uncertainty and segmentation sequences) into the input's browser; on any failure
-        the new sequences are removed again."""
-        added = []
+        the new sequences are removed again, and the proxy the browser made for the first of them."""
+        added, made = [], []
         try:
             output = read_sequence_like(self.scene, folder / "output.seq.nrrd", sequence, name)
             added.append(output)
             proxy = add_to_browser(self.scene, browser, output, outputVolume)
+            if outputVolume is None:
+                made.append(proxy)
             if uncertaintyVolume is not None:
                 maps = read_sequence_like(self.scene, folder / "uncertainty.seq.nrrd", sequence,
                                           f"{name} expected error")
@@ -191,6 +202,8 @@ class CaLIDUpsampleLogic(WorkerLogic):
         except Exception:
             for node in added:
                 browser.RemoveSynchronizedSequenceNode(node.GetID())
+                self.scene.RemoveNode(node)
+            for node in made:
                 self.scene.RemoveNode(node)
             raise
         if outputSegmentation is not None:

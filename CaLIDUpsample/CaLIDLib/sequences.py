@@ -91,10 +91,17 @@ def add_to_browser(scene, browser, sequence, proxyVolume=None):
     """Synchronize ``sequence`` in ``browser`` and return its proxy (``proxyVolume`` when given, else a new one).
 
     The Sequences module logic makes and refreshes proxies; the application's instance is used when there is
-    one, otherwise (``slicer-core``, no application) a logic on this scene does the same.
+    one, otherwise (``slicer-core``, no application) a logic on this scene does the same. The browser is held
+    unmodified while the sequence joins it: the application's logic answers the browser's change by making a proxy
+    of its own, and a given ``proxyVolume`` then replaced that one, which stayed in the scene as a copy of a frame
+    (a frozen segmentation over the one that plays, outside the input's transform).
     """
     logic = _sequences_logic(scene)
-    logic.AddSynchronizedNode(sequence, proxyVolume, browser)
+    modifying = browser.StartModify()
+    try:
+        logic.AddSynchronizedNode(sequence, proxyVolume, browser)
+    finally:
+        browser.EndModify(modifying)
     logic.UpdateProxyNodesFromSequences(browser)
     proxy = browser.GetProxyNode(sequence)
     if proxy is None:

@@ -154,6 +154,22 @@ def test_failing_worker_leaves_the_scene_unchanged(cine, tiny_model_dir, private
     assert list(private_tmp.iterdir()) == []
 
 
+def test_a_result_that_fails_to_load_leaves_no_sequence_and_no_proxy(cine, private_tmp, monkeypatch):
+    """The worker's output is read, its sequence joins the browser (which makes its proxy), and then the map's
+    sequence cannot be read: everything the load had added goes again."""
+    import CaLIDLib.logic
+
+    scene, browser, _sequence, proxy = cine
+    monkeypatch.setattr(CaLIDLib.logic, "segmentation_sequence",
+                        lambda *args: (_ for _ in ()).throw(RuntimeError("labels unreadable")))
+    before, synchronized = counts(scene), browser.GetNumberOfSynchronizedSequenceNodes()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "heart")
+    with pytest.raises(RuntimeError, match="labels unreadable"):
+        CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, factor=2, device="cpu", method="linear",
+                                                                 outputSegmentation=segmentation)
+    assert counts(scene) == before and browser.GetNumberOfSynchronizedSequenceNodes() == synchronized
+
+
 def test_cancel_leaves_no_new_nodes_and_no_files(cine, tiny_model_dir, private_tmp):
     scene, browser, _sequence, proxy = cine
     logic = CaLIDUpsampleLogic(scene, python=sys.executable)
@@ -218,3 +234,17 @@ def test_user_segments_on_a_cine_are_refused(cine):
     with pytest.raises(ValueError, match="single volumes"):
         CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, outputSegmentation=heart,
                                                                  inputSegmentation=mine)
+
+
+def test_given_output_nodes_are_the_only_proxies_a_run_leaves(cine, private_tmp):
+    """With the application's Sequences logic watching the browser, joining a sequence to it made a proxy of its
+    own before the given node replaced it: that copy of a frame stayed in the scene (for a segmentation, a frozen
+    frame over the one that plays)."""
+    scene, browser, _sequence, proxy = cine
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "dense cine")
+    out = CaLIDUpsampleLogic(scene, python=sys.executable).process(proxy, target, factor=2, device="cpu",
+                                                                   method="linear")
+    assert out is target and browser.IsProxyNode(target.GetID())
+    volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    assert sorted(volumes.GetItemAsObject(i).GetName() for i in range(volumes.GetNumberOfItems())) == \
+        sorted([proxy.GetName(), "dense cine"])

@@ -118,6 +118,8 @@ def test_peer_methods_give_their_own_nodes_beside_calid_for_comparison(scene, sa
         np.testing.assert_allclose(ras(out, (5, 7, 2)), ras(node, (5, 7, 1)), atol=1e-3)
     np.testing.assert_allclose(node_array(linear)[1::2], np.rint((a[:-1] + a[1:]) / 2), atol=1)
     assert not np.array_equal(node_array(morph), node_array(linear))
+    again = logic.process(node, factor=2, device="cpu", method="linear")  # a second result is told apart by name
+    assert again.GetName() == "SAX_linear_x2_1" and linear.GetName() == "SAX_linear_x2"
 
 
 def test_cancel_in_the_middle_leaves_no_node_and_no_files(scene, sample_array, tiny_model_dir, private_tmp):
@@ -200,6 +202,18 @@ def test_the_map_may_not_replace_the_input_or_the_output(scene, sample_array):
         with pytest.raises(ValueError, match="uncertainty volume must be a node of its own"):
             CaLIDUpsampleLogic(scene, python=sys.executable).process(node, out, uncertaintyVolume=map_node)
     assert node_array(node).shape == sample_array.shape
+
+
+def test_a_map_from_a_peer_or_an_unknown_method_is_refused_before_the_worker_starts(scene, sample_array,
+                                                                                   private_tmp):
+    """The worker refused it too, but only after the volume was written and a process had started."""
+    node = volume_node(scene, sample_array)
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    with pytest.raises(ValueError, match="uncertainty map is the model's .* morph gives none"):
+        logic.process(node, method="morph", uncertaintyVolume=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+    with pytest.raises(ValueError, match="method must be one of calid, morph, linear, not bspline"):
+        logic.process(node, method="bspline")
+    assert not logic.isRunning and list(private_tmp.iterdir()) == []
 
 
 def test_labelmaps_and_vector_volumes_are_refused_in_one_line(scene, sample_array):
