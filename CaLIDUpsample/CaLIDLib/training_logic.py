@@ -68,7 +68,9 @@ class CaLIDTrainingLogic(WorkerLogic):
     # ------------------------------------------------------------------ command
     def workerCommand(self, data: Path, run: Path, baseModel: str, steps: int, batchSize: int, learningRate: float,
                       device: str, outputName: str, validationFraction: float, checkpointEvery: int, resume: bool,
-                      description: str, timeLimitMinutes: float = 0) -> list[str]:
+                      description: str, timeLimitMinutes: float = 0, dataSource: str = "") -> list[str]:
+        """``dataSource``: what the card names as the training data, when ``data`` is a temporary export of the
+        scene's volumes (its path would name a folder gone after the run)."""
         cmd = [self.python, "-m", "calid", "train", str(data), "--output", str(run), "--init", str(baseModel),
                "--denoiser-steps", str(steps), "--denoiser-batch", str(batchSize), "--lr", str(learningRate),
                "--warmup", str(steps // 10), "--val-fraction", str(validationFraction),
@@ -77,6 +79,8 @@ class CaLIDTrainingLogic(WorkerLogic):
                "--description", description, "--progress", "json"]
         if timeLimitMinutes > 0:
             cmd += ["--denoiser-minutes", str(timeLimitMinutes)]
+        if dataSource:
+            cmd += ["--data-source", dataSource]
         return cmd + ["--resume"] if resume else cmd
 
     # ------------------------------------------------------------------ public API
@@ -119,8 +123,9 @@ class CaLIDTrainingLogic(WorkerLogic):
         if not checkpointed:  # stopped before its first checkpoint: nothing to continue, start again
             shutil.rmtree(run, ignore_errors=True)
         self._startCurves(outputName, run if checkpointed else None)
-        description = (f"fine-tuned in 3D Slicer from {baseModel} on "
-                       + (str(source) if isinstance(source, Path) else ", ".join(n.GetName() for n in source)))
+        onVolumes = "" if isinstance(source, Path) else \
+            "3D Slicer volumes " + ", ".join(n.GetName() for n in source)
+        description = f"fine-tuned in 3D Slicer from {baseModel} on {onVolumes or source}"
 
         def prepare(folder: Path):
             data = source
@@ -129,7 +134,7 @@ class CaLIDTrainingLogic(WorkerLogic):
                 write_nodes(source, data)
             command = self.workerCommand(data, run, baseModel, steps, batchSize, learningRate, device, outputName,
                                          validationFraction, checkpointEvery, checkpointed, description,
-                                         timeLimitMinutes)
+                                         timeLimitMinutes, onVolumes)
             return command, lambda: import_model(run / "model", outputName)
 
         return self._runWorker(prepare, progressCallback, onFinished, waitForCompletion)

@@ -148,6 +148,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="default", help="architecture preset for new models: default or tiny")
     p.add_argument("--name", default="calid-model", help="model name written in the model card")
     p.add_argument("--description", default="")
+    p.add_argument("--data-source", default="", help="what the model card names as the training data (default: "
+                   "the data folders' paths)")
     p.add_argument("--data-terms", default="as stated by the data owner", help="terms of the training data")
     p.add_argument("--citation", default="", help="citation required by the training data")
     defaults = {f.name: f.default for f in fields(TrainConfig)}
@@ -462,7 +464,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         recalibrate=args.recalibrate,
         val_every=args.val_every, val_volumes=args.val_volumes, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, resume=args.resume,
-        name=args.name, description=args.description, data_terms=args.data_terms, citation=args.citation,
+        name=args.name, description=args.description, data_source=args.data_source, data_terms=args.data_terms,
+        citation=args.citation,
     )
     model_dir = train(cfg, _progress_mode(args.progress))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the process that wrote the model says so, once

@@ -503,6 +503,7 @@ def test_fine_tuning_the_denoiser_recalibrates_the_error_head_it_carries(dataset
     assert not all(torch.equal(v, base.interpolator.state_dict()[k]) for k, v in tuned.interpolator.state_dict().items())
     assert all(torch.equal(v, base.error_head.state_dict()[k]) for k, v in tuned.error_head.state_dict().items())
     assert card["config"]["error_head"]["calibration"] != base_card["config"]["error_head"].get("calibration")
+    assert "3 training stacks" in card["training"]["calibration_refitted_on"]  # how much the refit saw
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (5, 40), (1, 13)])

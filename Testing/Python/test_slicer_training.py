@@ -68,6 +68,8 @@ def test_fine_tuning_from_scene_volumes_end_to_end(scene, nodes, tiny_model_dir,
     card = json.loads((model / "model.json").read_text(encoding="utf-8"))
     assert card["name"] == "site" and card["training"]["denoiser_steps"] == 10
     assert "SAX a" in card["description"]
+    # The scene's volumes went to the worker through a temporary folder, gone after the run: the card names them
+    assert card["training"]["data"] == ["3D Slicer volumes " + ", ".join(n.GetName() for n in nodes)]
 
     fractions = [f for f, _, _ in progress]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)

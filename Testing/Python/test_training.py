@@ -247,6 +247,10 @@ def test_a_few_patients_each_of_its_own_group_still_split_and_unusable_files_are
     volumes = find_volumes([root])
     split = split_patients(volumes[:4], 0.2, 0, {})
     assert len(split["validation"]) == 1 and len(split["train"]) == 3
+    # Thin-slice stacks (5 mm, what a site gives to refit the 10 mm gaps) keep the share too: three of them went to
+    # validation whatever it was (ACDC's rule: at least 3 of its 12 thin-slice patients).
+    thin = split_patients(volumes[:4], 0.2, 0, dict.fromkeys((p for p, _ in volumes[:4]), True))
+    assert len(thin["validation"]) == 1 and len(thin["train"]) == 3
     stacks = load_volumes(volumes)
     assert sorted({v.patient for v in stacks}) == ["patient000", "patient001", "patient002"]
 

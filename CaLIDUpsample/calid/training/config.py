@@ -49,6 +49,7 @@ class TrainConfig:
     resume: bool = False
     name: str = "calid-model"
     description: str = ""
+    data_source: str = ""  # what the card names as its training data (default: the data folders' paths)
     data_terms: str = "as stated by the data owner"
     citation: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -81,7 +81,8 @@ def patient_group(path: Path) -> str:
 
 def split_patients(volumes: list[tuple[str, Path]], val_fraction: float, seed: int,
                    thin_spacings: dict[str, bool]) -> dict[str, list[str]]:
-    """Stratified by group; at least 3 (or all but one) thin-slice patients go to validation. Patients that share a
+    """Stratified by group; at least 3 thin-slice patients go to validation (but no more than the share of all, and
+    not every one of them). Patients that share a
     scan (``duplicates``: ACDC files one scan twice) are split as one, on the side of the first of them."""
     from . import duplicates
 
@@ -104,7 +105,10 @@ def _split_distinct(volumes: list[tuple[str, Path]], val_fraction: float, seed: 
     for p in rng.permutation(patients).tolist():
         by_group[group_of[p]].append(p)
     thin = [p for p in patients if thin_spacings.get(p)]
-    thin_quota = min(max(3, round(val_fraction * len(thin))), max(len(thin) - 1, 0))
+    # At least 3 thin-slice patients validate (ACDC has 12 in 100: a share of them would be one or two), but never
+    # more than the share of all patients, nor all of them: a site fine-tuning on a few 5 mm stacks keeps its share.
+    most = max(1, round(val_fraction * len(patients)))
+    thin_quota = min(max(3, round(val_fraction * len(thin))), most, max(len(thin) - 1, 0))
     validation: list[str] = []
     groups = sorted(by_group)
     while sum(p in validation for p in thin) < thin_quota:  # round-robin over groups for thin patients

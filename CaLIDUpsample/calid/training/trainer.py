@@ -48,7 +48,7 @@ from .schedule import warmup_cosine
 PRESETS = {"default": DEFAULT_CONFIG, "tiny": TINY_CONFIG}
 RESUMABLE = frozenset({"data", "pack", "split", "val_fraction", "output", "resume", "device", "flows_up_front",
                        "recalibrate", "denoiser_minutes", "val_every", "val_volumes", "log_every", "checkpoint_every",
-                       "name", "description", "data_terms", "citation", "extra"})
+                       "name", "description", "data_source", "data_terms", "citation", "extra"})
 """Options a resumed run may give otherwise than its stopped run: where its data lies (the split is the run
 folder's own), where and how long it runs, what it logs and what it is called; not what it trains."""
 KL_WEIGHT = 1e-6
@@ -117,6 +117,7 @@ class Trainer:
         self.model.to(self.device)
         self.min_timestep = self._keep_sampling_on_trained_timesteps()
         self.vae_steps = 0 if cfg.init else cfg.vae_steps
+        self.refitted_on: str | None = None  # what the error head's calibration was refitted on (the card says)
         vae_end, denoiser_end = self.vae_steps, self.vae_steps + cfg.denoiser_steps
         refiner_end = denoiser_end + cfg.refiner_steps
         # Each stage's global step range: one counter runs through the VAE, the denoiser, the refiner, the error head.
@@ -466,6 +467,10 @@ class Trainer:
         progress.set_stage("recalibrating the error head on the new output")
         sampler = self._estimate_sampler(refine=True, on_volume=progress.advance)
         calibrate_error_head(self.model, sampler, self.device, refit=True)
+        stacks = len(self.train_volumes)
+        self.refitted_on = (f"its own final output, slices removed from the {stacks} training stack"
+                            f"{'s' if stacks != 1 else ''} of the split (a gap knot none of their gaps reaches keeps "
+                            "the base model's row)")
 
     def _estimate_sampler(self, refine: bool, on_volume: Callable[[], None] | None = None) -> data.EstimateSampler:
         """The model's own output on slices removed from the training stacks (``data.EstimateSampler``): the examples
@@ -600,7 +605,7 @@ class Trainer:
             "description": cfg.description or "CaLID latent interpolation diffusion model",
             "normalisation": "per volume: 0.5th/99.5th intensity percentiles mapped to -1/+1",
             "training": {
-                "data": self.sources,
+                "data": [cfg.data_source] if cfg.data_source else self.sources,
                 "terms": terms,
                 "citation": citation,
                 "split": self.split,
@@ -613,6 +618,7 @@ class Trainer:
                 "error_head_steps": cfg.error_head_steps,
                 "base_model": self.base_card.get("name") if cfg.init else None,
                 "base_model_sha256": self.base_card.get("sha256") if cfg.init else None,
+                **({} if self.refitted_on is None else {"calibration_refitted_on": self.refitted_on}),
                 # As the run used them: an --init run trains no VAE whatever --vae-steps says; resumed or not is
                 # no setting of the model.
                 "settings": {**{k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "extra", "resume")},
