@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -63,13 +63,18 @@ def upsample_arguments(source: Path, folder: Path, factor: int, device: str, mod
 
 
 def time_calid(arguments: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one ``calid upsample`` process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(wall seconds, peak RSS in GB) of one ``calid upsample`` process: the usage ``os.wait4`` reports for that
+    child alone (``RUSAGE_CHILDREN`` is the largest peak of any child so far, so every row after the first read the
+    first's when it was larger). Linux counts a child's peak from this process's resident size when it starts it,
+    which every ``calid`` process passes (it imports the same libraries and more)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "calid", *arguments], check=True)
+    child = subprocess.Popen([sys.executable, "-m", "calid", *arguments])
+    _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, max(peak_kb, before) / 2**20
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, child.args)
+    return seconds, usage.ru_maxrss / 2**20  # kB on Linux
 
 
 def resident_gb(pid: int) -> float | None:

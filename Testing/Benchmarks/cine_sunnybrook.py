@@ -173,6 +173,15 @@ def mean_row(rows: list[dict]) -> dict:
     return {"case": "mean", "size": f"{len(rows)} cines", **{k: np.mean([r[k] for r in rows], axis=0) for k in keys}}
 
 
+def sunnybrook_cines(parser: argparse.ArgumentParser, folder: Path) -> list[Path]:
+    """The Sunnybrook cines in ``folder`` (the Sunnybrook benchmarks' ``--data``), or the command's one-line error
+    and exit status 2 when there are none."""
+    cases = sorted(folder.glob("SCD*_sa_cine.nii.gz"))
+    if not cases:
+        parser.error(f"no SCD*_sa_cine.nii.gz in {folder}")
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sunnybrook")
@@ -188,9 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     torch.set_num_threads(args.threads)
-    cases = sorted(args.data.glob("SCD*_sa_cine.nii.gz"))
-    if not cases:
-        parser.error(f"no SCD*_sa_cine.nii.gz in {args.data}")
+    cases = sunnybrook_cines(parser, args.data)
     model, _ = load_model(args.model, torch.device("cpu"))
     rows = []
     pools = {"slice": CalibrationPool(), "heart": CalibrationPool()} if args.uncertainty else None

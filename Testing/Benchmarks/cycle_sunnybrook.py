@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -37,6 +38,7 @@ from calid.engine import UpsampleOptions, upsample_file  # noqa: E402
 from calid.segmentation.inference import segment_image  # noqa: E402
 from calid.segmentation.measures import cycle_volumes, structure_volumes  # noqa: E402
 from calid.segmentation.store import load_segmenter  # noqa: E402
+from cine_sunnybrook import sunnybrook_cines  # noqa: E402
 
 FACTOR = 2
 EXPERT_LV, OUR_LV = 1, 3  # Sunnybrook's blood-pool label, ours (LV cavity)
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="also the whole-cycle EF of the dense labels that "
                         "--method linear and --method morph give (the product's peers), as a last column")
     args = parser.parse_args()
+    cases = sunnybrook_cines(parser, args.data)
     peers = ("linear", "morph") if args.peers else ()
     torch.set_num_threads(args.threads)
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
@@ -121,7 +124,7 @@ def main() -> None:
           "cycle | s (product) |" + (" whole-cycle EF: linear / morph dense labels |" if peers else "") +
           "\n|---|---|---|---|---|---|---|" + ("---|" if peers else ""))
     errors: dict[str, list[float]] = {}
-    for path in sorted(args.data.glob("SCD*_sa_cine.nii.gz")):
+    for path in cases:
         r = score_cine(path, network, card, args.model, peers)
         truth = ejection_fraction(*r["experts"])
         cells = []

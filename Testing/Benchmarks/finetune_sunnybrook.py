@@ -94,6 +94,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.models and args.keep_models:
         parser.error("--models scores kept models; --keep-models keeps new ones: give one of them")
+    if not any(SUNNYBROOK.glob("SCD*_sa_cine.nii.gz")):
+        parser.error(f"no SCD*_sa_cine.nii.gz in {SUNNYBROOK}: this benchmark reads the shared data beside the "
+                     "repository")
     if args.keep_models and args.keep_models.exists() and any(args.keep_models.iterdir()):
         parser.error(f"--keep-models {args.keep_models} is not empty: its models would be found only after the "
                      "first fold's fine-tuning")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -39,6 +40,7 @@ from calid.modelstore import load_model  # noqa: E402
 from calid.segmentation.evaluation import peer_stacks  # noqa: E402
 from calid.segmentation.inference import labels_from_probabilities, predict_probabilities, segment_image  # noqa: E402
 from calid.segmentation.store import load_segmenter  # noqa: E402
+from cine_sunnybrook import sunnybrook_cines  # noqa: E402
 
 SUNNYBROOK_TO_OURS = {1: 3, 2: 2}
 """Sunnybrook contour label -> our label (1 LV blood pool -> 3 LV cavity, 2 LV myocardium -> 2)."""
@@ -109,11 +111,11 @@ def score_removed_slices(path: Path, network, config, model) -> dict[tuple[str, 
     return scores
 
 
-def removed_slices_table(data: Path, network, config) -> None:
+def removed_slices_table(cases: list[Path], network, config) -> None:
     model, _ = load_model("calid-acdc", torch.device("cpu"))
     print("| patient | " + " | ".join(f"{name} LV / myo" for name in REBUILT) + " |\n|---|" + "---|" * len(REBUILT))
     means: dict[tuple[str, str], list[float]] = {}
-    for path in sorted(data.glob("SCD*_sa_cine.nii.gz")):
+    for path in cases:
         scores = score_removed_slices(path, network, config, model)
         for key, values in scores.items():
             means.setdefault(key, []).append(statistics.mean(values))
@@ -132,15 +134,16 @@ def main() -> None:
     parser.add_argument("--removed-slices", action="store_true",
                         help="the removed-slice protocol with calid-acdc and the peers (module docstring)")
     args = parser.parse_args()
+    cases = sunnybrook_cines(parser, args.data)
     torch.set_num_threads(args.threads)
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     network, card = load_segmenter(None, "cpu")
     if args.removed_slices:
-        removed_slices_table(args.data, network, card["config"])
+        removed_slices_table(cases, network, card["config"])
         return
     print("| patient | frames (LV / myo) | Dice LV cavity | Dice LV myocardium |\n|---|---|---|---|")
     means: dict[str, list[float]] = {"lv": [], "myo": []}
-    for path in sorted(args.data.glob("SCD*_sa_cine.nii.gz")):
+    for path in cases:
         scores = score_cine(path, network, card["config"])
         for name in means:
             means[name].append(statistics.mean(scores[name]))

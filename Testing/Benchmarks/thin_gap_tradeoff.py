@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
 from calid import geometry, motion  # noqa: E402
+from calid.errors import CalidError  # noqa: E402
 from calid.evaluation import PEER_FLOW, bspline_on_grid  # noqa: E402
 from calid.imageio import find_labels  # noqa: E402
 from calid.generation import (RENDITIONS, GapItems, default_steps, generate_missing_phases,  # noqa: E402
@@ -55,6 +56,7 @@ from calid.segmentation.inference import labels_from_probabilities, predict_prob
 from calid.segmentation.scores import label_scores  # noqa: E402
 from calid.segmentation.store import load_segmenter  # noqa: E402
 from calid.training.data import find_volumes  # noqa: E402
+from calid.training.duplicates import leaked  # noqa: E402
 
 FACTOR = 2
 THIN_MM = 5.5  # stacks at most this far apart: the 5 mm ACDC stacks, whose removed slices lie 10 mm apart
@@ -160,9 +162,14 @@ def command_line(description: str) -> tuple[argparse.ArgumentParser, argparse.Na
     parser.add_argument("--model", default=ACDC_MODEL)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if not args.data.is_dir():
+        parser.error(f"--data {args.data} is not a folder (ACDC's training folder, patientNNN below it)")
     torch.set_num_threads(args.threads)
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
-    model, card = load_model(args.model, torch.device("cpu"))
+    try:
+        model, card = load_model(args.model, torch.device("cpu"))
+    except CalidError as error:
+        parser.error(str(error))
     model.eval()
     return parser, args, model, card
 
@@ -176,13 +183,15 @@ def main() -> None:
     bundled = (f"bundled: {model.last_step.space} mix {weight:g} + linear cross-fade, share {share:g} "
                "(its 10 mm setting)")
     split = card["training"]["split"]
+    entries = find_volumes([str(args.data)])
+    left_out = leaked(split, entries)  # a validation patient whose scans a training patient holds too
     validation = set(split["validation"])
     segmenter = load_segmenter(None, "cpu")
     groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     counts: dict[str, int] = defaultdict(int)
-    for patient, path in find_volumes([str(args.data)]):
+    for patient, path in entries:
         image, labels_path = sitk.ReadImage(str(path)), find_labels(Path(path))
-        if image.GetSpacing()[geometry.find_slice_axis(image)] > THIN_MM or labels_path is None:
+        if image.GetSpacing()[geometry.find_slice_axis(image)] > THIN_MM or labels_path is None or patient in left_out:
             continue
         group = "validation" if patient in validation else "training"
         for name, values in score_stack(image, labels_path, model, segmenter, bundled,
@@ -190,6 +199,8 @@ def main() -> None:
             groups[group][name].append(values)
         counts[group] += 1
         print(f"{Path(path).name}: done", file=sys.stderr, flush=True)
+    if left_out:
+        print(f"left out, copies of training patients' scans: {', '.join(sorted(left_out))}\n")
     for group in ("training", "validation"):
         if counts[group]:
             print(table(f"{args.model}, its {group} patients with 5 mm slices", groups[group], counts[group]) + "\n")

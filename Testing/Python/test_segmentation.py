@@ -216,6 +216,19 @@ def test_a_structure_absent_from_both_scores_null_in_the_json_report():
                                                        "hd95": [None, 2.0]}
 
 
+def test_a_missed_structure_is_counted_beside_the_hd95_mean_it_has_no_distance_in():
+    """One volume's RV 1 mm off, another's RV missed (HD95 undefined): the mean is over the one volume, and the table
+    says so instead of showing 1 mm "over 2 volumes"."""
+    from calid.segmentation.evaluation import markdown_table, summarise
+
+    scores = {"dice_rv": 0.9, "dice_myo": 0.8, "dice_lv": 0.9, "dice_mean": 0.87, "hd95_myo": 2.0, "hd95_lv": 3.0}
+    rows = [{"setting": "acquired slices", "method": "network", "patient": p, "file": p, **scores, "hd95_rv": rv}
+            for p, rv in (("a", 1.0), ("b", float("nan")))]
+    (entry,) = summarise(rows)
+    assert entry["hd95_rv"] == 1.0 and entry["hd95_volumes"] == {"hd95_rv": 1, "hd95_myo": 2, "hd95_lv": 2}
+    assert "1.0 / 2.0 / 3.0 (of 1 / 2 / 2 volumes: a structure missed has none)" in markdown_table([entry])
+
+
 def test_a_cycle_takes_each_ventricles_largest_and_smallest_cavity_and_reports_a_missing_one():
     def phase(lv, rv):
         return {"rv_cavity_ml": rv, "lv_myocardium_ml": 90.0, "lv_cavity_ml": lv, "lv_myocardium_mass_g": 94.5}

@@ -140,6 +140,9 @@ def evaluate_stack(image: sitk.Image, truth_image: sitk.Image, cfg: SegEvaluateC
 
 
 def summarise(rows: list[dict]) -> list[dict]:
+    """Means over the volumes of each (setting, method). A structure the network missed, or that a volume's labels
+    lack, has no HD95 (NaN): its mean is over the volumes that have one, and ``hd95_volumes`` says how many, so that
+    a missed structure cannot pass for a small distance."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["setting"], r["method"])].append(r)
@@ -150,6 +153,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             if key.startswith(("dice_", "hd95_")):
                 values = [r[key] for r in items if not math.isnan(r[key])]
                 entry[key] = float(np.mean(values)) if values else math.nan
+                if key.startswith("hd95_"):
+                    entry.setdefault("hd95_volumes", {})[key] = len(values)
         if method in PAIRED:
             entry["dice_minus"] = {peer: _dice_minus(items, groups[(setting, f"network on {peer}")])
                                    for peer in PEERS if (setting, f"network on {peer}") in groups}
@@ -178,6 +183,9 @@ def markdown_table(summary: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         hd = " / ".join(f"{s[k]:.1f}" for k in ("hd95_rv", "hd95_myo", "hd95_lv")) if "hd95_rv" in s else ""
+        if hd and min(s["hd95_volumes"].values()) < s["volumes"]:
+            hd += " (of " + " / ".join(str(s["hd95_volumes"][k]) for k in ("hd95_rv", "hd95_myo", "hd95_lv")) + \
+                " volumes: a structure missed has none)"
         lines.append(f"| {s['setting']} | {s['volumes']} | {s['method']} | {s['dice_rv']:.3f} | {s['dice_myo']:.3f} | "
                      f"{s['dice_lv']:.3f} | {s['dice_mean']:.3f} | {hd} |")
     lines += ["", "Dice of the network on CaLID's slices minus the network on each peer, paired volume by volume: "
