@@ -42,6 +42,8 @@ def calibration_report(predicted: np.ndarray, actual: np.ndarray, bins: int = BI
     and RMS actual error and their ratio (predicted / mean actual).
     """
     predicted, actual = predicted.astype(np.float64), actual.astype(np.float64)
+    if not (np.isfinite(predicted).all() and np.isfinite(actual).all()):  # a NaN bin was skipped, not judged
+        raise ValueError("a predicted or actual error is NaN or infinite: no calibration can be judged")
     pick = np.random.default_rng(seed).permutation(len(predicted))[:SPEARMAN_VOXELS]
     top = float(np.percentile(predicted, 99.5))
     edges = np.linspace(0.0, top, bins + 1)

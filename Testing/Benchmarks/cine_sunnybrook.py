@@ -217,7 +217,7 @@ def main() -> None:
         with_map = np.mean([r["seconds_with_map"] for r in rows])
         print(f"\nUncertainty map, all phases of all cines pooled (K=2, removed slices; map cost: {with_map:.1f} s "
               f"per cine with it, {plain:.1f} s without, in-process):\n")
-        reports = {region: pool.report() for region, pool in pools.items()}
+        reports = {region: pool.report() for region, pool in pools.items() if pool.predicted}  # no contours: no heart
         print(calibration_markdown({"Sunnybrook K=2": reports}))
         if args.uncertainty_json:
             args.uncertainty_json.write_text(json.dumps({"seconds_with_map": with_map, "seconds_without": plain,

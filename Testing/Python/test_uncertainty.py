@@ -44,6 +44,9 @@ def test_calibration_report_of_a_calibrated_map_is_one_and_of_a_doubled_map_is_t
     assert 0.95 < low <= high < 1.05  # every judged bin, not only the mean
     assert sum(b["share"] for b in right["bins"]) == pytest.approx(1.0)
     assert right["spearman"] > 0.3 and calibration_report(rng.permutation(scale), np.abs(error))["spearman"] < 0.02
+    scale[7] = np.nan  # its bin was skipped by the verdict, which then read as calibrated
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        calibration_report(scale, np.abs(error))
 
 
 def test_map_is_in_the_inputs_units_zero_on_acquired_slices_and_on_the_dense_grid(small_image, error_head_model_dir):
