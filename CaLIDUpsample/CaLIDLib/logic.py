@@ -28,11 +28,11 @@ from .volumes import update_node_from_file, write_node
 __all__ = ["CaLIDUpsampleLogic", "WorkerError"]
 
 
-def _output_name(scene, input_name: str, method: str, factor: int, spacing) -> str:
+def _output_name(input_name: str, method: str, factor: int, spacing) -> str:
     """``<input>_CaLID_x2``, or ``<input>_morph_x2`` / ``<input>_linear_x2`` for the peers, side by side in the scene;
-    a second run's result is ``..._x2_1``, so that two results are never told apart by their order alone."""
-    return scene.GenerateUniqueName(f"{input_name}_{'CaLID' if method == 'calid' else method}"
-                                    + ("" if spacing else f"_x{factor}"))
+    made unique when the result is loaded (a second run's is ``..._x2_1``, so that two results are never told apart
+    by their order alone; a run that ends without a result takes no number)."""
+    return f"{input_name}_{'CaLID' if method == 'calid' else method}" + ("" if spacing else f"_x{factor}")
 
 
 class CaLIDUpsampleLogic(WorkerLogic):
@@ -141,7 +141,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
                 write_segmentation_labels(self.scene, inputSegmentation, inputVolume, sparsePath)
             command = self.workerCommand(folder / "input.nrrd", folder / "output.nrrd", factor, spacing, device, steps,
                                          seed, model, samples, uncertaintyPath, labelsPath, sparsePath, method)
-            name = _output_name(self.scene, inputVolume.GetName(), method, factor, spacing)
+            name = _output_name(inputVolume.GetName(), method, factor, spacing)
             return command, lambda: self._loadOutputs(folder, inputVolume, outputVolume, uncertaintyVolume, name,
                                                       outputSegmentation, outputTable)
 
@@ -163,7 +163,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
         if inputSegmentation is not None:
             raise ValueError("an input segmentation (your segments on the acquired slices) is for single volumes, "
                              "not for sequences: leave it out to segment the whole cine")
-        name = _output_name(self.scene, sequence.GetName(), method, factor, spacing)
+        name = _output_name(sequence.GetName(), method, factor, spacing)
 
         def prepare(folder: Path):
             self._forgetLastRun()
@@ -183,6 +183,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
         """Output sequence (and uncertainty and segmentation sequences) into the input's browser; on any failure
         the new sequences are removed again, and the proxy the browser made for the first of them."""
         added, made = [], []
+        name = self.scene.GenerateUniqueName(name)
         try:
             output = read_sequence_like(self.scene, folder / "output.seq.nrrd", sequence, name)
             added.append(output)
@@ -221,7 +222,8 @@ class CaLIDUpsampleLogic(WorkerLogic):
 
     def _loadOutputs(self, folder: Path, inputVolume, outputVolume, uncertaintyVolume, name: str,
                      outputSegmentation=None, outputTable=None):
-        output = outputVolume or self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        output = outputVolume or self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                                              self.scene.GenerateUniqueName(name))
         update_node_from_file(output, folder / "output.nrrd")
         self._showLikeInput(inputVolume, output)
         if uncertaintyVolume is not None:

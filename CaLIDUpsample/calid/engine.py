@@ -3,7 +3,8 @@
 One pipeline serves volumes and cines: a volume is a one-phase cine. ``upsample_image`` (3D) and ``upsample_cine``
 (4D, ``calid.cine`` reads and writes them) check the input and its options (``UpsampleOptions``, from
 ``calid.stack_upsampling``), load the model, hand the stacks to ``stack_upsampling.new_slices`` (every missing slice
-of every phase in one batched pass by ``--method``, with one intensity map) and put the new slices on the dense grid
+of every phase by ``--method``, batched, a long cine in parts of its phases, with one intensity map) and put the new
+slices on the dense grid
 with the input's geometry; ``upsample_file`` reads and writes. Acquired slices are copied from the input array
 unchanged; only the missing ones are generated.
 """
@@ -106,8 +107,8 @@ def _upsample_phases(image: sitk.Image, phases: np.ndarray, options: UpsampleOpt
                      progress: Progress | None, want_uncertainty: bool, want_sharp: bool = False) -> UpsampleResult:
     """The one pipeline: ``phases`` (t, z, y, x) of ``image`` (3D: one phase; 4D: a cine) onto the dense grid.
 
-    One intensity map is fitted on all phases (they stay comparable) and all phases go through one batched
-    generation; the result has ``image``'s dimension, pixel type, origin and direction.
+    One intensity map is fitted on all phases (they stay comparable) and the phases go through a batched generation
+    (``stack_upsampling.new_slices``); the result has ``image``'s dimension, pixel type, origin and direction.
     """
     started = time.perf_counter()
     axis, factor, device, model, steps = prepare_run(image, options, model, want_uncertainty)
@@ -152,7 +153,8 @@ def upsample_image(image: sitk.Image, options: UpsampleOptions | None = None, mo
 def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaLID | None = None,
                   progress: Progress | None = None, want_uncertainty: bool = False,
                   want_sharp: bool = False) -> UpsampleResult:
-    """Every phase on the dense grid (4D image, time axis kept), all phases generated in one batched pass.
+    """Every phase on the dense grid (4D image, time axis kept), the phases generated batched together (a long
+    cine in parts of them: ``stack_upsampling.phase_parts``).
 
     Acquired slices of every phase are copied unchanged; ``options.cine_noise`` picks shared or independent
     starting noise across phases. ``want_uncertainty`` and ``want_sharp`` as for ``upsample_image``, per phase.

@@ -117,7 +117,9 @@ def _initial_noise(seed: int, samples: int, phases: int, missing: int, shape: tu
     """Starting noise of the ``part`` of the run's ``phases`` being made (default all), ordered like
     ``_gap_items``: what those phases get when the whole run is made at once. ``shared``: the same noise for a dense
     slice position in every phase (temporal coherence); both draw exactly the single-stack noise when there is one
-    phase."""
+    phase. Independent noise is drawn for the whole run and the part's kept: the bundled models' latents hold half a
+    float per pixel, so that is about 2 bytes per new pixel and sample, briefly, before the part's own working copies
+    are made."""
     part = range(phases) if part is None else part
     generator = torch.Generator().manual_seed(seed)
     if not shared:
@@ -276,8 +278,8 @@ def generate_renditions(
     every phase is made at once (the same starting noise and padding): ``stack_upsampling`` makes a long cine in
     parts of its phases so that its memory stays bounded. ``flows`` are then those phases' only.
 
-    All phases go through the same batched passes (one progress over the whole cine); per phase the result is what
-    ``generate_missing`` gives for that phase's stack alone, up to the starting noise (see ``_initial_noise``).
+    The phases go through the same batched passes; per phase the result is what ``generate_missing`` gives for that
+    phase's stack alone, up to the starting noise (see ``_initial_noise``) and float rounding.
     ``refine=False`` leaves out a model's pixel-space refiner and its morph mix (the refiner's training data is the
     unrefined output). ``flows``: the stacks' ``gap_flows``, when the caller has them already. ``gap_mm``: the
     distance between neighbouring acquired slices (the input's slice spacing), which a model with a per-gap last
@@ -470,6 +472,8 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
     require_error_head(model)
     device = torch.device(device)
     count, missing, h, w = generated.shape
+    if count != len(phase_range(stacks, phases)):
+        raise ValueError(f"generated slices of {count} phases do not belong to {phases} of stacks {stacks.shape}")
     gaps = GapItems(model, stacks, factor, 1, flows, phases)
     flat = np.ascontiguousarray(generated.reshape(count * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)

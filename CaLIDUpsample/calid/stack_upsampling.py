@@ -1,9 +1,9 @@
 """The generation stage of an upsampling, on arrays: the new slices of short-axis stacks, in the input's units.
 
 What ``calid upsample`` does between reading a file and writing one, geometry apart: one intensity map fitted on
-every phase (they stay comparable), the new slices of every phase in one batched pass by ``--method`` (the model
-through ``calid.generation``, or a peer), and, for the model, its calibrated map of the expected error on the same
-gap flows. Nothing here reads files or needs SimpleITK, so a machine without it (the lent GPU's image) times exactly
+every phase (they stay comparable), the new slices of every phase by ``--method`` (the model through
+``calid.generation``, or a peer), batched, a long cine in parts of its phases (``phase_parts``), and, for the model,
+its calibrated map of the expected error on the same gap flows. Nothing here reads files or needs SimpleITK, so a machine without it (the lent GPU's image) times exactly
 what the engine runs (``Testing/Device/gpu_speed.py``); ``calid.engine`` checks the image, makes the stacks and puts
 the new slices on the dense grid.
 """
@@ -96,10 +96,11 @@ def missing_slices(options: UpsampleOptions, model: CaLID | None, stacks: np.nda
     progress.expect(len(part))
     progress.set_stage(f"{options.method} interpolation")
     missing = slice_positions.missing_count(stacks.shape[1], factor)
-    out = np.empty((1, len(part), missing, *stacks.shape[2:]), np.float32)  # filled stack by stack: a cine's
-    for t, stack in enumerate(stacks[part.start:part.stop]):  # phases in float64 all at once were 5x these slices'
+    # Filled stack by stack: a cine's phases in float64 all at once were 5x these slices' memory.
+    out = np.empty((1, len(part), missing, *stacks.shape[2:]), np.float32)
+    for t, stack in enumerate(stacks[part.start:part.stop]):
         out[0, t] = PRODUCT_MORPH.morph_missing(stack, factor) if options.method == "morph" else \
-            linear_missing(stack, factor)  # memory
+            linear_missing(stack, factor)
         progress.advance(1)
     return dict.fromkeys(renditions, out)
 
@@ -109,7 +110,7 @@ def phase_parts(stacks_shape: tuple[int, ...], factor: int, samples: int = 1) ->
     least): made part by part, the generation's working copies (flows, warps, decoded and last-step slices, about
     18 float32 copies of the new slices) are a part's, not the whole cine's."""
     phases, n, h, w = stacks_shape
-    per_phase = samples * slice_positions.missing_count(n, factor) * h * w
+    per_phase = max(1, samples * slice_positions.missing_count(n, factor) * h * w)
     at_once = max(1, PIXELS_AT_ONCE // per_phase)
     return [slice(start, min(start + at_once, phases)) for start in range(0, phases, at_once)]
 
@@ -148,6 +149,7 @@ def new_slices(stacks: np.ndarray, options: UpsampleOptions, model: CaLID | None
         intensity.from_network(balanced, result.balanced[part])
         if want_sharp:
             intensity.from_network(_sample_mean(renditions["sharp"]), result.sharp[part])
+        del renditions, balanced, flows  # this part's working copies go before the next part makes its own
     return result
 
 

@@ -38,7 +38,7 @@ from calid.engine import UpsampleOptions, upsample_file  # noqa: E402
 from calid.segmentation.inference import segment_image  # noqa: E402
 from calid.segmentation.measures import cycle_volumes, structure_volumes  # noqa: E402
 from calid.segmentation.store import load_segmenter  # noqa: E402
-from cine_sunnybrook import sunnybrook_cines  # noqa: E402
+from cine_sunnybrook import model_or_error, sunnybrook_cines  # noqa: E402
 
 FACTOR = 2
 EXPERT_LV, OUR_LV = 1, 3  # Sunnybrook's blood-pool label, ours (LV cavity)
@@ -114,6 +114,7 @@ def main() -> None:
                         "--method linear and --method morph give (the product's peers), as a last column")
     args = parser.parse_args()
     cases = sunnybrook_cines(parser, args.data)
+    model_or_error(parser, args.model)  # a wrong name stops here, in one line, not at the first cine
     peers = ("linear", "morph") if args.peers else ()
     torch.set_num_threads(args.threads)
     sitk.ProcessObject_SetGlobalWarningDisplay(False)

@@ -19,6 +19,8 @@ from calid.errors import CalidError
 from calid.generation import generate_missing, generate_missing_phases
 from calid.imageio import write_image
 from calid.modelstore import load_model
+from calid.networks import TINY_CONFIG, CaLID
+from calid.pipeline_settings import MotionSettings
 from calid.progress import Progress
 
 TIMES = (25.0, 65.0, 105.0)
@@ -377,25 +379,40 @@ def test_a_cine_written_in_another_format_keeps_its_times_in_that_formats_unit(c
     assert sequence.time_unit == "ms" and sequence.times_ms == TIMES
 
 
-def test_a_cine_made_in_parts_of_its_phases_equals_it_made_at_once(error_head_model_dir, monkeypatch):
+@pytest.mark.parametrize("options", [dict(samples=2, cine_noise="independent"), dict(), dict(plus=True),
+                                     dict(method="morph")], ids=["independent", "shared", "plus", "morph"])
+def test_a_cine_made_in_parts_of_its_phases_equals_it_made_at_once(options, monkeypatch):
     """A long cine is made a few phases at a time (``stack_upsampling.phase_parts``: its memory); every phase's new
-    slices, sharp rendition and map come out the same, independent starting noise and padding included (30 x 30
-    slices are padded to the network's multiple), up to float32 rounding (a network's CPU kernels may round another
-    batch size differently), and the progress still runs once from 0 to 1."""
+    slices, sharp rendition and map come out the same, starting noise (independent, shared, CaLID+'s inverted) and
+    padding included (30 x 30 slices are padded to the network's multiple), up to float32 rounding (a network's CPU
+    kernels may round another batch size differently), and the progress, with units reserved after the generation
+    (a segmentation's), still runs once from 0 to 1."""
     from calid import stack_upsampling
 
-    model, _ = load_model(str(error_head_model_dir), torch.device("cpu"))
+    torch.manual_seed(0)
+    options = UpsampleOptions(factor=2, steps=1, **options)
+    if options.plus:  # CaLID+ inverts latents: a model that diffuses them, so without motion (and map)
+        model = CaLID({**TINY_CONFIG, "diffusion_target": "latent"})
+    else:
+        model = CaLID(TINY_CONFIG)
+        model.set_motion(MotionSettings("dis"))
+        model.add_error_head()
+    model.eval()
     stacks = (np.random.default_rng(2).normal(size=(5, 4, 30, 30)) * 100 + 300).astype(np.float32)
-    options = UpsampleOptions(factor=2, steps=1, samples=2, cine_noise="independent")
-    run = dict(want_uncertainty=True, want_sharp=True)
+    run = dict(want_uncertainty=model.error_head is not None and options.method == "calid", want_sharp=True)
     whole = stack_upsampling.new_slices(stacks, options, model, 2, 1, torch.device("cpu"), 10.0, **run)
-    monkeypatch.setattr(stack_upsampling, "PIXELS_AT_ONCE", 2 * 3 * 30 * 30 * 2)  # two phases' new slices
-    assert stack_upsampling.phase_parts(stacks.shape, 2, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    monkeypatch.setattr(stack_upsampling, "PIXELS_AT_ONCE", 2 * 3 * 30 * 30 * options.samples)  # two phases' slices
+    assert stack_upsampling.phase_parts(stacks.shape, 2, options.samples) == [slice(0, 2), slice(2, 4), slice(4, 5)]
     stream = io.StringIO()
-    parts = stack_upsampling.new_slices(stacks, options, model, 2, 1, torch.device("cpu"), 10.0,
-                                        Progress("json", stream=stream), **run)
+    progress = Progress("json", stream=stream)
+    progress.reserve(7)
+    parts = stack_upsampling.new_slices(stacks, options, model, 2, 1, torch.device("cpu"), 10.0, progress, **run)
     for name in ("balanced", "sharp", "error"):
-        np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), rtol=1e-5, atol=1e-3, err_msg=name)
+        if getattr(whole, name) is not None:
+            np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), rtol=1e-5, atol=1e-3,
+                                       err_msg=name)
+    assert (parts.error is None) == (not run["want_uncertainty"])
+    progress.advance(7)
     events = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] < 0.4
