@@ -37,13 +37,18 @@ model's walls (``motion.carried_onto``): 0.2-0.5 dB less heart PSNR, but the sli
 has no carried partner: its sharp rendition is the morph itself. A model without motion has one rendition: both
 names give it."""
 CPU_BATCH = 16
+CPU_BATCH_LATENT_PIXELS = CPU_BATCH * 64 * 64
+"""Latent pixels of a CPU batch: 16 slices of 256 x 256 (ACDC's and Sunnybrook's), fewer of larger slices. The
+networks' full-resolution activations of a batch, not the cine's arrays, were most of a 512 x 512 cine's peak
+memory (docs/measurements.md, stop 46)."""
 ITEMS_AT_ONCE = 64
-"""New slices warped and aligned in one pass (``GapItems.parts``): enough for the flows' thread pool."""
+"""New slices of 256 x 256 warped and aligned in one pass (``GapItems.parts``; fewer of larger slices, as for the
+batches): enough for the flows' thread pool."""
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
 
 def choose_batch_size(device: torch.device, latent_pixels: int) -> int:
     if device.type != "cuda":
-        return CPU_BATCH
+        return max(1, min(CPU_BATCH, CPU_BATCH_LATENT_PIXELS // latent_pixels))
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(256, free * 0.7 // (GPU_BYTES_PER_LATENT_PIXEL * latent_pixels / 1024))))
 
@@ -217,10 +222,12 @@ class GapItems:
         return out
 
     def parts(self) -> list[slice]:
-        """The items in parts of ``ITEMS_AT_ONCE``: warping every item of a cine at once held several full-size
-        copies of each (neighbours, flows, sampling grids, alignment flows), about 8 MB per 256 x 256 item; each
-        item is computed on its own either way, so the result is the same."""
-        return [slice(start, start + ITEMS_AT_ONCE) for start in range(0, len(self), ITEMS_AT_ONCE)]
+        """The items in parts of ``ITEMS_AT_ONCE`` (of 256 x 256 pixels: fewer of larger slices): warping every
+        item of a cine at once held several full-size copies of each (neighbours, flows, sampling grids, alignment
+        flows), about 8 MB per 256 x 256 item; each item is computed on its own either way, so the result is the
+        same."""
+        at_once = max(1, min(ITEMS_AT_ONCE, ITEMS_AT_ONCE * 256 * 256 // (self.padded.shape[2] * self.padded.shape[3])))
+        return [slice(start, start + at_once) for start in range(0, len(self), at_once)]
 
     def cross_fade(self, acquired: np.ndarray) -> np.ndarray:
         """Every item's two acquired neighbours in ``acquired`` (all phases' slices flattened, (phases * n, h, w)),
