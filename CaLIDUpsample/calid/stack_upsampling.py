@@ -3,9 +3,9 @@
 What ``calid upsample`` does between reading a file and writing one, geometry apart: one intensity map fitted on
 every phase (they stay comparable), the new slices of every phase by ``--method`` (the model through
 ``calid.generation``, or a peer), batched, a long cine in parts of its phases (``phase_parts``), and, for the model,
-its calibrated map of the expected error on the same gap flows. Nothing here reads files or needs SimpleITK, so a machine without it (the lent GPU's image) times exactly
-what the engine runs (``Testing/Device/gpu_speed.py``); ``calid.engine`` checks the image, makes the stacks and puts
-the new slices on the dense grid.
+its calibrated map of the expected error on the same gap flows. Nothing here reads files or needs SimpleITK, so a
+machine without it (the lent GPU's image) times exactly what the engine runs (``Testing/Device/gpu_speed.py``);
+``calid.engine`` checks the image, makes the stacks and puts the new slices on the dense grid.
 """
 
 from __future__ import annotations
