@@ -1,10 +1,12 @@
 """Cohort mode: many inputs to an output folder, resumable, with a CSV of what was done.
 
-Inputs come from a folder (its image files, and its sub-folders as DICOM series) or a list file (one
-path per line). Each output keeps its input's path below the inputs' common folder (``p1/sax.nii.gz`` and
+Inputs come from a folder (its image files but label files, and its sub-folders as DICOM series) or a list file
+(one path per line). Each output keeps its input's path below the inputs' common folder (``p1/sax.nii.gz`` and
 ``p2/sax.nii.gz`` of a list go to ``OUT/p1/`` and ``OUT/p2/``, a folder's files straight into ``OUT``). An output
-that already exists is skipped, so an interrupted cohort is resumed by running the same command again; an input
-that fails, whatever the reason, is recorded and the others go on. Under ``torchrun --nproc_per_node N`` the list
+that already exists is skipped, so an interrupted cohort is resumed by running the same command again; one that
+the record says was made from another input or with other settings is refused before anything runs (it would
+have been kept and reported as this input's). An input that fails, whatever the reason, is recorded and the others
+go on. The record (``calid_cohort.csv``) keeps the rows of every run into the folder. Under ``torchrun --nproc_per_node N`` the list
 is sharded across processes (rank r takes items r, r+N, ...; each uses GPU ``LOCAL_RANK`` when there are GPUs);
 rank 0 merges the per-rank CSV files once every rank is done.
 """
@@ -23,43 +25,83 @@ import torch.distributed as dist
 
 from .devices import resolve_device
 from .engine import UpsampleOptions, upsample_file
-from .errors import CalidError, Cancelled
-from .imageio import has_image_suffix, holds_dicom_series
+from .errors import CalidError, Cancelled, first_few
+from .imageio import has_image_suffix, holds_dicom_series, is_label_file
+from .modelindex import DEFAULT_MODEL
 from .modelstore import load_model
 from .progress import Progress
 
-CSV_FIELDS = ["input", "output", "status", "seconds", "factor", "device", "rank", "message"]
+CSV_FIELDS = ["input", "output", "status", "seconds", "factor", "settings", "device", "rank", "message"]
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
 
 
 def is_cohort_input(path: Path) -> bool:
     """A list file, or a folder that holds image files or sub-folders and is no DICOM series itself (an export's
-    series folder may hold a sub-folder too, such as ``__MACOSX``: it was taken for a cohort of one bad input)."""
+    series folder may hold a sub-folder too, such as ``__MACOSX``: it was taken for a cohort of one bad input). A
+    DICOM series beside volume files is refused: it was taken for one input and the volumes left out unsaid."""
     if path.is_file():
         return path.suffix.lower() in LIST_SUFFIXES
     if path.is_dir():
-        return any(has_image_suffix(p) or p.is_dir() for p in path.iterdir()) and not holds_dicom_series(path)
+        volumes = [p.name for p in path.iterdir() if has_image_suffix(p)]
+        if not holds_dicom_series(path):
+            return bool(volumes) or any(p.is_dir() for p in path.iterdir())
+        if volumes:
+            raise CalidError(f"{path} holds a DICOM series and volume files ({first_few(sorted(volumes))}): put the "
+                             "series in a folder of its own")
     return False
 
 
-def list_inputs(source: Path) -> list[Path]:
+def list_inputs(source: Path, output_dir: Path) -> list[Path]:
+    """The inputs of a list file (a spreadsheet's byte-order mark ignored), or of a folder: its image files but
+    label files (ACDC keeps ``_gt`` labels beside each volume; upsampled as intensities they were written like
+    dense labels, with classes between neighbours that neither has) and its sub-folders, but the output folder."""
     if source.is_file():
-        lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in source.read_text(encoding="utf-8-sig").splitlines()]
         items = [Path(line) if Path(line).is_absolute() else source.parent / line
                  for line in lines if line and not line.startswith("#")]
     else:
-        items = sorted(p for p in source.iterdir() if has_image_suffix(p) or p.is_dir())
+        output = output_dir.resolve()
+        items = sorted(p for p in source.iterdir() if (has_image_suffix(p) and not is_label_file(p))
+                       or (p.is_dir() and p.resolve() != output))
     if not items:
         raise CalidError(f"no inputs found in {source}")
     return items
 
 
+def settings_of(options: UpsampleOptions) -> str:
+    """What makes a run's outputs what they are, as the record keeps it: a resumed cohort must use the same."""
+    scale = f"spacing {options.spacing} mm" if options.spacing else f"x{options.factor or 2}"
+    model = f" {options.model or DEFAULT_MODEL}, steps {options.steps or 'default'}, seed {options.seed}, samples " \
+            f"{options.samples}{', CaLID+' if options.plus else ''}, {options.cine_noise} cine noise" \
+        if options.method == "calid" else ""
+    axis = "" if options.slice_axis is None else f", slice axis {options.slice_axis}"
+    return f"{options.method} {scale}{model}{axis}"
+
+
+def check_record(pairs: list[tuple[Path, Path]], done_before: dict[str, dict], settings: str) -> None:
+    """Refuse outputs that the record says were made from another input or with other settings: a resumed run
+    kept them and reported them as this input's (records written before stop 46 name no settings: kept)."""
+    clashes = []
+    for item, target in pairs:
+        row = done_before.get(str(target.resolve()))
+        if row is None or not row.get("settings") or not target.exists():
+            continue
+        if Path(row["input"]).resolve() != item.resolve():
+            clashes.append(f"{target.name} (made from {row['input']})")
+        elif row["settings"] != settings:
+            clashes.append(f"{target.name} (made with {row['settings']})")
+    if clashes:
+        raise CalidError(f"the output folder holds results of other inputs or settings: {first_few(clashes)}; this "
+                         f"run's settings are {settings}: give another output folder, or remove those to redo them")
+
+
 def output_names(items: list[Path]) -> list[Path]:
     """Each input's path below the inputs' common folder: same-named files of different folders (every patient's
     ``sax.nii.gz``) each get their own output, where the bare name had them share one and skip all but the first."""
+    absolute = [Path(os.path.abspath(item)) for item in items]  # a symbolic link keeps its own name
     try:
-        common = Path(os.path.commonpath([item.resolve().parent for item in items]))
-        names = [item.resolve().relative_to(common) for item in items]
+        common = Path(os.path.commonpath([item.parent for item in absolute]))
+        names = [item.relative_to(common) for item in absolute]
     except ValueError:  # no common folder (other drives): the bare names, if they differ
         names = [Path(item.name) for item in items]
     if len(set(names)) < len(names):
@@ -75,32 +117,40 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
-    items = list_inputs(source)
+    if source.is_dir() and source.resolve() == output_dir.resolve():
+        raise CalidError(f"the output folder is the input folder {source}: give another one")
+    final_csv = csv_path or output_dir / "calid_cohort.csv"
+    if final_csv.is_dir() or (csv_path is not None and not final_csv.parent.is_dir()):
+        raise CalidError(f"cannot write the record {final_csv}: give a file in an existing folder (--csv)")
+    items = list_inputs(source, output_dir)
+    targets = [output_dir / name for name in output_names(items)]
+    done_before = _done_rows(final_csv)
+    settings = settings_of(options)
+    check_record(list(zip(items, targets)), done_before, settings)
     output_dir.mkdir(parents=True, exist_ok=True)
     if world > 1 and options.device == "auto" and torch.cuda.is_available():
         options = replace(options, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
     device = resolve_device(options.device)
     model, _ = load_model(options.model, device)
-    targets = [output_dir / name for name in output_names(items)]
     mine = list(zip(items, targets))[rank::world]
     rows = []
-    final_csv = csv_path or output_dir / "calid_cohort.csv"
-    done_before = _done_rows(final_csv)
     overall = Progress(progress_mode if progress_mode == "json" else "none", len(mine))
     shard = {"rank": rank} if world > 1 else {}  # each process reports its own share of the inputs
     try:
         for item, target in mine:
             row = _process(item, target, output_dir, done_before, options, device, model, progress_mode, rank,
-                           world)
+                           world, settings)
             rows.append(row)
             told = {"message": row["message"]} if row.get("message") and row["status"] == "failed" else {}
             overall.advance(1, item=str(item), status=row["status"], **told, **shard)
     finally:  # a cancelled cohort keeps the record of what it and earlier runs finished, to resume from
         reached = {str(Path(row["output"]).resolve()) for row in rows}
-        rows += [done_before[key] for key in (str(target.resolve()) for _, target in mine)
-                 if key in done_before and key not in reached and Path(key).exists()]
+        kept = [key for key in (str(target.resolve()) for _, target in mine) if key not in reached]
+        if rank == 0:  # earlier runs' rows of other inputs into this folder: a later batch kept only its own
+            ours = {str(target.resolve()) for target in targets}
+            kept += [key for key in done_before if key not in ours]
         part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
-        _write_csv(part, rows)
+        _write_csv(part, rows + [done_before[key] for key in kept if key in done_before and Path(key).exists()])
     failed = sum(row["status"] == "failed" for row in rows)
     if world == 1:
         if progress_mode != "json":  # JSON mode gave each input's status as it went
@@ -124,11 +174,11 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
 
 
 def _process(item: Path, target: Path, output_dir: Path, done_before: dict[str, dict], options: UpsampleOptions,
-             device: torch.device, model, progress_mode: str, rank: int, world: int) -> dict:
-    """One input of the cohort: its record (done, skipped or failed, and why), its output recorded as an absolute
-    path so that a run from another folder finds it again."""
+             device: torch.device, model, progress_mode: str, rank: int, world: int, settings: str) -> dict:
+    """One input of the cohort: its record (done, skipped or failed, and why), its input and output recorded as
+    absolute paths so that a run from another folder finds them again."""
     output = str(target.resolve())
-    row = {"input": str(item), "output": output, "rank": rank, "device": str(device)}
+    row = {"input": os.path.abspath(item), "output": output, "rank": rank, "device": str(device)}
     started = time.perf_counter()
     if target.exists() and output in done_before:  # a resumed run keeps the record that made it
         return done_before[output]
@@ -141,7 +191,7 @@ def _process(item: Path, target: Path, output_dir: Path, done_before: dict[str, 
             result = upsample_file(item, target, replace(options, device=str(device)), model=model,
                                    progress=item_progress)
             item_progress.close()
-            row.update(status="done", factor=result.factor)
+            row.update(status="done", factor=result.factor, settings=settings)
         except CalidError as exc:
             row.update(status="failed", message=str(exc))
         except (Cancelled, KeyboardInterrupt):

@@ -263,6 +263,41 @@ def test_cohort_inputs_of_the_same_name_keep_their_folders(tmp_path, small_image
     assert sizes == [2 * small_image.GetSize()[2] - 1, 2 * small_image.GetSize()[2] - 3]
 
 
+def test_a_cohort_refuses_results_of_other_inputs_or_settings_and_keeps_every_batchs_record(tmp_path, small_image):
+    """A second batch whose scan maps to an output of the first, or a rerun with other settings, kept the earlier
+    result and reported it as done; a second batch's record replaced the first's; labels beside the scans (ACDC's
+    ``_gt``) were upsampled as intensities; the output folder inside the input folder was an input of the rerun;
+    a list saved with a byte-order mark lost its first entry."""
+    for site, start in (("site1", 0), ("site2", 1)):
+        (tmp_path / site / "p1").mkdir(parents=True)
+        write_image(small_image[:, :, start:], tmp_path / site / "p1" / "sax.nrrd")
+        (tmp_path / f"{site}.txt").write_text(f"\ufeff{site}/p1/sax.nrrd\n", encoding="utf-8")
+    out, record = tmp_path / "out", tmp_path / "out" / "calid_cohort.csv"
+    assert calid("upsample", tmp_path / "site1.txt", out, "--method", "linear").returncode == 0
+    proc = calid("upsample", tmp_path / "site2.txt", out, "--method", "linear")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "sax.nrrd (made from " in proc.stderr and "site1" in proc.stderr
+    proc = calid("upsample", tmp_path / "site1.txt", out, "--method", "morph")
+    assert proc.returncode == 2 and "sax.nrrd (made with linear x2)" in proc.stderr
+    write_image(small_image[:, :, 2:], tmp_path / "site1" / "p1" / "other.nrrd")
+    (tmp_path / "batch2.txt").write_text("site1/p1/other.nrrd\n", encoding="utf-8")
+    assert calid("upsample", tmp_path / "batch2.txt", out, "--method", "linear").returncode == 0
+    rows = list(csv.DictReader(open(record, encoding="utf-8")))
+    assert sorted(Path(r["input"]).name for r in rows) == ["other.nrrd", "sax.nrrd"]  # both batches' rows
+    assert {r["settings"] for r in rows} == {"linear x2"}
+
+    folder = tmp_path / "patient001"
+    folder.mkdir()
+    write_image(small_image, folder / "patient001_frame01.nrrd")
+    write_image(sitk.Cast(small_image > 300, sitk.sitkUInt8), folder / "patient001_frame01_gt.nrrd")
+    for _ in range(2):  # the output folder inside the input folder: the second run is a resume, not a failure
+        proc = calid("upsample", folder, folder / "dense", "--method", "linear")
+        assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (folder / "dense").glob("*.nrrd")) == ["patient001_frame01.nrrd"]
+    proc = calid("upsample", folder, folder, "--method", "linear")
+    assert proc.returncode == 2 and "the output folder is the input folder" in proc.stderr
+
+
 def test_torchrun_two_processes_shard_the_cohort(tmp_path, small_image, tiny_model_dir):
     make_cohort(tmp_path / "in", small_image, 4)
     proc = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517", "-m", "calid", "upsample",

@@ -133,3 +133,14 @@ def test_trigger_times_that_jitter_with_the_heartbeat_are_a_cine_and_a_missing_f
     check_uniform_times([0.0, 46.5, 88.5, 136.5, 180.0], "cine")  # ±1.5 ms around 45 ms frames: refused at 10 %
     with pytest.raises(CalidError, match="not uniform"):
         check_uniform_times([0.0, 45.0, 135.0, 180.0], "cine")  # one frame missing
+
+
+def test_a_series_beside_volume_files_is_refused_not_taken_for_one_input(acquired, tmp_path, small_image, capsys):
+    """The series was upsampled and the volumes beside it left out without a word."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(acquired, mixed)
+    write_image(small_image, mixed / "a.nii.gz")
+    assert main(["upsample", str(mixed), str(tmp_path / "out"), "--method", "linear"]) == 2
+    assert "holds a DICOM series and volume files (a.nii.gz): put the series in a folder of its own" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
