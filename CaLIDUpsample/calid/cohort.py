@@ -7,9 +7,8 @@ that already exists is skipped, so an interrupted cohort is resumed by running t
 the record says was made from another input or with other settings is refused before anything runs (it would
 have been kept and reported as this input's). An input that fails, whatever the reason, is recorded and the others
 go on. The record (``calid_cohort.csv``) keeps the rows of every run into the folder. Under
-``torchrun --nproc_per_node N`` the list
-is sharded across processes (rank r takes items r, r+N, ...; each uses GPU ``LOCAL_RANK`` when there are GPUs);
-rank 0 merges the per-rank CSV files once every rank is done.
+``torchrun --nproc_per_node N`` the list is sharded across processes (rank r takes items r, r+N, ...; each uses GPU
+``LOCAL_RANK`` when there are GPUs); rank 0 merges the per-rank CSV files once every rank is done.
 """
 
 from __future__ import annotations
