@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .cine import input_warning
 from .devices import resolve_device
 from .engine import UpsampleOptions, upsample_file
 from .errors import CalidError, Cancelled, first_few
@@ -188,6 +189,9 @@ def _process(item: Path, target: Path, output_dir: Path, done_before: dict[str, 
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             item_progress = Progress(progress_mode if progress_mode == "bar" else "none", description=item.name)
+            warning = input_warning(item, options.slice_axis)  # as a single input says it: an isotropic volume
+            if warning:
+                item_progress.warning(f"{item}: {warning}")
             result = upsample_file(item, target, replace(options, device=str(device)), model=model,
                                    progress=item_progress)
             item_progress.close()
