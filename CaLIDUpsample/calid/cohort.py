@@ -1,8 +1,9 @@
 """Cohort mode: many inputs to an output folder, resumable, with a CSV of what was done.
 
-Inputs come from a folder (its image files but label files, and its sub-folders as DICOM series) or a list file
-(one path per line). Each output keeps its input's path below the inputs' common folder (``p1/sax.nii.gz`` and
-``p2/sax.nii.gz`` of a list go to ``OUT/p1/`` and ``OUT/p2/``, a folder's files straight into ``OUT``). An output
+Inputs come from a folder (its image files but label files, its sub-folders as DICOM series, or their image files
+where they hold no series: ACDC's folder per patient) or a list file (one path per line). Each output keeps its
+input's path below the inputs' common folder (``p1/sax.nii.gz`` and ``p2/sax.nii.gz`` of a list go to ``OUT/p1/``
+and ``OUT/p2/``, a folder's files straight into ``OUT``). An output
 that already exists is skipped, so an interrupted cohort is resumed by running the same command again; one that
 the record says was made from another input or with other settings is refused before anything runs (it would
 have been kept and reported as this input's). An input that fails, whatever the reason, is recorded and the others
@@ -55,18 +56,29 @@ def is_cohort_input(path: Path) -> bool:
 def list_inputs(source: Path, output_dir: Path) -> list[Path]:
     """The inputs of a list file (a spreadsheet's byte-order mark ignored), or of a folder: its image files but
     label files (ACDC keeps ``_gt`` labels beside each volume; upsampled as intensities they were written like
-    dense labels, with classes between neighbours that neither has) and its sub-folders, but the output folder."""
+    dense labels, with classes between neighbours that neither has), and its sub-folders but the output folder: a
+    DICOM series each, or, where one holds volume files and no series (ACDC's folder per patient), those files."""
     if source.is_file():
         lines = [line.strip() for line in source.read_text(encoding="utf-8-sig").splitlines()]
         items = [Path(line) if Path(line).is_absolute() else source.parent / line
                  for line in lines if line and not line.startswith("#")]
     else:
         output = output_dir.resolve()
-        items = sorted(p for p in source.iterdir() if (has_image_suffix(p) and not is_label_file(p))
-                       or (p.is_dir() and p.resolve() != output))
+        items = []
+        for path in sorted(source.iterdir()):
+            if path.is_dir() and path.resolve() != output:
+                volumes = [p for p in sorted(path.iterdir()) if _is_volume_file(p)]
+                items += volumes if volumes and not holds_dicom_series(path) else [path]
+            elif _is_volume_file(path):
+                items.append(path)
     if not items:
         raise CalidError(f"no inputs found in {source}")
     return items
+
+
+def _is_volume_file(path: Path) -> bool:
+    """An image file that is no label file."""
+    return path.is_file() and has_image_suffix(path) and not is_label_file(path)
 
 
 def settings_of(options: UpsampleOptions) -> str:

@@ -296,6 +296,11 @@ def test_a_cohort_refuses_results_of_other_inputs_or_settings_and_keeps_every_ba
     assert sorted(p.name for p in (folder / "dense").glob("*.nrrd")) == ["patient001_frame01.nrrd"]
     proc = calid("upsample", folder, folder, "--method", "linear")
     assert proc.returncode == 2 and "the output folder is the input folder" in proc.stderr
+    # ACDC's layout, a folder per patient: their volumes are the inputs (each was read as a DICOM series and failed)
+    proc = calid("upsample", tmp_path / "site1", tmp_path / "by_patient", "--method", "linear")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "by_patient").glob("*.nrrd")) == ["other.nrrd", "sax.nrrd"]  # one
+    # patient folder: the inputs' common folder is its own
 
 
 def test_torchrun_two_processes_shard_the_cohort(tmp_path, small_image, tiny_model_dir):
