@@ -37,18 +37,25 @@ model's walls (``motion.carried_onto``): 0.2-0.5 dB less heart PSNR, but the sli
 has no carried partner: its sharp rendition is the morph itself. A model without motion has one rendition: both
 names give it."""
 CPU_BATCH = 16
-CPU_BATCH_LATENT_PIXELS = CPU_BATCH * 64 * 64
-"""Latent pixels of a CPU batch: 16 slices of 256 x 256 (ACDC's and Sunnybrook's), fewer of larger slices. The
+"""Slices of 256 x 256 (ACDC's and Sunnybrook's size) in a CPU batch; fewer of larger slices (``slices_like``): the
 networks' full-resolution activations of a batch, not the cine's arrays, were most of a 512 x 512 cine's peak
 memory (docs/measurements.md, stop 46)."""
 ITEMS_AT_ONCE = 64
-"""New slices of 256 x 256 warped and aligned in one pass (``GapItems.parts``; fewer of larger slices, as for the
+"""Slices of 256 x 256 warped and aligned in one pass (``GapItems.parts``; fewer of larger slices, as for the
 batches): enough for the flows' thread pool."""
 GPU_BYTES_PER_LATENT_PIXEL = 64 * 1024  # measured peak per batch item and latent pixel, with margin
 
-def choose_batch_size(device: torch.device, latent_pixels: int) -> int:
+
+def slices_like(count: int, pixels: int) -> int:
+    """``count`` slices of 256 x 256 as slices of ``pixels`` pixels each: as many or fewer, at least one."""
+    return max(1, min(count, count * 256 * 256 // pixels))
+
+
+def choose_batch_size(device: torch.device, latent_pixels: int, pixels: int) -> int:
+    """A batch for slices of ``pixels`` (``latent_pixels`` in the VAE's latent space): on the CPU ``CPU_BATCH``
+    slices' worth of pixels, on CUDA what its free memory holds."""
     if device.type != "cuda":
-        return max(1, min(CPU_BATCH, CPU_BATCH_LATENT_PIXELS // latent_pixels))
+        return slices_like(CPU_BATCH, pixels)
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(256, free * 0.7 // (GPU_BYTES_PER_LATENT_PIXEL * latent_pixels / 1024))))
 
@@ -226,8 +233,13 @@ class GapItems:
         item of a cine at once held several full-size copies of each (neighbours, flows, sampling grids, alignment
         flows), about 8 MB per 256 x 256 item; each item is computed on its own either way, so the result is the
         same."""
-        at_once = max(1, min(ITEMS_AT_ONCE, ITEMS_AT_ONCE * 256 * 256 // (self.padded.shape[2] * self.padded.shape[3])))
+        at_once = slices_like(ITEMS_AT_ONCE, self.padded.shape[2] * self.padded.shape[3])
         return [slice(start, start + at_once) for start in range(0, len(self), at_once)]
+
+    def batch_size(self, device: torch.device) -> int:
+        """``choose_batch_size`` for slices of the padded grid."""
+        return choose_batch_size(device, self.latent_hw[0] * self.latent_hw[1],
+                                 self.padded.shape[2] * self.padded.shape[3])
 
     def cross_fade(self, acquired: np.ndarray) -> np.ndarray:
         """Every item's two acquired neighbours in ``acquired`` (all phases' slices flattened, (phases * n, h, w)),
@@ -306,7 +318,7 @@ def generate_renditions(
     progress = progress or Progress("none")
     progress.set_stage("estimating motion" if model.motion is not None and flows is None else "preparing")
     gaps = GapItems(model, stacks, factor, samples, flows, phases)
-    batches = _Batches(device, batch_size or choose_batch_size(device, gaps.latent_hw[0] * gaps.latent_hw[1]), progress)
+    batches = _Batches(device, batch_size or gaps.batch_size(device), progress)
     progress.expect(generation_units(count, n, factor, steps, samples, plus))
     scheduler = make_scheduler(model.config["diffusion"])
 
@@ -484,7 +496,7 @@ def expected_error(model: CaLID, stacks: np.ndarray, generated: np.ndarray, fact
     gaps = GapItems(model, stacks, factor, 1, flows, phases)
     flat = np.ascontiguousarray(generated.reshape(count * missing, h, w), dtype=np.float32)
     out = np.empty_like(flat)
-    batch = batch_size or choose_batch_size(device, gaps.latent_hw[0] * gaps.latent_hw[1])
+    batch = batch_size or gaps.batch_size(device)
     gap = torch.full((len(gaps),), float(gap_mm), device=device)
 
     def predict(part: slice) -> None:
