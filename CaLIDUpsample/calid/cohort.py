@@ -44,9 +44,10 @@ def is_cohort_input(path: Path) -> bool:
     if path.is_file():
         return path.suffix.lower() in LIST_SUFFIXES
     if path.is_dir():
-        volumes = [p.name for p in path.iterdir() if has_image_suffix(p)]
+        entries = list(path.iterdir())
+        volumes = [p.name for p in entries if has_image_suffix(p)]
         if not holds_dicom_series(path):
-            return bool(volumes) or any(p.is_dir() for p in path.iterdir())
+            return bool(volumes) or any(p.is_dir() for p in entries)
         if volumes:
             raise CalidError(f"{path} holds a DICOM series and volume files ({first_few(sorted(volumes))}): put the "
                              "series in a folder of its own")

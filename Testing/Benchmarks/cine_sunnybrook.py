@@ -48,9 +48,8 @@ from calid.engine import UpsampleOptions, upsample_cine  # noqa: E402
 from calid.evaluation import PEER_FLOW, bspline_on_grid  # noqa: E402
 from calid.metrics import heart_box, linear_missing, slice_scores, unit_range  # noqa: E402
 from calid.modelindex import ACDC_MODEL  # noqa: E402
-from calid.errors import CalidError  # noqa: E402
-from calid.modelstore import load_model  # noqa: E402
 from calid.motion import morph_missing  # noqa: E402
+from benchmark_cli import model_or_error, sunnybrook_cines  # noqa: E402
 
 FACTOR = 2
 NOISES = ("shared", "independent")
@@ -174,23 +173,6 @@ def mean_row(rows: list[dict]) -> dict:
     return {"case": "mean", "size": f"{len(rows)} cines", **{k: np.mean([r[k] for r in rows], axis=0) for k in keys}}
 
 
-def sunnybrook_cines(parser: argparse.ArgumentParser, folder: Path) -> list[Path]:
-    """The Sunnybrook cines in ``folder`` (the Sunnybrook benchmarks' ``--data``), or the command's one-line error
-    and exit status 2 when there are none."""
-    cases = sorted(folder.glob("SCD*_sa_cine.nii.gz"))
-    if not cases:
-        parser.error(f"no SCD*_sa_cine.nii.gz in {folder}")
-    return cases
-
-
-def model_or_error(parser: argparse.ArgumentParser, name: str | Path):
-    """The model ``name`` on the CPU, or the command's one-line error (exit status 2) when it cannot be loaded."""
-    try:
-        return load_model(name, torch.device("cpu"))[0]
-    except CalidError as error:
-        parser.error(str(error))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sunnybrook")
@@ -207,12 +189,12 @@ def main() -> None:
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     torch.set_num_threads(args.threads)
     cases = sunnybrook_cines(parser, args.data)
-    model = model_or_error(parser, args.model)
+    model, _ = model_or_error(parser, args.model)
     rows = []
     pools = {"slice": CalibrationPool(), "heart": CalibrationPool()} if args.uncertainty else None
     for path in cases:
         if args.held_out_models:
-            model = model_or_error(parser, args.held_out_models / path.name.split("_")[0])
+            model, _ = model_or_error(parser, args.held_out_models / path.name.split("_")[0])
         rows.append(evaluate_case(path, model, pools))
         print(f"{path.name}: done", file=sys.stderr, flush=True)
     sizes = {p: sitk.ReadImage(str(p)).GetSize() for p in cases}  # timed: the first of >= 12 slices, else the largest

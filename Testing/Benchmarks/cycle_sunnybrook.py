@@ -38,7 +38,7 @@ from calid.engine import UpsampleOptions, upsample_file  # noqa: E402
 from calid.segmentation.inference import segment_image  # noqa: E402
 from calid.segmentation.measures import cycle_volumes, structure_volumes  # noqa: E402
 from calid.segmentation.store import load_segmenter  # noqa: E402
-from cine_sunnybrook import model_or_error, sunnybrook_cines  # noqa: E402
+from benchmark_cli import model_or_error, sunnybrook_cines  # noqa: E402
 
 FACTOR = 2
 EXPERT_LV, OUR_LV = 1, 3  # Sunnybrook's blood-pool label, ours (LV cavity)

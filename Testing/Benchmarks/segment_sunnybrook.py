@@ -40,7 +40,7 @@ from calid.modelstore import load_model  # noqa: E402
 from calid.segmentation.evaluation import peer_stacks  # noqa: E402
 from calid.segmentation.inference import labels_from_probabilities, predict_probabilities, segment_image  # noqa: E402
 from calid.segmentation.store import load_segmenter  # noqa: E402
-from cine_sunnybrook import sunnybrook_cines  # noqa: E402
+from benchmark_cli import sunnybrook_cines  # noqa: E402
 
 SUNNYBROOK_TO_OURS = {1: 3, 2: 2}
 """Sunnybrook contour label -> our label (1 LV blood pool -> 3 LV cavity, 2 LV myocardium -> 2)."""

@@ -43,7 +43,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "CaLIDUpsample"))
 
 from calid import geometry, motion  # noqa: E402
-from calid.errors import CalidError  # noqa: E402
 from calid.evaluation import PEER_FLOW, bspline_on_grid  # noqa: E402
 from calid.imageio import find_labels  # noqa: E402
 from calid.generation import (RENDITIONS, GapItems, default_steps, generate_missing_phases,  # noqa: E402
@@ -51,12 +50,12 @@ from calid.generation import (RENDITIONS, GapItems, default_steps, generate_miss
 from calid.intensity import IntensityMap  # noqa: E402
 from calid.metrics import heart_box, linear_missing, slice_scores  # noqa: E402
 from calid.modelindex import ACDC_MODEL  # noqa: E402
-from calid.modelstore import load_model  # noqa: E402
 from calid.segmentation.inference import labels_from_probabilities, predict_probabilities  # noqa: E402
 from calid.segmentation.scores import label_scores  # noqa: E402
 from calid.segmentation.store import load_segmenter  # noqa: E402
 from calid.training.data import find_volumes  # noqa: E402
 from calid.training.duplicates import leaked  # noqa: E402
+from benchmark_cli import model_or_error  # noqa: E402
 
 FACTOR = 2
 THIN_MM = 5.5  # stacks at most this far apart: the 5 mm ACDC stacks, whose removed slices lie 10 mm apart
@@ -166,10 +165,7 @@ def command_line(description: str) -> tuple[argparse.ArgumentParser, argparse.Na
         parser.error(f"--data {args.data} is not a folder (ACDC's training folder, patientNNN below it)")
     torch.set_num_threads(args.threads)
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
-    try:
-        model, card = load_model(args.model, torch.device("cpu"))
-    except CalidError as error:
-        parser.error(str(error))
+    model, card = model_or_error(parser, args.model)
     model.eval()
     return parser, args, model, card
 

@@ -82,8 +82,8 @@ def patient_group(path: Path) -> str:
 def split_patients(volumes: list[tuple[str, Path]], val_fraction: float, seed: int,
                    thin_spacings: dict[str, bool]) -> dict[str, list[str]]:
     """Stratified by group; at least 3 thin-slice patients go to validation (but no more than the share of all, and
-    not every one of them). Patients that share a
-    scan (``duplicates``: ACDC files one scan twice) are split as one, on the side of the first of them."""
+    not every one of them). Patients that share a scan (``duplicates``: ACDC files one scan twice) are split as one,
+    on the side of the first of them."""
     from . import duplicates
 
     follows = {p: min(group) for group in duplicates.same_scan_groups(volumes) for p in group if p != min(group)}
