@@ -15,7 +15,7 @@ import numpy as np
 import vtk
 
 from .tables import referenced_table
-from .volumes import ijk_to_ras, voxels
+from .volumes import ijk_to_ras, ijk_to_world, voxels
 
 UNIT = "input intensity units"
 LEGEND_TITLE = f"expected |error| ({UNIT})"
@@ -71,15 +71,19 @@ def show_uncertainty(scene, uncertainty, background, frames=None) -> None:
 
 
 def slice_position(node, axis: int, index: int) -> float:
-    """Signed distance (mm) from the RAS origin of dense slice ``index`` along the slice normal (the direction
-    of the volume's ``axis`` in RAS). Read from the node's IJK-to-RAS, so the file's LPS needs no care here."""
-    m = ijk_to_ras(node)
+    """Signed distance (mm) from the world origin of dense slice ``index`` along the slice normal (the direction
+    of the volume's ``axis``), in world RAS as the slice views' offset reads it: under a linear parent transform
+    the transformed position, under a warp the node's own (no one plane to measure along). Read from the node's
+    IJK-to-RAS, so the file's LPS needs no care here."""
+    world = ijk_to_world(node)
+    m = ijk_to_ras(node) if world is None else world
     normal = m[:3, axis] / np.linalg.norm(m[:3, axis])
     return float(normal @ (m[:3, 3] + index * m[:3, axis]))
 
 
 def per_slice(slices: list[dict], volume, slice_axis: int) -> list[dict]:
-    """The done event's ``uncertainty_slices``, each with its ``position_mm`` on ``volume`` (the dense grid)."""
+    """The done event's ``uncertainty_slices``, each with its ``position_mm`` on ``volume`` (the dense grid, already
+    under the input's parent transform)."""
     return [{**entry, "position_mm": slice_position(volume, slice_axis, entry["slice"])} for entry in slices]
 
 

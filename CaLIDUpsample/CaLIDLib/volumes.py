@@ -23,6 +23,19 @@ def ijk_to_ras(node) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def ijk_to_world(node) -> np.ndarray | None:
+    """The node's IJK-to-RAS carried through its parent transforms into world RAS, where the slice views place it;
+    None under a transform that is not linear (a warp has no one slice plane to measure along)."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return ijk_to_ras(node)
+    if not parent.IsTransformToWorldLinear():
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ijk_to_ras(node)
+
+
 def voxels(node) -> np.ndarray:
     """The node's voxel values, flat (a view of its image data)."""
     return vtk.util.numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())

@@ -227,6 +227,38 @@ def test_table_has_one_row_per_generated_slice_beside_the_input(run, private_tmp
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
 
 
+def test_table_positions_are_where_the_slice_views_are_under_a_parent_transform(run, private_tmp):
+    """Under a linear parent transform (turned and moved) the positions are the world's, where a slice view's offset
+    finds the slice; under a warp, which has no one plane, the node's own."""
+    scene = app_like_scene()
+    source = run.input_node(scene)
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    to_world = np.eye(4)
+    to_world[:3, :3], to_world[:3, 3] = rotation(-0.3, 0.9, 0.2), (40.0, -25.0, 12.5)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, to_world[r, c])
+    moved.SetMatrixTransformToParent(matrix)
+    source.SetAndObserveTransformNodeID(moved.GetID())
+    logic = run.logic(scene, [])
+    output = logic.process(source, uncertaintyVolume=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "SAX error"))
+    def positions(ijk_to_world):
+        normal = ijk_to_world[:3, run.slice_axis] / np.linalg.norm(ijk_to_world[:3, run.slice_axis])
+        return [float(normal @ (ijk_to_world[:3, 3] + k * ijk_to_world[:3, run.slice_axis])) for k in run.generated]
+
+    own = positions(ras_of_file(run.output_image))
+    assert output.GetParentTransformNode() is moved
+    np.testing.assert_allclose(column(logic.lastUncertaintyTable, "position (mm)"),
+                               positions(to_world @ ras_of_file(run.output_image)), atol=1e-6)
+    assert not np.allclose(own, positions(to_world @ ras_of_file(run.output_image)), atol=1.0)  # centimetres apart
+
+    warp = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    source.SetAndObserveTransformNodeID(warp.GetID())
+    logic.process(source, uncertaintyVolume=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "SAX error 2"))
+    np.testing.assert_allclose(column(logic.lastUncertaintyTable, "position (mm)"), own, atol=1e-6)
+
+
 def test_a_second_run_refills_the_table_and_a_run_without_figures_leaves_none(tmp_path, private_tmp):
     run = Run(tmp_path, 2, heart=False)
     scene = app_like_scene()
