@@ -151,12 +151,18 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
     overall = Progress(progress_mode if progress_mode == "json" else "none", len(mine))
     shard = {"rank": rank} if world > 1 else {}  # each process reports its own share of the inputs
     try:
-        for item, target in mine:
-            row = _process(item, target, output_dir, done_before, options, device, model, progress_mode, rank,
-                           world, settings)
+        for number, (item, target) in enumerate(mine, 1):
+            resumed = target.exists() and str(target.resolve()) in done_before
+            if resumed:  # a resumed run keeps the record that made it
+                row = done_before[str(target.resolve())]
+            else:
+                row = _process(item, target, output_dir, options, device, model,
+                               f"{number}/{len(mine)} {item.name}" if progress_mode == "bar" else "", rank, world,
+                               settings)
             rows.append(row)
             told = {"message": row["message"]} if row.get("message") and row["status"] == "failed" else {}
-            overall.advance(1, item=str(item), status=row["status"], **told, **shard)
+            overall.advance(1, item=str(item), status=row["status"], **({"resumed": True} if resumed else {}),
+                            **told, **shard)
     finally:  # a cancelled cohort keeps the record of what it and earlier runs finished, to resume from
         reached = {str(Path(row["output"]).resolve()) for row in rows}
         kept = [key for key in (str(target.resolve()) for _, target in mine) if key not in reached]
@@ -167,8 +173,7 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         _write_csv(part, rows + [done_before[key] for key in kept if key in done_before and Path(key).exists()])
     failed = sum(row["status"] == "failed" for row in rows)
     if world == 1:
-        if progress_mode != "json":  # JSON mode gave each input's status as it went
-            _print_summary(rows, final_csv)
+        _summarise(rows, final_csv, overall)
         return failed
     dist.barrier()
     if rank == 0:
@@ -179,29 +184,26 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         for shard_csv in _shard_records(final_csv):  # a cancelled earlier run's too, now merged or redone
             shard_csv.unlink()
         _write_csv(final_csv, sorted(merged, key=lambda row: row["input"]))
-        if progress_mode != "json":
-            _print_summary(merged, final_csv)  # every process's inputs, once
+        _summarise(merged, final_csv, overall)  # every process's inputs, once
     total = torch.tensor([failed])
     dist.all_reduce(total)  # every process exits 1 when any input failed, whichever process had it
     dist.destroy_process_group()
     return int(total.item())
 
 
-def _process(item: Path, target: Path, output_dir: Path, done_before: dict[str, dict], options: UpsampleOptions,
-             device: torch.device, model, progress_mode: str, rank: int, world: int, settings: str) -> dict:
-    """One input of the cohort: its record (done, skipped or failed, and why), its input and output recorded as
-    absolute paths so that a run from another folder finds them again."""
-    output = str(target.resolve())
-    row = {"input": os.path.abspath(item), "output": output, "rank": rank, "device": str(device)}
+def _process(item: Path, target: Path, output_dir: Path, options: UpsampleOptions, device: torch.device, model,
+             bar: str, rank: int, world: int, settings: str) -> dict:
+    """One input of the cohort not done before: its record (done, skipped or failed, and why), its input and output
+    recorded as absolute paths so that a run from another folder finds them again. ``bar`` names the input's
+    progress bar ("3/40 case.nii.gz"); "" shows none."""
+    row = {"input": os.path.abspath(item), "output": str(target.resolve()), "rank": rank, "device": str(device)}
     started = time.perf_counter()
-    if target.exists() and output in done_before:  # a resumed run keeps the record that made it
-        return done_before[output]
     if target.exists():
         row.update(status="skipped", message="output exists")
     else:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            item_progress = Progress(progress_mode if progress_mode == "bar" else "none", description=item.name)
+            item_progress = Progress("bar" if bar else "none", description=bar)
             warning = input_warning(item, options.slice_axis)  # as a single input says it: an isotropic volume
             if warning:
                 item_progress.warning(f"{item}: {warning}")
@@ -234,13 +236,17 @@ def _remove_if_empty(folder: Path, output_dir: Path) -> None:
             pass
 
 
-def _print_summary(rows: list[dict], record: Path) -> None:
-    """Each failed input with its reason, and the counts, on stderr: a cohort that failed some inputs said nothing
-    outside its CSV record."""
+def _summarise(rows: list[dict], record: Path, progress: Progress) -> None:
+    """The cohort's end: in JSON mode one ``summary`` event with the counts and the record (each input's status
+    went out as it finished); otherwise each failed input with its reason, and the counts, on stderr (a cohort that
+    failed some inputs said nothing outside its CSV record)."""
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed")}
+    if progress.mode == "json":
+        progress.event("summary", inputs=len(rows), **counts, record=str(record))
+        return
     for row in rows:
         if row["status"] == "failed":
             print(f"calid: failed: {row['input']}: {row['message']}", file=sys.stderr)
-    counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed")}
     print(f"calid: {len(rows)} inputs: {counts['done']} done, {counts['skipped']} skipped (output exists), "
           f"{counts['failed']} failed; record: {record}", file=sys.stderr)
 

@@ -27,6 +27,7 @@ class Progress:
         self.done = 0
         self.stream = stream or sys.stdout
         self.stage = ""
+        self.description = description
         self.started = time.monotonic()
         self.reserved = 0
         self._bar = tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True) if mode == "bar" else None
@@ -70,8 +71,8 @@ class Progress:
         if stage == self.stage:
             return
         self.stage = stage
-        if self._bar is not None:
-            self._bar.set_description(stage)
+        if self._bar is not None:  # a cohort's bar keeps its input's name ("3/40 case.nii.gz") before the stage
+            self._bar.set_description(f"{self.description}: {stage}" if self.description else stage)
         elif self.mode == "json":
             self._print(f"<filter-comment>{stage}</filter-comment>")
 

@@ -223,6 +223,9 @@ def test_a_cancelled_cohort_keeps_the_record_of_what_it_finished(tmp_path, small
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     failed = [e for e in events if e.get("status") == "failed"]
     assert len(failed) == 1 and "cannot read" in failed[0]["message"]
+    assert [e.get("resumed", False) for e in events if e["event"] == "progress"] == [True, True, True, False]
+    assert events[-1] == {"event": "summary", "inputs": 4, "done": 3, "skipped": 0, "failed": 1,
+                          "record": str(tmp_path / "out" / "calid_cohort.csv")}  # the last line a program reads
     again = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv",
                                                                     encoding="utf-8"))}
     assert [again[p.name] for p in inputs] == [record[p.name] for p in inputs]  # kept, not "skipped"
@@ -243,9 +246,11 @@ def test_cohort_list_file(tmp_path, small_image, tiny_model_dir):
     inputs = make_cohort(tmp_path / "in", small_image, 2)
     listing = tmp_path / "cases.txt"
     listing.write_text("# cohort\n" + "\n".join(str(p) for p in inputs) + "\n", encoding="utf-8")
-    proc = calid("upsample", listing, tmp_path / "out", "--model", tiny_model_dir, "--steps", "1")
+    proc = calid("upsample", listing, tmp_path / "out", "--model", tiny_model_dir, "--steps", "1", "--progress", "bar")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nrrd")) == ["case0.nrrd", "case1.nrrd"]
+    assert "1/2 case0.nrrd: generating missing slices" in proc.stderr  # which input of how many, and its stage
+    assert "2/2 case1.nrrd: decoding" in proc.stderr
 
 
 def test_cohort_inputs_of_the_same_name_keep_their_folders(tmp_path, small_image):
