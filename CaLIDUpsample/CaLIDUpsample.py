@@ -20,7 +20,7 @@ from CaLIDLib.support import require_supported  # importing CaLIDLib refuses Sli
 require_supported((slicer.app.majorVersion, slicer.app.minorVersion))  # Slicer >= 5.10, or one line at load
 
 from slicer.i18n import tr as _  # noqa: E402
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
 from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -41,6 +41,7 @@ from CaLIDLib.dependencies import (  # noqa: E402
 from CaLIDLib.sequences import playing_browser  # noqa: E402
 from CaLIDLib.uncertainty import largest_error_sentence  # noqa: E402
 from CaLIDLib.views import show_table  # noqa: E402
+from calid.choices import UPSAMPLE_METHODS  # noqa: E402
 from calid.modelindex import DEFAULT_MODEL, import_model, list_models, user_models_dir  # noqa: E402
 
 SAMPLE_FILE = "CaLIDSample_SCD0000101_phase07.nrrd"
@@ -181,7 +182,7 @@ class CaLIDUpsampleParameterNode:
     samples: Annotated[int, WithinRange(1, 64)] = 1
     device: str = "auto"
     model: str = DEFAULT_MODEL
-    method: str = "calid"  # or a peer to compare with on the same scan: "morph", "linear"
+    method: Annotated[str, Choice(list(UPSAMPLE_METHODS))] = "calid"  # or a peer to compare with: morph, linear
 
 
 class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):

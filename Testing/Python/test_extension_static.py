@@ -58,6 +58,46 @@ def test_ui_parses_and_has_every_widget_the_code_uses(name):
     assert bound <= fields, f"SlicerParameterName without a parameter: {sorted(bound - fields)}"
 
 
+BINDABLE = {"qMRMLNodeComboBox": {"vtkMRML"}, "QSpinBox": {"int"}, "QDoubleSpinBox": {"float"},
+            "ctkDoubleSpinBox": {"float"}, "QCheckBox": {"bool"}, "QLineEdit": {"str"}, "ctkPathLineEdit": {"Path"},
+            "QComboBox": {"str", "int", "float", "bool"}}
+"""The value types Slicer's parameter node wrapper binds to each widget class these panels use (its GUI connectors,
+Slicer 5.10); a combo box of values also needs a ``Choice`` annotation, else ``connectGui`` raises for it and no
+widget of the panel is bound at all."""
+
+
+def parameter_annotations(name: str) -> dict[str, tuple[str, str]]:
+    """Each field of the module's parameter node class: (value type, annotation source after the type)."""
+    source = (REPO / name / f"{name}.py").read_text(encoding="utf-8")
+    node_class = next(n for n in ast.parse(source).body
+                      if isinstance(n, ast.ClassDef) and n.name == f"{name}ParameterNode")
+    fields = {}
+    for field in (n for n in node_class.body if isinstance(n, ast.AnnAssign)):
+        annotation = field.annotation
+        if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+            first, *rest = annotation.slice.elts
+            fields[field.target.id] = (ast.unparse(first), " ".join(ast.unparse(r) for r in rest))
+        else:
+            fields[field.target.id] = (ast.unparse(annotation), "")
+    return fields
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_bound_widget_can_represent_its_parameter(name):
+    """The Method combo box bound to a plain ``str`` made ``setParameterNode`` raise in Slicer: the panel showed
+    its widgets but none was bound, and Upsample ran with the defaults whatever the panel said."""
+    fields = parameter_annotations(name)
+    tree = ET.parse(REPO / name / "Resources" / "UI" / f"{name}.ui")
+    for widget in tree.iter("widget"):
+        for bound in (p.find("string").text for p in widget.findall("property")
+                      if p.get("name") == "SlicerParameterName"):
+            value_type, extra = fields[bound]
+            kinds = BINDABLE[widget.get("class")]
+            assert any(value_type.split(".")[-1].startswith(kind) for kind in kinds), (bound, widget.get("class"))
+            if widget.get("class") == "QComboBox":
+                assert extra.startswith("Choice("), f"{bound}: a combo box of values needs a Choice annotation"
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_module_file_defines_the_scripted_module_classes(name):
     tree = ast.parse((REPO / name / f"{name}.py").read_text(encoding="utf-8"))
