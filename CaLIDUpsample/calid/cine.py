@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from . import geometry
 from .errors import CalidError
 from .imageio import (DICOM_DESCRIPTION, check_all_dicom_read, dicom_identity, has_image_suffix, output_folder,
                       read_dicom_files, read_header, read_image, single_series_files, write_image, writing)
+from .staging import staging_file
 
 TIME_TOLERANCE = 0.25
 """Frame intervals may differ by this fraction of the mean interval: trigger times are rounded to ms and jitter with
@@ -352,7 +352,7 @@ def _write_sequence_nrrd(image: sitk.Image, like: Cine, path: Path) -> Path:
     parent = output_folder(path)
     array = sitk.GetArrayFromImage(image)  # (t, z, y, x): x fastest, the list axis slowest, as in the header
     with writing(path):
-        handle, staging = tempfile.mkstemp(prefix=".calid-", suffix=".seq.nrrd", dir=parent)
+        handle, staging = staging_file(parent, ".seq.nrrd")
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(_sequence_header(image, like).encode("ascii"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ import SimpleITK as sitk
 
 from .errors import CalidError, first_few
 from .file_completeness import check_complete
+from .staging import staging_folder
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """Single-file (or header + data) formats, matched on the end of the file name."""
@@ -399,7 +399,7 @@ def remove_output(path: str | os.PathLike) -> None:
 
 def _write_staged(image: sitk.Image, path: Path, parent: Path, frame_times: Sequence[float] | None,
                   identity: dict[str, str], description: str, adjust: Callable[[Path], None] | None) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=".calid-", dir=parent))
+    staging = staging_folder(parent)
     try:
         if has_image_suffix(path):
             try:

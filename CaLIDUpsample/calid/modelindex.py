@@ -10,9 +10,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .staging import staging_folder
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -115,7 +116,7 @@ def import_model(source: str | os.PathLike, name: str | None = None) -> Path:
     if target.exists():
         raise FileExistsError(f"a user model named {target.name} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".calid-import-", dir=target.parent))
+    staging = staging_folder(target.parent, "import")
     try:
         for file in (CARD_FILE, WEIGHTS_FILE):
             shutil.copyfile(folder / file, staging / file)

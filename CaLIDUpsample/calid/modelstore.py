@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ from .modelindex import (BUNDLED_DIR, CARD_FILE, DEFAULT_MODEL, INTERPOLATION_FO
 from .generation import default_steps
 from .networks import CONFIG_KEYS, CaLID
 from .sampling import make_scheduler, max_sampling_steps
+from .staging import staging_folder
 
 CARD_FORMAT = INTERPOLATION_FORMAT
 
@@ -170,7 +170,7 @@ def write_model_dir(module: torch.nn.Module, model_dir: str | os.PathLike, card:
     """Write any model folder: weights (fp16 by default), then the card with their dtype and SHA256."""
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".calid-model-", dir=model_dir.parent))
+    staging = staging_folder(model_dir.parent, "model")
     try:
         dtype = torch.float16 if half else torch.float32
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}

@@ -287,6 +287,31 @@ def test_output_folder_missing(good_input, tmp_path, tiny_model_dir, capsys):
     assert code == 2 and "output folder does not exist" in err
 
 
+def test_a_killed_runs_staging_is_removed_by_the_next_write_there(good_input, tmp_path, capsys):
+    """SIGKILL skips every cleanup: the hidden staging folder and file a killed writer left (a cine's worth of bytes)
+    go with the next write into that folder; a running process's, and another host's, stay."""
+    from calid.staging import staging_file, staging_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; from pathlib import Path; from calid.staging import staging_file, staging_folder\n"
+        "folder = staging_folder(Path(sys.argv[1])); (folder / 'part.nrrd').write_bytes(b'x' * 1000)\n"
+        "os.close(staging_file(Path(sys.argv[1]), '.seq.nrrd')[0])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)"), str(out)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert killed.returncode == -9
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 2 and all(name.startswith(".calid-") for name in left)
+    running = staging_folder(out, "model")  # this test's own process: still running
+    os.close(staging_file(out, ".seq.nrrd")[0])
+    elsewhere = out / ".calid-otherhost-1-abcdefgh"
+    elsewhere.mkdir()
+    assert main(["upsample", str(good_input), str(out / "dense.nrrd"), "--method", "linear", "--progress", "none"]) == 0
+    remaining = sorted(p.name for p in out.iterdir())
+    assert not set(left) & set(remaining) and running.name in remaining and elsewhere.name in remaining
+    assert len(remaining) == 4 and "dense.nrrd" in remaining
+
+
 def test_output_equal_to_input_is_refused(good_input, tmp_path, tiny_model_dir, capsys):
     before = digest(good_input)
     code, err = run_cli(["upsample", good_input, good_input, "--model", tiny_model_dir], capsys)
