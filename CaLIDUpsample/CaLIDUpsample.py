@@ -204,7 +204,7 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = qt.QTimer()
-        self._nodesForRun, self._selectionBeforeRun, self._mapOfRun = [], (None, None), None
+        self._nodesForRun, self._selectionBeforeRun = [], (None, None)
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
 
@@ -228,10 +228,9 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        self._timer.stop()
         if self.logic is not None:
-            self.logic.setStandby(False)
-            if self.logic.isRunning:
-                self.logic.cancel()
+            self.logic.shutdown()
 
     def enter(self):
         self.initializeParameterNode()
@@ -381,7 +380,6 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         p.outputSegmentation = nodeOfItsOwn(p.outputSegmentation, self._nodesForRun)
         if p.method == "calid":  # the map is the model's: no peer fills one
             p.uncertaintyVolume = nodeOfItsOwn(p.uncertaintyVolume, self._nodesForRun)
-        self._mapOfRun = p.uncertaintyVolume if p.method == "calid" else None  # the selectors may change meanwhile
         with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
             self.logic.process(
                 p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,
@@ -419,7 +417,8 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         else:
             # The output selector keeps the user's choice: a result put there would be overwritten by the next run.
             # This run's map over its result, or none: an earlier run's map would read as this one's.
-            slicer.util.setSliceViewerLayers(background=outputVolume, foreground=self._mapOfRun, fit=True)
+            slicer.util.setSliceViewerLayers(background=outputVolume, foreground=self.logic.lastUncertaintyVolume,
+                                             fit=True)
             self._log(_("Done: ") + outputVolume.GetName())
             sentence = largest_error_sentence(self.logic.lastUncertaintySlices)
             if sentence:

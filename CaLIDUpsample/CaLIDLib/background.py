@@ -69,7 +69,7 @@ class WorkerLogic:
         self.logCallback: Callable[[str], None] | None = None
         self.keepStandby = False
         self.standby: WorkerProcess | None = None
-        self.scene.AddObserver(self.scene.StartCloseEvent, self._onSceneStartClose)
+        self._closeObserver = self.scene.AddObserver(self.scene.StartCloseEvent, self._onSceneStartClose)
 
     @staticmethod
     def workerEnvironment() -> dict[str, str]:
@@ -94,6 +94,21 @@ class WorkerLogic:
         if self.job is not None:
             self.job.cancelled = True
             self.job.worker.cancel()
+
+    def shutdown(self) -> None:
+        """End for good (the panel's cleanup: a module reloaded, the application closing): the standby worker
+        stopped, the run cancelled and waited for (its tree killed after the grace), its folder, which holds the
+        patient's exported volume, removed, and the scene no longer observed. The run's callbacks are not called:
+        the panel that gave them is going away. Before, the cleanup only cancelled, and nothing was left to finish the
+        run: the exported volume stayed in the temporary folder."""
+        self.setStandby(False)
+        job = self.job
+        if job is not None:
+            job.progress = job.on_finished = None
+            self.cancel()
+            job.worker.wait(lambda line: None)
+            self._finish(job, raise_errors=False)
+        self.scene.RemoveObserver(self._closeObserver)
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
         # At interpreter exit VTK may close a scene after Python has already torn this object down (its attributes

@@ -46,6 +46,11 @@ class CaLIDUpsampleLogic(WorkerLogic):
     worker gave no per-slice figures)."""
     lastUncertaintySlices: list = []
     """Those figures as dicts: ``slice``, ``position_mm``, ``expected_error``, ``heart_expected_error``."""
+    lastUncertaintyVolume = None
+    """The node the last run's map was loaded into: the given one, or a new one where that was removed from the scene
+    during the run (the proxy of the maps' sequence for a cine)."""
+    lastSegmentation = None
+    """Likewise, the segmentation node the last run's labels were loaded into."""
     _done: dict = {}
     """The ``done`` event of the current run (its summary: slice axis, per-slice figures)."""
 
@@ -151,7 +156,12 @@ class CaLIDUpsampleLogic(WorkerLogic):
     def _forgetLastRun(self) -> None:
         """A run's figures and tables are its own: none of an earlier run's stays behind to be read as this one's."""
         self._done, self.lastUncertaintySlices, self.lastUncertaintyTable = {}, [], None
-        self.lastVolumesTable = self.lastFramesTable = None
+        self.lastVolumesTable = self.lastFramesTable = self.lastUncertaintyVolume = self.lastSegmentation = None
+
+    def _stillInScene(self, node):
+        """``node`` while it is in the scene, else None: a node the user gave and then deleted during the run is
+        replaced by a new one at load; before, the result went into the deleted node and the run said "Done"."""
+        return node if node is not None and node.GetScene() is self.scene else None
 
     def _processSequence(self, inputVolume, browser, sequence, outputVolume, factor, spacing, device, steps, seed,
                          model, samples, progressCallback, onFinished, waitForCompletion, method,
@@ -184,22 +194,27 @@ class CaLIDUpsampleLogic(WorkerLogic):
         the new sequences are removed again, and the proxy the browser made for the first of them."""
         added, made = [], []
         name = self.scene.GenerateUniqueName(name)
+
+        def proxy_of(sequence_node, given):
+            node = add_to_browser(self.scene, browser, sequence_node, self._stillInScene(given))
+            if node is not given:
+                made.append(node)
+            return node
+
         try:
             output = read_sequence_like(self.scene, folder / "output.seq.nrrd", sequence, name)
             added.append(output)
-            proxy = add_to_browser(self.scene, browser, output, outputVolume)
-            if outputVolume is None:
-                made.append(proxy)
+            proxy = proxy_of(output, outputVolume)
             if uncertaintyVolume is not None:
                 maps = read_sequence_like(self.scene, folder / "uncertainty.seq.nrrd", sequence,
                                           f"{name} expected error")
                 added.append(maps)
-                add_to_browser(self.scene, browser, maps, uncertaintyVolume)
+                uncertaintyVolume = self.lastUncertaintyVolume = proxy_of(maps, uncertaintyVolume)
             if outputSegmentation is not None:
                 segments = segmentation_sequence(self.scene, folder / "labels.nii.gz", sequence, proxy,
                                                  f"{name} segmentation")
                 added.append(segments)
-                add_to_browser(self.scene, browser, segments, outputSegmentation)
+                outputSegmentation = self.lastSegmentation = proxy_of(segments, outputSegmentation)
         except Exception:
             for node in added:
                 browser.RemoveSynchronizedSequenceNode(node.GetID())
@@ -208,8 +223,8 @@ class CaLIDUpsampleLogic(WorkerLogic):
                 self.scene.RemoveNode(node)
             raise
         if outputSegmentation is not None:
-            self.lastVolumesTable, self.lastFramesTable = cycle_tables(self.scene, self._done["volumes"],
-                                                                       outputSegmentation, outputTable)
+            self.lastVolumesTable, self.lastFramesTable = cycle_tables(
+                self.scene, self._done["volumes"], outputSegmentation, self._stillInScene(outputTable))
             for node in (outputSegmentation, segments, self.lastVolumesTable, self.lastFramesTable):
                 self._placeBeside(inputVolume, node)
         self._showLikeInput(inputVolume, proxy)
@@ -222,15 +237,20 @@ class CaLIDUpsampleLogic(WorkerLogic):
 
     def _loadOutputs(self, folder: Path, inputVolume, outputVolume, uncertaintyVolume, name: str,
                      outputSegmentation=None, outputTable=None):
-        output = outputVolume or self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
-                                                              self.scene.GenerateUniqueName(name))
+        output = self._stillInScene(outputVolume) or self.scene.AddNewNodeByClass(
+            "vtkMRMLScalarVolumeNode", self.scene.GenerateUniqueName(name))
         update_node_from_file(output, folder / "output.nrrd")
         self._showLikeInput(inputVolume, output)
         if uncertaintyVolume is not None:
-            self._loadUncertainty(folder / "uncertainty.nrrd", inputVolume, output, uncertaintyVolume)
+            self.lastUncertaintyVolume = self._stillInScene(uncertaintyVolume) or self.scene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode", f"{output.GetName()} expected error")
+            self._loadUncertainty(folder / "uncertainty.nrrd", inputVolume, output, self.lastUncertaintyVolume)
         if outputSegmentation is not None:
+            outputSegmentation = self.lastSegmentation = self._stillInScene(outputSegmentation) or \
+                self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{output.GetName()} segmentation")
             load_labels_into_segmentation(self.scene, folder / "labels.nrrd", outputSegmentation, output)
-            self.lastVolumesTable = volumes_table(self.scene, folder / "labels.nrrd", outputSegmentation, outputTable)
+            self.lastVolumesTable = volumes_table(self.scene, folder / "labels.nrrd", outputSegmentation,
+                                                  self._stillInScene(outputTable))
             self._placeBeside(inputVolume, outputSegmentation)
             self._placeBeside(inputVolume, self.lastVolumesTable)
         return output

@@ -140,6 +140,42 @@ def test_cancel_in_the_middle_leaves_no_node_and_no_files(scene, sample_array, t
     assert not logic.isRunning
 
 
+def test_shutdown_mid_run_stops_the_worker_and_removes_the_patients_exported_volume(scene, sample_array, tiny_model_dir,
+                                                                                      private_tmp):
+    """The panel's cleanup (a module reloaded, Slicer closing) only cancelled, and nothing finished the run after it:
+    the exported input stayed in the temporary folder. Now the worker is waited for, the folder removed, the run's
+    callbacks (the panel's, going away) not called, and the scene no longer observed."""
+    node = volume_node(scene, sample_array)
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    called = []
+    logic.process(node, factor=4, device="cpu", steps=200, model=str(tiny_model_dir), waitForCompletion=False,
+                  progressCallback=lambda *args: called.append(args), onFinished=lambda *args: called.append(args))
+    worker = logic.job.worker
+    assert [p.name for p in private_tmp.iterdir()] and worker.returncode is None
+    logic.shutdown()
+    assert worker.returncode is not None and not logic.isRunning and list(private_tmp.iterdir()) == []
+    assert called == [] and volumes(scene) == 1
+    logic.cancel = lambda: called.append("observed")
+    scene.Clear(0)
+    assert called == []
+
+
+def test_an_output_deleted_during_the_run_gets_a_new_node_not_a_lost_result(scene, sample_array, private_tmp):
+    """The result went into the deleted node, out of the scene, and the run said "Done" all the same."""
+    node = volume_node(scene, sample_array)
+    chosen = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen")
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    finished = []
+    logic.process(node, chosen, factor=2, method="linear", waitForCompletion=False,
+                  onFinished=lambda out, err: finished.append((out, err)))
+    scene.RemoveNode(chosen)
+    while logic.poll():
+        pass
+    (out, err), = finished
+    assert err is None and out is not chosen and out.GetScene() is scene and out.GetName() == "SAX_linear_x2"
+    assert node_array(out).shape[0] == 2 * sample_array.shape[0] - 1
+
+
 def test_a_progress_callback_that_raises_ends_the_run_and_the_next_one_runs(scene, sample_array, private_tmp):
     """The callback's exception reaches the caller; the worker is stopped, its folder (the patient's volume)
     removed, and the logic is free again: before, every later run was refused as "already in progress"."""

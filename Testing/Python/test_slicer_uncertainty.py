@@ -259,6 +259,22 @@ def test_table_positions_are_where_the_slice_views_are_under_a_parent_transform(
     np.testing.assert_allclose(column(logic.lastUncertaintyTable, "position (mm)"), own, atol=1e-6)
 
 
+def test_a_map_node_deleted_during_the_run_gets_a_new_one_shown_and_named(run, private_tmp):
+    scene = app_like_scene()
+    source = run.input_node(scene)
+    chosen = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "SAX error")
+    logic = run.logic(scene, [])
+    logic.process(source, uncertaintyVolume=chosen, waitForCompletion=False)
+    scene.RemoveNode(chosen)
+    while logic.poll():
+        pass
+    made = logic.lastUncertaintyVolume
+    assert made is not chosen and made.GetScene() is scene and made.GetName() == "SAX_CaLID_x2 expected error"
+    assert np.array_equal(node_array(made), run.uncertainty)
+    assert scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode").GetForegroundVolumeID() == made.GetID()
+    assert logic.lastUncertaintyTable.GetName() == "SAX_CaLID_x2 expected error per slice"
+
+
 def test_a_second_run_refills_the_table_and_a_run_without_figures_leaves_none(tmp_path, private_tmp):
     run = Run(tmp_path, 2, heart=False)
     scene = app_like_scene()
