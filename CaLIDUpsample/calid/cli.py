@@ -329,15 +329,13 @@ def cmd_upsample(args: argparse.Namespace) -> int:
     progress = Progress(mode, description=source.name)  # the bar reads "<input>: <stage>"
     try:
         from .cine import input_warning
-        from .imageio import FILE_SUFFIXES, has_image_suffix
+        from .imageio import warn_if_dicom_by_typo
 
         warning = input_warning(source, args.slice_axis)  # an isotropic volume is upsampled too: say so first
         if warning:
             progress.warning(warning)
         for path in (args.output, args.uncertainty, args.segmentation):
-            if path is not None and Path(path).suffix and not has_image_suffix(path):  # a typo such as .nrd
-                progress.warning(f"{path} has no image file suffix ({', '.join(FILE_SUFFIXES)}): it is written as "
-                                 "a DICOM series into a folder of that name")
+            warn_if_dicom_by_typo(path, progress.warning)
         result = upsample_file(source, args.output, options, args.uncertainty, progress=progress,
                                segmentation_path=args.segmentation, input_segmentation_path=args.input_segmentation,
                                segmentation_model=args.segmentation_model)
@@ -364,16 +362,17 @@ def cmd_upsample(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .devices import resolve_device
-    from .imageio import LABELS_DESCRIPTION, dicom_identity, read_image, run_identity, validate_volume, write_image
+    from .imageio import (LABELS_DESCRIPTION, check_outputs, dicom_identity, read_image, refuse_label_map,
+                          run_identity, validate_volume, warn_if_dicom_by_typo, write_image)
     from .segmentation.inference import segment_image
     from .segmentation.measures import absence_warning, structure_volumes
     from .segmentation.store import load_segmenter
 
     _set_threads(args.threads)
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise CalidError(f"output {args.output} would overwrite the input")
+    check_outputs([args.output], [args.input])  # before the model is loaded and the volume segmented
+    warn_if_dicom_by_typo(args.output, lambda text: print(f"calid: warning: {text}", file=sys.stderr))
     source = read_image(args.input)
-    image = validate_volume(source)
+    image = refuse_label_map(validate_volume(source), args.input)
     device = resolve_device(args.device)
     network, card = load_segmenter(args.model, device)
     labels = segment_image(image, network, card["config"], device, args.slice_axis)
@@ -406,10 +405,17 @@ def cmd_volumes(args: argparse.Namespace) -> int:
     phases = {"end_diastole" if args.end_systole else "volumes": args.labels}
     if args.end_systole:
         phases["end_systole"] = args.end_systole
-    report = {}
-    for phase, path in phases.items():
+    if args.end_systole and Path(args.end_systole).resolve() == Path(args.labels).resolve():
+        raise CalidError(f"{args.labels} is given as both end diastole and end systole: give each phase's labels")
+    read = {}
+    for phase, path in phases.items():  # every file checked before anything is measured or said
         labels = validate_volume(read_image(path), str(path))  # 3D only: a 4D label file is refused here
-        check_labels(labels, labels, source=str(path))
+        # end systole on end diastole's grid: another grid (another scan, another patient) gave a fraction anyway
+        first = next(iter(read.values()), labels)
+        check_labels(labels, first, source=str(path), reference="the end-diastole labels")
+        read[phase] = labels
+    report = {}
+    for (phase, path), labels in zip(phases.items(), read.values()):
         report[phase] = structure_volumes(labels)
         absent = absence_warning(report[phase])
         if absent:

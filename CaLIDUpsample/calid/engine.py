@@ -27,8 +27,8 @@ from .devices import for_inference, resolve_device
 from .errors import CalidError
 from .generation import default_steps, require_error_head
 from .imageio import (DICOM_DESCRIPTION, LABELS_DESCRIPTION, MAP_DESCRIPTION, check_direction, check_outputs,
-                      check_pixels, dicom_identity, read_image, remove_output, run_identity, validate_volume,
-                      write_image)
+                      check_pixels, dicom_identity, read_image, refuse_label_map, remove_output, run_identity,
+                      validate_volume, write_image)
 from .modelstore import load_model
 from .networks import CaLID
 from .progress import Progress
@@ -145,7 +145,7 @@ def upsample_image(image: sitk.Image, options: UpsampleOptions | None = None, mo
     with an error head. ``want_sharp``: also the sharp rendition of the new slices (``sharp_image``), from the same
     pass.
     """
-    image = validate_volume(image)
+    image = refuse_label_map(validate_volume(image))
     return _upsample_phases(image, sitk.GetArrayFromImage(image)[None], options or UpsampleOptions(), model,
                             progress, want_uncertainty, want_sharp)
 
@@ -160,7 +160,7 @@ def upsample_cine(cine: Cine, options: UpsampleOptions | None = None, model: CaL
     starting noise across phases. ``want_uncertainty`` and ``want_sharp`` as for ``upsample_image``, per phase.
     """
     check_direction(cine.image)
-    image = check_pixels(cine.image)
+    image = refuse_label_map(check_pixels(cine.image))
     return _upsample_phases(image, sitk.GetArrayFromImage(image), options or UpsampleOptions(), model, progress,
                             want_uncertainty, want_sharp)
 

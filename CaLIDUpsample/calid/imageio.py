@@ -280,6 +280,31 @@ def validate_volume(image: sitk.Image, source: str = "input") -> sitk.Image:
     return check_pixels(image, source)
 
 
+LABEL_VALUES = (0, 1, 2, 3)
+"""What a label map of this project holds (background, RV cavity, LV myocardium, LV cavity)."""
+
+
+def refuse_label_map(image: sitk.Image, source: str | os.PathLike = "input") -> sitk.Image:
+    """Refuse an input that holds only label values where an MR image is needed (``calid segment`` segmented a
+    ground-truth file without a word, ``calid upsample`` interpolated one as intensities); return the image."""
+    values = sitk.GetArrayViewFromImage(image)
+    if values.size and values.min() >= 0 and values.max() <= max(LABEL_VALUES):  # cheap before np.unique
+        present = np.unique(values)
+        if present.size > 1 and np.isin(present, LABEL_VALUES).all():
+            raise CalidError(f"{source} holds only the values {', '.join(f'{v:g}' for v in present)}: a label map, "
+                             "not an MR image; give the image (labels are read by calid volumes, or by "
+                             "--input-segmentation)")
+    return image
+
+
+def warn_if_dicom_by_typo(path: str | os.PathLike | None, warn: Callable[[str], None]) -> None:
+    """An output with a suffix that is no image format (a typo such as ``.nrd``) becomes a DICOM series folder of
+    that name: say so through ``warn``."""
+    if path is not None and Path(path).suffix and not has_image_suffix(path):
+        warn(f"{path} has no image file suffix ({', '.join(FILE_SUFFIXES)}): it is written as a DICOM series into a "
+             "folder of that name")
+
+
 DIRECTION_TOLERANCE = 1e-3
 """How far from orthonormal the image axes may be: 0.06 degrees, 0.1 mm over 10 cm. NIfTI stores them in float32
 (the 411 ACDC and Sunnybrook files: up to 2.6e-5)."""

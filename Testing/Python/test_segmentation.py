@@ -156,6 +156,52 @@ def test_volumes_and_ejection_fractions(tmp_path, capsys):
         ejection_fractions(report["end_systole"], report["end_diastole"])
 
 
+@pytest.mark.parametrize("change, expected", [
+    ("spacing", "spacing (2.0, 2.0, 6.0) differs from that of the end-diastole labels, (2.0, 2.0, 5.0)"),
+    ("size", "must lie on the grid of the end-diastole labels"),
+    ("same file", "given as both end diastole and end systole"),
+    ("huge value", "unknown label values 1e+20"),
+])
+def test_end_systole_off_end_diastoles_grid_is_refused(change, expected, tmp_path, capsys):
+    """Another grid (another scan, or another patient) gave an ejection fraction anyway, exit 0; a float label of
+    1e20 was named as a negative integer."""
+    ed = np.zeros((4, 10, 10), np.uint8)
+    ed[:, :5, :] = 3
+    es = ed.copy()
+    es[:, :2, :] = 0
+    ed_path, es_path = tmp_path / "ed.nrrd", tmp_path / "es.nrrd"
+    image = sitk.GetImageFromArray(ed)
+    image.SetSpacing((2.0, 2.0, 5.0))
+    write_image(image, ed_path)
+    image = sitk.GetImageFromArray(es[:, :9] if change == "size" else es.astype(np.float64))
+    image.SetSpacing((2.0, 2.0, 6.0 if change == "spacing" else 5.0))
+    if change == "huge value":
+        image[3, 3, 1] = 1e20
+    write_image(image, es_path)
+    code, err = run_cli(["volumes", ed_path, ed_path if change == "same file" else es_path], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_segment_refuses_a_label_map_and_a_bad_output_before_any_work(sample_image, tmp_path, capsys, monkeypatch):
+    """A ground-truth file was segmented without a word (exit 0); an output in a missing folder failed only after
+    the model had run; a mistyped suffix made a DICOM folder silently."""
+    import calid.segmentation.store
+
+    labels = user_labels_of_sample(sample_image)
+    write_image(labels, tmp_path / "sax_gt.nrrd")
+    write_image(sample_image, tmp_path / "sax.nrrd")
+    code, err = run_cli(["segment", tmp_path / "sax_gt.nrrd", tmp_path / "labels.nrrd", "--device", "cpu"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "a label map, not an MR image" in err, err
+    code, err = run_cli(["upsample", tmp_path / "sax_gt.nrrd", tmp_path / "dense.nrrd", "--method", "linear"], capsys)
+    assert code == 2 and "a label map, not an MR image" in err and not (tmp_path / "dense.nrrd").exists()
+    monkeypatch.setattr(calid.segmentation.store, "load_segmenter", lambda *args: pytest.fail("loaded the model"))
+    code, err = run_cli(["segment", tmp_path / "sax.nrrd", tmp_path / "no" / "labels.nrrd"], capsys)
+    assert code == 2 and "output folder does not exist" in err
+    monkeypatch.undo()
+    assert main(["segment", str(tmp_path / "sax.nrrd"), str(tmp_path / "labels.nrd"), "--device", "cpu"]) == 0
+    assert "labels.nrd has no image file suffix" in capsys.readouterr().err and (tmp_path / "labels.nrd").is_dir()
+
+
 def test_one_ventricle_that_cannot_be_measured_leaves_the_other_and_every_volume(tmp_path, capsys):
     """Labels without an RV, or with only the RV larger at end systole (a segmenter's miss): the LV's ejection
     fraction and every volume are still given, the RV's null with a warning (all of it was lost to one error)."""
@@ -321,7 +367,7 @@ def test_an_image_given_as_labels_is_named_as_such_in_a_short_line(small_image, 
 
 
 @pytest.mark.parametrize("problem, expected", [
-    ("size", "must lie on the image's grid"),
+    ("size", "must lie on the grid of the image"),
     ("direction", "direction"),
     ("far origin", "origin"),  # 0.4 mm off, 5 m from the scanner's centre: a tolerance relative to the origin let it in
     ("values", "unknown label values 4, 7"),

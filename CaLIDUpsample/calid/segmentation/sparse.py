@@ -30,25 +30,28 @@ SHOWN_VALUES = 8
 """Unknown label values named in a refusal; an image given as labels has hundreds."""
 
 
-def check_labels(labels: sitk.Image, image: sitk.Image, source: str = "input segmentation") -> np.ndarray:
-    """The label array of a segmentation drawn on ``image``; one-line errors for any mismatch."""
+def check_labels(labels: sitk.Image, image: sitk.Image, source: str = "input segmentation",
+                 reference: str = "the image") -> np.ndarray:
+    """The label array of a segmentation drawn on ``image`` (named ``reference`` in the errors: the end-diastole
+    labels when ``image`` is those); one-line errors for any mismatch."""
     if labels.GetDimension() != image.GetDimension() or labels.GetSize() != image.GetSize():
-        raise CalidError(f"{source} has size {labels.GetSize()}, the image {image.GetSize()}: it must lie on the image's grid")
+        raise CalidError(f"{source} has size {labels.GetSize()}, {reference} {image.GetSize()}: it must lie on "
+                         f"the grid of {reference}")
     for name, a, b, tolerance in (("spacing", labels.GetSpacing(), image.GetSpacing(), SPACING_TOLERANCE_MM),
                                   ("origin", labels.GetOrigin(), image.GetOrigin(), ORIGIN_TOLERANCE_MM),
                                   ("direction", labels.GetDirection(), image.GetDirection(), DIRECTION_TOLERANCE)):
         if not np.allclose(a, b, rtol=0, atol=tolerance):
-            raise CalidError(f"{source} {name} {tuple(round(v, 4) for v in a)} differs from the image's "
+            raise CalidError(f"{source} {name} {tuple(round(v, 4) for v in a)} differs from that of {reference}, "
                              f"{tuple(round(v, 4) for v in b)}")
     array = sitk.GetArrayFromImage(labels)
     if not np.issubdtype(array.dtype, np.integer):
         if not np.array_equal(array, np.round(array)):
             raise CalidError(f"{source} has non-integer values: give a label map")
-    values = set(np.unique(array).astype(int).tolist())
-    unknown = sorted(values - {0, *LABELS})
-    if unknown:
+    values = np.unique(array)  # compared as they are: a float of 1e20 cast to int first became a negative integer
+    unknown = values[~np.isin(values, [0, *LABELS])]
+    if unknown.size:
         known = ", ".join(f"{k} {v}" for k, v in LABELS.items())
-        listed = first_few([str(value) for value in unknown], SHOWN_VALUES)
+        listed = first_few([f"{value:.10g}" for value in unknown.tolist()], SHOWN_VALUES)
         if len(unknown) > SHOWN_VALUES:
             listed += ": is it an image, not a label map?"
         raise CalidError(f"{source} has unknown label values {listed} (expected 0 and {known})")
