@@ -14,6 +14,7 @@ interpolation on the same dense grid | CaLID, where slice interpolation shows as
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
@@ -29,11 +31,12 @@ from . import geometry, slice_positions  # noqa: E402
 from .devices import resolve_device  # noqa: E402
 from .engine import UpsampleOptions, upsample_image  # noqa: E402
 from .errors import CalidError  # noqa: E402
-from .imageio import read_image  # noqa: E402
+from .imageio import output_folder, read_image, validate_volume  # noqa: E402
 from .metrics import linear_missing, slice_scores  # noqa: E402
 from .modelindex import DEFAULT_MODEL  # noqa: E402
 from .modelstore import load_model  # noqa: E402
 from .pipeline_settings import PRODUCT_MORPH  # noqa: E402
+from .staging import staging_file  # noqa: E402
 
 
 @dataclass
@@ -107,9 +110,11 @@ def through_plane_panels(image: sitk.Image, dense_image: sitk.Image, axis: int) 
     linear = calid.copy()
     linear[slice_positions.generated_slices(sparse.shape[0], factor)] = linear_missing(sparse, factor)
     row = sparse.shape[1] // 2
-    thickness = max(1, round(image.GetSpacing()[axis] / image.GetSpacing()[(axis + 1) % 3] / factor))
-    repeated = np.repeat(sparse, factor, axis=0)[: calid.shape[0]]
-    return [(Panel("input (acquired slices)", "through-plane"), through_plane(repeated, row, thickness)),
+    # dense rows this tall (in the cut's column pixels: the stack's last axis) keep the physical aspect
+    thickness = max(1, round(image.GetSpacing()[axis] / factor / geometry.inplane_spacing(image, axis)[1]))
+    # each acquired slice drawn over the dense rows nearest to it, centred where it lies (half bands at the ends)
+    nearest = np.floor(np.arange(calid.shape[0]) / factor + 0.5).astype(int)
+    return [(Panel("input (acquired slices)", "through-plane"), through_plane(sparse[nearest], row, thickness)),
             (Panel(f"linear interpolation x{factor}", "through-plane"), through_plane(linear, row, thickness)),
             (Panel(f"CaLID x{factor}", "through-plane"), through_plane(calid, row, thickness))]
 
@@ -122,7 +127,12 @@ def save_preview(input_path: str, dense_path: str, png_path: str, options: Upsam
     factor is always 2).
     ``note``: a line printed under the picture (the demo's says that the default model has seen the sample).
     """
-    image, dense = read_image(input_path), read_image(dense_path)
+    picture_format = Path(png_path).suffix.lower().lstrip(".")
+    if picture_format not in FigureCanvasAgg.get_supported_filetypes():
+        raise CalidError(f"cannot write a picture named {png_path}: give a .png (or .pdf, .svg, .jpg) file")
+    folder = output_folder(Path(png_path))  # before the model runs: it ended in a traceback after it
+    image = validate_volume(read_image(input_path), str(input_path))  # a cine: one phase, said in one line
+    dense = validate_volume(read_image(dense_path), str(dense_path))
     axis = geometry.find_slice_axis(image)
     if image.GetSize()[axis] < 3:
         raise CalidError(f"the removed-slice test needs at least 3 slices; this input has {image.GetSize()[axis]}")
@@ -151,8 +161,15 @@ def save_preview(input_path: str, dense_path: str, png_path: str, options: Upsam
     under_top_row = min(ax.get_position().y0 for ax in axes[:len(top)]) - 0.012
     fig.text(0.5, under_top_row, "Through-plane cut of the upsampled result (slice direction vertical)",
              ha="center", va="top", fontsize=12)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    handle, staged = staging_file(folder, Path(png_path).suffix)  # whole or not at all
+    try:
+        with os.fdopen(handle, "wb") as out:
+            fig.savefig(out, dpi=100, format=picture_format)
+        os.replace(staged, png_path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(staged):
+            os.unlink(staged)
     return [panel for panel, _ in top + bottom]
 
 
@@ -168,8 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         panels = save_preview(args.input, args.dense, args.png, UpsampleOptions(model=args.model, device=args.device),
                               args.note)
-    except CalidError as exc:
-        sys.exit(f"calid.preview: error: {exc}")
+    except CalidError as exc:  # exit status 2, as calid's own one-line errors
+        print(f"calid.preview: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     for panel in panels:
         print(panel.title.replace("\n", " "))
     print(f"wrote {args.png}")

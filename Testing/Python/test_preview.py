@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -52,13 +53,45 @@ def test_demo_picture_shows_actual_and_expected_error_when_the_model_has_an_erro
         assert picture.size == (1300, 780)
 
 
-def test_demo_command_says_what_is_wrong_in_one_line(tmp_path, sample_image):
-    with pytest.raises(SystemExit, match=r"^calid.preview: error: input not found: .*missing.nrrd$"):
-        main([str(tmp_path / "missing.nrrd"), str(tmp_path / "dense.nrrd"), str(tmp_path / "demo.png")])
+def test_demo_command_says_what_is_wrong_in_one_line_before_any_work(tmp_path, sample_image, capsys, monkeypatch):
+    """Exit status 2 and one line, as calid's; a 2D or 4D input, a missing folder or a suffix matplotlib cannot
+    write were tracebacks, the last two after the whole model run."""
+    import calid.preview
+
     sitk.WriteImage(sample_image[:, :, :2], str(tmp_path / "two.nrrd"))
-    with pytest.raises(SystemExit, match=r"^calid.preview: error: the removed-slice test needs at least 3 slices; "
-                                         r"this input has 2$"):
-        main([str(tmp_path / "two.nrrd"), str(tmp_path / "two.nrrd"), str(tmp_path / "demo.png")])
     sitk.WriteImage(sample_image, str(tmp_path / "sample.nrrd"))
-    with pytest.raises(SystemExit, match=r"^calid.preview: error: the dense volume \(2 slices of 128 x 128\) is not "):
-        main([str(tmp_path / "sample.nrrd"), str(tmp_path / "two.nrrd"), str(tmp_path / "demo.png")])
+    sitk.WriteImage(sample_image[:, :, 3], str(tmp_path / "flat.nrrd"))
+    sitk.WriteImage(sitk.JoinSeries([sample_image] * 2), str(tmp_path / "cine.nii.gz"))
+    sample, png = str(tmp_path / "sample.nrrd"), str(tmp_path / "demo.png")
+    monkeypatch.setattr(calid.preview, "removed_slice_panels", lambda *args: pytest.fail("the model ran"))
+    for args, expected in (
+            ([str(tmp_path / "missing.nrrd"), sample, png], r"input not found: .*missing.nrrd"),
+            ([str(tmp_path / "two.nrrd"), str(tmp_path / "two.nrrd"), png],
+             r"the removed-slice test needs at least 3 slices; this input has 2"),
+            ([sample, str(tmp_path / "two.nrrd"), png], r"the dense volume \(2 slices of 128 x 128\) is not "),
+            ([str(tmp_path / "flat.nrrd"), sample, png], r".*flat.nrrd is 2D"),
+            ([str(tmp_path / "cine.nii.gz"), sample, png], r".*cine.nii.gz is 4D \(2 time points\): this step needs "
+                                                           r"one cardiac phase"),
+            ([sample, sample, str(tmp_path / "no" / "demo.png")], r"output folder does not exist"),
+            ([sample, sample, str(tmp_path / "demo.txt")], r"cannot write a picture named .*demo.txt")):
+        with pytest.raises(SystemExit) as ended:
+            main(args)
+        err = capsys.readouterr().err
+        assert ended.value.code == 2 and len(err.splitlines()) == 1, err
+        assert re.match(rf"^calid.preview: error: {expected}", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cine.nii.gz", "flat.nrrd", "sample.nrrd", "two.nrrd"]
+
+
+def test_through_plane_cut_centres_each_acquired_slice_and_keeps_the_aspect_on_any_slice_axis():
+    """The input band of slice i began at its dense row (half a band low, the last one a sliver), and with slices
+    along y the rows were scaled by the wrong in-plane spacing."""
+    from calid.preview import through_plane_panels
+
+    sparse = np.arange(1, 5, dtype=np.float32)[:, None, None] * np.ones((4, 6, 5), np.float32)  # slice i holds i + 1
+    image = sitk.GetImageFromArray(np.moveaxis(sparse, 0, 1).copy())  # (z, y, x): slices along y
+    image.SetSpacing((2.0, 8.0, 1.0))  # x 2 mm, y 8 mm (the slice axis), z 1 mm
+    dense = sitk.GetImageFromArray(np.repeat(np.moveaxis(sparse, 0, 1), 4, axis=1)[:, :13].copy())
+    dense.SetSpacing((2.0, 2.0, 1.0))
+    (panel, cut), *_ = through_plane_panels(image, dense, 1)
+    # x4: dense rows 0..12; acquired slice i at row 4i, drawn over rows 4i-2 .. 4i+1; each row 2 mm / 2 mm (x) = 1
+    assert cut[:, 0].tolist() == [1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4]  # 13 rows: not doubled
