@@ -34,12 +34,19 @@ def user_models_dir() -> Path:
 
 def _model_cards() -> Iterator[tuple[str, Path, dict[str, Any] | str]]:
     """(source, folder, card) of every model folder, bundled first; the card is the reason it cannot be used when
-    its ``model.json`` is not a JSON object naming one of the two model formats."""
+    its ``model.json`` is not a JSON object naming one of the two model formats, when it has no weights, or when a
+    user folder has a bundled model's name (``--model NAME`` always finds the bundled one first)."""
+    bundled = {p.name for p in BUNDLED_DIR.iterdir()} if BUNDLED_DIR.is_dir() else set()
     for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
         if not root.is_dir():
             continue
         for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
-            yield source, folder, _card_or_reason(folder)
+            card = _card_or_reason(folder)
+            if isinstance(card, dict) and source == "user" and folder.name in bundled:
+                card = f"a bundled model is named {folder.name} too, and --model {folder.name} selects it: rename it"
+            elif isinstance(card, dict) and not (folder / WEIGHTS_FILE).is_file():
+                card = f"it has no {WEIGHTS_FILE}"
+            yield source, folder, card
 
 
 def _card_or_reason(folder: Path) -> dict[str, Any] | str:

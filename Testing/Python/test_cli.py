@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from calid.imageio import write_image
+from calid.modelindex import BUNDLED_DIR
 from calid.standby import hand_over
 
 pytestmark = pytest.mark.slow
@@ -81,6 +82,16 @@ def test_models_listing_skips_a_folder_whose_card_is_not_json_and_says_so(tmp_pa
     proc = calid("models", "--json")
     assert "half-copied" not in {m["name"] for m in json.loads(proc.stdout)}
     assert proc.stderr.strip() == f"calid: skipped {broken}: its model.json names no CaLID model format (None)"
+    # a card without weights, and a user model a bundled one hides: neither can be used, so neither is offered
+    (broken / "model.json").write_text('{"format": "calid-model/1", "config": {}}', encoding="utf-8")
+    hidden = Path(os.environ["CALID_MODELS_DIR"]) / "calid-seg-acdc"
+    shutil.copytree(BUNDLED_DIR / "calid-seg-acdc", hidden)
+    proc = calid("models", "--json")
+    listed = [(m["name"], m["source"]) for m in json.loads(proc.stdout)]
+    assert "half-copied" not in dict(listed) and ("calid-seg-acdc", "user") not in listed
+    assert proc.stderr.splitlines() == [f"calid: skipped {hidden}: a bundled model is named calid-seg-acdc too, and "
+                                        "--model calid-seg-acdc selects it: rename it",
+                                        f"calid: skipped {broken}: it has no model.safetensors"]
 
 
 def test_devices_names_the_releases_a_timing_depends_on():
