@@ -146,16 +146,20 @@ class CaLIDTrainingWidget(CaLIDPanel):
         slicer.modules.plots.logic().ShowChartInLayout(self.logic.curves.lossChart)
 
     def _onFinished(self, modelFolder, error):
-        self._runEnded()
-        if error is not None:
-            slicer.util.errorDisplay(_("Fine-tuning failed: ") + str(error))
-        elif modelFolder is None:
-            self._log(_("Stopped: the run keeps its last checkpoint, Resume continues it."))
-        else:
-            self._log(_("Done: model {name} is in the user models folder ({folder}); choose it in CaLID Upsample.")
-                      .format(name=modelFolder.name, folder=modelFolder.parent))
-            fillModelCombo(self.ui.modelComboBox, self._parameterNode.baseModel)
-        self.updateButtons()
+        try:
+            self._runEnded()
+            if error is not None:
+                slicer.util.errorDisplay(_("Fine-tuning failed: ") + str(error))
+            elif modelFolder is None and self._parameterNode and self.logic.canResume(self._parameterNode.outputName):
+                self._log(_("Stopped: the run keeps its last checkpoint, Resume continues it."))
+            elif modelFolder is None:  # stopped before its first checkpoint: Start begins it again
+                self._log(_("Stopped before the first checkpoint: nothing was kept."))
+            else:
+                self._log(_("Done: model {name} is in the user models folder ({folder}); choose it in CaLID "
+                            "Upsample.").format(name=modelFolder.name, folder=modelFolder.parent))
+                fillModelCombo(self.ui.modelComboBox, self._parameterNode.baseModel)
+        finally:  # the button reads "Start" again whatever the lines above did
+            self.updateButtons()
 
 
 class CaLIDTrainingLogic(ScriptedLoadableModuleLogic, _QtFreeLogic):

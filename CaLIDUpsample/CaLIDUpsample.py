@@ -86,10 +86,12 @@ def registerSampleData():
     )
 
 
-def selectComboData(combo, value):
+def selectComboData(combo, value) -> bool:
+    """Select the item holding ``value``; False when there is none (the combo box keeps what it shows)."""
     index = combo.findData(value)
     if index >= 0:
         combo.currentIndex = index
+    return index >= 0
 
 
 def nodeOfItsOwn(node, created: list):
@@ -101,14 +103,16 @@ def nodeOfItsOwn(node, created: list):
     return created[-1]
 
 
-def fillModelCombo(combo, selected: str):
-    """Bundled and user models (a model fine-tuned or imported meanwhile appears); quiet, so nothing is stored."""
+def fillModelCombo(combo, selected: str) -> bool:
+    """Bundled and user models (a model fine-tuned or imported meanwhile appears); quiet, so nothing is stored.
+    False when ``selected`` is not among them (deleted, or a scene saved on another machine)."""
     combo.blockSignals(True)
     combo.clear()
     for model in list_models():
         combo.addItem(f"{model['name']} ({model['source']})", model["name"])
-    selectComboData(combo, selected)
+    found = selectComboData(combo, selected)
     combo.blockSignals(False)
+    return found
 
 
 class DeviceSelector:
@@ -125,14 +129,20 @@ class DeviceSelector:
         self._probe = None
         self._lines = []
 
+    @property
+    def probing(self) -> bool:
+        """The list holds only Auto and CPU until the worker has said which GPUs there are."""
+        return self._probe is not None
+
     def probe(self):
-        self._fill([(_("Auto"), "auto"), (_("CPU"), "cpu")], clear=True)
         self._probe = WorkerProcess([self.logic.python, "-m", "calid", "devices"], self.logic.workerEnvironment())
+        self._fill([(_("Auto"), "auto"), (_("CPU"), "cpu")], clear=True)  # probing: a stored GPU is kept meanwhile
         try:
             self._probe.start()
         except OSError as exc:
             self.log(f"cannot start the CaLID worker: {exc}")
             self._probe = None
+            self.onListed()  # Auto and CPU are all there is
             return
         self._lines = []
         qt.QTimer.singleShot(200, self._poll)
@@ -148,6 +158,9 @@ class DeviceSelector:
         summary = install_summary()
         if info is None:
             self.infoLabel.text = summary or _("PyTorch is installed but the device list failed: see the log.")
+            if not summary:
+                self.log("\n".join([_("calid devices failed:"), *self._lines[-20:]]))
+            self.onListed()
             return
         items = [(f"{gpu['name']} ({gpu['memory_gb']} GB)", gpu["device"]) for gpu in info["cuda"]]
         if info["mps"]:
@@ -222,8 +235,8 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.devices.probe)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._storeDeviceAndModel)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._storeDeviceAndModel)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._storeDevice)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._storeModel)
         self.ui.progressBar.setVisible(False)
 
     def cleanup(self):
@@ -246,6 +259,8 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        # the scene's run is cancelled and its nodes go with the scene: nothing of it is given back to the next one
+        self._nodesForRun, self._selectionBeforeRun = [], (None, None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -263,16 +278,29 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self._selectStoredDevice()
-            fillModelCombo(self.ui.modelComboBox, getattr(self._parameterNode, self.modelParameter))
+            stored = getattr(self._parameterNode, self.modelParameter)
+            if not fillModelCombo(self.ui.modelComboBox, stored):  # run with what the combo box shows, and say so
+                self._storeModel()
+                self._log(_("Model {stored} is not available here: {shown} is chosen.").format(
+                    stored=stored, shown=self.ui.modelComboBox.currentData))
             self.updateButtons()
 
     def _selectStoredDevice(self):
-        if self._parameterNode:
-            selectComboData(self.ui.deviceComboBox, self._parameterNode.device)
+        """Show the stored device; once the list is complete, one that is not in it (a scene saved on another
+        machine, a GPU gone) is replaced by what the combo box shows, so that the run uses what the panel says."""
+        p = self._parameterNode
+        if p and not selectComboData(self.ui.deviceComboBox, p.device) and not self.devices.probing:
+            stored = p.device
+            self._storeDevice()
+            self._log(_("Device {stored} is not available here: {shown} is chosen.").format(
+                stored=stored, shown=p.device))
 
-    def _storeDeviceAndModel(self, *_args):
+    def _storeDevice(self, *_args):
         if self._parameterNode:
             self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
+
+    def _storeModel(self, *_args):
+        if self._parameterNode:
             setattr(self._parameterNode, self.modelParameter, self.ui.modelComboBox.currentData or DEFAULT_MODEL)
 
     # -------------------------------------------------------------- the background run
@@ -285,6 +313,7 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _dependenciesReady(self):
         """Install on first use. A failure (offline, no PyTorch extension...) is one line in a dialog and the log,
         never only a traceback in the Python console; declining says why nothing happens."""
+        installing = bool(missing_requirements())
         try:
             ready = ensureDependencies(askConfirmation=True)
         except InstallError as exc:
@@ -295,6 +324,8 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._log(_("Nothing was installed: CaLID cannot run without these packages."))
         else:
             self.logic.setStandby(True)  # its packages have just been installed, or were there already
+            if installing:  # the list said Auto and CPU and what the first run installs: now torch can say more
+                self.devices.probe()
         return ready
 
     def _cancelRun(self, cancellingText):
@@ -331,8 +362,10 @@ class CaLIDUpsampleWidget(CaLIDPanel):
 
     def initializeParameterNode(self):
         super().initializeParameterNode()
-        if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self._parameterNode.inputVolume:  # the first MRI volume: labelmaps and vectors are volumes too
+            volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            first = next((v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode") and v.GetImageData() is not None
+                          and v.GetImageData().GetNumberOfScalarComponents() == 1), None)
             if first:
                 self._parameterNode.inputVolume = first
 
@@ -340,13 +373,21 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         if self.logic.isRunning:
             return
         p = self._parameterNode
-        ready = bool(p and p.inputVolume and p.outputVolume is not p.inputVolume)
+        model = bool(p and p.method == "calid")
+        mapClash = bool(model and p.uncertaintyVolume and p.uncertaintyVolume in (p.inputVolume, p.outputVolume))
+        ready = bool(p and p.inputVolume and p.outputVolume is not p.inputVolume and not mapClash)
         self.ui.applyButton.text = _("Upsample")
         self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Upsample the input volume") if ready else _("Select an input volume")
+        self.ui.applyButton.toolTip = (_("Upsample the input volume") if ready else
+                                       _("The uncertainty volume must be a node of its own") if mapClash else
+                                       _("Select an input volume, and an output other than the input"))
         self.ui.targetSpacingSpinBox.enabled = bool(p and p.useTargetSpacing)
         self.ui.factorSpinBox.enabled = not (p and p.useTargetSpacing)
-        self.ui.uncertaintySelector.enabled = bool(p and p.method == "calid")  # the model's error head: no peer has one
+        # the model's own settings: the peers have no error head, no diffusion steps and no samples to average
+        for widget in (self.ui.uncertaintySelector, self.ui.stepsSpinBox, self.ui.samplesSpinBox):
+            widget.enabled = model
+        # the user's segments are filled into the output segmentation: without one they would be ignored
+        self.ui.inputSegmentationSelector.enabled = bool(p and p.outputSegmentation)
 
     # -------------------------------------------------------------- models
     def onImportModel(self):
@@ -356,7 +397,7 @@ class CaLIDUpsampleWidget(CaLIDPanel):
         with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
             target = import_model(folder)
             fillModelCombo(self.ui.modelComboBox, target.name)
-            self._storeDeviceAndModel()
+            self._storeModel()
 
     def onOpenModelsFolder(self):
         folder = user_models_dir()
@@ -397,14 +438,20 @@ class CaLIDUpsampleWidget(CaLIDPanel):
     def _dropNodesForRun(self):
         """Remove the nodes made for a run that ended without a result (they would stay empty), and select again
         what the user had selected."""
-        if self._nodesForRun:
-            p = self._parameterNode
+        p = self._parameterNode
+        if self._nodesForRun and p is not None:
             p.outputSegmentation, p.uncertaintyVolume = self._selectionBeforeRun
         for node in self._nodesForRun:
             slicer.mrmlScene.RemoveNode(node)
         self._nodesForRun = []
 
     def _onFinished(self, outputVolume, error):
+        try:
+            self._showResult(outputVolume, error)
+        finally:  # the button reads "Upsample" again whatever showing the result did
+            self.updateButtons()
+
+    def _showResult(self, outputVolume, error):
         self._runEnded()
         if outputVolume is None:
             self._dropNodesForRun()
@@ -428,7 +475,6 @@ class CaLIDUpsampleWidget(CaLIDPanel):
                 show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastVolumesTable)
             elif self.logic.lastUncertaintyTable is not None:
                 show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastUncertaintyTable)
-        self.updateButtons()
 
 
 class CaLIDUpsampleLogic(ScriptedLoadableModuleLogic, _QtFreeLogic):
