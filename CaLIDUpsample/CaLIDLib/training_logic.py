@@ -169,6 +169,12 @@ class CaLIDTrainingLogic(WorkerLogic):
             for line in history.read_text(encoding="utf-8").splitlines():
                 self.curves.add(json.loads(line))
 
+    def _onSceneStartClose(self, caller=None, event=None) -> None:
+        """The run is cancelled (``WorkerLogic``) and its curves go with the scene: none is shown from it after."""
+        super()._onSceneStartClose(caller, event)
+        if hasattr(self, "curves"):  # see the base: at interpreter exit the attributes may be gone
+            self.curves = None
+
     def _onEnded(self, result) -> None:
         """A run that ended without a model and without a single metrics row (the worker refused it, or it was
         stopped before its first log step) leaves no empty table and charts in the scene."""

@@ -179,6 +179,15 @@ def test_curves_taken_out_of_a_scene_that_was_cleared_meanwhile(scene):
     assert scene.GetNodesByClass("vtkMRMLTableNode").GetNumberOfItems() == 0
 
 
+def test_closing_the_scene_forgets_the_runs_curves(scene, sample_image):
+    """Show curves stayed enabled on chart nodes the closed scene had taken away."""
+    logic = CaLIDTrainingLogic(scene, python=sys.executable)
+    logic._startCurves("closed", None)
+    assert logic.curves is not None
+    scene.Clear(0)
+    assert logic.curves is None
+
+
 def test_no_volumes_selected(scene):
     with pytest.raises(ValueError, match="at least one volume"):
         CaLIDTrainingLogic(scene, python=sys.executable).train([])
