@@ -80,6 +80,8 @@ class CaLIDTrainingWidget(CaLIDPanel):
     """The panel; what it shares with CaLID Upsample's (parameter node, devices, models, run) is in ``CaLIDPanel``."""
 
     modelParameter = "baseModel"
+    _runName = ""
+    """The output name the current run started with (``_start``)."""
 
     def setup(self):
         self.setupPanel(CaLIDTrainingLogic())
@@ -88,8 +90,8 @@ class CaLIDTrainingWidget(CaLIDPanel):
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.showCurvesButton.connect("clicked(bool)", self.onShowCurves)
         self.ui.volumesComboBox.connect("checkedNodesChanged()", self.updateButtons)
+        self.devices.probe()  # first: the list is being made when the stored device is looked for
         self.initializeParameterNode()
-        self.devices.probe()
 
     def _trainingData(self):
         """The data folder, or the checked scene volumes; None while neither is chosen."""
@@ -130,6 +132,7 @@ class CaLIDTrainingWidget(CaLIDPanel):
             return
         p = self._parameterNode
         self.ui.logTextEdit.clear()
+        self._runName = p.outputName  # the field stays editable meanwhile: Stop's message is about this run
         with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
             self.logic.train(
                 self._trainingData(), baseModel=p.baseModel, steps=p.steps, batchSize=p.batchSize,
@@ -150,7 +153,7 @@ class CaLIDTrainingWidget(CaLIDPanel):
             self._runEnded()
             if error is not None:
                 slicer.util.errorDisplay(_("Fine-tuning failed: ") + str(error))
-            elif modelFolder is None and self._parameterNode and self.logic.canResume(self._parameterNode.outputName):
+            elif modelFolder is None and self.logic.canResume(self._runName):
                 self._log(_("Stopped: the run keeps its last checkpoint, Resume continues it."))
             elif modelFolder is None:  # stopped before its first checkpoint: Start begins it again
                 self._log(_("Stopped before the first checkpoint: nothing was kept."))

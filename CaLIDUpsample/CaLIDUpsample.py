@@ -131,8 +131,9 @@ class DeviceSelector:
 
     @property
     def probing(self) -> bool:
-        """The list holds only Auto and CPU until the worker has said which GPUs there are."""
-        return self._probe is not None
+        """The list is not complete yet: never filled, or Auto and CPU until the worker has said which GPUs there
+        are. A stored device missing from it then is not replaced."""
+        return self._probe is not None or self.comboBox.count == 0
 
     def probe(self):
         self._probe = WorkerProcess([self.logic.python, "-m", "calid", "devices"], self.logic.workerEnvironment())
@@ -351,14 +352,18 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class CaLIDUpsampleWidget(CaLIDPanel):
+    def cleanup(self):
+        self._dropNodesForRun()  # a run ended by the cleanup has no result: the nodes made for it would stay empty
+        super().cleanup()
+
     def setup(self):
         self.setupPanel(CaLIDUpsampleLogic())
         self.runButton = self.ui.applyButton
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
+        self.devices.probe()  # first: the list is being made when the stored device is looked for
         self.initializeParameterNode()
-        self.devices.probe()
 
     def initializeParameterNode(self):
         super().initializeParameterNode()

@@ -209,12 +209,12 @@ class CaLIDUpsampleLogic(WorkerLogic):
                 maps = read_sequence_like(self.scene, folder / "uncertainty.seq.nrrd", sequence,
                                           f"{name} expected error")
                 added.append(maps)
-                uncertaintyVolume = self.lastUncertaintyVolume = proxy_of(maps, uncertaintyVolume)
+                uncertaintyVolume = proxy_of(maps, uncertaintyVolume)
             if outputSegmentation is not None:
                 segments = segmentation_sequence(self.scene, folder / "labels.nii.gz", sequence, proxy,
                                                  f"{name} segmentation")
                 added.append(segments)
-                outputSegmentation = self.lastSegmentation = proxy_of(segments, outputSegmentation)
+                outputSegmentation = proxy_of(segments, outputSegmentation)
         except Exception:
             for node in added:
                 browser.RemoveSynchronizedSequenceNode(node.GetID())
@@ -222,6 +222,7 @@ class CaLIDUpsampleLogic(WorkerLogic):
             for node in made:
                 self.scene.RemoveNode(node)
             raise
+        self.lastUncertaintyVolume, self.lastSegmentation = uncertaintyVolume, outputSegmentation
         if outputSegmentation is not None:
             self.lastVolumesTable, self.lastFramesTable = cycle_tables(
                 self.scene, self._done["volumes"], outputSegmentation, self._stillInScene(outputTable))

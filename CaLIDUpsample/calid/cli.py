@@ -326,7 +326,7 @@ def cmd_upsample(args: argparse.Namespace) -> int:
                              f"the file {args.output}{nested}")
         failures = run_cohort(source, Path(args.output), options, mode, Path(args.csv) if args.csv else None)
         return 1 if failures else 0
-    progress = Progress(mode, description=source.name)  # the bar reads "<input>: <stage>"
+    progress = Progress(mode, subject=source.name)  # the bar reads "<input>: <stage>"
     try:
         from .cine import input_warning
         from .imageio import warn_if_dicom_by_typo

@@ -138,6 +138,7 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         raise CalidError(f"cannot write the record {final_csv}: give a file in an existing folder (--csv)")
     items = list_inputs(source, output_dir)
     targets = [output_dir / name for name in output_names(items)]
+    ours = {str(target.resolve()) for target in targets}
     done_before = _done_rows(final_csv)
     settings = settings_of(options)
     check_record(list(zip(items, targets)), done_before, settings)
@@ -155,10 +156,10 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
             resumed = target.exists() and str(target.resolve()) in done_before
             if resumed:  # a resumed run keeps the record that made it
                 row = done_before[str(target.resolve())]
-            else:
+            else:  # the bar counts the whole cohort's inputs, whichever process makes this one
                 row = _process(item, target, output_dir, options, device, model,
-                               f"{number}/{len(mine)} {item.name}" if progress_mode == "bar" else "", rank, world,
-                               settings)
+                               f"{(number - 1) * world + rank + 1}/{len(items)} {item.name}"
+                               if progress_mode == "bar" else "", rank, world, settings)
             rows.append(row)
             told = {"message": row["message"]} if row.get("message") and row["status"] == "failed" else {}
             overall.advance(1, item=str(item), status=row["status"], **({"resumed": True} if resumed else {}),
@@ -167,7 +168,6 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         reached = {str(Path(row["output"]).resolve()) for row in rows}
         kept = [key for key in (str(target.resolve()) for _, target in mine) if key not in reached]
         if rank == 0:  # earlier runs' rows of other inputs into this folder: a later batch kept only its own
-            ours = {str(target.resolve()) for target in targets}
             kept += [key for key in done_before if key not in ours]
         part = final_csv.with_name(f"{final_csv.stem}.rank{rank}.csv") if world > 1 else final_csv
         _write_csv(part, rows + [done_before[key] for key in kept if key in done_before and Path(key).exists()])
@@ -184,7 +184,8 @@ def run_cohort(source: Path, output_dir: Path, options: UpsampleOptions, progres
         for shard_csv in _shard_records(final_csv):  # a cancelled earlier run's too, now merged or redone
             shard_csv.unlink()
         _write_csv(final_csv, sorted(merged, key=lambda row: row["input"]))
-        _summarise(merged, final_csv, overall)  # every process's inputs, once
+        # every process's inputs, once; this run's only, as one process counts them
+        _summarise([row for row in merged if row["output"] in ours], final_csv, overall)
     total = torch.tensor([failed])
     dist.all_reduce(total)  # every process exits 1 when any input failed, whichever process had it
     dist.destroy_process_group()
@@ -203,7 +204,7 @@ def _process(item: Path, target: Path, output_dir: Path, options: UpsampleOption
     else:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            item_progress = Progress("bar" if bar else "none", description=bar)
+            item_progress = Progress("bar" if bar else "none", subject=bar)
             warning = input_warning(item, options.slice_axis)  # as a single input says it: an isotropic volume
             if warning:
                 item_progress.warning(f"{item}: {warning}")

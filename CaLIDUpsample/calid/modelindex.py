@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from .staging import staging_folder
+from .staging import current_umask, staging_folder
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -93,8 +93,7 @@ def share_like_other_files(folder: Path) -> None:
     ``mkdtemp`` makes the staging folder private (0700) and safetensors writes its file 0600: left so, a model
     saved into a shared models folder (``$CALID_MODELS_DIR`` on a team drive) is unreadable to everyone else.
     """
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
         path.chmod(0o666 & ~umask)

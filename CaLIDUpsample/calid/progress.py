@@ -20,17 +20,21 @@ from .choices import PROGRESS_MODES
 class Progress:
     """Tracks a fraction in [0, 1] over ``total`` units of work and reports it in the chosen mode."""
 
-    def __init__(self, mode: str = "bar", total: int = 1, description: str = "", stream: TextIO | None = None):
+    def __init__(self, mode: str = "bar", total: int = 1, description: str = "", stream: TextIO | None = None,
+                 subject: str = ""):
+        """``description``: the bar's text until the first stage replaces it; ``subject``: what is worked on (an
+        input's file name, with its place in a cohort), kept before every stage ("3/40 case.nii.gz: decoding")."""
         if mode not in PROGRESS_MODES:
             raise ValueError(f"progress mode must be one of {PROGRESS_MODES}")
         self.mode = mode
         self.done = 0
         self.stream = stream or sys.stdout
         self.stage = ""
-        self.description = description
+        self.subject = subject
         self.started = time.monotonic()
         self.reserved = 0
-        self._bar = tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True) if mode == "bar" else None
+        self._bar = (tqdm(total=total, desc=subject or description, file=sys.stderr, dynamic_ncols=True)
+                     if mode == "bar" else None)
         self.total = total
 
     @property
@@ -71,8 +75,8 @@ class Progress:
         if stage == self.stage:
             return
         self.stage = stage
-        if self._bar is not None:  # a cohort's bar keeps its input's name ("3/40 case.nii.gz") before the stage
-            self._bar.set_description(f"{self.description}: {stage}" if self.description else stage)
+        if self._bar is not None:
+            self._bar.set_description(f"{self.subject}: {stage}" if self.subject else stage)
         elif self.mode == "json":
             self._print(f"<filter-comment>{stage}</filter-comment>")
 

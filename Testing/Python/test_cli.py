@@ -323,11 +323,14 @@ def test_torchrun_two_processes_shard_the_cohort(tmp_path, small_image, tiny_mod
     make_cohort(tmp_path / "in", small_image, 4)
     proc = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517", "-m", "calid", "upsample",
                            str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model_dir), "--steps", "1",
-                           "--device", "cpu", "--threads", "1"],
+                           "--device", "cpu", "--threads", "1", "--progress", "bar"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8")))
     assert sorted(r["status"] for r in rows) == ["done"] * 4
+    # each process's bars count the whole cohort: 1/4 and 3/4 on rank 0, 2/4 and 4/4 on rank 1 (not 1/2 twice)
+    assert all(f"{k}/4 case{k - 1}.nrrd: " in proc.stderr for k in range(1, 5)) and "/2 case" not in proc.stderr
+    assert proc.stderr.count("calid: 4 inputs: 4 done") == 1
     assert sorted(r["rank"] for r in rows) == ["0", "0", "1", "1"]
     assert not list((tmp_path / "out").glob("*.rank*.csv"))
     single = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case1.nrrd")))

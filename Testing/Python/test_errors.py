@@ -312,6 +312,28 @@ def test_a_killed_runs_staging_is_removed_by_the_next_write_there(good_input, tm
     assert len(remaining) == 4 and "dense.nrrd" in remaining
 
 
+def test_a_running_writers_staging_is_kept_from_another_pid_namespace_and_staged_files_are_not_private(tmp_path):
+    """A process in another PID namespace on the same host (a container) cannot see the writer's process id: it
+    judged the writer's live folder a leftover and removed it. And ``mkstemp``'s private mode stayed on the output."""
+    import shutil as shell
+
+    from calid.staging import current_umask, staging_file, staging_folder
+
+    live = staging_folder(tmp_path)
+    handle, staged = staging_file(tmp_path, ".png")
+    os.close(handle)
+    assert os.stat(staged).st_mode & 0o777 == 0o666 & ~current_umask()
+    if shell.which("unshare") is None:
+        pytest.skip("no unshare here")
+    elsewhere = subprocess.run(["unshare", "-Urpf", "--mount-proc", sys.executable, "-c",
+                                "import sys; from pathlib import Path; from calid.staging import remove_leftovers; "
+                                "print(remove_leftovers(Path(sys.argv[1])))", str(tmp_path)],
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if elsewhere.returncode != 0:
+        pytest.skip(f"no user namespaces here: {elsewhere.stderr.strip()[:200]}")
+    assert elsewhere.stdout.strip() == "[]" and live.is_dir() and Path(staged).is_file()
+
+
 def test_output_equal_to_input_is_refused(good_input, tmp_path, tiny_model_dir, capsys):
     before = digest(good_input)
     code, err = run_cli(["upsample", good_input, good_input, "--model", tiny_model_dir], capsys)
