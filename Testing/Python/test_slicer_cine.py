@@ -228,6 +228,21 @@ def test_a_cine_segmentation_is_a_sequence_of_segmentations_with_its_cycle_in_ta
         logic.process(proxy, outputSegmentation=segmentation)
 
 
+def test_a_segmentation_deleted_during_a_cine_run_gets_a_new_proxy(whole_cine, tiny_model_dir, private_tmp):
+    """The labels went into the deleted node, out of the scene, and the browser was given a node of no scene."""
+    scene, browser, _sequence, proxy = whole_cine
+    chosen = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Heart")
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    logic.process(proxy, factor=2, device="cpu", steps=1, model=str(tiny_model_dir), outputSegmentation=chosen,
+                  waitForCompletion=False)
+    scene.RemoveNode(chosen)
+    while logic.poll():
+        pass
+    made = logic.lastSegmentation
+    assert made is not None and made is not chosen and made.GetScene() is scene and browser.IsProxyNode(made.GetID())
+    assert browser.GetSequenceNode(made).GetNumberOfDataNodes() == 3 and logic.lastFramesTable.GetNumberOfRows() == 3
+
+
 def test_user_segments_on_a_cine_are_refused(cine):
     scene, _browser, _sequence, proxy = cine
     mine, heart = (scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name) for name in ("mine", "heart"))
