@@ -35,7 +35,6 @@ from CaLIDLib.dependencies import (  # noqa: E402
     InstallError,
     ensureDependencies,
     install_summary,
-    missing_requirements,
     self_test_skip_reason,
 )
 from CaLIDLib.sequences import playing_browser  # noqa: E402
@@ -248,7 +247,7 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         self.initializeParameterNode()
-        if not missing_requirements():  # a worker imports the engine while the user sets up the run
+        if install_summary() is None:  # torch and the rest there: a worker imports the engine meanwhile
             self.logic.setStandby(True)
 
     def exit(self):
@@ -314,7 +313,7 @@ class CaLIDPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _dependenciesReady(self):
         """Install on first use. A failure (offline, no PyTorch extension...) is one line in a dialog and the log,
         never only a traceback in the Python console; declining says why nothing happens."""
-        installing = bool(missing_requirements())
+        installing = install_summary() is not None  # torch too
         try:
             ready = ensureDependencies(askConfirmation=True)
         except InstallError as exc:

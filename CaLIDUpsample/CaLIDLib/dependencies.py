@@ -35,6 +35,11 @@ TORCH_SIZE = ("a CUDA build with an NVIDIA GPU (about 3 GB to download, 5-7 GB o
               "(about 0.2 GB, 0.8 GB on disk)")
 """The CPU figures measured (torch 2.13 on Linux); the CUDA ones estimated from the sizes of its wheels."""
 OFFLINE_HINT = "Offline or behind a proxy: see Troubleshooting in the CaLID README."
+KEPT_AS_INSTALLED = ("torch", "numpy", "SimpleITK", "pillow")
+"""Pinned at their installed versions while the requirements install: the build of torch the PyTorch extension
+chose (CUDA or CPU), and Slicer's own numpy, SimpleITK and Pillow. Unpinned, pip could replace any of them while
+resolving a requirement: with an older torch (an older NVIDIA driver, an Intel Mac) the MONAI that fits needs
+numpy < 2, below Slicer 5.10's 2.0.2. Pinned, such an install fails in one line instead."""
 
 
 class InstallError(RuntimeError):
@@ -51,17 +56,38 @@ def requirement_lines() -> list[str]:
 
 
 def missing_requirements() -> list[str]:
-    """Requirements whose package cannot be found, checked without importing anything."""
+    """Requirements not met, checked without importing them: a distribution installed at a version the line does
+    not allow (an older MONAI another extension installed), or none installed and its module not found either (a
+    module another distribution provides, such as ``cv2`` from ``opencv-python``, counts as there)."""
     missing = []
     for line in requirement_lines():
         name = requirement_name(line)
-        if importlib.util.find_spec(IMPORT_NAMES.get(name, name).replace("-", "_")) is None:
+        try:
+            met = _version_allowed(line, importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            met = importlib.util.find_spec(IMPORT_NAMES.get(name, name).replace("-", "_")) is not None
+        if not met:
             missing.append(line)
     return missing
 
 
+def _version_allowed(line: str, version: str) -> bool:
+    """Whether ``version`` meets the requirement ``line``; True where ``packaging`` (bundled with Slicer) cannot say."""
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.version import InvalidVersion
+
+        return Requirement(line).specifier.contains(version, prereleases=True)
+    except (ImportError, InvalidRequirement, InvalidVersion):
+        return True
+
+
 def torch_missing() -> bool:
-    return importlib.util.find_spec("torch") is None
+    """No torch, or one older than ``TORCH_REQUIREMENT`` (the PyTorch extension then installs a newer one)."""
+    try:
+        return not _version_allowed(f"torch{TORCH_REQUIREMENT}", importlib.metadata.version("torch"))
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.util.find_spec("torch") is None
 
 
 def install_summary() -> str | None:
@@ -123,31 +149,40 @@ def _slicer_installer():
     return None
 
 
-def _torch_constraint(folder: Path) -> Path | None:
-    """A pip constraints file holding the installed torch at its version, or None without torch. MONAI's newest
-    release needs a newer torch than an older NVIDIA driver allows: unconstrained, pip would replace the build
-    the PyTorch extension chose (CUDA or CPU) with PyPI's; constrained, it picks a MONAI that fits, or fails."""
-    try:
-        version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
+def _constraints(folder: Path) -> Path | None:
+    """A pip constraints file pinning ``KEPT_AS_INSTALLED`` at their installed versions (those installed), or None.
+    pip then resolves every requirement against them: it picks a MONAI that fits the installed torch and numpy, or
+    fails, and replaces none of them."""
+    pins = []
+    for name in KEPT_AS_INSTALLED:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if not pins:
         return None
-    path = folder / "calid-torch-constraint.txt"
-    path.write_text(f"torch=={version}\n", encoding="utf-8")
+    path = folder / "calid-constraints.txt"
+    path.write_text("".join(f"{pin}\n" for pin in pins), encoding="utf-8")
     return path
 
 
 def _install_requirements(missing: list[str]) -> None:
+    """Only the ``missing`` lines, with the constraints, in one resolution by pip (Slicer >= 5.12 with its
+    ``pip_ensure``; its ``skip_packages`` is not used: it installs each package without its dependencies, so MONAI
+    was never resolved against the installed torch, and a failed sub-dependency went unnoticed)."""
     try:
         with tempfile.TemporaryDirectory() as folder:
-            constraint = _torch_constraint(Path(folder))
+            constraint = _constraints(Path(folder))
             installer = _slicer_installer()
             if installer is None:
                 import slicer.util
 
                 slicer.util.pip_install(missing + (["-c", str(constraint)] if constraint else []))
             else:
-                installer.pip_ensure(installer.load_requirements(str(REQUIREMENTS)), constraints=constraint,
-                                     skip_packages=["torch", "SimpleITK"], prompt_install=False, requester="CaLID")
+                from packaging.requirements import Requirement
+
+                installer.pip_ensure([Requirement(line) for line in missing], constraints=constraint,
+                                     prompt_install=False, requester="CaLID")
     except Exception as exc:
         raise _failure(", ".join(requirement_name(line) for line in missing), exc) from exc
 

@@ -46,6 +46,19 @@ def test_summary_names_what_is_missing_with_sizes_and_what_to_do_offline(require
     assert install_summary() is None
 
 
+def test_an_installed_version_the_requirement_does_not_allow_counts_as_missing(tmp_path, monkeypatch):
+    """Only the module was looked for: an older MONAI another extension installed passed, and the worker failed
+    inside its run. A module another distribution provides (``cv2`` from ``opencv-python``) still counts."""
+    path = tmp_path / "requirements.txt"
+    path.write_text("numpy>=1\nnumpy>=999\nprovided-elsewhere>=1\n", encoding="utf-8")
+    monkeypatch.setattr(dependencies, "REQUIREMENTS", path)
+    monkeypatch.setitem(dependencies.IMPORT_NAMES, "provided-elsewhere", "json")
+    assert dependencies.missing_requirements() == ["numpy>=999"]
+    assert not dependencies.torch_missing()
+    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")  # the PyTorch extension installs a newer one
+    assert dependencies.torch_missing()
+
+
 @pytest.fixture
 def own_slicer_modules():
     """Put back the ``slicer`` modules of the session (or none) after a test that imports stand-ins."""
@@ -71,7 +84,8 @@ def slicer_stand_in(tmp_path, monkeypatch, installer: str, other: str | None = N
         "import pathlib\ncalls = []\n"
         "def load_requirements(path):\n    return pathlib.Path(path).read_text().split()\n"
         "def pip_ensure(requirements, **options):\n"
-        "    calls.append((requirements, options))\n"
+        "    pinned = pathlib.Path(options['constraints']).read_text() if options.get('constraints') else ''\n"
+        "    calls.append(([str(r) for r in requirements], options, pinned))\n"
         f"    pathlib.Path({str(tmp_path / 'site')!r}, 'calid_test_not_installed.py').write_text('')\n")
     (tmp_path / "site").mkdir()
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
@@ -86,9 +100,10 @@ def test_a_fresh_slicer_module_still_uses_slicer_packaging(requirements, tmp_pat
 
     assert not hasattr(slicer, "packaging")
     assert ensureDependencies(askConfirmation=False)
-    (requested, options), = sys.modules["slicer.packaging"].calls
-    assert MISSING in requested and options["skip_packages"] == ["torch", "SimpleITK"]
+    (requested, options, pinned), = sys.modules["slicer.packaging"].calls
+    assert requested == [MISSING] and "skip_packages" not in options  # one resolution, of what is missing only
     assert options["prompt_install"] is False  # CaLID's own confirmation, with the sizes, came first
+    assert pinned == installed_pins()
 
 
 def test_slicer_5_11_installer_is_found_under_its_first_name(requirements, tmp_path, monkeypatch,
@@ -97,12 +112,26 @@ def test_slicer_5_11_installer_is_found_under_its_first_name(requirements, tmp_p
     module of that name in some versions) is not it."""
     slicer_stand_in(tmp_path, monkeypatch, "pydeps", other="packaging")
     assert ensureDependencies(askConfirmation=False)
-    (requested, options), = sys.modules["slicer.pydeps"].calls
-    assert MISSING in requested and options["skip_packages"] == ["torch", "SimpleITK"]
+    (requested, options, pinned), = sys.modules["slicer.pydeps"].calls
+    assert requested == [MISSING] and "skip_packages" not in options and pinned == installed_pins()
 
 
-def test_an_older_slicer_installs_with_the_installed_torch_pinned(requirements, monkeypatch):
-    """Without the skip of newer Slicers, pip would upgrade the PyTorch extension's torch for the newest MONAI."""
+def installed_pins() -> str:
+    """The constraints every install passes: torch and Slicer's own numpy, SimpleITK and Pillow as installed."""
+    import importlib.metadata
+
+    pins = []
+    for name in ("torch", "numpy", "SimpleITK", "pillow"):
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}\n")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "".join(pins)
+
+
+def test_an_older_slicer_installs_with_torch_and_slicers_packages_pinned(requirements, monkeypatch):
+    """Unpinned, pip would upgrade the PyTorch extension's torch for the newest MONAI, or, with an older torch,
+    downgrade Slicer's numpy for the MONAI that fits it."""
     util = pytest.importorskip("slicer.util", reason="slicer-core is not installed")
     import importlib.metadata
 
@@ -118,7 +147,8 @@ def test_an_older_slicer_installs_with_the_installed_torch_pinned(requirements, 
     with pytest.raises(InstallError, match="cannot be found after installing"):  # the stand-in installs nothing
         ensureDependencies(askConfirmation=False)
     (arguments, constraint), = seen
-    assert MISSING in arguments and constraint == f"torch=={importlib.metadata.version('torch')}\n"
+    assert MISSING in arguments and constraint == installed_pins()
+    assert constraint.startswith(f"torch=={importlib.metadata.version('torch')}\nnumpy==")
 
 
 def offline_pip(requirements, **options):
