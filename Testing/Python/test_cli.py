@@ -23,8 +23,11 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 def calid(*args, timeout=300) -> subprocess.CompletedProcess:
+    """``calid ARGS`` in a process of its own; its output read as UTF-8 whatever the locale (a progress bar's
+    blocks are not ASCII, and CI's locale may be)."""
     return subprocess.run([sys.executable, "-m", "calid", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          encoding="utf-8", errors="replace", timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_json_progress_protocol(tmp_path, small_image, tiny_model_dir):
@@ -324,7 +327,7 @@ def test_torchrun_two_processes_shard_the_cohort(tmp_path, small_image, tiny_mod
     proc = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517", "-m", "calid", "upsample",
                            str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model_dir), "--steps", "1",
                            "--device", "cpu", "--threads", "1", "--progress", "bar"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "calid_cohort.csv", encoding="utf-8")))
     assert sorted(r["status"] for r in rows) == ["done"] * 4
