@@ -37,6 +37,7 @@ from CaLIDLib.dependencies import (  # noqa: E402
     install_summary,
     self_test_skip_reason,
 )
+from CaLIDLib.segmentations import RV_BASE_CAVEAT  # noqa: E402
 from CaLIDLib.sequences import playing_browser  # noqa: E402
 from CaLIDLib.uncertainty import largest_error_sentence  # noqa: E402
 from CaLIDLib.views import show_table  # noqa: E402
@@ -477,6 +478,7 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             # One table view: the volumes when a segmentation was asked for, else the uncertainty's per-slice figures.
             if self.logic.lastVolumesTable is not None:  # this run's own (the logic forgets the last run's)
                 show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastVolumesTable)
+                self._log(RV_BASE_CAVEAT)
             elif self.logic.lastUncertaintyTable is not None:
                 show_table(slicer.mrmlScene, slicer.app.applicationLogic(), self.logic.lastUncertaintyTable)
 

@@ -156,6 +156,12 @@ def write_segmentation_labels(scene, segmentation, reference_volume, path: Path)
     sitk.WriteImage(image, str(path))
 
 
+RV_BASE_CAVEAT = ("Right-ventricle figures from the bundled segmenter run high: on unseen ACDC patients it draws RV "
+                  "on the most basal slice or two where experts draw none (end-systolic volume +21 mL, RV ejection "
+                  "fraction 8.5 points low; the LV's is unbiased). Check the basal slices; with your own labels of the "
+                  "acquired slices (Your segmentation) both ejection fractions agreed within 2 points.")
+"""What the panel's log says beside a volumes table (README, the bundled segmentation model: measured by
+``Testing/Benchmarks/volumes_acdc.py``)."""
 VOLUMES_TABLE = "CaLIDVolumesTable"
 FRAMES_TABLE = "CaLIDFramesTable"
 """Node references from an output segmentation to its tables (``tables.referenced_table``)."""
