@@ -428,7 +428,7 @@ class CaLIDUpsampleWidget(CaLIDPanel):
             p.uncertaintyVolume = nodeOfItsOwn(p.uncertaintyVolume, self._nodesForRun)
         with slicer.util.tryWithErrorDisplay(_("Failed to start CaLID."), waitCursor=True):
             self.logic.process(
-                p.inputVolume, output, sequenceBrowser=browser, factor=p.factor,
+                p.inputVolume, output, sequenceBrowser=browser, factor=None if p.useTargetSpacing else p.factor,
                 spacing=p.targetSpacing if p.useTargetSpacing else None,
                 device=p.device, steps=p.steps, seed=p.seed, samples=p.samples, model=p.model, method=p.method,
                 uncertaintyVolume=p.uncertaintyVolume if p.method == "calid" else None,

@@ -77,13 +77,14 @@ class CaLIDUpsampleLogic(WorkerLogic):
         return cmd
 
     # ------------------------------------------------------------------ public API
-    def process(self, inputVolume, outputVolume=None, factor=2, spacing=None, device="auto", steps=None, seed=0,
+    def process(self, inputVolume, outputVolume=None, factor=None, spacing=None, device="auto", steps=None, seed=0,
                 outputSegmentation=None, waitForCompletion=True, progressCallback: ProgressCallback | None = None,
                 model=None, samples=1, uncertaintyVolume=None, onFinished=None, inputSegmentation=None,
                 outputTable=None, sequenceBrowser=None, method="calid"):
         """Upsample ``inputVolume``; returns the output volume node (blocking) or None (non-blocking).
 
         ``method``: "calid" (the model), or "morph" / "linear" to see on the same scan what the peers give.
+        ``factor`` (default 2) or a target slice ``spacing`` in mm, not both.
 
         When ``inputVolume`` is the proxy of a sequence browser (``sequenceBrowser``, or found in the scene),
         every frame is upsampled: the result is a new sequence (same index name, unit and values) added to that
@@ -119,6 +120,11 @@ class CaLIDUpsampleLogic(WorkerLogic):
             raise ValueError("an input segmentation needs an output segmentation to fill")
         if method not in UPSAMPLE_METHODS:
             raise ValueError(f"method must be one of {', '.join(UPSAMPLE_METHODS)}, not {method}")
+        if factor is not None and spacing is not None:  # the spacing won, silently, where calid refuses the pair
+            raise ValueError("give a factor or a target spacing, not both")
+        if spacing is not None and not spacing > 0:  # 0 read as "no spacing"
+            raise ValueError(f"the target spacing must be positive, not {spacing}")
+        factor = 2 if factor is None and spacing is None else factor
         if uncertaintyVolume is not None and method != "calid":
             raise ValueError(f"an uncertainty map is the model's (method calid): {method} gives none; leave the "
                              "uncertainty volume out")

@@ -266,6 +266,9 @@ def _check_uniform_dicom_spacing(files: Sequence[str]) -> None:
 
 def validate_volume(image: sitk.Image, source: str = "input") -> sitk.Image:
     """Return a scalar 3D image or raise a one-line error naming what is wrong with it."""
+    if not isinstance(image, sitk.Image):  # the Python API's callers: a numpy array has no geometry to keep
+        raise CalidError(f"{source} is a {type(image).__name__}, not a SimpleITK image (read it with "
+                         "SimpleITK.ReadImage, or wrap an array with SimpleITK.GetImageFromArray and set its geometry)")
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise CalidError(f"{source} is a vector/RGB image ({image.GetNumberOfComponentsPerPixel()} components): "
                          "give a single-channel MRI volume")

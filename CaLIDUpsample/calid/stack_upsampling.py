@@ -49,6 +49,13 @@ class UpsampleOptions:
     method: str = "calid"
 
     def check(self) -> None:
+        for name in ("factor", "steps", "seed", "samples", "slice_axis", "batch_size"):  # the API's callers too
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise CalidError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}")
+        if self.spacing is not None and (isinstance(self.spacing, bool)
+                                         or not isinstance(self.spacing, (int, float, np.number))):
+            raise CalidError(f"--spacing must be a number of mm, not {self.spacing!r}")
         if self.method not in UPSAMPLE_METHODS:
             raise CalidError(f"--method must be one of {', '.join(UPSAMPLE_METHODS)}, not {self.method}")
         if self.method != "calid" and (self.samples > 1 or self.plus):

@@ -334,6 +334,22 @@ def test_a_running_writers_staging_is_kept_from_another_pid_namespace_and_staged
     assert elsewhere.stdout.strip() == "[]" and live.is_dir() and Path(staged).is_file()
 
 
+def test_the_python_apis_wrong_types_are_calid_errors(small_image):
+    """The README says the API raises calid.CalidError: an array for an image was an AttributeError, a factor given as
+    text a TypeError from deep in the geometry."""
+    import calid
+    from calid.engine import UpsampleOptions
+
+    with pytest.raises(calid.CalidError, match="is a ndarray, not a SimpleITK image"):
+        calid.upsample_image(np.zeros((4, 4, 4)), UpsampleOptions(factor=2, method="linear"))
+    for options, expected in ((UpsampleOptions(factor="2", method="linear"), "--factor must be a whole number"),
+                              (UpsampleOptions(steps=1.5), "--steps must be a whole number"),
+                              (UpsampleOptions(spacing="5", method="linear"), "--spacing must be a number")):
+        with pytest.raises(calid.CalidError, match=expected):
+            calid.upsample_image(small_image, options)
+    assert calid.upsample_image(small_image, UpsampleOptions(factor=np.int64(2), method="linear")).factor == 2
+
+
 def test_output_equal_to_input_is_refused(good_input, tmp_path, tiny_model_dir, capsys):
     before = digest(good_input)
     code, err = run_cli(["upsample", good_input, good_input, "--model", tiny_model_dir], capsys)

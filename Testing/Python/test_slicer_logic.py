@@ -226,6 +226,17 @@ def test_non_blocking_run_is_driven_by_poll(scene, sample_array, tiny_model_dir,
     assert err is None and node_array(out).shape[0] == 2 * sample_array.shape[0] - 1
 
 
+def test_a_factor_and_a_spacing_together_are_refused(scene, sample_array):
+    """The spacing won without a word, where calid refuses the pair; a spacing of 0 read as none."""
+    node = volume_node(scene, sample_array)
+    logic = CaLIDUpsampleLogic(scene, python=sys.executable)
+    with pytest.raises(ValueError, match="a factor or a target spacing, not both"):
+        logic.process(node, factor=4, spacing=5.0, method="linear")
+    with pytest.raises(ValueError, match="must be positive, not 0"):
+        logic.process(node, spacing=0, method="linear")
+    assert volumes(scene) == 1 and not logic.isRunning
+
+
 def test_input_and_output_must_differ(scene, sample_array):
     node = volume_node(scene, sample_array)
     with pytest.raises(ValueError, match="must not be the input"):
