@@ -328,7 +328,8 @@ def test_a_running_writers_staging_is_kept_from_another_pid_namespace_and_staged
     elsewhere = subprocess.run(["unshare", "-Urpf", "--mount-proc", sys.executable, "-c",
                                 "import sys; from pathlib import Path; from calid.staging import remove_leftovers; "
                                 "print(remove_leftovers(Path(sys.argv[1])))", str(tmp_path)],
-                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                               capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     if elsewhere.returncode != 0:
         pytest.skip(f"no user namespaces here: {elsewhere.stderr.strip()[:200]}")
     assert elsewhere.stdout.strip() == "[]" and live.is_dir() and Path(staged).is_file()
