@@ -59,16 +59,16 @@ def missing_requirements() -> list[str]:
     """Requirements not met, checked without importing them: a distribution installed at a version the line does
     not allow (an older MONAI another extension installed), or none installed and its module not found either (a
     module another distribution provides, such as ``cv2`` from ``opencv-python``, counts as there)."""
-    missing = []
-    for line in requirement_lines():
-        name = requirement_name(line)
-        try:
-            met = _version_allowed(line, importlib.metadata.version(name))
-        except importlib.metadata.PackageNotFoundError:
-            met = importlib.util.find_spec(IMPORT_NAMES.get(name, name).replace("-", "_")) is not None
-        if not met:
-            missing.append(line)
-    return missing
+    return [line for line in requirement_lines() if not _requirement_met(line)]
+
+
+def _requirement_met(line: str) -> bool:
+    """Its distribution installed at an allowed version, or, with none installed, its module found."""
+    name = requirement_name(line)
+    try:
+        return _version_allowed(line, importlib.metadata.version(name))
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.util.find_spec(IMPORT_NAMES.get(name, name).replace("-", "_")) is not None
 
 
 def _version_allowed(line: str, version: str) -> bool:
@@ -84,10 +84,7 @@ def _version_allowed(line: str, version: str) -> bool:
 
 def torch_missing() -> bool:
     """No torch, or one older than ``TORCH_REQUIREMENT`` (the PyTorch extension then installs a newer one)."""
-    try:
-        return not _version_allowed(f"torch{TORCH_REQUIREMENT}", importlib.metadata.version("torch"))
-    except importlib.metadata.PackageNotFoundError:
-        return importlib.util.find_spec("torch") is None
+    return not _requirement_met(f"torch{TORCH_REQUIREMENT}")
 
 
 def install_summary() -> str | None:

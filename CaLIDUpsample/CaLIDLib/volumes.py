@@ -17,10 +17,15 @@ import vtk.util.numpy_support
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
+def matrix_array(matrix) -> np.ndarray:
+    """A ``vtkMatrix4x4`` as a 4 x 4 array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def ijk_to_ras(node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return matrix_array(matrix)
 
 
 def ijk_to_world(node) -> np.ndarray | None:
@@ -33,7 +38,7 @@ def ijk_to_world(node) -> np.ndarray | None:
         return None
     matrix = vtk.vtkMatrix4x4()
     parent.GetMatrixTransformToWorld(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ijk_to_ras(node)
+    return matrix_array(matrix) @ ijk_to_ras(node)
 
 
 def voxels(node) -> np.ndarray:

@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from .errors import CalidError, first_few
 from .file_completeness import check_complete
+from .segmentation.labels import LABELS
 from .staging import staging_folder
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -283,17 +284,13 @@ def validate_volume(image: sitk.Image, source: str = "input") -> sitk.Image:
     return check_pixels(image, source)
 
 
-LABEL_VALUES = (0, 1, 2, 3)
-"""What a label map of this project holds (background, RV cavity, LV myocardium, LV cavity)."""
-
-
 def refuse_label_map(image: sitk.Image, source: str | os.PathLike = "input") -> sitk.Image:
     """Refuse an input that holds only label values where an MR image is needed (``calid segment`` segmented a
     ground-truth file without a word, ``calid upsample`` interpolated one as intensities); return the image."""
-    values = sitk.GetArrayViewFromImage(image)
-    if values.size and values.min() >= 0 and values.max() <= max(LABEL_VALUES):  # cheap before np.unique
+    values, label_values = sitk.GetArrayViewFromImage(image), [0, *LABELS]
+    if values.size and values.min() >= 0 and values.max() <= max(label_values):  # cheap before np.unique
         present = np.unique(values)
-        if present.size > 1 and np.isin(present, LABEL_VALUES).all():
+        if present.size > 1 and np.isin(present, label_values).all():
             raise CalidError(f"{source} holds only the values {', '.join(f'{v:g}' for v in present)}: a label map, "
                              "not an MR image; give the image (labels are read by calid volumes, or by "
                              "--input-segmentation)")
